@@ -1,0 +1,61 @@
+"""sparse_jax: sparse training of JAX/Flax networks as Optax transformations.
+
+GraNet (gradual magnitude pruning with zero-cost neuroregeneration), GraNet-ST,
+GMP, RigL, SET and static sparse training, all as wrappers around any optax
+optimizer, with masks kept as pytrees parallel to the params.
+"""
+
+from sparse_jax._distributions import active_count
+from sparse_jax._distributions import erk_densities
+from sparse_jax._distributions import layer_counts
+from sparse_jax._distributions import layer_densities_for
+from sparse_jax._distributions import random_masks
+from sparse_jax._masks import apply_masks
+from sparse_jax._masks import check_mask_tree
+from sparse_jax._masks import count_active
+from sparse_jax._masks import count_prunable
+from sparse_jax._masks import density
+from sparse_jax._masks import layer_densities
+from sparse_jax._masks import leaf_names
+from sparse_jax._masks import masks_from_params
+from sparse_jax._masks import params_sparsity
+from sparse_jax._masks import path_to_name
+from sparse_jax._masks import prunable_layers
+from sparse_jax._masks import select_prunable
+from sparse_jax._masks import sparsity
+from sparse_jax._prune import drop_smallest
+from sparse_jax._prune import global_magnitude_prune
+from sparse_jax._prune import layer_active_counts
+from sparse_jax._prune import layerwise_magnitude_prune
+from sparse_jax._regrow import regrow_by_gradient
+from sparse_jax._regrow import regrow_by_momentum
+from sparse_jax._regrow import regrow_by_score
+from sparse_jax._regrow import regrow_random
+from sparse_jax._schedules import constant_rate
+from sparse_jax._schedules import cosine_regrowth_rate
+from sparse_jax._schedules import cubic_sparsity
+from sparse_jax._schedules import gradual_active_counts
+from sparse_jax._schedules import is_event
+from sparse_jax._select import top_k_masks
+from sparse_jax._transform import SparseState
+from sparse_jax._transform import get_masks
+from sparse_jax._transform import get_sparse_state
+from sparse_jax._transform import gmp
+from sparse_jax._transform import granet
+from sparse_jax._transform import rigl
+from sparse_jax._transform import sparse_evolutionary_training
+from sparse_jax._transform import sparsify_params
+from sparse_jax._transform import static
+
+# SET is the method's name in the literature; it shadows the builtin only here.
+set = sparse_evolutionary_training  # pylint: disable=redefined-builtin
+
+METHODS = {
+    "granet": granet,
+    "gmp": gmp,
+    "rigl": rigl,
+    "set": sparse_evolutionary_training,
+    "static": static,
+}
+
+__version__ = "0.1.0"

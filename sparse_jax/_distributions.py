@@ -1,0 +1,213 @@
+"""Layer-wise density distributions and exact-count random masks (SPEC §2).
+
+Densities and counts are static: they are computed in Python float64 from the
+layer shapes when a transformation is built, never inside jit (float32 is off by
+one at 30M weights).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparse_jax import _masks
+from sparse_jax import _select
+
+DISTRIBUTIONS = ("uniform", "er", "erk")
+
+
+def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
+  """Returns ``float(sparsity)`` or raises if it is outside [0, 1)."""
+  s = float(sparsity)
+  if not 0.0 <= s < 1.0 or math.isnan(s):
+    raise ValueError(
+        f"{name}={sparsity!r} is outside [0, 1): it is the fraction of prunable "
+        "weights set to zero, e.g. 0.9 keeps 10% of them.")
+  return s
+
+
+def round_half_up(x: float) -> int:
+  """``round`` as taught in school (Python's ``round`` rounds half to even)."""
+  return int(math.floor(x + 0.5))
+
+
+def active_count(sparsity: float, n: int) -> int:
+  """Exact number of active weights ``round((1 - s) * n)``, in float64."""
+  return round_half_up((1.0 - float(np.float64(sparsity))) * n)
+
+
+def _raw_scores(shapes: Sequence[tuple[int, ...]], kind: str) -> np.ndarray:
+  scores = []
+  for shape in shapes:
+    if kind == "er":
+      # Erdős–Rényi: (n_in + n_out) / (n_in * n_out); conv kernels count their
+      # input/output channels only.
+      n_in, n_out = int(np.prod(shape[:-1])), shape[-1]
+      if len(shape) > 2:
+        n_in = shape[-2]
+      scores.append((n_in + n_out) / (n_in * n_out))
+    else:
+      scores.append(sum(shape) / np.prod(shape, dtype=np.float64))
+  return np.asarray(scores, np.float64)
+
+
+def erk_densities(shapes: Sequence[tuple[int, ...]], density: float, *,
+                  kind: str = "erk") -> list[float]:
+  """Erdős–Rényi(-Kernel) layer densities with overall density ``density``.
+
+  Solves ``sum_l eps * raw_l * n_l = density * sum_l n_l``; any layer whose
+  ``eps * raw_l`` exceeds 1 is made dense and the solve is repeated over the rest
+  (SPEC §2).
+
+  Example:
+    >>> erk_densities([(784, 300), (300, 100), (100, 10)], 0.1)
+
+  Args:
+    shapes: shapes of the prunable layers.
+    density: overall target density in (0, 1].
+    kind: ``"erk"`` (all kernel dims) or ``"er"`` (input/output dims only).
+
+  Returns:
+    One density in (0, 1] per layer.
+  """
+  sizes = np.asarray([np.prod(s, dtype=np.float64) for s in shapes])
+  raw = _raw_scores(shapes, kind)
+  dense = np.zeros(len(shapes), bool)
+  total = density * sizes.sum()
+  while True:
+    budget = total - sizes[dense].sum()
+    denom = (raw * sizes)[~dense].sum()
+    eps = budget / denom if denom > 0 else 0.0
+    over = (~dense) & (eps * raw > 1.0)
+    if not over.any():
+      break
+    dense |= over
+  return [1.0 if d else float(eps * r) for d, r in zip(dense, raw)]
+
+
+def layer_densities_for(
+    layers: Sequence[_masks.LayerInfo], sparsity: float,
+    distribution: str | Mapping[str, float] = "erk") -> list[float]:
+  """Per-layer densities for an overall ``sparsity`` under ``distribution``.
+
+  Args:
+    layers: the prunable layers (``_masks.prunable_layers``).
+    sparsity: overall target sparsity in [0, 1).
+    distribution: ``"uniform"``, ``"er"``, ``"erk"``, or a mapping from a layer
+      name or regex (``re.fullmatch``) to that layer's density (a custom map must
+      cover every prunable layer).
+  """
+  s = check_sparsity(sparsity)
+  shapes = [l.shape for l in layers]
+  if isinstance(distribution, Mapping):
+    out = []
+    for l in layers:
+      hits = [v for k, v in distribution.items() if k == l.name or re.fullmatch(k, l.name)]
+      if not hits:
+        raise ValueError(
+            f"The custom density map has no entry for layer {l.name!r}; give every "
+            f"prunable layer a density (keys: {sorted(distribution)}).")
+      d = float(hits[0])
+      if not 0.0 < d <= 1.0:
+        raise ValueError(f"Density {d} for layer {l.name!r} is outside (0, 1].")
+      out.append(d)
+    return out
+  if distribution == "uniform":
+    return [1.0 - s] * len(layers)
+  if distribution in ("er", "erk"):
+    return erk_densities(shapes, 1.0 - s, kind=distribution)
+  raise ValueError(
+      f"Unknown distribution {distribution!r}; use one of {DISTRIBUTIONS} or a "
+      "mapping from layer name to density.")
+
+
+def layer_counts(layers: Sequence[_masks.LayerInfo], densities: Sequence[float],
+                 total: int | None = None) -> list[int]:
+  """Exact per-layer active counts that add up to ``total``.
+
+  Floors ``density_l * n_l`` and hands the remaining units to the largest
+  remainders (ties to the earlier layer), keeping every layer in [1, n_l].
+
+  Args:
+    layers: the prunable layers.
+    densities: one density per layer.
+    total: the exact overall count; defaults to ``round(sum density_l * n_l)``.
+  """
+  sizes = [l.size for l in layers]
+  ideal = [float(np.float64(d) * n) for d, n in zip(densities, sizes)]
+  if total is None:
+    total = round_half_up(sum(ideal))
+  total = min(max(total, len(sizes)), sum(sizes))
+  counts = [min(max(int(math.floor(x)), 1), n) for x, n in zip(ideal, sizes)]
+  # Hand out (or take back) single units by remainder until the sum is exact.
+  order = sorted(range(len(sizes)), key=lambda i: (-(ideal[i] - math.floor(ideal[i])), i))
+  diff = total - sum(counts)
+  while diff != 0:
+    moved = False
+    for i in (order if diff > 0 else reversed(order)):
+      if diff > 0 and counts[i] < sizes[i]:
+        counts[i] += 1
+        diff -= 1
+        moved = True
+      elif diff < 0 and counts[i] > 1:
+        counts[i] -= 1
+        diff += 1
+        moved = True
+      if diff == 0:
+        break
+    if not moved:
+      break
+  return counts
+
+
+def random_masks(
+    key: jax.Array, params, prunable, counts: Sequence[int], *,
+    sampling: str = "exact") -> object:
+  """Random masks with ``counts[l]`` active weights in prunable layer ``l``.
+
+  Args:
+    key: a PRNG key.
+    params: the params pytree (shapes only).
+    prunable: a pytree of bools like ``params`` (``select_prunable``).
+    counts: exact active count per prunable layer, in flattening order.
+    sampling: ``"exact"`` (exactly ``counts[l]`` ones, the default) or
+      ``"bernoulli"`` (each weight active with probability ``counts[l] / n_l``,
+      as the authors' code samples; the count then varies around the target).
+
+  Returns:
+    A mask tree: bool arrays on prunable leaves, ``None`` elsewhere.
+  """
+  params = _masks.unwrap_variables(params)
+  leaves, treedef = jax.tree.flatten(params)
+  flags = treedef.flatten_up_to(prunable)
+  keys = jax.random.split(key, max(1, sum(flags)))
+  out, li = [], 0
+  scores = []
+  for p, f in zip(leaves, flags):
+    if not f:
+      scores.append(None)
+      continue
+    shape = np.shape(p)
+    if sampling == "exact":
+      # Random non-negative keys; the exact selector keeps the largest counts[l].
+      bits = jax.random.bits(keys[li], shape, jnp.uint32) >> 1
+      scores.append(bits + 1)
+    elif sampling == "bernoulli":
+      scores.append(jax.random.uniform(keys[li], shape) < counts[li] / int(np.prod(shape)))
+    else:
+      raise ValueError(f"Unknown sampling {sampling!r}; use 'exact' or 'bernoulli'.")
+    li += 1
+  if sampling == "exact":
+    sel_keys = [s for s in scores if s is not None]
+    chosen = _select.top_k_masks(
+        sel_keys, jnp.asarray(counts, jnp.int32), groups=tuple(range(len(sel_keys))))
+    it = iter(chosen)
+    out = [None if s is None else next(it) for s in scores]
+  else:
+    out = scores
+  return jax.tree.unflatten(treedef, out)

@@ -1,0 +1,238 @@
+"""Mask pytrees: which leaves are prunable, and helpers to apply and measure masks.
+
+A mask tree has the same structure as the params tree. A prunable leaf's mask is a
+``bool`` array of the leaf's shape (``True`` = active weight). A non-prunable leaf
+(bias, normalisation scale, anything the selector leaves out) has ``None`` as its
+mask: ``None`` is an empty pytree node, so ``jax.tree.map(f, params, masks)`` still
+visits every parameter and hands ``f`` a ``None`` mask for dense leaves, and the
+mask tree costs nothing for them in checkpoints or in sharding.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+
+def _is_nnx_variable(x) -> bool:
+  try:
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+  except ImportError:  # flax is optional for the core library
+    return False
+  return isinstance(x, nnx.Variable)
+
+
+def unwrap_variables(tree: PyTree) -> PyTree:
+  """Replaces Flax NNX ``Variable`` leaves by their raw values.
+
+  ``nnx.Optimizer`` hands ``tx.init`` a state of ``nnx.Param`` variables but hands
+  ``tx.update`` plain arrays; unwrapping at init keeps the mask tree's structure
+  equal to the structure seen at every update.
+  """
+  if not any(_is_nnx_variable(x) for x in jax.tree.leaves(tree, is_leaf=_is_nnx_variable)):
+    return tree
+  return jax.tree.map(
+      lambda x: x.get_value() if _is_nnx_variable(x) else x, tree,
+      is_leaf=_is_nnx_variable)
+
+
+def path_to_name(path) -> str:
+  """Joins a ``jax.tree_util`` key path into ``"layer/sub/kernel"``.
+
+  NNX paths end in a ``value`` attribute of the ``Variable``; it is dropped so the
+  same selector matches linen and NNX parameter trees.
+  """
+  parts = []
+  for key in path:
+    if isinstance(key, jax.tree_util.DictKey):
+      parts.append(str(key.key))
+    elif isinstance(key, jax.tree_util.GetAttrKey):
+      parts.append(key.name)
+    elif isinstance(key, jax.tree_util.SequenceKey):
+      parts.append(str(key.idx))
+    elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+      parts.append(str(key.key))
+    else:
+      parts.append(str(key))
+  if parts and parts[-1] in ("value", "raw_value"):
+    parts = parts[:-1]
+  return "/".join(parts)
+
+
+def leaf_names(tree: PyTree) -> list[str]:
+  """Names (``path_to_name``) of the leaves of ``tree`` in flattening order."""
+  return [path_to_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+class LayerInfo(NamedTuple):
+  """Static description of one prunable leaf."""
+  name: str
+  shape: tuple[int, ...]
+  size: int
+
+
+def select_prunable(
+    params: PyTree,
+    *,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    min_ndim: int = 2,
+    keep_first_dense: bool = False,
+    keep_last_dense: bool = False,
+) -> PyTree:
+  """Decides which leaves of ``params`` are prunable.
+
+  By default every leaf with ``ndim >= 2`` is prunable (dense and conv kernels,
+  the classifier); biases and normalisation parameters are not (SPEC §1).
+
+  Example:
+    >>> flags = select_prunable(params, include=r".*/kernel$", keep_first_dense=True)
+
+  Args:
+    params: any pytree of arrays (linen dicts, ``nnx.State``, tuples, lists).
+    include: regex or list of regexes over leaf names ("Dense_0/kernel"); when given
+      a leaf must match one of them (``re.fullmatch``) and have ``ndim >= min_ndim``.
+    exclude: regex or list of regexes; matching leaves are never prunable.
+    min_ndim: smallest rank of a prunable leaf.
+    keep_first_dense: keep the first prunable leaf (in flattening order) dense.
+    keep_last_dense: keep the last prunable leaf dense.
+
+  Returns:
+    A pytree like ``params`` of Python bools.
+
+  Raises:
+    ValueError: if no leaf is selected.
+  """
+  params = unwrap_variables(params)
+  as_list = lambda r: [] if r is None else ([r] if isinstance(r, str) else list(r))
+  includes = [re.compile(r) for r in as_list(include)]
+  excludes = [re.compile(r) for r in as_list(exclude)]
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  flags = []
+  for path, leaf in flat:
+    name = path_to_name(path)
+    ok = np.ndim(leaf) >= min_ndim
+    if includes:
+      ok = ok and any(r.fullmatch(name) for r in includes)
+    if any(r.fullmatch(name) for r in excludes):
+      ok = False
+    flags.append(ok)
+  chosen = [i for i, f in enumerate(flags) if f]
+  if keep_first_dense and chosen:
+    flags[chosen[0]] = False
+  if keep_last_dense and chosen:
+    flags[chosen[-1]] = False
+  if not any(flags):
+    raise ValueError(
+        "No prunable leaf selected: leaves are "
+        f"{[path_to_name(p) for p, _ in flat]}; prunable leaves need ndim >= "
+        f"{min_ndim}, include={include!r}, exclude={exclude!r}, "
+        f"keep_first_dense={keep_first_dense}, keep_last_dense={keep_last_dense}. "
+        "Loosen the selector.")
+  return jax.tree_util.tree_unflatten(treedef, flags)
+
+
+def prunable_layers(params: PyTree, prunable: PyTree) -> list[LayerInfo]:
+  """Static ``LayerInfo`` of the prunable leaves, in flattening order."""
+  params = unwrap_variables(params)
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  flags = jax.tree.leaves(prunable)
+  return [LayerInfo(path_to_name(p), tuple(np.shape(x)), int(np.size(x)))
+          for (p, x), f in zip(flat, flags) if f]
+
+
+def check_mask_tree(params: PyTree, masks: PyTree) -> None:
+  """Raises a clear error if ``masks`` does not fit ``params``.
+
+  A fitting mask tree has the params' structure, and each of its leaves is either
+  ``None`` (dense leaf) or an array of the parameter's shape.
+  """
+  params = unwrap_variables(params)
+  masks = unwrap_variables(masks)
+  p_def = jax.tree.structure(params)
+  try:
+    pairs = p_def.flatten_up_to(masks)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        "The mask tree does not match the params tree: masks must have the params' "
+        "structure with a bool array (or None for a dense leaf) at every parameter. "
+        f"params structure: {p_def}; masks structure: {jax.tree.structure(masks)}."
+    ) from e
+  names = leaf_names(params)
+  for name, p, m in zip(names, jax.tree.leaves(params), pairs):
+    if m is None:
+      continue
+    if not hasattr(m, "shape") or tuple(m.shape) != tuple(np.shape(p)):
+      raise ValueError(
+          f"Mask for {name!r} has shape {getattr(m, 'shape', type(m))} but the "
+          f"parameter has shape {tuple(np.shape(p))}. Build masks from these params.")
+
+
+def _pairs(params, masks):
+  params = unwrap_variables(params)
+  masks = unwrap_variables(masks)
+  return jax.tree.leaves(params), jax.tree.structure(params).flatten_up_to(masks)
+
+
+def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
+  """Zeroes the inactive weights: ``p * m`` on prunable leaves, ``p`` elsewhere.
+
+  Example:
+    >>> params = sparse_jax.apply_masks(params, sparse_jax.get_masks(opt_state))
+  """
+  return jax.tree.map(
+      lambda p, m: p if m is None else jnp.where(m, p, jnp.zeros_like(p)),
+      params, masks)
+
+
+def count_active(masks: PyTree) -> jax.Array:
+  """Number of active prunable weights (an int32 scalar)."""
+  return sum(jnp.sum(m, dtype=jnp.int32) for m in jax.tree.leaves(masks))
+
+
+def count_prunable(masks: PyTree) -> int:
+  """Number of prunable weights (a Python int, from the shapes)."""
+  return sum(int(np.size(m)) for m in jax.tree.leaves(masks))
+
+
+def density(masks: PyTree) -> jax.Array:
+  """Overall density: active prunable weights / all prunable weights."""
+  return count_active(masks) / count_prunable(masks)
+
+
+def sparsity(masks: PyTree) -> jax.Array:
+  """Overall sparsity: ``1 - density(masks)``."""
+  return 1.0 - density(masks)
+
+
+def layer_densities(masks: PyTree) -> dict[str, jax.Array]:
+  """Density of each prunable leaf, keyed by leaf name ("Dense_0/kernel")."""
+  masks = unwrap_variables(masks)
+  flat = jax.tree_util.tree_flatten_with_path(masks)[0]
+  return {path_to_name(p): jnp.mean(m.astype(jnp.float32)) for p, m in flat}
+
+
+def params_sparsity(params: PyTree, prunable: PyTree | None = None) -> jax.Array:
+  """Fraction of exact zeros among the prunable params (measured, not the target)."""
+  params = unwrap_variables(params)
+  if prunable is None:
+    prunable = select_prunable(params)
+  leaves = [p for p, f in zip(jax.tree.leaves(params), jax.tree.leaves(prunable)) if f]
+  zeros = sum(jnp.sum(p == 0, dtype=jnp.int32) for p in leaves)
+  return zeros / sum(int(np.size(p)) for p in leaves)
+
+
+def masks_from_params(params: PyTree, prunable: PyTree | None = None) -> PyTree:
+  """Masks of the nonzero prunable weights (e.g. of a pretrained sparse model)."""
+  params = unwrap_variables(params)
+  if prunable is None:
+    prunable = select_prunable(params)
+  return jax.tree.map(lambda p, f: (p != 0) if f else None, params, prunable)
+
