@@ -1,0 +1,147 @@
+r"""Step time of each sparse method relative to a plain dense optax step.
+
+For LeNet-300-100 (784-300-100-10) and an MLP of about 30M parameters, batch 128,
+this times the jitted train step (forward, backward, optimizer update,
+``optax.apply_updates``) of plain dense SGD-momentum and of every sparse_jax
+method, both on an ordinary step and on a mask-update step (the state's count is
+set so that the timed update is an event). Rounds are interleaved over all
+variants so that machine noise hits them alike; medians are reported.
+
+  python -m experiments.benchmarks.step_overhead --rounds=15 --out=step_overhead.json
+
+Targets: an ordinary step within 1.05x of dense for every method on both models; a
+GraNet mask-update step within 3x of a dense step at 30M parameters.
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import sparse_jax
+
+MODELS = {
+    "lenet300_100": (784, 300, 100, 10),
+    "mlp_30m": (784, 4096, 4096, 2560, 10),
+}
+
+
+def init_mlp(key, sizes):
+  params = {}
+  for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    key, sub = jax.random.split(key)
+    params[f"Dense_{i}"] = {
+        "kernel": jax.random.normal(sub, (a, b), jnp.float32) / np.sqrt(a),
+        "bias": jnp.zeros((b,), jnp.float32)}
+  return params
+
+
+def loss_fn(params, x, y):
+  h = x
+  n = len(params)
+  for i in range(n):
+    h = h @ params[f"Dense_{i}"]["kernel"] + params[f"Dense_{i}"]["bias"]
+    if i < n - 1:
+      h = jax.nn.relu(h)
+  return optax.softmax_cross_entropy_with_integer_labels(h, y).mean()
+
+
+def make_methods(total_steps=1000, every=100):
+  inner = lambda: optax.sgd(0.01, momentum=0.9, nesterov=True)
+  return {
+      "dense": inner(),
+      "granet": sparse_jax.granet(inner(), sparsity=0.9, total_steps=total_steps,
+                                  end_step=total_steps // 2, update_every=every),
+      "granet_st": sparse_jax.granet(inner(), sparsity=0.9, initial_sparsity=0.5,
+                                     total_steps=total_steps, end_step=total_steps // 2,
+                                     update_every=every),
+      "gmp": sparse_jax.gmp(inner(), sparsity=0.9, end_step=total_steps // 2,
+                            update_every=every),
+      "rigl": sparse_jax.rigl(inner(), sparsity=0.9, total_steps=total_steps,
+                              update_every=every),
+      "set": sparse_jax.set(inner(), sparsity=0.9, total_steps=total_steps,
+                            update_every=every),
+      "static": sparse_jax.static(inner(), sparsity=0.9),
+  }
+
+
+def make_step(tx):
+  def step(params, opt_state, x, y):
+    grads = jax.grad(loss_fn)(params, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+  return jax.jit(step)
+
+
+def with_count(opt_state, count):
+  """The same optimizer state with the wrapper's update count set to ``count``."""
+  return jax.tree.map(
+      lambda s: s._replace(count=jnp.asarray(count, jnp.int32))
+      if isinstance(s, sparse_jax.SparseState) else s,
+      opt_state, is_leaf=lambda s: isinstance(s, sparse_jax.SparseState))
+
+
+def time_call(fn, *args):
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - start
+
+
+def bench_model(name, sizes, rounds, batch, every=100):
+  params = init_mlp(jax.random.PRNGKey(0), sizes)
+  x = jax.random.normal(jax.random.PRNGKey(1), (batch, sizes[0]))
+  y = jax.random.randint(jax.random.PRNGKey(2), (batch,), 0, sizes[-1])
+  variants = {}
+  for method, tx in make_methods(every=every).items():
+    state = tx.init(params)
+    step = make_step(tx)
+    if method == "dense":
+      variants["dense"] = (step, state)
+      continue
+    # Ordinary step: the update whose 1-based count is 1 is never an event.
+    variants[f"{method}/ordinary"] = (step, with_count(state, 0))
+    if method != "static":
+      # Mask-update step: count = every - 1 makes this update the event at t = every
+      # (for GraNet/GMP an event inside the pruning window: prune + drop + grow).
+      variants[f"{method}/update"] = (step, with_count(state, every - 1))
+  for fn, state in variants.values():  # compile and warm up
+    time_call(fn, params, state, x, y)
+    time_call(fn, params, state, x, y)
+  times = {k: [] for k in variants}
+  for _ in range(rounds):
+    for k, (fn, state) in variants.items():
+      times[k].append(time_call(fn, params, state, x, y))
+  med = {k: statistics.median(v) for k, v in times.items()}
+  dense = med["dense"]
+  rows = [{"model": name, "params": int(sum(np.prod(p.shape) for p in jax.tree.leaves(params))),
+           "variant": k, "median_ms": 1e3 * v, "ratio_to_dense": v / dense}
+          for k, v in med.items()]
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--rounds", type=int, default=15)
+  parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument("--models", default=",".join(MODELS))
+  parser.add_argument("--out", default=None, help="write the rows as JSON here")
+  args = parser.parse_args()
+  rows = []
+  for name in args.models.split(","):
+    rows += bench_model(name, MODELS[name], args.rounds, args.batch)
+  print(f"{'model':14s} {'variant':20s} {'median ms':>10s} {'x dense':>8s}")
+  for r in rows:
+    print(f"{r['model']:14s} {r['variant']:20s} {r['median_ms']:10.2f} {r['ratio_to_dense']:8.3f}")
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump({"rounds": args.rounds, "batch": args.batch, "backend": jax.default_backend(),
+                 "jax": jax.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
