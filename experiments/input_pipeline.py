@@ -125,6 +125,11 @@ def _spec(name: str) -> _Spec:
   return _SPECS[name]
 
 
+def augmentation(name: str) -> str:
+  """Training augmentation of `name`: 'none', 'pad_crop_flip' or 'inception'."""
+  return _spec(name).augment
+
+
 def default_data_dir(name: str) -> Optional[str]:
   """Returns where `name` is read from when no `data_dir` is given.
 

@@ -1,12 +1,13 @@
-"""Exact top-k selection by counting passes, without sorting.
+"""Exact top-k selection by radix select on histograms, without sorting.
 
 Mask updates need "the k largest scores" with a k that changes with the step, so
 ``lax.top_k`` (static k) does not fit, and a full sort of 30M weights takes seconds
 on a CPU and gathers a sharded tensor onto one device. Instead the k-th largest
-key is found by bisection: each pass only counts how many keys are >= a
-candidate threshold. Counting is elementwise work plus a reduction, so it runs
-at memory speed, keeps static shapes, and under sharding XLA sums per-shard
-partial counts with an all-reduce of a scalar instead of gathering the weights.
+key is found digit by digit: a 2**16-bin histogram of the high half of every key
+fixes the high half of the threshold, a histogram of the low half of the keys in
+that bin fixes the rest. Two passes, static shapes, and under sharding each
+device histograms its own shard before a small all-reduce, so no weight tensor
+is gathered.
 
 Keys are ``uint32``. A float score ``x >= 0`` maps to ``bitcast(x) + 1``, which
 keeps the order of non-negative floats; key 0 marks a position that is not a
@@ -43,55 +44,67 @@ def score_keys(scores: jax.Array, candidates: jax.Array | None = None) -> jax.Ar
   return keys
 
 
-def _count(pred: jax.Array) -> jax.Array:
-  """Number of True entries of ``pred``, as int32.
+RADIX_BITS = 16
+_BINS = 1 << RADIX_BITS
+_LOW = jnp.uint32(_BINS - 1)
 
-  A float32 sum along the last axis is exact below 2**24 per row and vectorises
-  far better on CPU than a reduction of booleans into int32 (measured ~6x); the
-  per-row partial sums are then cast and added as integers.
+
+def _histograms(digits, valid, groups, num_groups):
+  """Per-group histograms (int32 [G, 2**16]) of uint32 digits in [0, 2**16).
+
+  ``valid`` (a bool array per leaf, or None) sends the other positions to an
+  overflow bin that is dropped. A scatter-add histogram reads each key once and
+  settles 16 bits of the answer per pass, where a counting pass settles one
+  (bisection) and costs about half as much on CPU (measured: 115 ms per 2**16-bin
+  histogram vs ~45 ms per count of 16.7M keys).
   """
-  if pred.ndim == 0:
-    return pred.astype(jnp.int32)
-  last = pred.shape[-1]
-  if last >= 2**24 or pred.ndim == 1 and pred.size >= 2**24:
-    return jnp.sum(pred, dtype=jnp.int32)
-  rows = jnp.sum(pred.astype(jnp.float32), axis=-1)
-  return jnp.sum(rows.astype(jnp.int32), dtype=jnp.int32)
+  hist = [jnp.zeros((_BINS,), jnp.int32) for _ in range(num_groups)]
+  for i, (d, g) in enumerate(zip(digits, groups)):
+    idx = d.astype(jnp.int32)
+    if valid is not None:
+      idx = jnp.where(valid[i], idx, _BINS)
+    hist[g] = hist[g] + jnp.zeros((_BINS + 1,), jnp.int32).at[idx.reshape(-1)].add(
+        1, mode="drop")[:_BINS]
+  return jnp.stack(hist)
 
 
-def _group_counts(keys, groups, num_groups, fn):
-  """Per-group sums of ``_count(fn(leaf_index, key))``."""
-  totals = [jnp.int32(0)] * num_groups
-  for i, (x, g) in enumerate(zip(keys, groups)):
-    totals[g] = totals[g] + _count(fn(i, x))
-  return jnp.stack(totals)
+def _select_digit(hist, k):
+  """Largest digit ``d`` per group with ``#(digit >= d) >= k``, and counts around it.
 
-
-def kth_largest_key(keys: Sequence[jax.Array], k: jax.Array,
-                    groups: Sequence[int]) -> jax.Array:
-  """Per group, the largest ``t`` with ``#(keys >= t) >= k`` (uint32 [G]).
-
-  32 counting passes at most (a bisection on the key value); the loop stops as
-  soon as every group's bracket has closed.
+  Returns ``(d, count_above_d, count_at_d)`` (int32 [G] each). With ``k == 0``
+  the digit is the last one and both counts may be 0.
   """
+  # above[g, d] = #(digit > d): exclusive suffix sums.
+  incl = jnp.flip(jnp.cumsum(jnp.flip(hist, -1), -1), -1)
+  d = jnp.sum(incl >= k[:, None], axis=-1, dtype=jnp.int32) - 1
+  d = jnp.maximum(d, 0)
+  at = jnp.take_along_axis(hist, d[:, None], -1)[:, 0]
+  above = jnp.take_along_axis(incl, d[:, None], -1)[:, 0] - at
+  return d, above, at
+
+
+def kth_largest_key(keys: Sequence[jax.Array], k: jax.Array, groups: Sequence[int]):
+  """Per group, the largest ``t`` with ``#(keys >= t) >= k``, and counts around it.
+
+  A radix select: one histogram of the high 16 bits of every key finds the high
+  half of ``t``; one histogram of the low 16 bits of the keys sharing that high
+  half finds the rest. Two passes over the keys, whatever their distribution.
+
+  Returns:
+    ``(t, count_ge_t, count_gt_t)``, uint32 [G] and int32 [G] twice.
+  """
+  groups = tuple(groups)
   num_groups = max(groups) + 1
-  k = jnp.asarray(k, jnp.int32)
-
-  def cond(carry):
-    lo, hi = carry
-    return jnp.any(lo < hi)
-
-  def body(carry):
-    lo, hi = carry
-    mid = lo + (hi - lo + jnp.uint32(1)) // jnp.uint32(2)
-    cnt = _group_counts(keys, groups, num_groups, lambda i, x: x >= mid[groups[i]])
-    ok = cnt >= k
-    return jnp.where(ok, mid, lo), jnp.where(ok | (lo >= hi), hi, mid - jnp.uint32(1))
-
-  lo = jnp.zeros((num_groups,), jnp.uint32)
-  hi = jnp.full((num_groups,), FORCED, jnp.uint32)
-  lo, _ = lax.while_loop(cond, body, (lo, hi))
-  return lo
+  k = jnp.asarray(k, jnp.int32).reshape((num_groups,))
+  high = [x >> RADIX_BITS for x in keys]
+  d_hi, above_hi, _ = _select_digit(_histograms(high, None, groups, num_groups), k)
+  d_hi_u = d_hi.astype(jnp.uint32)
+  same = [h == d_hi_u[g] for h, g in zip(high, groups)]
+  low_hist = _histograms([x & _LOW for x in keys], same, groups, num_groups)
+  d_lo, above_lo, at_lo = _select_digit(low_hist, k - above_hi)
+  t = (d_hi_u << RADIX_BITS) | d_lo.astype(jnp.uint32)
+  count_gt = above_hi + above_lo
+  return t, count_gt + at_lo, count_gt
 
 
 def top_k_masks(keys: Sequence[jax.Array], k: jax.Array,
@@ -116,42 +129,37 @@ def top_k_masks(keys: Sequence[jax.Array], k: jax.Array,
   groups = tuple(groups)
   num_groups = max(groups) + 1
   k = jnp.asarray(k, jnp.int32).reshape((num_groups,))
-  thresh = kth_largest_key(keys, k, groups)
+  thresh, count_ge, count_gt = kth_largest_key(keys, k, groups)
   above = [x > thresh[g] for x, g in zip(keys, groups)]
   ties = [x == thresh[g] for x, g in zip(keys, groups)]
-  need = k - _group_counts(above, groups, num_groups, lambda i, x: x)
-  n_ties = _group_counts(ties, groups, num_groups, lambda i, x: x)
+  need = k - count_gt
+  n_ties = count_ge - count_gt
 
   def take_all_ties():
     return [a | t for a, t in zip(above, ties)]
 
   def take_first_ties():
-    # Offsets of each leaf inside its group's flat index space.
+    # Flat index of each position inside its group (leaves concatenated in order);
+    # the ties with the ``need`` smallest indices are taken: a radix select of the
+    # need-th smallest index among the ties, on the complemented index.
     offsets, seen = [], [0] * num_groups
     for x, g in zip(keys, groups):
       offsets.append(seen[g])
       seen[g] += x.size
-    flat_index = [
-        (lax.broadcasted_iota(jnp.int32, x.shape, 0) if x.ndim == 1 else
-         jnp.arange(x.size, dtype=jnp.int32).reshape(x.shape)) + off
-        for x, off in zip(keys, offsets)]
-    # Smallest cut J with #(ties & index < J) >= need, by bisection on J.
-    def cond(carry):
-      lo, hi = carry
-      return jnp.any(lo < hi)
-
-    def body(carry):
-      lo, hi = carry
-      mid = (lo + hi) // 2
-      cnt = _group_counts(
-          ties, groups, num_groups, lambda i, t: t & (flat_index[i] < mid[groups[i]]))
-      ok = cnt >= need
-      return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
-
-    lo = jnp.zeros((num_groups,), jnp.int32)
-    hi = jnp.asarray(seen, jnp.int32)
-    cut, _ = lax.while_loop(cond, body, (lo, hi))
-    return [a | (t & (ix < cut[g]))
-            for a, t, ix, g in zip(above, ties, flat_index, groups)]
+    rev_index = [jnp.uint32(2**32 - 1 - off) -
+                 jnp.arange(x.size, dtype=jnp.uint32).reshape(x.shape)
+                 for x, off in zip(keys, offsets)]
+    high = [r >> RADIX_BITS for r in rev_index]
+    d_hi, above_hi, _ = _select_digit(
+        _histograms(high, ties, groups, num_groups), need)
+    d_hi_u = d_hi.astype(jnp.uint32)
+    same = [t & (h == d_hi_u[g]) for t, h, g in zip(ties, high, groups)]
+    d_lo, _, _ = _select_digit(
+        _histograms([r & _LOW for r in rev_index], same, groups, num_groups),
+        need - above_hi)
+    cut = (d_hi_u << RADIX_BITS) | d_lo.astype(jnp.uint32)
+    take = need > 0
+    return [a | (t & (r >= cut[g]) & take[g])
+            for a, t, r, g in zip(above, ties, rev_index, groups)]
 
   return lax.cond(jnp.all(need == n_ties), take_all_ties, take_first_ties)

@@ -1,0 +1,638 @@
+"""The trainer: data-parallel sparse training of a Flax model from a config.
+
+Small top-level functions in the style of the Flax examples:
+``create_optimizer``, ``create_sparse_tx``, ``create_train_state``,
+``train_step``, ``eval_step`` and ``train_and_evaluate``. JAX transforms are
+applied where the functions are used: ``jax.jit`` over a device mesh (default)
+or ``jax.pmap`` (``config.parallelism = "pmap"``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import sparse_jax
+from experiments import input_pipeline
+from experiments import models
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a training step updates (checkpointed as one pytree)."""
+  step: jax.Array  # int32 [], optimizer steps completed
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: optax.OptState
+  rng: jax.Array  # uint32 [2], dropout key (folded with the step)
+
+
+# ----------------------------------------------------------------------------
+# Optimizer and sparse method.
+# ----------------------------------------------------------------------------
+
+
+def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
+  """Multi-step, cosine or constant learning rate, with optional linear warm-up."""
+  total = config.num_epochs * steps_per_epoch
+  warmup = int(round(config.warmup_epochs * steps_per_epoch))
+  base = config.learning_rate
+  if config.lr_schedule == "multistep":
+    boundaries = {int(round(m * total)): config.lr_decay_factor for m in config.lr_milestones}
+    main = optax.piecewise_constant_schedule(base, boundaries)
+  elif config.lr_schedule == "cosine":
+    main = optax.cosine_decay_schedule(base, max(total - warmup, 1))
+  elif config.lr_schedule == "constant":
+    main = optax.constant_schedule(base)
+  else:
+    raise ValueError(f"Unknown lr_schedule {config.lr_schedule!r}; use multistep, cosine "
+                     "or constant.")
+  if warmup == 0:
+    return main
+  if config.lr_schedule == "multistep":
+    # Milestones count from the start of training, warm-up included.
+    return lambda step: jnp.where(step < warmup, base * step / warmup, main(step))
+  return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), main], [warmup])
+
+
+def _decay_mask(params):
+  """True on the leaves that get weight decay: every leaf with ndim >= 2."""
+  return jax.tree.map(lambda p: np.ndim(p) >= 2, params)
+
+
+def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+  """The inner (dense) optimizer from the config."""
+  lr = learning_rate_schedule(config, steps_per_epoch)
+  wd = config.weight_decay
+  mask = None if config.weight_decay_on_norm_and_bias else _decay_mask
+  name = config.optimizer
+  if name == "sgd":
+    # Coupled L2 as in PyTorch's SGD(weight_decay=...), which the GraNet code uses.
+    return optax.chain(optax.add_decayed_weights(wd, mask) if wd else optax.identity(),
+                       optax.sgd(lr, momentum=config.momentum or None,
+                                 nesterov=config.nesterov))
+  if name == "adamw":
+    return optax.adamw(lr, weight_decay=wd, mask=mask)
+  if name in ("adam", "rmsprop", "adagrad"):
+    opt = {"adam": optax.adam, "rmsprop": optax.rmsprop, "adagrad": optax.adagrad}[name](lr)
+    return optax.chain(optax.add_decayed_weights(wd, mask) if wd else optax.identity(), opt)
+  raise ValueError(f"Unknown optimizer {name!r}; use sgd, adam, adamw, rmsprop or adagrad.")
+
+
+def create_sparse_tx(config, inner: optax.GradientTransformation, steps_per_epoch: int,
+                     initial_masks=None) -> optax.GradientTransformation:
+  """Wraps ``inner`` in the sparse method named by ``config.sparsity.method``."""
+  sp = config.sparsity
+  method = sp.method
+  if method == "dense":
+    return inner
+  if method not in sparse_jax.METHODS:
+    raise ValueError(f"Unknown sparse method {method!r}; use dense or one of "
+                     f"{sorted(sparse_jax.METHODS)}.")
+  total = config.num_epochs * steps_per_epoch
+  epoch = lambda e: int(round(e * steps_per_epoch))
+  selector = dict(include=sp.include, exclude=sp.exclude,
+                  keep_first_dense=sp.keep_first_dense, keep_last_dense=sp.keep_last_dense,
+                  initial_masks=initial_masks)
+  if method == "granet":
+    return sparse_jax.granet(
+        inner, sparsity=sp.final, total_steps=total, end_step=epoch(sp.end_epoch),
+        update_every=sp.update_every, initial_sparsity=sp.initial,
+        start_step=epoch(sp.start_epoch), distribution=sp.distribution,
+        regrowth_rate=sp.regrowth_rate, min_regrowth_rate=sp.min_regrowth_rate,
+        growth=sp.growth, scope=sp.scope, seed=config.seed, sampling=sp.sampling,
+        **selector)
+  if method == "gmp":
+    return sparse_jax.gmp(
+        inner, sparsity=sp.final, end_step=epoch(sp.end_epoch),
+        update_every=sp.update_every, start_step=epoch(sp.start_epoch), scope=sp.scope,
+        **selector)
+  mask_end = None if sp.mask_end_epoch is None else epoch(sp.mask_end_epoch)
+  if method == "rigl":
+    return sparse_jax.rigl(
+        inner, sparsity=sp.final, total_steps=total, update_every=sp.update_every,
+        end_step=mask_end, start_step=epoch(sp.start_epoch),
+        distribution=sp.distribution, regrowth_rate=sp.regrowth_rate, growth=sp.growth,
+        seed=config.seed, sampling=sp.sampling, **selector)
+  if method == "set":
+    return sparse_jax.set(
+        inner, sparsity=sp.final, total_steps=total, update_every=sp.update_every,
+        end_step=mask_end, start_step=epoch(sp.start_epoch),
+        distribution=sp.distribution, regrowth_rate=sp.regrowth_rate, seed=config.seed,
+        sampling=sp.sampling, **selector)
+  return sparse_jax.static(inner, sparsity=sp.final, distribution=sp.distribution,
+                           seed=config.seed, sampling=sp.sampling, **selector)
+
+
+def mask_update_steps(config, steps_per_epoch: int) -> set[int]:
+  """The 1-based steps after which the method may update its masks (host side)."""
+  sp = config.sparsity
+  total = config.num_epochs * steps_per_epoch
+  if sp.method in ("dense", "static"):
+    return set()
+  start = int(round(sp.start_epoch * steps_per_epoch))
+  if sp.method == "gmp":
+    end = int(round(sp.end_epoch * steps_per_epoch))
+  elif sp.method == "granet":
+    end = total - 1
+  elif sp.mask_end_epoch is not None:
+    end = int(round(sp.mask_end_epoch * steps_per_epoch))
+  else:
+    end = int(0.75 * total) if sp.method == "rigl" else total - 1
+  return {t for t in range(sp.update_every, end + 1, sp.update_every) if t >= start}
+
+
+# ----------------------------------------------------------------------------
+# State, steps.
+# ----------------------------------------------------------------------------
+
+
+def create_model(config, num_classes: int):
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
+  return models.get_model(config.model, num_classes, dtype=dtype, **config.model_kwargs)
+
+
+def load_exported(path: str) -> dict[str, np.ndarray]:
+  """Reads an ``export.npz`` written by ``export_model`` (or its directory)."""
+  if os.path.isdir(path):
+    path = os.path.join(path, "export.npz")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"init_from={path!r} does not exist; point it at the "
+                            "export.npz (or its directory) of an earlier run.")
+  with np.load(path) as f:
+    return dict(f)
+
+
+def _fill_from_export(tree, exported: dict[str, np.ndarray], prefix: str):
+  names = sparse_jax.leaf_names(tree)
+  leaves, treedef = jax.tree.flatten(tree)
+  out = []
+  for name, leaf in zip(names, leaves):
+    key = f"{prefix}/{name}"
+    if key not in exported:
+      raise ValueError(f"init_from has no {key!r}; the checkpoint does not match the model "
+                       f"{tuple(n for n in exported if n.startswith(prefix))[:5]}...")
+    value = exported[key]
+    if value.shape != np.shape(leaf):
+      raise ValueError(f"init_from: {key!r} has shape {value.shape}, the model "
+                       f"{np.shape(leaf)}.")
+    out.append(jnp.asarray(value, leaf.dtype))
+  return jax.tree.unflatten(treedef, out)
+
+
+def create_train_state(config, model, tx_fn, input_shape, rng) -> TrainState:
+  """Initialises params (or loads ``config.init_from``) and the optimizer state.
+
+  ``tx_fn(initial_masks)`` builds the optimizer; masks come from ``init_from``
+  when it holds masks.
+  """
+  init_rng, dropout_rng = jax.random.split(rng)
+  variables = model.init({"params": init_rng, "dropout": init_rng},
+                         jnp.zeros((1, *input_shape), jnp.float32), train=False)
+  params = variables["params"]
+  batch_stats = variables.get("batch_stats", {})
+  initial_masks = None
+  if config.init_from:
+    exported = load_exported(config.init_from)
+    params = _fill_from_export(params, exported, "params")
+    if batch_stats:
+      batch_stats = _fill_from_export(batch_stats, exported, "batch_stats")
+    if any(k.startswith("masks/") for k in exported):
+      names = sparse_jax.leaf_names(params)
+      initial_masks = jax.tree.unflatten(
+          jax.tree.structure(params),
+          [jnp.asarray(exported[f"masks/{n}"]) if f"masks/{n}" in exported else None
+           for n in names])
+  tx = tx_fn(initial_masks)
+  opt_state = tx.init(params)
+  if config.sparsity.method != "dense":
+    params = sparse_jax.sparsify_params(params, opt_state)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                    opt_state=opt_state, rng=dropout_rng)
+
+
+def cross_entropy(logits, labels, num_classes: int, label_smoothing: float):
+  onehot = jax.nn.one_hot(labels, num_classes)
+  if label_smoothing:
+    onehot = optax.smooth_labels(onehot, label_smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot)
+
+
+def train_step(state: TrainState, batch, *, model, tx, config, num_classes: int,
+               axis_name: str | None = None):
+  """One optimizer step. ``axis_name`` is the pmap axis to average gradients over."""
+  dropout_rng = jax.random.fold_in(state.rng, state.step)
+
+  def loss_fn(params):
+    variables = {"params": params}
+    if state.batch_stats:
+      variables["batch_stats"] = state.batch_stats
+    logits, new_vars = model.apply(variables, batch["image"], train=True,
+                                   mutable=["batch_stats"] if state.batch_stats else [],
+                                   rngs={"dropout": dropout_rng})
+    loss = cross_entropy(logits, batch["label"], num_classes, config.label_smoothing).mean()
+    acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    return loss, (new_vars.get("batch_stats", state.batch_stats), acc)
+
+  (loss, (batch_stats, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name)
+    loss, acc = jax.lax.pmean((loss, acc), axis_name)
+    batch_stats = jax.lax.pmean(batch_stats, axis_name)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state)
+  return new_state, {"train_loss": loss, "train_accuracy": acc}
+
+
+def train_steps(state: TrainState, batches, **kwargs):
+  """Several train steps in one dispatch (``lax.scan`` over stacked batches)."""
+  return jax.lax.scan(lambda s, b: train_step(s, b, **kwargs), state, batches)
+
+
+def eval_step(state: TrainState, batch, *, model, num_classes: int,
+              axis_name: str | None = None):
+  """Summed loss, correct count and example count of a (padded) batch."""
+  variables = {"params": state.params}
+  if state.batch_stats:
+    variables["batch_stats"] = state.batch_stats
+  logits = model.apply(variables, batch["image"], train=False)
+  mask = batch["mask"]
+  loss = cross_entropy(logits, batch["label"], num_classes, 0.0)
+  out = {"loss": jnp.sum(loss * mask),
+         "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
+         "count": jnp.sum(mask)}
+  if axis_name is not None:
+    out = jax.lax.psum(out, axis_name)
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Data feeding.
+# ----------------------------------------------------------------------------
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  """The order of the training examples in ``epoch`` (the same on every host)."""
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class DeviceData:
+  """A small training set kept on the devices; batches are gathered there.
+
+  Only indices cross from host to device each dispatch, so the trainer does not
+  wait on host-side input work (measured on LeNet-300-100, where a step is ~2 ms).
+  """
+
+  def __init__(self, arrays, sharding, seed: int, batch_size: int):
+    self.images = jax.device_put(arrays["image"], sharding)
+    self.labels = jax.device_put(arrays["label"].astype(np.int32), sharding)
+    self.n = len(arrays["label"])
+    self.seed, self.batch_size = seed, batch_size
+    self.steps_per_epoch = self.n // batch_size
+    self._perm_epoch, self._perm = -1, None
+
+  def indices(self, first_step: int, num_steps: int) -> np.ndarray:
+    """Example indices [num_steps, batch] for steps ``first_step ..`` (0-based)."""
+    out = []
+    for s in range(first_step, first_step + num_steps):
+      epoch, pos = divmod(s, self.steps_per_epoch)
+      if epoch != self._perm_epoch:
+        self._perm_epoch, self._perm = epoch, epoch_permutation(self.seed, epoch, self.n)
+      out.append(self._perm[pos * self.batch_size:(pos + 1) * self.batch_size])
+    return np.stack(out).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints, metrics, export.
+# ----------------------------------------------------------------------------
+
+
+def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               options=options)
+
+
+def save_checkpoint(mngr: ocp.CheckpointManager, state: TrainState, step: int):
+  mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"step": step})))
+
+
+def restore_checkpoint(mngr: ocp.CheckpointManager, target: TrainState):
+  """Restores the latest checkpoint into the structure (and shardings) of ``target``."""
+  step = mngr.latest_step()
+  if step is None:
+    return target, 0
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+  return restored["state"], int(restored["meta"]["step"])
+
+
+class MetricWriter:
+  """Appends JSON lines to ``metrics.jsonl`` and scalars to TensorBoard."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if enabled:
+      # tensorboardX writes TensorBoard event files without TensorFlow's summary ops
+      # (which need the separate tensorboard package).
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, record: dict):
+    if not self.enabled:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for k, v in record.items():
+      if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+        self._tb.add_scalar(k, v, global_step=record["step"])
+    self._tb.flush()
+
+
+def export_model(path: str, params, batch_stats, masks):
+  """Writes ``export.npz``: ``params/<name>``, ``batch_stats/<name>``, ``masks/<name>``."""
+  arrays = {}
+  for prefix, tree in (("params", params), ("batch_stats", batch_stats), ("masks", masks)):
+    if tree is None:
+      continue
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    for p, x in flat:
+      arrays[f"{prefix}/{sparse_jax.path_to_name(p)}"] = np.asarray(x)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def layer_table(params, masks) -> str:
+  """The per-layer table printed at the start: shape, parameters, density."""
+  lines = [f"{'layer':40s} {'shape':>20s} {'params':>10s} {'density':>8s}"]
+  names = sparse_jax.leaf_names(params)
+  mask_leaves = (jax.tree.structure(params).flatten_up_to(masks) if masks is not None
+                 else [None] * len(names))
+  for name, p, m in zip(names, jax.tree.leaves(params), mask_leaves):
+    d = "dense" if m is None else f"{float(np.mean(np.asarray(m))):.4f}"
+    lines.append(f"{name:40s} {str(tuple(p.shape)):>20s} {int(np.size(p)):>10d} {d:>8s}")
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------
+# The training loop.
+# ----------------------------------------------------------------------------
+
+
+def _validate(config, steps_per_epoch):
+  s = config.steps_per_dispatch
+  if s < 1:
+    raise ValueError("steps_per_dispatch must be >= 1.")
+  for name in ("log_every_steps", "checkpoint_every_steps"):
+    if getattr(config, name) % s:
+      raise ValueError(f"{name}={getattr(config, name)} must be a multiple of "
+                       f"steps_per_dispatch={s}.")
+  if config.sparsity.method not in ("dense", "static") and s > config.sparsity.update_every:
+    raise ValueError("steps_per_dispatch must not exceed sparsity.update_every (masks are "
+                     "recorded once per dispatch).")
+  if config.parallelism not in ("mesh", "pmap"):
+    raise ValueError(f"Unknown parallelism {config.parallelism!r}; use mesh or pmap.")
+  if steps_per_epoch < 1:
+    raise ValueError(f"batch_size={config.batch_size} exceeds the training set.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains and evaluates; resumes from ``workdir`` if it holds a checkpoint.
+
+  Returns the summary written to ``workdir/summary.json``.
+  """
+  if config.distributed:
+    jax.distributed.initialize()
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  log = logging.getLogger("sparse_jax.train")
+  t_start = time.time()
+
+  info = input_pipeline.dataset_info(config.dataset, config.data_dir)
+  steps_per_epoch = info.num_train_examples // config.batch_size
+  total_steps = config.num_epochs * steps_per_epoch
+  _validate(config, steps_per_epoch)
+  n_dev = jax.device_count()
+  if config.batch_size % n_dev:
+    raise ValueError(f"batch_size={config.batch_size} is not divisible by the "
+                     f"{n_dev} devices.")
+
+  model = create_model(config, info.num_classes)
+  inner = create_optimizer(config, steps_per_epoch)
+  tx_fn = lambda masks: create_sparse_tx(config, inner, steps_per_epoch, masks)
+  state = create_train_state(config, model, tx_fn, info.input_shape,
+                             jax.random.PRNGKey(config.seed))
+  tx = tx_fn(None if not config.init_from else None)
+  # The optimizer used for stepping must match the one that built the state; with
+  # init_from masks the state already holds them, the rebuilt tx only steps it.
+  lr_fn = learning_rate_schedule(config, steps_per_epoch)
+  sparse = config.sparsity.method != "dense"
+  masks0 = sparse_jax.get_masks(state.opt_state) if sparse else None
+  if is_main:
+    log.info("Model %s on %s: %d steps (%d/epoch), %d devices, method %s.\n%s",
+             config.model, config.dataset, total_steps, steps_per_epoch, n_dev,
+             config.sparsity.method, layer_table(state.params, masks0))
+
+  mngr = checkpoint_manager(workdir, config)
+  state, start_step = restore_checkpoint(mngr, state)
+  if start_step and is_main:
+    log.info("Resumed from the checkpoint at step %d.", start_step)
+
+  step_kwargs = dict(model=model, tx=tx, config=config, num_classes=info.num_classes)
+  use_device_data = config.data_on_device and input_pipeline.augmentation(config.dataset) == "none"
+  mesh = None
+  if config.parallelism == "mesh":
+    mesh = jax.make_mesh((n_dev,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    repl = NamedSharding(mesh, P())
+    data_sharding = NamedSharding(mesh, P(None, "data"))
+    state = jax.device_put(state, repl)
+
+    if use_device_data:
+      def run(state, images, labels, idx):
+        batches = {"image": images[idx], "label": labels[idx]}
+        batches = jax.lax.with_sharding_constraint(batches, data_sharding)
+        return train_steps(state, batches, **step_kwargs)
+      run = jax.jit(run, in_shardings=(repl, repl, repl, repl), out_shardings=(repl, repl),
+                    donate_argnums=0)
+    else:
+      run = jax.jit(lambda state, batches: train_steps(state, batches, **step_kwargs),
+                    in_shardings=(repl, data_sharding), out_shardings=(repl, repl),
+                    donate_argnums=0)
+    evaluate = jax.jit(functools.partial(eval_step, model=model, num_classes=info.num_classes),
+                       in_shardings=(repl, NamedSharding(mesh, P("data"))), out_shardings=repl)
+    to_host = lambda x: jax.device_get(x)
+  else:
+    devices = jax.local_devices()
+    n_local = len(devices)
+    state = jax.device_put_replicated(state, devices)
+    if use_device_data:
+      def run(state, images, labels, idx):
+        batches = {"image": images[idx], "label": labels[idx]}
+        return train_steps(state, batches, axis_name="batch", **step_kwargs)
+      run = jax.pmap(run, axis_name="batch", donate_argnums=0)
+    else:
+      run = jax.pmap(lambda state, batches: train_steps(
+          state, batches, axis_name="batch", **step_kwargs), axis_name="batch",
+                     donate_argnums=0)
+    evaluate = jax.pmap(functools.partial(eval_step, model=model, num_classes=info.num_classes,
+                                          axis_name="batch"), axis_name="batch")
+    to_host = lambda x: jax.device_get(jax.tree.map(lambda a: a[0], x))
+
+  if use_device_data:
+    arrays = input_pipeline.load_arrays(config.dataset, "train", config.data_dir)
+    if mesh is not None:
+      data = DeviceData(arrays, repl, config.seed, config.batch_size)
+    else:
+      data = DeviceData(arrays, None, config.seed, config.batch_size)
+      data.images = jax.device_put_replicated(arrays["image"], devices)
+      data.labels = jax.device_put_replicated(arrays["label"].astype(np.int32), devices)
+  else:
+    train_iter = input_pipeline.train_batches(
+        config.dataset, batch_size=config.batch_size, data_dir=config.data_dir,
+        seed=config.seed, start_step=start_step)
+
+  eval_cache = []
+
+  def eval_batches():
+    if eval_cache:
+      return eval_cache
+    batches = list(input_pipeline.eval_batches(
+        config.dataset, batch_size=config.eval_batch_size, data_dir=config.data_dir))
+    if use_device_data:
+      eval_cache.extend(batches)
+    return batches
+
+  def run_eval(state):
+    totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    for b in eval_batches():
+      if mesh is None:
+        b = jax.tree.map(lambda x: x.reshape(n_local, -1, *x.shape[1:]), b)
+      elif jax.process_count() > 1:
+        b = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), b)
+      out = to_host(evaluate(state, b))
+      for k in totals:
+        totals[k] += float(out[k])
+    return {"test_loss": totals["loss"] / totals["count"],
+            "test_accuracy": totals["correct"] / totals["count"]}
+
+  def host_state(state):
+    return state if mesh is not None else jax.tree.map(lambda a: a[0], state)
+
+  density_fn = jax.jit(lambda opt_state: (
+      sparse_jax.density(sparse_jax.get_masks(opt_state)),
+      sparse_jax.layer_densities(sparse_jax.get_masks(opt_state))))
+
+  writer = MetricWriter(workdir, is_main)
+  events = mask_update_steps(config, steps_per_epoch)
+  pending = []
+  best_acc, last_eval = 0.0, {}
+  step = start_step
+  t_log, steps_at_log = time.time(), step
+  s_per = config.steps_per_dispatch
+  while step < total_steps:
+    n = min(s_per, total_steps - step)
+    if use_device_data:
+      idx = data.indices(step, n)
+      if mesh is None:
+        idx = np.stack([idx.reshape(n, n_local, -1)[:, d] for d in range(n_local)])
+      state, metrics = run(state, data.images, data.labels, idx)
+    else:
+      local = [next(train_iter) for _ in range(n)]
+      batches = jax.tree.map(lambda *xs: np.stack(xs), *local)
+      if mesh is None:
+        batches = jax.tree.map(
+            lambda x: np.moveaxis(x.reshape(n, n_local, -1, *x.shape[2:]), 1, 0), batches)
+      elif jax.process_count() > 1:
+        batches = jax.make_array_from_process_local_data(data_sharding, batches)
+      state, metrics = run(state, batches)
+    pending.append(metrics)
+    prev, step = step, step + n
+    record = {}
+    if sparse and any(prev < t <= step for t in events):
+      dens, layers = to_host(density_fn(host_state(state).opt_state)) if mesh is None else \
+          jax.device_get(density_fn(state.opt_state))
+      record.update(mask_update=True, sparsity=1.0 - float(dens),
+                    layer_density={k: float(v) for k, v in layers.items()})
+    epoch_done = step % steps_per_epoch == 0
+    epoch = step // steps_per_epoch
+    if (epoch_done and epoch % config.eval_every_epochs == 0) or step == total_steps:
+      last_eval = run_eval(state)
+      best_acc = max(best_acc, last_eval["test_accuracy"])
+      record.update(last_eval)
+    if step % config.log_every_steps == 0 or record or step == total_steps:
+      fetched = jax.device_get(pending) if mesh is not None else [
+          jax.device_get(jax.tree.map(lambda a: a[0], m)) for m in pending]
+      pending = []
+      loss = float(np.mean(np.concatenate([np.ravel(m["train_loss"]) for m in fetched])))
+      acc = float(np.mean(np.concatenate([np.ravel(m["train_accuracy"]) for m in fetched])))
+      if "sparsity" not in record and sparse:
+        record["sparsity"] = 1.0 - float(to_host(density_fn(
+            host_state(state).opt_state if mesh is None else state.opt_state))[0])
+      now = time.time()
+      record = {"step": step, "epoch": step / steps_per_epoch, "train_loss": loss,
+                "train_accuracy": acc, "learning_rate": float(lr_fn(step - 1)),
+                "wall_time_s": now - t_start,
+                "steps_per_s": (step - steps_at_log) / max(now - t_log, 1e-9), **record}
+      t_log, steps_at_log = now, step
+      writer.write(record)
+      if is_main:
+        log.info("step %d/%d epoch %.1f loss %.4f train_acc %.4f%s sparsity %.4f "
+                 "lr %.4g %.1f steps/s", step, total_steps, record["epoch"], loss, acc,
+                 f" test_acc {record['test_accuracy']:.4f}" if "test_accuracy" in record
+                 else "", record.get("sparsity", 0.0), record["learning_rate"],
+                 record["steps_per_s"])
+    if step % config.checkpoint_every_steps == 0 or step == total_steps or (
+        config.halt_after_step is not None and step >= config.halt_after_step):
+      save_checkpoint(mngr, host_state(state) if mesh is None else state, step)
+    if config.halt_after_step is not None and step >= config.halt_after_step:
+      mngr.wait_until_finished()
+      log.info("Halting after step %d (halt_after_step).", step)
+      return {"halted_at_step": step}
+
+  mngr.wait_until_finished()
+  final = jax.device_get(host_state(state))
+  masks = sparse_jax.get_masks(final.opt_state) if sparse else None
+  prunable = (jax.tree.map(lambda p, m: m is not None, final.params, masks) if sparse
+              else sparse_jax.select_prunable(final.params))
+  summary = {
+      "final_test_accuracy": last_eval.get("test_accuracy"),
+      "best_test_accuracy": best_acc,
+      "final_test_loss": last_eval.get("test_loss"),
+      "final_sparsity": float(sparse_jax.params_sparsity(final.params, prunable)),
+      "mask_sparsity": None if masks is None else 1.0 - float(sparse_jax.density(masks)),
+      "steps": int(final.step),
+      "wall_time_s": time.time() - t_start,
+      "method": config.sparsity.method,
+      "config": config.to_dict(),
+  }
+  if is_main:
+    export_model(os.path.join(workdir, "export.npz"), final.params, final.batch_stats, masks)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=1, default=str)
+    log.info("Done: final test accuracy %.4f, sparsity %.4f, %.1f s.",
+             summary["final_test_accuracy"], summary["final_sparsity"],
+             summary["wall_time_s"])
+  return summary
