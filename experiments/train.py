@@ -48,9 +48,16 @@ class TrainState:
 # ----------------------------------------------------------------------------
 
 
+def num_train_steps(config, steps_per_epoch: int) -> int:
+  """``config.num_train_steps`` if set, else ``num_epochs * steps_per_epoch``."""
+  if config.get("num_train_steps") is not None:
+    return int(config.num_train_steps)
+  return int(config.num_epochs * steps_per_epoch)
+
+
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
   """Multi-step, cosine or constant learning rate, with optional linear warm-up."""
-  total = config.num_epochs * steps_per_epoch
+  total = num_train_steps(config, steps_per_epoch)
   warmup = int(round(config.warmup_epochs * steps_per_epoch))
   base = config.learning_rate
   if config.lr_schedule == "multistep":
@@ -105,7 +112,7 @@ def create_sparse_tx(config, inner: optax.GradientTransformation, steps_per_epoc
   if method not in sparse_jax.METHODS:
     raise ValueError(f"Unknown sparse method {method!r}; use dense or one of "
                      f"{sorted(sparse_jax.METHODS)}.")
-  total = config.num_epochs * steps_per_epoch
+  total = num_train_steps(config, steps_per_epoch)
   epoch = lambda e: int(round(e * steps_per_epoch))
   selector = dict(include=sp.include, exclude=sp.exclude,
                   keep_first_dense=sp.keep_first_dense, keep_last_dense=sp.keep_last_dense,
@@ -143,7 +150,7 @@ def create_sparse_tx(config, inner: optax.GradientTransformation, steps_per_epoc
 def mask_update_steps(config, steps_per_epoch: int) -> set[int]:
   """The 1-based steps after which the method may update its masks (host side)."""
   sp = config.sparsity
-  total = config.num_epochs * steps_per_epoch
+  total = num_train_steps(config, steps_per_epoch)
   if sp.method in ("dense", "static"):
     return set()
   start = int(round(sp.start_epoch * steps_per_epoch))
@@ -284,6 +291,14 @@ def eval_step(state: TrainState, batch, *, model, num_classes: int,
   return out
 
 
+def replicate(tree, devices):
+  """One copy of every leaf per device, stacked on a leading axis (for pmap)."""
+  sharding = NamedSharding(jax.sharding.Mesh(np.asarray(devices), ("replica",)), P("replica"))
+  return jax.tree.map(
+      lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (len(devices), *np.shape(x))),
+                               sharding), tree)
+
+
 # ----------------------------------------------------------------------------
 # Data feeding.
 # ----------------------------------------------------------------------------
@@ -385,6 +400,13 @@ def export_model(path: str, params, batch_stats, masks):
   os.replace(tmp, path)
 
 
+def measured_sparsity(params, prunable) -> float:
+  """Exact zeros / all among the prunable params, counted on the host in int64."""
+  leaves = [np.asarray(p) for p, f in zip(jax.tree.leaves(params), jax.tree.leaves(prunable))
+            if f]
+  return sum(int(np.sum(p == 0)) for p in leaves) / sum(p.size for p in leaves)
+
+
 def layer_table(params, masks) -> str:
   """The per-layer table printed at the start: shape, parameters, density."""
   lines = [f"{'layer':40s} {'shape':>20s} {'params':>10s} {'density':>8s}"]
@@ -433,7 +455,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   info = input_pipeline.dataset_info(config.dataset, config.data_dir)
   steps_per_epoch = info.num_train_examples // config.batch_size
-  total_steps = config.num_epochs * steps_per_epoch
+  total_steps = num_train_steps(config, steps_per_epoch)
   _validate(config, steps_per_epoch)
   n_dev = jax.device_count()
   if config.batch_size % n_dev:
@@ -445,9 +467,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tx_fn = lambda masks: create_sparse_tx(config, inner, steps_per_epoch, masks)
   state = create_train_state(config, model, tx_fn, info.input_shape,
                              jax.random.PRNGKey(config.seed))
-  tx = tx_fn(None if not config.init_from else None)
-  # The optimizer used for stepping must match the one that built the state; with
-  # init_from masks the state already holds them, the rebuilt tx only steps it.
+  # Initial masks only matter at init; the state built above already holds them.
+  tx = tx_fn(None)
   lr_fn = learning_rate_schedule(config, steps_per_epoch)
   sparse = config.sparsity.method != "dense"
   masks0 = sparse_jax.get_masks(state.opt_state) if sparse else None
@@ -487,7 +508,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     devices = jax.local_devices()
     n_local = len(devices)
-    state = jax.device_put_replicated(state, devices)
+    state = replicate(state, devices)
     if use_device_data:
       def run(state, images, labels, idx):
         batches = {"image": images[idx], "label": labels[idx]}
@@ -507,8 +528,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       data = DeviceData(arrays, repl, config.seed, config.batch_size)
     else:
       data = DeviceData(arrays, None, config.seed, config.batch_size)
-      data.images = jax.device_put_replicated(arrays["image"], devices)
-      data.labels = jax.device_put_replicated(arrays["label"].astype(np.int32), devices)
+      data.images = replicate(arrays["image"], devices)
+      data.labels = replicate(arrays["label"].astype(np.int32), devices)
   else:
     train_iter = input_pipeline.train_batches(
         config.dataset, batch_size=config.batch_size, data_dir=config.data_dir,
@@ -519,8 +540,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def eval_batches():
     if eval_cache:
       return eval_cache
+    # Rounded up to a multiple of the devices; the padding is masked out.
+    batch_size = -(-config.eval_batch_size // n_dev) * n_dev
     batches = list(input_pipeline.eval_batches(
-        config.dataset, batch_size=config.eval_batch_size, data_dir=config.data_dir))
+        config.dataset, batch_size=batch_size, data_dir=config.data_dir))
     if use_device_data:
       eval_cache.extend(batches)
     return batches
@@ -572,8 +595,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     prev, step = step, step + n
     record = {}
     if sparse and any(prev < t <= step for t in events):
-      dens, layers = to_host(density_fn(host_state(state).opt_state)) if mesh is None else \
-          jax.device_get(density_fn(state.opt_state))
+      dens, layers = jax.device_get(density_fn(host_state(state).opt_state))
       record.update(mask_update=True, sparsity=1.0 - float(dens),
                     layer_density={k: float(v) for k, v in layers.items()})
     epoch_done = step % steps_per_epoch == 0
@@ -589,8 +611,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       loss = float(np.mean(np.concatenate([np.ravel(m["train_loss"]) for m in fetched])))
       acc = float(np.mean(np.concatenate([np.ravel(m["train_accuracy"]) for m in fetched])))
       if "sparsity" not in record and sparse:
-        record["sparsity"] = 1.0 - float(to_host(density_fn(
-            host_state(state).opt_state if mesh is None else state.opt_state))[0])
+        record["sparsity"] = 1.0 - float(jax.device_get(
+            density_fn(host_state(state).opt_state)[0]))
       now = time.time()
       record = {"step": step, "epoch": step / steps_per_epoch, "train_loss": loss,
                 "train_accuracy": acc, "learning_rate": float(lr_fn(step - 1)),
@@ -621,8 +643,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "final_test_accuracy": last_eval.get("test_accuracy"),
       "best_test_accuracy": best_acc,
       "final_test_loss": last_eval.get("test_loss"),
-      "final_sparsity": float(sparse_jax.params_sparsity(final.params, prunable)),
-      "mask_sparsity": None if masks is None else 1.0 - float(sparse_jax.density(masks)),
+      "final_sparsity": measured_sparsity(final.params, prunable),
+      "mask_sparsity": None if masks is None else
+                       1.0 - int(sparse_jax.count_active(masks)) / sparse_jax.count_prunable(masks),
       "steps": int(final.step),
       "wall_time_s": time.time() - t_start,
       "method": config.sparsity.method,

@@ -165,6 +165,9 @@ def layer_counts(layers: Sequence[_masks.LayerInfo], densities: Sequence[float],
   return counts
 
 
+_select_jit = jax.jit(_select.top_k_masks, static_argnums=2)
+
+
 def random_masks(
     key: jax.Array, params, prunable, counts: Sequence[int], *,
     sampling: str = "exact") -> object:
@@ -204,8 +207,10 @@ def random_masks(
     li += 1
   if sampling == "exact":
     sel_keys = [s for s in scores if s is not None]
-    chosen = _select.top_k_masks(
-        sel_keys, jnp.asarray(counts, jnp.int32), groups=tuple(range(len(sel_keys))))
+    # Jitted: init usually runs eagerly, where the selector's many small ops
+    # would each dispatch on their own.
+    chosen = _select_jit(sel_keys, jnp.asarray(counts, jnp.int32),
+                         tuple(range(len(sel_keys))))
     it = iter(chosen)
     out = [None if s is None else next(it) for s in scores]
   else:

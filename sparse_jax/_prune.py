@@ -50,7 +50,8 @@ def global_magnitude_prune(params: PyTree, masks: PyTree, num_active) -> PyTree:
   normalisation). The new mask is a subset of the old one; when ``num_active`` is
   not below the current active count nothing is pruned. Each layer keeps at
   least its largest active weight, so no layer is ever emptied (these forced
-  weights count towards ``num_active``).
+  weights count towards ``num_active``; if ``num_active`` is below the number of
+  non-empty layers, exactly one weight per such layer is kept).
 
   Example:
     >>> masks = global_magnitude_prune(params, masks, num_active=26_661)
@@ -74,7 +75,11 @@ def global_magnitude_prune(params: PyTree, masks: PyTree, num_active) -> PyTree:
         jnp.where(x.reshape(-1)[top] > 0, jnp.uint32(_select.FORCED), x.reshape(-1)[top]))
     forced.append(flat.reshape(x.shape))
   active = sum(jnp.sum(m, dtype=jnp.int32) for m in ms)
-  k = jnp.minimum(jnp.asarray(num_active, jnp.int32), active)
+  # At least one weight per non-empty layer: with num_active below the number of
+  # layers the forced weights alone exceed it, and a plain minimum would let the
+  # selector drop some of them (emptying layers).
+  nonempty = sum(jnp.any(m).astype(jnp.int32) for m in ms)
+  k = jnp.clip(jnp.asarray(num_active, jnp.int32), nonempty, active)
   new = _select.top_k_masks(forced, k[None], groups=(0,) * len(ws))
   return rebuild(new)
 

@@ -61,7 +61,7 @@ def gradual_active_counts(num_prunable: int, *, initial_sparsity: float,
   Example:
     >>> gradual_active_counts(1000, initial_sparsity=0., final_sparsity=.9,
     ...                       start_step=0, end_step=300, update_every=100)
-    array([1000,  704,  208,  100])
+    array([1000,  367,  133,  100])
   """
   k0, kf = start_step // update_every, end_step // update_every
   return np.asarray([

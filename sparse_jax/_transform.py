@@ -43,6 +43,10 @@ class SparseState(NamedTuple):
   masks: PyTree  # bool arrays on prunable leaves, None on dense leaves
   rng: jax.Array  # uint32 [2], raw PRNG key (checkpointable as a plain array)
   inner_state: optax.OptState
+  # Momentum of the dense gradient on prunable leaves, kept only for
+  # growth="momentum" (None otherwise): the inner optimizer only sees masked
+  # gradients, so its own momentum is zero wherever a weight could grow.
+  grad_momentum: PyTree = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +69,7 @@ class _Regrowth:
   start_step: int
   end_step: int  # last t at which an event may regrow (inclusive)
   update_every: int
+  momentum: float = 0.9  # decay of the dense-gradient momentum (growth="momentum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,16 +106,6 @@ def _build_initial_masks(params, start: _Start, key):
   return _distributions.random_masks(key, params, prunable, counts, sampling=start.sampling)
 
 
-def _momentum_tree(inner_state):
-  for name in ("mu", "trace", "momentum"):
-    found = optax.tree_utils.tree_get_all_with_path(inner_state, name)
-    if found:
-      return found[0][1]
-  raise ValueError(
-      "growth='momentum' needs an inner optimizer with a momentum buffer (a state "
-      "field named 'mu' or 'trace', as in optax.adam or optax.sgd(momentum=...)).")
-
-
 def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
                     pruning: _Pruning | None, regrowth: _Regrowth | None
                     ) -> optax.GradientTransformationExtraArgs:
@@ -120,11 +115,15 @@ def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
     key = jax.random.PRNGKey(start.seed)
     mask_key, state_key = jax.random.split(key)
     masks = _build_initial_masks(params, start, mask_key)
+    grad_momentum = None
+    if regrowth is not None and regrowth.mode == "momentum":
+      grad_momentum = jax.tree.map(lambda p, m: None if m is None else jnp.zeros_like(p),
+                                   _masks.unwrap_variables(params), masks)
     return SparseState(
         count=jnp.zeros((), jnp.int32), masks=masks, rng=state_key,
-        inner_state=inner.init(params))
+        inner_state=inner.init(params), grad_momentum=grad_momentum)
 
-  def mask_update(params, updates, grads, masks, rng, t, inner_state):
+  def mask_update(params, updates, grads, masks, rng, t, grad_momentum):
     """New masks and the ``keep`` masks after the update ``t`` (an event)."""
     ws, ms, rebuild = _prune.split_prunable(params, masks)
     us, _, _ = _prune.split_prunable(updates, masks)
@@ -146,11 +145,14 @@ def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
       if pruning.scope == "global":
         prune = lambda: _prune.global_magnitude_prune(w_tree, masks, target)
       else:
-        fractions = [int(m.size) for m in ms]
-        dens = target.astype(jnp.float32) / sum(fractions)
-        # Layer-wise: every layer keeps the same fraction of its weights, rounded
-        # to the nearest integer (float64 is not available under jit by default).
-        per_layer = jnp.round(dens * jnp.asarray(fractions, jnp.float32)).astype(jnp.int32)
+        # Layer-wise: each event's exact total, split over the layers in proportion
+        # to their sizes by largest remainder (static table, float64 on the host).
+        layers = [_masks.LayerInfo("", tuple(m.shape), int(m.size)) for m in ms]
+        n_total = sum(l.size for l in layers)
+        table = np.asarray([
+            _distributions.layer_counts(layers, [c / n_total] * len(layers), int(c))
+            for c in counts], np.int32)
+        per_layer = jnp.asarray(table)[jnp.clip(k, 0, kf)]
         prune = lambda: _prune.layerwise_magnitude_prune(w_tree, masks, per_layer)
       m_pruned = lax.cond(prune_now, prune, lambda: masks)
     m_new = m_pruned
@@ -174,7 +176,7 @@ def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
         if regrowth.mode == "gradient":
           return _regrow.regrow_by_gradient(grads, dropped, n_dropped)
         if regrowth.mode == "momentum":
-          return _regrow.regrow_by_momentum(_momentum_tree(inner_state), dropped, n_dropped)
+          return _regrow.regrow_by_momentum(grad_momentum, dropped, n_dropped)
         return _regrow.regrow_random(rng, dropped, n_dropped)
 
       m_new = lax.cond(regrow_now, drop_and_grow, lambda: m_pruned)
@@ -196,6 +198,11 @@ def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
 
     inner_updates, inner_state = inner_update(state.inner_state)
     t = state.count + 1
+    grad_momentum = state.grad_momentum
+    if grad_momentum is not None:
+      prunable_grads = jax.tree.map(lambda g, m: None if m is None else g, grads, masks)
+      grad_momentum = jax.tree.map(lambda v, g: regrowth.momentum * v + g.astype(v.dtype),
+                                   grad_momentum, prunable_grads)
 
     if pruning is None and regrowth is None:
       new_masks, keep, rng = masks, masks, state.rng
@@ -214,10 +221,10 @@ def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
         # updates (or carrying params through the branches) costs a full pass over
         # the model on every ordinary step (measured 1.1-1.3x a dense step). Its
         # operands are buffers that exist anyway: params, grads, masks, old state.
-        event_updates, event_state = inner_update(state.inner_state)
+        event_updates, _ = inner_update(state.inner_state)
         rng, event_rng = jax.random.split(state.rng)
         new_masks, keep = mask_update(params, event_updates, grads, masks, event_rng, t,
-                                      event_state)
+                                      grad_momentum)
         return new_masks, keep, rng
 
       new_masks, keep, rng = lax.cond(is_event, event, lambda: (masks, masks, state.rng))
@@ -232,7 +239,8 @@ def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
         inner, lambda s, k: s if (k is None or getattr(s, "shape", None) != k.shape)
         else jnp.where(k, s, jnp.zeros_like(s)),
         inner_state, keep, transform_non_params=lambda x: x)
-    return out, SparseState(count=t, masks=new_masks, rng=rng, inner_state=inner_state)
+    return out, SparseState(count=t, masks=new_masks, rng=rng, inner_state=inner_state,
+                            grad_momentum=grad_momentum)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

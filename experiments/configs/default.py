@@ -30,6 +30,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # Training recipe (SPEC §6: the GraNet code's CIFAR recipe).
   config.num_epochs = 30
+  config.num_train_steps = config_dict.placeholder(int)  # overrides num_epochs if set
   config.optimizer = "sgd"  # sgd | adam | adamw | rmsprop | adagrad
   config.learning_rate = 0.1
   config.momentum = 0.9
@@ -86,3 +87,15 @@ def parse_args(arg: str | None) -> dict[str, str]:
     k, v = item.split("=", 1)
     out[k.strip()] = v.strip()
   return out
+
+
+def lenet300_mnist5k(method: str, arg: str | None, **sparsity_overrides):
+  """The CPU default recipe with ``method``; ``arg`` may set sparsity and seed."""
+  config = get_base_config()
+  args = parse_args(arg)
+  config.sparsity.method = method
+  config.sparsity.final = float(args.get("sparsity", 0.98))
+  config.seed = int(args.get("seed", 0))
+  for k, v in sparsity_overrides.items():
+    setattr(config.sparsity, k, v)
+  return config

@@ -1,0 +1,42 @@
+r"""VGG-19 on CIFAR-10/100 with the GraNet paper's recipe (SPEC §6).
+
+  python -m experiments.main --config=experiments/configs/cifar_vgg19.py:dataset=cifar10,sparsity=0.95 \
+      --workdir=workdirs/vgg19_cifar10_s95 --config.data_dir=/path/to/tensorflow_datasets
+
+Family argument (comma separated): ``dataset`` cifar10 | cifar100, ``sparsity``
+0.9 | 0.95 | 0.98, ``method`` granet (default) | granet_st | gmp | rigl | set |
+static | dense, ``seed`` (the authors used 18-20).
+Recipe: 160 epochs, batch 128, SGD Nesterov 0.9, lr 0.1 x0.1 at 50% and 75%,
+weight decay 5e-4, ΔT = 1000 iterations, pruning from epoch 0 to 110, s_i = 0
+(GraNet) or 0.5 (GraNet-ST).
+Reference accuracies: the GraNet paper, Table 1 (a full run needs a GPU).
+"""
+
+from experiments.configs import default
+
+
+def cifar_config(model: str, arg: str | None):
+  """The CIFAR recipe of the GraNet code for ``model``."""
+  args = default.parse_args(arg)
+  config = default.get_base_config()
+  config.dataset = args.get("dataset", "cifar10")
+  config.model = model
+  config.data_on_device = False  # augmented: fed by the tf.data pipeline
+  config.num_epochs = 160
+  config.eval_batch_size = 1000
+  config.seed = int(args.get("seed", 18))
+  method = args.get("method", "granet")
+  config.sparsity.method = "granet" if method == "granet_st" else method
+  config.sparsity.initial = 0.5 if method == "granet_st" else 0.0
+  config.sparsity.final = float(args.get("sparsity", 0.95))
+  config.sparsity.update_every = 1000
+  config.sparsity.end_epoch = 110.0
+  if method in ("rigl", "set"):
+    config.sparsity.regrowth_rate = 0.5  # the GraNet code's death rate for its baselines
+  config.log_every_steps = 200
+  config.checkpoint_every_steps = 5000
+  return config
+
+
+def get_config(arg: str | None = None):
+  return cifar_config("vgg19", arg)

@@ -1,0 +1,15 @@
+r"""Gradual magnitude pruning (global, cubic schedule, no regrowth) on LeNet-300-100 / MNIST subset.
+
+  python -m experiments.main --config=experiments/configs/gmp_lenet300_mnist5k.py \
+      --workdir=workdirs/gmp_lenet300_mnist5k
+
+Family argument: ``gmp_lenet300_mnist5k.py:sparsity=0.95,seed=1``. Same recipe as
+granet_lenet300_mnist5k.py (30 epochs, batch 128, SGD Nesterov, ΔT = 100).
+Expected at 98% sparsity: ~92-93% (see experiments/results/lenet300_mnist5k.md).
+"""
+
+from experiments.configs import default
+
+
+def get_config(arg: str | None = None):
+  return default.lenet300_mnist5k("gmp", arg)

@@ -1,0 +1,15 @@
+r"""Static sparse training (fixed ERK random mask) on LeNet-300-100 / MNIST subset.
+
+  python -m experiments.main --config=experiments/configs/static_lenet300_mnist5k.py \
+      --workdir=workdirs/static_lenet300_mnist5k
+
+Family argument: ``static_lenet300_mnist5k.py:sparsity=0.95,seed=1``. Same recipe as
+granet_lenet300_mnist5k.py (30 epochs, batch 128, SGD Nesterov, ΔT = 100).
+Expected at 98% sparsity: ~89-90% (see experiments/results/lenet300_mnist5k.md).
+"""
+
+from experiments.configs import default
+
+
+def get_config(arg: str | None = None):
+  return default.lenet300_mnist5k("static", arg)

@@ -1,0 +1,200 @@
+"""Tests of sparse_jax._select: exact top-k by counting, ties to the lower index."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparse_jax import _select
+
+# Fixed leaf shapes so that hypothesis only changes values (traced), never shapes:
+# a handful of compilations in total.
+CONFIGS = {
+    1: [(7,)],
+    2: [(2, 3), (4,)],
+    3: [(2, 3), (4,), (3, 2)],
+}
+
+
+@functools.partial(jax.jit, static_argnames="groups")
+def _top_k(keys, k, groups):
+  return _select.top_k_masks(keys, k, groups=groups)
+
+
+def brute_force_top_k(keys, k, groups):
+  """k[g] largest keys of each group, ties to the lower flat index (numpy)."""
+  keys = [np.asarray(x) for x in keys]
+  out = [np.zeros(x.shape, bool) for x in keys]
+  for g in sorted(set(groups)):
+    members = [i for i, gg in enumerate(groups) if gg == g]
+    flat = np.concatenate([keys[i].reshape(-1).astype(np.int64) for i in members])
+    index = np.arange(flat.size)
+    order = np.lexsort((index, -flat))  # primary: key descending; then index ascending
+    chosen = np.zeros(flat.size, bool)
+    chosen[order[:int(k[g])]] = True
+    off = 0
+    for i in members:
+      n = keys[i].size
+      out[i] = chosen[off:off + n].reshape(keys[i].shape)
+      off += n
+  return out
+
+
+# Mostly tiny values (lots of ties, including the non-candidate key 0), plus a few of
+# the largest keys score_keys can produce and the FORCED key.
+KEY_VALUES = st.one_of(
+    st.integers(0, 4),
+    st.sampled_from([2**31 - 1, 2**31, _select.FORCED]),
+)
+
+
+@settings(deadline=None, max_examples=30)
+@given(
+    num_leaves=st.sampled_from([1, 2, 3]),
+    per_leaf=st.booleans(),
+    data=st.data(),
+)
+def test_top_k_matches_brute_force(num_leaves, per_leaf, data):
+  shapes = CONFIGS[num_leaves]
+  keys = [
+      np.asarray(data.draw(st.lists(KEY_VALUES, min_size=int(np.prod(s)),
+                                    max_size=int(np.prod(s)))), np.uint32).reshape(s)
+      for s in shapes]
+  groups = tuple(range(num_leaves)) if per_leaf else (0,) * num_leaves
+  sizes = [sum(int(np.prod(shapes[i])) for i in range(num_leaves) if groups[i] == g)
+           for g in range(max(groups) + 1)]
+  k = np.asarray([data.draw(st.integers(0, n)) for n in sizes], np.int32)
+  got = _top_k([jnp.asarray(x) for x in keys], jnp.asarray(k), groups)
+  want = brute_force_top_k(keys, k, groups)
+  for g_leaf, w_leaf in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g_leaf), w_leaf)
+  # Exactly k per group.
+  for g in range(max(groups) + 1):
+    assert sum(int(np.sum(got[i])) for i in range(num_leaves) if groups[i] == g) == k[g]
+
+
+@settings(deadline=None, max_examples=20)
+@given(data=st.data())
+def test_top_k_mixed_groups(data):
+  # Leaves 0 and 2 share group 0, leaf 1 is alone in group 1.
+  shapes = CONFIGS[3]
+  keys = [np.asarray(data.draw(st.lists(st.integers(0, 3), min_size=int(np.prod(s)),
+                                        max_size=int(np.prod(s)))), np.uint32).reshape(s)
+          for s in shapes]
+  groups = (0, 1, 0)
+  k = np.asarray([data.draw(st.integers(0, 12)), data.draw(st.integers(0, 4))], np.int32)
+  got = _top_k([jnp.asarray(x) for x in keys], jnp.asarray(k), groups)
+  for g_leaf, w_leaf in zip(got, brute_force_top_k(keys, k, groups)):
+    np.testing.assert_array_equal(np.asarray(g_leaf), w_leaf)
+
+
+def test_tie_break_to_lower_flat_index_across_leaves():
+  # All keys equal: the selection is the first k positions of the concatenation of
+  # the leaves in list (flattening) order, row-major inside each leaf.
+  keys = [jnp.full((2, 2), 5, jnp.uint32), jnp.full((3,), 5, jnp.uint32)]
+  got = _top_k(keys, jnp.array([5]), (0, 0))
+  np.testing.assert_array_equal(got[0], [[True, True], [True, True]])
+  np.testing.assert_array_equal(got[1], [True, False, False])
+  # With a larger key in the second leaf: it goes first, then the ties by index.
+  keys = [jnp.array([[5, 5], [5, 5]], jnp.uint32), jnp.array([5, 5, 9], jnp.uint32)]
+  got = _top_k(keys, jnp.array([3]), (0, 0))
+  np.testing.assert_array_equal(got[0], [[True, True], [False, False]])
+  np.testing.assert_array_equal(got[1], [False, False, True])
+
+
+def test_top_k_exact_count_and_zero_keys():
+  # 3 positive keys; asking for 5 takes the zero (non-candidate) keys by index.
+  keys = [jnp.array([0, 7, 0, 3, 0, 0, 1], jnp.uint32)]
+  got = _top_k(keys, jnp.array([5]), (0,))
+  np.testing.assert_array_equal(got[0], [True, True, True, True, False, False, True])
+  got = _top_k(keys, jnp.array([0]), (0,))
+  assert not bool(got[0].any())
+  got = _top_k(keys, jnp.array([7]), (0,))
+  assert bool(got[0].all())
+
+
+def test_top_k_larger_random_against_brute_force():
+  # A larger single case with random 32-bit-ish keys and duplicates.
+  rng = np.random.default_rng(0)
+  keys = [rng.integers(0, 50, size=(40, 25)).astype(np.uint32),
+          (rng.integers(0, 2**31, size=(300,)) | 1).astype(np.uint32)]
+  for groups, k in [((0, 0), [517]), ((0, 1), [333, 17])]:
+    got = _top_k([jnp.asarray(x) for x in keys], jnp.asarray(k, jnp.int32), groups)
+    for g_leaf, w_leaf in zip(got, brute_force_top_k(keys, k, groups)):
+      np.testing.assert_array_equal(np.asarray(g_leaf), w_leaf)
+
+
+# ---------------------------------------------------------------------------
+# score_keys
+# ---------------------------------------------------------------------------
+
+
+def _assert_same_order(x, keys):
+  """Pairwise <, == of the values and of the keys agree (inf-safe, no subtraction)."""
+  np.testing.assert_array_equal(x[:, None] < x[None, :], keys[:, None] < keys[None, :])
+  np.testing.assert_array_equal(x[:, None] == x[None, :], keys[:, None] == keys[None, :])
+
+
+@settings(deadline=None, max_examples=25)
+@given(st.lists(st.floats(min_value=0.0, allow_nan=False, width=32), min_size=12, max_size=12))
+def test_score_keys_preserve_order_float32(values):
+  x = np.asarray(values, np.float32)
+  x[:2] = [0.0, 0.0]  # always include zeros
+  keys = np.asarray(jax.jit(_select.score_keys)(jnp.asarray(x))).astype(np.int64)
+  # Keys order exactly like the values (equal values <-> equal keys), and are > 0.
+  assert np.all(keys > 0)
+  _assert_same_order(x, keys)
+
+
+def test_score_keys_bfloat16_zeros_negatives_and_candidates():
+  vals = np.array([0.0, -0.0, 1e-40, 1e-3, 0.5, 1.0, 1.0078125, 3.0, 65504.0, np.inf],
+                  np.float32)
+  for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+    x = jnp.asarray(vals).astype(dtype)
+    keys = np.asarray(jax.jit(_select.score_keys)(x)).astype(np.int64)
+    xf = np.asarray(x.astype(jnp.float32))
+    _assert_same_order(xf, keys)
+    # Zero (and -0) map to key 1, the smallest candidate key.
+    assert keys[0] == 1 and keys[1] == 1
+  # Negative scores count by their magnitude.
+  k_neg = np.asarray(_select.score_keys(jnp.array([-2.0, 2.0, -0.5])))
+  assert k_neg[0] == k_neg[1] > k_neg[2]
+  # Non-candidates get 0, candidates keep their key (also a zero score: key 1).
+  cand = jnp.array([True, False, True, False])
+  keys = np.asarray(jax.jit(_select.score_keys)(jnp.array([0.0, 5.0, 2.0, 0.0]), cand))
+  assert keys.dtype == np.uint32
+  assert keys[1] == 0 and keys[3] == 0
+  assert keys[0] == 1 and keys[2] > 1
+
+
+def _threshold(out):
+  """kth_largest_key returns the threshold, or (threshold, #(>= t), #(> t))."""
+  return out[0] if isinstance(out, tuple) else out
+
+
+def test_kth_largest_key():
+  keys = [jnp.array([3, 1, 4, 1, 5], jnp.uint32), jnp.array([9, 2, 6], jnp.uint32)]
+  # Global: sorted desc 9 6 5 4 3 2 1 1 -> 3rd largest is 5 (3 keys >= 5, 2 keys > 5).
+  out = jax.jit(lambda ks, k: _select.kth_largest_key(ks, k, (0, 0)))(keys, jnp.array([3]))
+  assert _threshold(out).tolist() == [5]
+  if isinstance(out, tuple):
+    assert out[1].tolist() == [3] and out[2].tolist() == [2]
+  # Per leaf: 2nd largest of [3,1,4,1,5] is 4; 1st of [9,2,6] is 9.
+  out = jax.jit(lambda ks, k: _select.kth_largest_key(ks, k, (0, 1)))(keys, jnp.array([2, 1]))
+  assert _threshold(out).tolist() == [4, 9]
+  # Ties: the 3rd largest of [7, 7, 7, 2] is 7 (3 keys >= 7, none above).
+  out = jax.jit(lambda ks, k: _select.kth_largest_key(ks, k, (0,)))(
+      [jnp.array([7, 2, 7, 7], jnp.uint32)], jnp.array([3]))
+  assert _threshold(out).tolist() == [7]
+  if isinstance(out, tuple):
+    assert out[1].tolist() == [3] and out[2].tolist() == [0]
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_top_k_tiny(n):
+  got = _top_k([jnp.array([2], jnp.uint32)], jnp.array([n]), (0,))
+  assert got[0].tolist() == [bool(n)]
