@@ -5,7 +5,7 @@ r"""Gradual magnitude pruning (global, cubic schedule, no regrowth) on LeNet-300
 
 Family argument: ``gmp_lenet300_mnist5k.py:sparsity=0.95,seed=1``. Same recipe as
 granet_lenet300_mnist5k.py (30 epochs, batch 128, SGD Nesterov, ΔT = 100).
-Expected at 98% sparsity: ~92-93% (see experiments/results/lenet300_mnist5k.md).
+Expected at 98% sparsity: 93.1 ± 0.5% (3 seeds) (see experiments/results/lenet300_mnist5k.md).
 """
 
 from experiments.configs import default
