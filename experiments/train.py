@@ -291,6 +291,36 @@ def eval_step(state: TrainState, batch, *, model, num_classes: int,
   return out
 
 
+def gradient_flow_step(state: TrainState, batch, *, model, config, num_classes: int):
+  """The gradient-flow measures (SPEC §8) of the training loss on one fixed batch.
+
+  The loss is the training-mode loss (batch statistics, a fixed dropout key);
+  running statistics are not updated. Dense runs measure every kernel as a layer.
+  """
+  masks = (sparse_jax.get_masks(state.opt_state) if config.sparsity.method != "dense"
+           else None)
+
+  def loss_fn(params):
+    variables = {"params": params}
+    if state.batch_stats:
+      variables["batch_stats"] = state.batch_stats
+    logits, _ = model.apply(variables, batch["image"], train=True,
+                            mutable=["batch_stats"] if state.batch_stats else [],
+                            rngs={"dropout": state.rng})
+    return cross_entropy(logits, batch["label"], num_classes, config.label_smoothing).mean()
+
+  return sparse_jax.gradient_flow_measures(loss_fn, state.params, masks)
+
+
+def gradient_flow_record(measures) -> dict:
+  """The measures as a metrics.jsonl record (host floats; ``loss`` -> ``gf_loss``)."""
+  measures = jax.device_get(measures)
+  out = {("gf_loss" if k == "loss" else k): float(v) for k, v in measures.items()
+         if k != "egf_p2_layers"}
+  out["egf_p2_layers"] = {k: float(v) for k, v in measures["egf_p2_layers"].items()}
+  return out
+
+
 def replicate(tree, devices):
   """One copy of every leaf per device, stacked on a leading axis (for pmap)."""
   sharding = NamedSharding(jax.sharding.Mesh(np.asarray(devices), ("replica",)), P("replica"))
@@ -569,6 +599,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       sparse_jax.layer_densities(sparse_jax.get_masks(opt_state))))
 
   writer = MetricWriter(workdir, is_main)
+  # Gradient-flow measures on a fixed batch, off the hot path (one extra dispatch and
+  # host sync every gradient_flow_every_steps, plus step 0).
+  gf_every, gradient_flow = config.get("gradient_flow_every_steps"), None
+  if gf_every:
+    if gf_every < 1 or gf_every % config.steps_per_dispatch:
+      raise ValueError(f"gradient_flow_every_steps={gf_every} must be a positive multiple "
+                       f"of steps_per_dispatch={config.steps_per_dispatch} (or None: off).")
+    gf_batch = input_pipeline.load_arrays(config.dataset, f"train[:{config.batch_size}]",
+                                          config.data_dir)
+    gf_fn = jax.jit(functools.partial(gradient_flow_step, model=model, config=config,
+                                      num_classes=info.num_classes))
+    gradient_flow = lambda state: gradient_flow_record(gf_fn(host_state(state), gf_batch))
+    if start_step == 0:
+      writer.write({"step": 0, "epoch": 0.0, **gradient_flow(state)})
   events = mask_update_steps(config, steps_per_epoch)
   pending = []
   best_acc, last_eval = 0.0, {}
@@ -604,6 +648,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       last_eval = run_eval(state)
       best_acc = max(best_acc, last_eval["test_accuracy"])
       record.update(last_eval)
+    if gradient_flow is not None and (step % gf_every == 0 or step == total_steps):
+      record.update(gradient_flow(state))
     if step % config.log_every_steps == 0 or record or step == total_steps:
       fetched = jax.device_get(pending) if mesh is not None else [
           jax.device_get(jax.tree.map(lambda a: a[0], m)) for m in pending]

@@ -10,6 +10,11 @@ from sparse_jax._distributions import erk_densities
 from sparse_jax._distributions import layer_counts
 from sparse_jax._distributions import layer_densities_for
 from sparse_jax._distributions import random_masks
+from sparse_jax._gradient_flow import effective_gradient_flow
+from sparse_jax._gradient_flow import gradient_flow_measures
+from sparse_jax._gradient_flow import gradient_hessian_gradient
+from sparse_jax._gradient_flow import gradient_norm
+from sparse_jax._gradient_flow import layer_gradient_flow
 from sparse_jax._masks import apply_masks
 from sparse_jax._masks import check_mask_tree
 from sparse_jax._masks import count_active

@@ -68,6 +68,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.distributed = False  # call jax.distributed.initialize() (multi-host)
   config.steps_per_dispatch = 1  # >1 runs several steps in one lax.scan
   config.log_every_steps = 50
+  # Log the gradient-flow measures (SPEC §8) every this many steps and at step 0.
+  config.gradient_flow_every_steps = config_dict.placeholder(int)  # None: off
   config.eval_every_epochs = 1
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 2

@@ -18,6 +18,7 @@ from typing import Callable
 import flax.linen as nn
 
 from experiments.models import lenet, mlp, resnet, vgg
+from experiments.models import small_cnn
 
 # name -> constructor(num_classes=..., **kwargs) returning an unbound module.
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -30,6 +31,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     'resnet32': resnet.ResNet32,
     'resnet50_cifar': resnet.ResNet50CIFAR,
     'resnet50': resnet.ResNet50,
+    'small_cnn': small_cnn.SmallCNN,
 }
 
 
