@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import sparse_jax
 from experiments import input_pipeline
+from experiments import mask_history
 from experiments import models
 
 PyTree = Any
@@ -116,7 +117,9 @@ def create_sparse_tx(config, inner: optax.GradientTransformation, steps_per_epoc
   epoch = lambda e: int(round(e * steps_per_epoch))
   selector = dict(include=sp.include, exclude=sp.exclude,
                   keep_first_dense=sp.keep_first_dense, keep_last_dense=sp.keep_last_dense,
-                  initial_masks=initial_masks)
+                  initial_masks=initial_masks,
+                  # The union of all masks (ITOP) for the mask history, kept on the device.
+                  track_union=bool(config.get("record_mask_history", False)))
   if method == "granet":
     return sparse_jax.granet(
         inner, sparsity=sp.final, total_steps=total, end_step=epoch(sp.end_epoch),
@@ -614,6 +617,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if start_step == 0:
       writer.write({"step": 0, "epoch": 0.0, **gradient_flow(state)})
   events = mask_update_steps(config, steps_per_epoch)
+  # Masks after every event, bit-packed on the host (experiments/mask_history.py).
+  recorder = None
+  if sparse and is_main and config.get("record_mask_history", False):
+    recorder = mask_history.Recorder.for_run(workdir, jax.device_get(masks0),
+                                             start_step=start_step,
+                                             final_sparsity=config.sparsity.final)
   pending = []
   best_acc, last_eval = 0.0, {}
   step = start_step
@@ -642,6 +651,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       dens, layers = jax.device_get(density_fn(host_state(state).opt_state))
       record.update(mask_update=True, sparsity=1.0 - float(dens),
                     layer_density={k: float(v) for k, v in layers.items()})
+      if recorder is not None:
+        event_step = max(t for t in events if prev < t <= step)
+        record.update(recorder.record_state(event_step, host_state(state).opt_state))
     epoch_done = step % steps_per_epoch == 0
     epoch = step // steps_per_epoch
     if (epoch_done and epoch % config.eval_every_epochs == 0) or step == total_steps:
@@ -675,6 +687,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if step % config.checkpoint_every_steps == 0 or step == total_steps or (
         config.halt_after_step is not None and step >= config.halt_after_step):
       save_checkpoint(mngr, host_state(state) if mesh is None else state, step)
+      if recorder is not None:
+        recorder.save()
     if config.halt_after_step is not None and step >= config.halt_after_step:
       mngr.wait_until_finished()
       log.info("Halting after step %d (halt_after_step).", step)

@@ -47,6 +47,10 @@ class SparseState(NamedTuple):
   # growth="momentum" (None otherwise): the inner optimizer only sees masked
   # gradients, so its own momentum is zero wherever a weight could grow.
   grad_momentum: PyTree = None
+  # Union of every mask so far (ITOP, SPEC §9), kept only with track_union=True
+  # (None otherwise); updated inside the event branch, so ordinary steps only
+  # carry it.
+  union: PyTree = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +111,8 @@ def _build_initial_masks(params, start: _Start, key):
 
 
 def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
-                    pruning: _Pruning | None, regrowth: _Regrowth | None
-                    ) -> optax.GradientTransformationExtraArgs:
+                    pruning: _Pruning | None, regrowth: _Regrowth | None,
+                    track_union: bool = False) -> optax.GradientTransformationExtraArgs:
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
@@ -121,7 +125,9 @@ def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
                                    _masks.unwrap_variables(params), masks)
     return SparseState(
         count=jnp.zeros((), jnp.int32), masks=masks, rng=state_key,
-        inner_state=inner.init(params), grad_momentum=grad_momentum)
+        inner_state=inner.init(params), grad_momentum=grad_momentum,
+        # A copy: the same buffer twice in the state breaks buffer donation.
+        union=jax.tree.map(jnp.copy, masks) if track_union else None)
 
   def mask_update(params, updates, grads, masks, rng, t, grad_momentum):
     """New masks and the ``keep`` masks after the update ``t`` (an event)."""
@@ -204,6 +210,7 @@ def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
       grad_momentum = jax.tree.map(lambda v, g: regrowth.momentum * v + g.astype(v.dtype),
                                    grad_momentum, prunable_grads)
 
+    union = state.union
     if pruning is None and regrowth is None:
       new_masks, keep, rng = masks, masks, state.rng
     else:
@@ -225,9 +232,12 @@ def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
         rng, event_rng = jax.random.split(state.rng)
         new_masks, keep = mask_update(params, event_updates, grads, masks, event_rng, t,
                                       grad_momentum)
-        return new_masks, keep, rng
+        new_union = None if union is None else jax.tree.map(
+            lambda u, m: u | m, union, new_masks)
+        return new_masks, keep, rng, new_union
 
-      new_masks, keep, rng = lax.cond(is_event, event, lambda: (masks, masks, state.rng))
+      new_masks, keep, rng, union = lax.cond(
+          is_event, event, lambda: (masks, masks, state.rng, union))
 
     out = jax.tree.map(
         lambda u, p, k: u if k is None else jnp.where(k, u, -p).astype(u.dtype),
@@ -240,7 +250,7 @@ def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
         else jnp.where(k, s, jnp.zeros_like(s)),
         inner_state, keep, transform_non_params=lambda x: x)
     return out, SparseState(count=t, masks=new_masks, rng=rng, inner_state=inner_state,
-                            grad_momentum=grad_momentum)
+                            grad_momentum=grad_momentum, union=union)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -271,7 +281,8 @@ def granet(inner: optax.GradientTransformation, *, sparsity: float, total_steps:
            growth: str = "gradient", scope: str = "global", seed: int = 0,
            sampling: str = "exact", initial_masks: PyTree | None = None,
            include=None, exclude=None, keep_first_dense: bool = False,
-           keep_last_dense: bool = False) -> optax.GradientTransformationExtraArgs:
+           keep_last_dense: bool = False, track_union: bool = False
+           ) -> optax.GradientTransformationExtraArgs:
   """GraNet: gradual magnitude pruning with zero-cost neuroregeneration.
 
   Prunes globally by magnitude on Zhu & Gupta's cubic schedule from
@@ -312,6 +323,8 @@ def granet(inner: optax.GradientTransformation, *, sparsity: float, total_steps:
     initial_masks: a mask tree to start from instead (e.g. a pretrained sparse model).
     include, exclude, keep_first_dense, keep_last_dense: which leaves are prunable
       (see ``select_prunable``).
+    track_union: keep the union of all masks so far in ``SparseState.union``
+      (ITOP; every method takes this option).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a ``SparseState``.
@@ -328,14 +341,15 @@ def granet(inner: optax.GradientTransformation, *, sparsity: float, total_steps:
   pruning = _Pruning(s_i, s_f, start_step, end_step, update_every, scope)
   regrowth = _Regrowth(growth, regrowth_rate, "cosine", min_regrowth_rate, total_steps,
                        start_step, total_steps - 1, update_every)
-  return _sparse_wrapper(inner, start, pruning, regrowth)
+  return _sparse_wrapper(inner, start, pruning, regrowth, track_union)
 
 
 def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
         update_every: int, initial_sparsity: float = 0.0, start_step: int = 0,
         scope: str = "global", include=None, exclude=None,
         keep_first_dense: bool = False, keep_last_dense: bool = False,
-        initial_masks: PyTree | None = None) -> optax.GradientTransformationExtraArgs:
+        initial_masks: PyTree | None = None, track_union: bool = False
+        ) -> optax.GradientTransformationExtraArgs:
   """Gradual magnitude pruning (Zhu & Gupta) from dense, no regrowth.
 
   The same cubic schedule and global (or layer-wise) magnitude prune as
@@ -356,11 +370,13 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
   start = _Start(0.0, "erk", "exact", 0, initial_masks,
                  _selector(include, exclude, keep_first_dense, keep_last_dense))
   return _sparse_wrapper(inner, start,
-                         _Pruning(s_i, s_f, start_step, end_step, update_every, scope), None)
+                         _Pruning(s_i, s_f, start_step, end_step, update_every, scope), None,
+                         track_union)
 
 
 def _dst(inner, *, sparsity, update_every, start_step, end_step, distribution, rate,
-         rate_schedule, growth, seed, sampling, initial_masks, selector):
+         rate_schedule, growth, seed, sampling, initial_masks, selector,
+         track_union=False):
   s = _distributions.check_sparsity(sparsity)
   _schedules.check_steps(update_every=update_every, start_step=start_step,
                          end_step=end_step)
@@ -370,7 +386,7 @@ def _dst(inner, *, sparsity, update_every, start_step, end_step, distribution, r
   start = _Start(s, distribution, sampling, seed, initial_masks, selector)
   regrowth = _Regrowth(growth, rate, rate_schedule, 0.0, max(end_step, 1), start_step,
                        end_step, update_every)
-  return _sparse_wrapper(inner, start, None, regrowth)
+  return _sparse_wrapper(inner, start, None, regrowth, track_union)
 
 
 def rigl(inner: optax.GradientTransformation, *, sparsity: float, total_steps: int,
@@ -378,8 +394,8 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: float, total_steps: i
          distribution: str | Mapping[str, float] = "erk", regrowth_rate: float = 0.3,
          growth: str = "gradient", seed: int = 0, sampling: str = "exact",
          initial_masks: PyTree | None = None, include=None, exclude=None,
-         keep_first_dense: bool = False, keep_last_dense: bool = False
-         ) -> optax.GradientTransformationExtraArgs:
+         keep_first_dense: bool = False, keep_last_dense: bool = False,
+         track_union: bool = False) -> optax.GradientTransformationExtraArgs:
   """RigL: sparse from the start; per layer drop the smallest, grow by |gradient|.
 
   Defaults follow the RigL paper: ERK start at ``sparsity``, ΔT = 100, drop
@@ -395,7 +411,8 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: float, total_steps: i
               end_step=end, distribution=distribution, rate=regrowth_rate,
               rate_schedule="cosine", growth=growth, seed=seed, sampling=sampling,
               initial_masks=initial_masks,
-              selector=_selector(include, exclude, keep_first_dense, keep_last_dense))
+              selector=_selector(include, exclude, keep_first_dense, keep_last_dense),
+              track_union=track_union)
 
 
 def sparse_evolutionary_training(
@@ -404,8 +421,8 @@ def sparse_evolutionary_training(
     distribution: str | Mapping[str, float] = "erk", regrowth_rate: float = 0.3,
     regrowth_schedule: str = "constant", seed: int = 0, sampling: str = "exact",
     initial_masks: PyTree | None = None, include=None, exclude=None,
-    keep_first_dense: bool = False, keep_last_dense: bool = False
-) -> optax.GradientTransformationExtraArgs:
+    keep_first_dense: bool = False, keep_last_dense: bool = False,
+    track_union: bool = False) -> optax.GradientTransformationExtraArgs:
   """SET: sparse from the start; per layer drop the smallest, grow at random.
 
   Exported as ``sparse_jax.set``. Defaults follow the SET paper: a constant
@@ -424,14 +441,15 @@ def sparse_evolutionary_training(
               end_step=end, distribution=distribution, rate=regrowth_rate,
               rate_schedule=regrowth_schedule, growth="random", seed=seed,
               sampling=sampling, initial_masks=initial_masks,
-              selector=_selector(include, exclude, keep_first_dense, keep_last_dense))
+              selector=_selector(include, exclude, keep_first_dense, keep_last_dense),
+              track_union=track_union)
 
 
 def static(inner: optax.GradientTransformation, *, sparsity: float = 0.0,
            distribution: str | Mapping[str, float] = "erk", seed: int = 0,
            sampling: str = "exact", initial_masks: PyTree | None = None, include=None,
-           exclude=None, keep_first_dense: bool = False, keep_last_dense: bool = False
-           ) -> optax.GradientTransformationExtraArgs:
+           exclude=None, keep_first_dense: bool = False, keep_last_dense: bool = False,
+           track_union: bool = False) -> optax.GradientTransformationExtraArgs:
   """Static sparse training: a fixed mask (random, or ``initial_masks`` e.g. SNIP).
 
   Example:
@@ -442,7 +460,7 @@ def static(inner: optax.GradientTransformation, *, sparsity: float = 0.0,
   _check_common(distribution, "gradient", "global", sampling)
   start = _Start(s, distribution, sampling, seed, initial_masks,
                  _selector(include, exclude, keep_first_dense, keep_last_dense))
-  return _sparse_wrapper(inner, start, None, None)
+  return _sparse_wrapper(inner, start, None, None, track_union)
 
 
 def _find_states(opt_state) -> list[SparseState]:

@@ -62,6 +62,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.sparsity.keep_first_dense = False
   config.sparsity.keep_last_dense = False
   config.sparsity.mask_end_epoch = config_dict.placeholder(float)  # rigl/set: stop updates
+  # Keep the masks after every event (bit-packed, <workdir>/mask_history.npz) and the
+  # union of all masks on the device (ITOP); see experiments/mask_history.py.
+  config.record_mask_history = False
 
   # Parallelism and infrastructure.
   config.parallelism = "mesh"  # mesh (jax.jit over a device mesh) | pmap
