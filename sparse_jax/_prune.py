@@ -66,14 +66,15 @@ def global_magnitude_prune(params: PyTree, masks: PyTree, num_active) -> PyTree:
   """
   ws, ms, rebuild = split_prunable(params, masks)
   keys = [_select.score_keys(w, m) for w, m in zip(ws, ms)]
-  # Force each layer's largest active weight in (argmax takes the lowest index
-  # on ties, matching the selector's tie-breaking).
+  # Force each layer's largest active weight in (the lowest flat index on ties,
+  # matching the selector's tie-breaking). Max and min reductions instead of an
+  # argmax over x.reshape(-1): the reshape would all-gather a sharded leaf.
   forced = []
   for x in keys:
-    top = jnp.argmax(x.reshape(-1))
-    flat = x.reshape(-1).at[top].set(
-        jnp.where(x.reshape(-1)[top] > 0, jnp.uint32(_select.FORCED), x.reshape(-1)[top]))
-    forced.append(flat.reshape(x.shape))
+    index = _select.flat_index(x.shape)
+    top = jnp.max(x)
+    first = jnp.min(jnp.where(x == top, index, jnp.uint32(2**32 - 1)))
+    forced.append(jnp.where((index == first) & (top > 0), jnp.uint32(_select.FORCED), x))
   active = sum(jnp.sum(m, dtype=jnp.int32) for m in ms)
   # At least one weight per non-empty layer: with num_active below the number of
   # layers the forced weights alone exceed it, and a plain minimum would let the

@@ -44,6 +44,32 @@ def score_keys(scores: jax.Array, candidates: jax.Array | None = None) -> jax.Ar
   return keys
 
 
+def flat_index(shape: Sequence[int]) -> jax.Array:
+  """Row-major flat index (``uint32``) of every position of an array of ``shape``.
+
+  Equal to ``jnp.arange(size).reshape(shape)``, but built from one iota per axis:
+  it needs no reshape, so each device of a sharded computation computes only its
+  own shard of it (a reshape of the 1-d ``arange`` gathers it onto every device).
+
+  Example:
+    >>> flat_index((2, 3))
+    Array([[0, 1, 2], [3, 4, 5]], dtype=uint32)
+
+  Args:
+    shape: the array's shape (fewer than 2**32 elements).
+
+  Returns:
+    A ``uint32`` array of ``shape``.
+  """
+  shape = tuple(int(n) for n in shape)
+  index = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(len(shape))):
+    index = index + lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+    stride *= shape[axis]
+  return index
+
+
 RADIX_BITS = 16
 _BINS = 1 << RADIX_BITS
 _LOW = jnp.uint32(_BINS - 1)
@@ -63,7 +89,10 @@ def _histograms(digits, valid, groups, num_groups):
     idx = d.astype(jnp.int32)
     if valid is not None:
       idx = jnp.where(valid[i], idx, _BINS)
-    hist[g] = hist[g] + jnp.zeros((_BINS + 1,), jnp.int32).at[idx.reshape(-1)].add(
+    # Indices keep the leaf's shape: reshape(-1) of an array sharded on a later
+    # axis would all-gather it, while an n-d scatter-add into a replicated
+    # histogram is partitioned into per-shard histograms and one all-reduce.
+    hist[g] = hist[g] + jnp.zeros((_BINS + 1,), jnp.int32).at[idx].add(
         1, mode="drop")[:_BINS]
   return jnp.stack(hist)
 
@@ -146,8 +175,7 @@ def top_k_masks(keys: Sequence[jax.Array], k: jax.Array,
     for x, g in zip(keys, groups):
       offsets.append(seen[g])
       seen[g] += x.size
-    rev_index = [jnp.uint32(2**32 - 1 - off) -
-                 jnp.arange(x.size, dtype=jnp.uint32).reshape(x.shape)
+    rev_index = [jnp.uint32(2**32 - 1 - off) - flat_index(x.shape)
                  for x, off in zip(keys, offsets)]
     high = [r >> RADIX_BITS for r in rev_index]
     d_hi, above_hi, _ = _select_digit(
