@@ -51,6 +51,22 @@ from sparse_jax._transform import rigl
 from sparse_jax._transform import sparse_evolutionary_training
 from sparse_jax._transform import sparsify_params
 from sparse_jax._transform import static
+from sparse_jax._flops import ModelFlops
+from sparse_jax._flops import dense_training_flops
+from sparse_jax._flops import inference_flops
+from sparse_jax._flops import model_flops
+from sparse_jax._flops import training_flops
+from sparse_jax._flops import training_step_flops
+from sparse_jax._flops import xla_flops
+from sparse_jax._one_shot import one_shot
+from sparse_jax._pruning_at_init import grasp_masks
+from sparse_jax._pruning_at_init import grasp_scores
+from sparse_jax._pruning_at_init import masks_from_scores
+from sparse_jax._pruning_at_init import random_pruning_masks
+from sparse_jax._pruning_at_init import snip_masks
+from sparse_jax._pruning_at_init import snip_scores
+from sparse_jax._pruning_at_init import synflow_masks
+from sparse_jax._pruning_at_init import synflow_scores
 
 # SET is the method's name in the literature; it shadows the builtin only here.
 set = sparse_evolutionary_training  # pylint: disable=redefined-builtin
@@ -61,6 +77,7 @@ METHODS = {
     "rigl": rigl,
     "set": sparse_evolutionary_training,
     "static": static,
+    "one_shot": one_shot,
 }
 
 __version__ = "0.1.0"
