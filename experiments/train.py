@@ -27,6 +27,8 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import sparse_jax
+from experiments import baselines
+from experiments import flops as run_flops_lib
 from experiments import input_pipeline
 from experiments import mask_history
 from experiments import models
@@ -110,6 +112,8 @@ def create_sparse_tx(config, inner: optax.GradientTransformation, steps_per_epoc
   method = sp.method
   if method == "dense":
     return inner
+  if method in baselines.PRUNING_AT_INIT:
+    method = "static"  # on the scored masks (baselines.pruning_at_init_tx_fn)
   if method not in sparse_jax.METHODS:
     raise ValueError(f"Unknown sparse method {method!r}; use dense or one of "
                      f"{sorted(sparse_jax.METHODS)}.")
@@ -133,6 +137,9 @@ def create_sparse_tx(config, inner: optax.GradientTransformation, steps_per_epoc
         inner, sparsity=sp.final, end_step=epoch(sp.end_epoch),
         update_every=sp.update_every, start_step=epoch(sp.start_epoch), scope=sp.scope,
         **selector)
+  if method == "one_shot":
+    return sparse_jax.one_shot(inner, sparsity=sp.final, prune_step=epoch(sp.end_epoch),
+                               scope=sp.scope, **selector)
   mask_end = None if sp.mask_end_epoch is None else epoch(sp.mask_end_epoch)
   if method == "rigl":
     return sparse_jax.rigl(
@@ -154,8 +161,10 @@ def mask_update_steps(config, steps_per_epoch: int) -> set[int]:
   """The 1-based steps after which the method may update its masks (host side)."""
   sp = config.sparsity
   total = num_train_steps(config, steps_per_epoch)
-  if sp.method in ("dense", "static"):
+  if sp.method in ("dense", "static", *baselines.PRUNING_AT_INIT):
     return set()
+  if sp.method == "one_shot":
+    return {int(round(sp.end_epoch * steps_per_epoch))}
   start = int(round(sp.start_epoch * steps_per_epoch))
   if sp.method == "gmp":
     end = int(round(sp.end_epoch * steps_per_epoch))
@@ -480,7 +489,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns the summary written to ``workdir/summary.json``.
   """
   if config.distributed:
-    jax.distributed.initialize()
+    # Unset fields are auto-detected (TPU pods, SLURM, ...).
+    jax.distributed.initialize(
+        **{k: config.get(k) for k in ("coordinator_address", "num_processes", "process_id")
+           if config.get(k) is not None})
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   log = logging.getLogger("sparse_jax.train")
@@ -498,6 +510,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = create_model(config, info.num_classes)
   inner = create_optimizer(config, steps_per_epoch)
   tx_fn = lambda masks: create_sparse_tx(config, inner, steps_per_epoch, masks)
+  if config.sparsity.method in baselines.PRUNING_AT_INIT:
+    tx_fn = baselines.pruning_at_init_tx_fn(config, model, info.num_classes,
+                                            info.input_shape, tx_fn)
   state = create_train_state(config, model, tx_fn, info.input_shape,
                              jax.random.PRNGKey(config.seed))
   # Initial masks only matter at init; the state built above already holds them.
@@ -505,6 +520,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   lr_fn = learning_rate_schedule(config, steps_per_epoch)
   sparse = config.sparsity.method != "dense"
   masks0 = sparse_jax.get_masks(state.opt_state) if sparse else None
+  # On the host now: the state's buffers are donated to the first step.
+  densities0 = None if masks0 is None else jax.device_get(sparse_jax.layer_densities(masks0))
   if is_main:
     log.info("Model %s on %s: %d steps (%d/epoch), %d devices, method %s.\n%s",
              config.model, config.dataset, total_steps, steps_per_epoch, n_dev,
@@ -605,7 +622,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Gradient-flow measures on a fixed batch, off the hot path (one extra dispatch and
   # host sync every gradient_flow_every_steps, plus step 0).
   gf_every, gradient_flow = config.get("gradient_flow_every_steps"), None
-  if gf_every:
+  if gf_every is not None:
     if gf_every < 1 or gf_every % config.steps_per_dispatch:
       raise ValueError(f"gradient_flow_every_steps={gf_every} must be a positive multiple "
                        f"of steps_per_dispatch={config.steps_per_dispatch} (or None: off).")
@@ -711,6 +728,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "method": config.sparsity.method,
       "config": config.to_dict(),
   }
+  variables = {"params": final.params, **({"batch_stats": final.batch_stats}
+                                          if final.batch_stats else {})}
+  summary.update(run_flops_lib.run_flops(
+      config, model, variables, info.input_shape, steps_per_epoch, total_steps, densities0,
+      run_flops_lib.event_densities(workdir), masks, events))
   if is_main:
     export_model(os.path.join(workdir, "export.npz"), final.params, final.batch_stats, masks)
     with open(os.path.join(workdir, "summary.json"), "w") as f:

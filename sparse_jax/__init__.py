@@ -52,6 +52,7 @@ from sparse_jax._transform import sparse_evolutionary_training
 from sparse_jax._transform import sparsify_params
 from sparse_jax._transform import static
 from sparse_jax._flops import ModelFlops
+from sparse_jax._flops import as_layer_densities
 from sparse_jax._flops import dense_training_flops
 from sparse_jax._flops import inference_flops
 from sparse_jax._flops import model_flops
