@@ -1,11 +1,15 @@
 """The analysis notebooks run top to bottom (on their short configuration)."""
 
+import json
 import os
 import sys
 
 import nbformat
+import numpy as np
 import pytest
 from nbclient import NotebookClient
+
+from experiments import mask_history
 
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          "experiments", "notebooks")
@@ -44,7 +48,21 @@ def test_mask_dynamics_notebook_runs(tmp_path, monkeypatch):
   assert text.count("recorded masks at steps [0, 10, 20, 30]") == 2
   assert sum(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
              for c in nb.cells for o in c.get("outputs", [])) == 3
-  assert (tmp_path / "md_quick" / "granet" / "mask_history.npz").exists()
+  # The trainer's per-event log agrees with the stored history: the device-side
+  # union (itop_rate) with the union of the recorded masks, and the counts.
+  for method in ("granet", "rigl"):
+    workdir = tmp_path / "md_quick" / method
+    history = mask_history.load_history(str(workdir))
+    events = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+    events = [r for r in events if r.get("mask_update")]
+    steps, itop = mask_history.itop_curve(history)
+    assert [r["step"] for r in events] == list(steps[1:]) == [10, 20, 30]
+    np.testing.assert_allclose([r["itop_rate"] for r in events], itop[1:])
+    table = mask_history.event_count_table(history)
+    for key in ("pruned", "dropped", "regrown"):
+      assert [r[key] for r in events] == list(sum(t[key] for t in table.values())[1:])
+    assert history.union_packed is not None
+  assert events[0]["dropped"] > 0  # RigL swaps at its first event
 
 
 def test_pruning_plasticity_notebook_runs(tmp_path, monkeypatch):
