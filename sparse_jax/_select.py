@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 NOT_CANDIDATE = 0
@@ -72,7 +73,9 @@ def flat_index(shape: Sequence[int]) -> jax.Array:
 
 RADIX_BITS = 16
 _BINS = 1 << RADIX_BITS
-_LOW = jnp.uint32(_BINS - 1)
+# A NumPy scalar: a jnp constant at import time would start the XLA backend, after
+# which jax.distributed.initialize() (multi-host training) refuses to run.
+_LOW = np.uint32(_BINS - 1)
 
 
 def _histograms(digits, valid, groups, num_groups):

@@ -69,6 +69,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Parallelism and infrastructure.
   config.parallelism = "mesh"  # mesh (jax.jit over a device mesh) | pmap
   config.distributed = False  # call jax.distributed.initialize() (multi-host)
+  # Passed to jax.distributed.initialize when set (CPU/GPU clusters without
+  # auto-detection); on TPU pods leave them unset.
+  config.coordinator_address = config_dict.placeholder(str)  # "host:port" of process 0
+  config.num_processes = config_dict.placeholder(int)
+  config.process_id = config_dict.placeholder(int)
   config.steps_per_dispatch = 1  # >1 runs several steps in one lax.scan
   config.log_every_steps = 50
   # Log the gradient-flow measures (SPEC §8) every this many steps and at step 0.
