@@ -481,6 +481,10 @@ def _validate(config, steps_per_epoch):
     raise ValueError(f"Unknown parallelism {config.parallelism!r}; use mesh or pmap.")
   if steps_per_epoch < 1:
     raise ValueError(f"batch_size={config.batch_size} exceeds the training set.")
+  gf_every = config.get("gradient_flow_every_steps")
+  if gf_every is not None and (gf_every < 1 or gf_every % s):
+    raise ValueError(f"gradient_flow_every_steps={gf_every} must be a positive multiple "
+                     f"of steps_per_dispatch={s} (or None: off).")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -622,10 +626,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Gradient-flow measures on a fixed batch, off the hot path (one extra dispatch and
   # host sync every gradient_flow_every_steps, plus step 0).
   gf_every, gradient_flow = config.get("gradient_flow_every_steps"), None
-  if gf_every is not None:
-    if gf_every < 1 or gf_every % config.steps_per_dispatch:
-      raise ValueError(f"gradient_flow_every_steps={gf_every} must be a positive multiple "
-                       f"of steps_per_dispatch={config.steps_per_dispatch} (or None: off).")
+  if gf_every is not None:  # validated in _validate
     gf_batch = input_pipeline.load_arrays(config.dataset, f"train[:{config.batch_size}]",
                                           config.data_dir)
     gf_fn = jax.jit(functools.partial(gradient_flow_step, model=model, config=config,

@@ -1,0 +1,191 @@
+"""The gradient-flow sweep runner (resume, skip, slices) and its report."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import gradient_flow_report as report
+from experiments import gradient_flow_sweep as sweep
+from experiments.configs import gradient_flow_mnist5k
+
+
+def small_study():
+  config = gradient_flow_mnist5k.get_config()
+  study = config.study
+  study.width = 64
+  study.densities = (0.1, 1.0)
+  study.optimizers = ("momentum",)
+  study.activations = ("relu",)
+  study.regularisations = ("none", "batch_norm")
+  study.seeds = (0, 1)
+  return config
+
+
+class FakeTrainer:
+  """Stands in for train_and_evaluate: records calls, writes a summary (or fails)."""
+
+  def __init__(self, fail=()):
+    self.calls, self.fail = [], set(fail)
+
+  def __call__(self, config, run_dir):
+    name = os.path.basename(run_dir)
+    self.calls.append((name, config))
+    if name in self.fail:
+      raise RuntimeError("boom")
+    summary = {"final_test_accuracy": 0.5}
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+      json.dump(summary, f)
+    return summary
+
+
+def test_grid_and_slices_partition_the_runs():
+  runs = sweep.grid_runs(small_study().study)
+  # Per (seed, regularisation): sparse + dense at 0.1, one dense at 1.0 -> 2*2*3.
+  assert len(runs) == 12
+  assert len({r.name for r in runs}) == 12
+  assert sum(r.density == 1.0 for r in runs) == 4
+  assert all(r.kind == "dense" for r in runs if r.density == 1.0)
+  assert runs[0].name == "momentum_relu_none_d0.1_sparse_seed0"
+  assert [r.seed for r in runs] == [0] * 6 + [1] * 6  # seeds outermost
+  slices = [sweep.slice_runs(runs, i, 5) for i in range(5)]
+  assert sorted(r.name for s in slices for r in s) == sorted(r.name for r in runs)
+  assert [len(s) for s in slices] == [3, 3, 2, 2, 2]
+  assert sweep.parse_slice("2/5") == (2, 5)
+  for bad in ("5/5", "1", "a/b", "0/0"):
+    with pytest.raises(ValueError, match="slice"):
+      sweep.parse_slice(bad)
+
+
+def test_run_config_differs_only_in_width_and_method():
+  config = small_study()
+  cap = sweep.scsdc.same_capacity("mlp", 64, 0.1)
+  sparse = sweep.run_config(config, sweep.Run("momentum", "swish", "batch_norm", 0.1, 3,
+                                               "sparse"), cap)
+  dense = sweep.run_config(config, sweep.Run("momentum", "swish", "batch_norm", 0.1, 3,
+                                              "dense"), cap)
+  assert sparse.model_kwargs.features == (64, 64)
+  assert dense.model_kwargs.features == (cap.dense_width,) * 2
+  assert (sparse.sparsity.method, sparse.sparsity.final) == ("static", pytest.approx(0.9))
+  assert dense.sparsity.method == "dense"
+  for c in (sparse, dense):
+    assert (c.optimizer, c.momentum, c.learning_rate, c.seed) == ("sgd", 0.9, 0.02, 3)
+    assert c.model_kwargs.batch_norm and c.model_kwargs.activation == "swish"
+    assert c.weight_decay == 0.0 and "study" not in c
+  l2 = sweep.run_config(config, sweep.Run("adam", "relu", "l2", 0.1, 0, "sparse"), cap)
+  assert (l2.optimizer, l2.weight_decay, l2.learning_rate) == ("adam", 5e-4, 1e-3)
+
+
+def test_sweep_skips_finished_runs_and_resumes(tmp_path):
+  config = small_study()
+  fake = FakeTrainer(fail={"momentum_relu_none_d1_dense_seed0"})
+  counts = sweep.run_sweep(config, str(tmp_path), train_fn=fake)
+  assert counts == {"total": 12, "skipped": 0, "trained": 11, "failed": 1}
+  run_json = json.load(open(tmp_path / "momentum_relu_none_d0.1_dense_seed0" / "run.json"))
+  assert run_json["width"] == run_json["dense_width"] < run_json["sparse_width"] == 64
+  assert run_json["leftover"] == run_json["dense_weights"] - run_json["active_weights"]
+  # Again: only the failed run is tried.
+  fake2 = FakeTrainer()
+  assert sweep.run_sweep(config, str(tmp_path), train_fn=fake2)["skipped"] == 11
+  assert [n for n, _ in fake2.calls] == ["momentum_relu_none_d1_dense_seed0"]
+  # A halted run (summary without final accuracy) and a deleted summary are redone.
+  halted = tmp_path / "momentum_relu_batch_norm_d0.1_sparse_seed1"
+  json.dump({"halted_at_step": 3}, open(halted / "summary.json", "w"))
+  os.remove(tmp_path / "momentum_relu_none_d0.1_sparse_seed0" / "summary.json")
+  fake3 = FakeTrainer()
+  sweep.run_sweep(config, str(tmp_path), train_fn=fake3)
+  assert sorted(n for n, _ in fake3.calls) == [
+      "momentum_relu_batch_norm_d0.1_sparse_seed1", "momentum_relu_none_d0.1_sparse_seed0"]
+
+
+def test_sweep_slice_trains_only_its_runs(tmp_path):
+  config = small_study()
+  fake = FakeTrainer()
+  counts = sweep.run_sweep(config, str(tmp_path), index=1, count=4, train_fn=fake)
+  expected = [r.name for r in sweep.grid_runs(config.study)[1::4]]
+  assert [n for n, _ in fake.calls] == expected and counts["trained"] == 3
+  assert sorted(os.listdir(tmp_path)) == sorted(expected)
+
+
+# ----------------------------------------------------------------------------
+# The report, on synthetic run records.
+# ----------------------------------------------------------------------------
+
+
+def test_kendall_tau_by_hand_and_against_scipy():
+  # (1,3,2,4) vs (1,2,3,4): 5 concordant pairs, 1 discordant -> (5-1)/6.
+  assert report.kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(2 / 3)
+  assert report.kendall_tau([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+  # Ties: x = (1,2,2,3), y = (1,2,3,3): C = 4, D = 0, one tie in each of the 6 pairs
+  # -> 4 / sqrt(5 * 5) = 0.8 (tau-b).
+  assert report.kendall_tau([1, 2, 2, 3], [1, 2, 3, 3]) == pytest.approx(0.8)
+  assert np.isnan(report.kendall_tau([1, 1, 1], [1, 2, 3]))
+  scipy_stats = pytest.importorskip("scipy.stats")
+  rng = np.random.default_rng(0)
+  x, y = rng.integers(0, 5, 40), rng.normal(size=40)
+  assert report.kendall_tau(x, y) == pytest.approx(scipy_stats.kendalltau(x, y)[0])
+
+
+def write_run(root, *, optimizer="momentum", activation="relu", regularisation="none",
+              density=0.1, seed=0, kind="sparse", accuracy=0.5, measures=None):
+  run = sweep.Run(optimizer, activation, regularisation, density, seed, kind)
+  d = root / run.name
+  d.mkdir()
+  json.dump({"optimizer": optimizer, "activation": activation,
+             "regularisation": regularisation, "density": density, "seed": seed,
+             "kind": kind, "family": "mlp", "dataset": "synthetic", "sparse_width": 64,
+             "dense_width": 8, "total_weights": 1000, "active_weights": 100,
+             "dense_weights": 104, "leftover": 4, "width": 64}, open(d / "run.json", "w"))
+  json.dump({"final_test_accuracy": accuracy, "wall_time_s": 1.0},
+            open(d / "summary.json", "w"))
+  with open(d / "metrics.jsonl", "w") as f:
+    for step, scale in ((0, 1.0), (10, 3.0)):  # mean over steps = 2 * the step-0 value
+      f.write(json.dumps({"step": step, **{k: v * scale for k, v in measures.items()}}) + "\n")
+      f.write(json.dumps({"step": step + 1, "train_loss": 1.0}) + "\n")
+
+
+def test_report_on_synthetic_runs(tmp_path):
+  runs = tmp_path / "runs"
+  runs.mkdir()
+  # Four sparse/dense pairs: batch norm adds 30 points to sparse nets, 6 to dense.
+  # egf_p2 rises with accuracy (tau +1); gradient_norm falls (tau -1); ghg is
+  # ordered (1, 3, 2, 4, ...) against accuracy.
+  accs = {("none", "sparse"): [0.50, 0.52], ("none", "dense"): [0.79, 0.81],
+          ("batch_norm", "sparse"): [0.80, 0.82], ("batch_norm", "dense"): [0.85, 0.87]}
+  rows = []
+  for (reg, kind), values in accs.items():
+    for seed, acc in enumerate(values):
+      rows.append(dict(regularisation=reg, kind=kind, seed=seed, accuracy=acc))
+  rows.sort(key=lambda r: r["accuracy"])
+  ghg_order = [1, 3, 2, 4, 5, 6, 7, 8]
+  for rank, (row, g) in enumerate(zip(rows, ghg_order)):
+    write_run(runs, **row, measures={"egf_p1": 1.0, "egf_p2": 0.1 * (rank + 1),
+                                     "gradient_norm": 10.0 - rank, "gradient_norm_active": 1.0,
+                                     "ghg": float(g)})
+  (runs / "unfinished").mkdir()  # no summary: ignored
+  records = report.load_runs(str(runs))
+  assert len(records) == 8
+  r0 = next(r for r in records if r["accuracy"] == 0.50)
+  assert r0["init"]["egf_p2"] == pytest.approx(0.1) and r0["measures"]["egf_p2"] == (
+      pytest.approx(0.2))
+  corr = report.correlations(records)
+  assert corr["egf_p2"]["all"] == (pytest.approx(1.0), 8)
+  assert corr["gradient_norm"]["all"][0] == pytest.approx(-1.0)
+  # ghg: of the 28 pairs only (3, 2) is discordant -> (27 - 1) / 28.
+  assert corr["ghg"]["all"][0] == pytest.approx(26 / 28)
+  assert np.isnan(corr["egf_p1"]["all"][0])  # constant measure
+  assert corr["egf_p2"]["sparse"] == (pytest.approx(1.0), 4)
+  bn = report.finding_batch_norm(records)
+  # Pairs per seed: sparse gain 0.30, dense gain 0.06 -> 0.24, identical for both seeds.
+  assert bn["diff"] == pytest.approx(0.24) and bn["n"] == 2
+  assert bn["sparse_gain"] == pytest.approx(0.30) and bn["dense_gain"] == pytest.approx(0.06)
+  assert bn["verdict"] == "supported"  # s.e. 0 < diff / 2
+  assert report.finding_adaptive(records)["verdict"].startswith("not tested")
+  text = report.write_report(records, str(tmp_path / "out"), command="python -m x")
+  assert "**supported**" in text and "`python -m x`" in text
+  assert "| momentum | relu | batch_norm | 0.1 | 81.00 ± 1.00 | 86.00 ± 1.00 | -5.00 | 2 |" in text
+  for name in ("README.md", "sparse_vs_dense.png", "measures_vs_accuracy.png"):
+    assert (tmp_path / "out" / name).stat().st_size > 0
+  with pytest.raises(ValueError, match="No finished run"):
+    report.write_report([], str(tmp_path / "empty"))

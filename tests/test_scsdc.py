@@ -1,0 +1,65 @@
+"""The SC-SDC width solver (experiments/scsdc.py) on known cases."""
+
+import pytest
+
+from experiments import scsdc
+
+
+def test_solver_picks_the_closest_width_ties_to_the_smaller():
+  square = lambda w: w * w
+  # 7^2 = 49, 8^2 = 64: 50 -> 7 (off by 1), 56 -> 7 (7 vs 8), 57 -> 8 (7 vs 8).
+  assert scsdc.same_capacity_width(square, 50) == 7
+  assert scsdc.same_capacity_width(square, 56) == 7
+  assert scsdc.same_capacity_width(square, 57) == 8
+  assert scsdc.same_capacity_width(square, 64) == 8
+  # 10w: 25 lies halfway between 20 and 30; ties go to the smaller width.
+  assert scsdc.same_capacity_width(lambda w: 10 * w, 25) == 2
+  # Below the smallest width's count: width 1.
+  assert scsdc.same_capacity_width(lambda w: 100 * w, 3) == 1
+  with pytest.raises(ValueError, match="target"):
+    scsdc.same_capacity_width(square, 0)
+
+
+def test_solver_matches_brute_force_on_the_mlp_polynomial():
+  # 784-w-w-10 MLP: P(w) = 784 w + w^2 + 10 w.
+  count = lambda w: 794 * w + w * w
+  for target in (1, 793, 795, 13_440, 53_760, 134_400, 268_800, 99_999):
+    best = min(range(1, 400), key=lambda w: (abs(count(w) - target), w))
+    assert scsdc.same_capacity_width(count, target) == best, target
+
+
+def test_weight_counts_of_both_families_by_hand():
+  # MLP 784-256-256-10 kernels: 784*256 + 256*256 + 256*10 = 268,800.
+  assert scsdc.weight_count("mlp", 256, 2, (28, 28, 1), 10) == 268_800
+  # Small CNN, width 32 on 28x28x1: 3*3*1*32 + 3*3*32*64 + (7*7*64)*10
+  # = 288 + 18,432 + 31,360 = 50,080 (biases and BN not counted).
+  assert scsdc.weight_count("cnn", 32, 2, (28, 28, 1), 10) == 50_080
+
+
+def test_same_capacity_mlp_at_five_percent_by_hand():
+  r = scsdc.same_capacity("mlp", 256, 0.05)
+  # A = 0.05 * 268,800 = 13,440. Width 16: 794*16 + 256 = 12,960 (-480);
+  # width 17: 794*17 + 289 = 13,787 (+347) -> 17, leftover +347.
+  assert (r.total_weights, r.active_weights, r.dense_width, r.dense_weights) == (
+      268_800, 13_440, 17, 13_787)
+  assert r.leftover == 347
+  assert r.relative_leftover == pytest.approx(347 / 13_440)
+  full = scsdc.same_capacity("mlp", 256, 1.0)
+  assert (full.dense_width, full.leftover) == (256, 0)
+
+
+def test_same_capacity_cnn_by_hand():
+  # P(w) = 9w + 18w^2 + 490*2w = 18 w^2 + 989 w; A = 0.2 * 50,080 = 10,016.
+  # w=8: 1152 + 7912 = 9,064 (-952); w=9: 1458 + 8901 = 10,359 (+343) -> 9.
+  r = scsdc.same_capacity("cnn", 32, 0.2)
+  assert (r.active_weights, r.dense_width, r.dense_weights, r.leftover) == (
+      10_016, 9, 10_359, 343)
+
+
+def test_bad_inputs_are_clear_errors():
+  with pytest.raises(ValueError, match="Unknown family"):
+    scsdc.family_model("transformer", 8)
+  with pytest.raises(ValueError, match="density"):
+    scsdc.same_capacity("mlp", 64, 0.0)
+  with pytest.raises(ValueError, match="depth"):
+    scsdc.family_model("cnn", 8, depth=3)
