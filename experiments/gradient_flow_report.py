@@ -65,6 +65,7 @@ def load_run(run_dir: str) -> dict | None:
   record["wall_time_s"] = summary.get("wall_time_s")
   record["measures"] = {m: float(np.mean(list(s.values()))) for m, s in series.items()}
   record["init"] = {m: s[0] for m, s in series.items() if 0 in s}
+  record["series"] = {m: sorted(s.items()) for m, s in series.items()}
   return record
 
 
@@ -332,7 +333,9 @@ def write_report(records, out_dir, command: str = "", note: str = "") -> str:
              else abs(corr_mean[m]["all"][0]))
   lines += ["", f"Largest |tau| over all runs (mean over training): **{best}** "
             f"(tau = {_tau(corr_mean[best]['all'][0])}).", "",
-            "![measures vs accuracy](measures_vs_accuracy.png)", ""]
+            "![measures vs accuracy](measures_vs_accuracy.png)", "",
+            "EGF (p=2) during training, mean over the runs of each group:", "",
+            "![EGF over training](egf_over_training.png)", ""]
 
   # Findings.
   bn, ad, act = finding_batch_norm(records), finding_adaptive(records), finding_activation(records)
@@ -361,6 +364,7 @@ def write_report(records, out_dir, command: str = "", note: str = "") -> str:
     f.write(text)
   plot_sparse_vs_dense(records, os.path.join(out_dir, "sparse_vs_dense.png"))
   plot_measures(records, corr_mean, os.path.join(out_dir, "measures_vs_accuracy.png"))
+  plot_egf_over_training(records, os.path.join(out_dir, "egf_over_training.png"))
   return text
 
 
@@ -419,6 +423,34 @@ def plot_measures(records, corr, path):
   plt.close(fig)
 
 
+def plot_egf_over_training(records, path, measure="egf_p2"):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  regs = sorted({r["regularisation"] for r in records})
+  fig, axes = plt.subplots(1, len(regs), figsize=(4.5 * len(regs), 3.4), squeeze=False,
+                           sharey=True)
+  for ax, reg in zip(axes[0], regs):
+    groups = collections.defaultdict(list)
+    for r in records:
+      if r["regularisation"] == reg and r.get("series", {}).get(measure):
+        groups[(r["kind"], r["density"])].append(dict(r["series"][measure]))
+    for (kind, d), curves in sorted(groups.items()):
+      steps = sorted(set.intersection(*(set(c) for c in curves)))
+      ax.plot(steps, [np.mean([c[t] for c in curves]) for t in steps],
+              ls="-" if kind == "sparse" else "--", marker="o", ms=3,
+              label=f"{kind}, d={d:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_title(f"regularisation: {reg}", fontsize=9)
+  axes[0][0].set_ylabel(f"{measure} (fixed batch)")
+  axes[0][0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", default="workdirs/gradient_flow")
@@ -427,7 +459,16 @@ def main():
   parser.add_argument("--note", default="", help="Free text for the report (e.g. timing).")
   args = parser.parse_args()
   records = load_runs(args.workdir)
-  print(write_report(records, args.out, args.command, args.note))
+  command, note = args.command, args.note
+  log_path = os.path.join(args.workdir, "sweep_log.jsonl")
+  if os.path.exists(log_path) and not command:
+    with open(log_path) as f:
+      entries = [json.loads(l) for l in f if l.strip()]
+    command = "; ".join(sorted({e["command"] for e in entries}))
+    note = note or ("Sweep wall time: " + ", ".join(
+        f"slice {e['slice']}: {e['wall_time_s'] / 60:.1f} min ({e['trained']} trained, "
+        f"{e['skipped']} skipped)" for e in entries) + ".")
+  print(write_report(records, args.out, command, note))
 
 
 if __name__ == "__main__":

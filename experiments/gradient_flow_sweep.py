@@ -214,7 +214,16 @@ def main(argv):
   if FLAGS.config is None or FLAGS.workdir is None:
     raise app.UsageError("--config and --workdir are required.")
   index, count = parse_slice(FLAGS.slice)
+  start = time.time()
   counts = run_sweep(FLAGS.config, FLAGS.workdir, index, count, dry_run=FLAGS.dry_run)
+  if not FLAGS.dry_run:
+    # The report quotes the command and the wall time from here.
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+    with open(os.path.join(FLAGS.workdir, "sweep_log.jsonl"), "a") as f:
+      f.write(json.dumps({"command": " ".join(["python -m experiments.gradient_flow_sweep",
+                                               *sys.argv[1:]]),
+                          "slice": FLAGS.slice, "wall_time_s": time.time() - start,
+                          **counts}) + "\n")
   if counts["failed"]:
     sys.exit(1)
 

@@ -185,7 +185,8 @@ def test_report_on_synthetic_runs(tmp_path):
   text = report.write_report(records, str(tmp_path / "out"), command="python -m x")
   assert "**supported**" in text and "`python -m x`" in text
   assert "| momentum | relu | batch_norm | 0.1 | 81.00 ± 1.00 | 86.00 ± 1.00 | -5.00 | 2 |" in text
-  for name in ("README.md", "sparse_vs_dense.png", "measures_vs_accuracy.png"):
+  for name in ("README.md", "sparse_vs_dense.png", "measures_vs_accuracy.png",
+               "egf_over_training.png"):
     assert (tmp_path / "out" / name).stat().st_size > 0
   with pytest.raises(ValueError, match="No finished run"):
     report.write_report([], str(tmp_path / "empty"))
