@@ -24,7 +24,10 @@ the plot given by ``--out`` (``.md`` and ``.png``).
 The committed CPU sweep (experiments/results/plasticity_lenet300_mnist5k.*):
 
   nice -n 10 python -m experiments.plasticity --workdir=workdirs/plasticity \
-      --out=experiments/results/plasticity_lenet300_mnist5k
+      --seeds=0,1 --out=experiments/results/plasticity_lenet300_mnist5k
+
+(20 epochs, LR x0.1 at epochs 10 and 15, e in 1,4,7,9,12,14,17: just before and
+after each decay.)
 
 Shorter: ``--num_epochs=4 --prune_epochs=1,2,3 --fractions=0.5,0.9``.
 """
@@ -272,7 +275,8 @@ def run_sweep(workdir: str, *, num_epochs: int, prune_epochs, fractions, setting
       acc, density = pruned_run(runner, snaps[e], e, p, s, scope)
       row = dict(seed=seed, epoch=e, fraction=p, setting=s, scope=scope,
                  num_epochs=num_epochs, accuracy=acc, dense_accuracy=dense_acc,
-                 density=density, delta=acc - dense_acc, ratio=acc / dense_acc)
+                 density=density, delta=acc - dense_acc, ratio=acc / dense_acc,
+                 seconds=time.time() - t0)
       done[key] = row
       with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -334,7 +338,7 @@ def table(rows: list[dict]) -> str:
       if (s, p, epochs[0]) not in stats:
         continue
       cells = [f"{100 * stats[(s, p, e)]['delta']:+.2f} ± {100 * stats[(s, p, e)]['delta_std']:.2f}"
-               for e in epochs]
+               if (s, p, e) in stats else "-" for e in epochs]
       lines.append(f"| {s} | {p} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -344,7 +348,7 @@ def main(argv=None):
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--out", default=None, help="path prefix of the .md table and .png plot")
   parser.add_argument("--num_epochs", type=int, default=20)
-  parser.add_argument("--prune_epochs", default="1,3,5,7,9,11,13,15,17")
+  parser.add_argument("--prune_epochs", default="1,4,7,9,12,14,17")
   parser.add_argument("--fractions", default=",".join(map(str, FRACTIONS)))
   parser.add_argument("--settings", default=",".join(SETTINGS))
   parser.add_argument("--scope", default="global", choices=SCOPES)
@@ -376,8 +380,11 @@ def main(argv=None):
               f"std over seeds {seeds}); dense reaches {100 * dense:.2f}%. Pruned once "
               f"after epoch e of {args.num_epochs} (LR x0.1 at epochs "
               f"{', '.join(str(m * args.num_epochs) for m in config.lr_milestones)}).\n\n"
-              f"Command ({time.time() - t0:.0f} s):\n\n    {cmd}\n\n{table(rows)}\n\n"
+              f"{len(rows)} runs. Command (resumable; rows in "
+              f"`{os.path.basename(args.out)}.jsonl`):\n\n    {cmd}\n\n{table(rows)}\n\n"
               f"![plot]({os.path.basename(args.out)}.png)\n")
+    with open(args.out + ".jsonl", "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in rows)
   log(f"Done in {time.time() - t0:.0f} s.")
   return rows
 
