@@ -299,31 +299,46 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def plot(rows: list[dict], path: str, lr_milestones=None, num_epochs=None):
-  """One panel per setting: final accuracy minus dense (points) against e, per p."""
+  """Final accuracy minus dense (points) against e.
+
+  Top row: one panel per setting, a line per fraction p (as in the GraNet paper).
+  Bottom row: one panel per p, a line per setting.
+  """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   stats = summarize(rows)
   settings = [s for s in SETTINGS if any(k[0] == s for k in stats)]
   fractions = sorted({k[1] for k in stats})
-  fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3.4), sharey=True,
-                           squeeze=False)
-  for ax, s in zip(axes[0], settings):
-    for p in fractions:
-      es = sorted(k[2] for k in stats if k[0] == s and k[1] == p)
-      ys = [100 * stats[(s, p, e)]["delta"] for e in es]
-      err = [100 * stats[(s, p, e)]["delta_std"] for e in es]
-      ax.errorbar(es, ys, yerr=err, marker="o", ms=3, capsize=2, label=f"p={p}")
+  ncols = max(len(settings), len(fractions))
+  fig, axes = plt.subplots(2, ncols, figsize=(4 * ncols, 6.8), sharey=True, squeeze=False)
+
+  def curve(ax, s, p, label):
+    es = sorted(k[2] for k in stats if k[0] == s and k[1] == p)
+    ys = [100 * stats[(s, p, e)]["delta"] for e in es]
+    err = [100 * stats[(s, p, e)]["delta_std"] for e in es]
+    ax.errorbar(es, ys, yerr=err, marker="o", ms=3, capsize=2, label=label)
+
+  panels = [(axes[0][i], s, [(s, p, f"p={p}") for p in fractions])
+            for i, s in enumerate(settings)]
+  panels += [(axes[1][i], f"p={p}", [(s, p, s) for s in settings])
+             for i, p in enumerate(fractions)]
+  for ax, title, lines in panels:
+    for s, p, label in lines:
+      curve(ax, s, p, label)
     if lr_milestones and num_epochs:
       for m in lr_milestones:
         ax.axvline(m * num_epochs, color="gray", ls=":", lw=1)
     ax.axhline(0, color="black", lw=0.8)
-    ax.set_title(s)
+    ax.set_title(title)
     ax.set_xlabel("pruning epoch e")
-  axes[0][0].set_ylabel("final accuracy - dense (points)")
-  axes[0][-1].legend(fontsize=8)
+    ax.legend(fontsize=7)
+  for ax in axes.ravel()[len(panels):]:
+    ax.set_visible(False)
+  for row in axes:
+    row[0].set_ylabel("final accuracy - dense (points)")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
