@@ -1,0 +1,107 @@
+r"""Peak memory of dense vs sparse training of the 30M-parameter MLP.
+
+Primary measure: XLA's own memory analysis of the compiled train step
+(``compiled.memory_analysis()``, which works on CPU): arguments + outputs +
+temporaries - donated (aliased) bytes. The sparse step contains the mask-update
+branch, so its figure covers the update step too. Second measure: the peak RSS of
+a separate process that builds the state and runs a few steps (ordinary and one
+mask update) of each method.
+
+  python -m experiments.benchmarks.memory --out=memory.json
+
+Target: sparse training peak within 1.15x of dense.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import sparse_jax
+from experiments.benchmarks import step_overhead
+
+MODEL = step_overhead.MODELS["mlp_30m"]
+
+
+def make_tx(method: str):
+  inner = optax.sgd(0.01, momentum=0.9, nesterov=True)
+  if method == "dense":
+    return inner
+  return step_overhead.make_methods()[method]
+
+
+def setup(method: str, batch: int):
+  params = step_overhead.init_mlp(jax.random.PRNGKey(0), MODEL)
+  tx = make_tx(method)
+  state = tx.init(params)
+  x = jax.random.normal(jax.random.PRNGKey(1), (batch, MODEL[0]))
+  y = jax.random.randint(jax.random.PRNGKey(2), (batch,), 0, MODEL[-1])
+
+  def step(params, opt_state, x, y):
+    grads = jax.grad(step_overhead.loss_fn)(params, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return jax.jit(step, donate_argnums=(0, 1)), params, state, x, y
+
+
+def xla_peak(method: str, batch: int) -> dict:
+  step, params, state, x, y = setup(method, batch)
+  m = step.lower(params, state, x, y).compile().memory_analysis()
+  peak = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+          - m.alias_size_in_bytes)
+  return {"argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes,
+          "temp_bytes": m.temp_size_in_bytes, "alias_bytes": m.alias_size_in_bytes,
+          "peak_bytes": peak}
+
+
+def rss_child(method: str, batch: int):
+  """Runs in a child process: a few steps including one mask update; prints max RSS."""
+  step, params, state, x, y = setup(method, batch)
+  for i in range(3):
+    if method != "dense" and i == 1:
+      state = step_overhead.with_count(state, 99)  # the next update is an event
+    params, state = step(params, state, x, y)
+  jax.block_until_ready(params)
+  print(json.dumps({"max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--methods", default="dense,granet,rigl,static")
+  parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args()
+  if args.child:
+    rss_child(args.child, args.batch)
+    return
+  rows = []
+  for method in args.methods.split(","):
+    row = {"method": method, **xla_peak(method, args.batch)}
+    out = subprocess.run([sys.executable, "-m", "experiments.benchmarks.memory",
+                          f"--child={method}", f"--batch={args.batch}"],
+                         capture_output=True, text=True, check=True)
+    row.update(json.loads(out.stdout.strip().splitlines()[-1]))
+    rows.append(row)
+  dense = rows[0]
+  print(f"{'method':8s} {'XLA peak MB':>12s} {'x dense':>8s} {'temp MB':>8s} "
+        f"{'RSS MB':>8s} {'x dense':>8s}")
+  for r in rows:
+    r["xla_peak_vs_dense"] = r["peak_bytes"] / dense["peak_bytes"]
+    r["rss_vs_dense"] = r["max_rss_bytes"] / dense["max_rss_bytes"]
+    print(f"{r['method']:8s} {r['peak_bytes'] / 2**20:12.1f} {r['xla_peak_vs_dense']:8.3f} "
+          f"{r['temp_bytes'] / 2**20:8.1f} {r['max_rss_bytes'] / 2**20:8.1f} "
+          f"{r['rss_vs_dense']:8.3f}")
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump({"model": list(MODEL), "batch": args.batch, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

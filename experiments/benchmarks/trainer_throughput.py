@@ -1,0 +1,99 @@
+r"""Steps per second of the full trainer vs the bare jitted step on the same batches.
+
+The trainer (input pipeline, logging, evaluation and checkpoints included) runs
+GraNet on LeNet-300-100 / MNIST subset; its steady-state rate is the median of the
+``steps_per_s`` it logs between log points (the first interval, which holds the
+compilation, and the last, which holds the evaluation, are dropped). The bare
+step is ``train.train_steps`` jitted alone and called back to back on batches
+already on the device, with the same number of steps per dispatch.
+
+  python -m experiments.benchmarks.trainer_throughput --steps_per_dispatch=1,10
+
+Target: the trainer within 10% of the bare step.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from experiments import input_pipeline
+from experiments import train
+from experiments.configs import default
+
+
+def make_config(steps_per_dispatch: int, num_steps: int):
+  config = default.lenet300_mnist5k("granet", None)
+  config.num_train_steps = num_steps
+  config.steps_per_dispatch = steps_per_dispatch
+  config.log_every_steps = 100
+  config.eval_every_epochs = 10**6  # evaluate at the end only
+  config.checkpoint_every_steps = 10**6
+  return config
+
+
+def trainer_rate(config) -> float:
+  with tempfile.TemporaryDirectory() as workdir:
+    train.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      records = [json.loads(l) for l in f]
+  # Mask updates happen in both measurements (the bare step's count advances too).
+  rates = [r["steps_per_s"] for r in records[1:] if "test_accuracy" not in r]
+  return statistics.median(rates)
+
+
+def bare_rate(config, repeats: int) -> float:
+  info = input_pipeline.dataset_info(config.dataset)
+  spe = info.num_train_examples // config.batch_size
+  model = train.create_model(config, info.num_classes)
+  tx_fn = lambda m: train.create_sparse_tx(
+      config, train.create_optimizer(config, spe), spe, m)
+  state = train.create_train_state(config, model, tx_fn, info.input_shape,
+                                   jax.random.PRNGKey(0))
+  arrays = input_pipeline.load_arrays(config.dataset, "train")
+  n = config.steps_per_dispatch
+  idx = np.arange(n * config.batch_size) % len(arrays["label"])
+  batches = jax.device_put({"image": arrays["image"][idx].reshape(n, config.batch_size, 28, 28, 1),
+                            "label": arrays["label"][idx].reshape(n, config.batch_size)})
+  run = jax.jit(lambda s, b: train.train_steps(
+      s, b, model=model, tx=tx_fn(None), config=config, num_classes=info.num_classes),
+                donate_argnums=0)
+  state, _ = run(state, batches)
+  jax.block_until_ready(state)
+  rates = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(max(1, 100 // n)):
+      state, metrics = run(state, batches)
+    jax.block_until_ready(state)
+    rates.append(max(1, 100 // n) * n / (time.perf_counter() - start))
+  return statistics.median(rates)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--steps_per_dispatch", default="1,10")
+  parser.add_argument("--num_steps", type=int, default=3000)
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args()
+  rows = []
+  for s in (int(v) for v in args.steps_per_dispatch.split(",")):
+    config = make_config(s, args.num_steps)
+    t = trainer_rate(config)
+    b = bare_rate(config, repeats=15)
+    rows.append({"steps_per_dispatch": s, "trainer_steps_per_s": t, "bare_steps_per_s": b,
+                 "trainer_over_bare": t / b})
+    print(f"steps/dispatch {s:3d}: trainer {t:8.1f} steps/s, bare step {b:8.1f} steps/s, "
+          f"ratio {t / b:.3f}", flush=True)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
