@@ -176,6 +176,9 @@ def test_report_on_synthetic_runs(tmp_path):
   assert corr["ghg"]["all"][0] == pytest.approx(26 / 28)
   assert np.isnan(corr["egf_p1"]["all"][0])  # constant measure
   assert corr["egf_p2"]["sparse"] == (pytest.approx(1.0), 4)
+  # Inside each regularisation setting (4 runs each) egf_p2 still orders accuracy.
+  assert corr["egf_p2"]["within"] == (pytest.approx(1.0), 2)
+  assert corr["gradient_norm"]["within"] == (pytest.approx(-1.0), 2)
   bn = report.finding_batch_norm(records)
   # Pairs per seed: sparse gain 0.30, dense gain 0.06 -> 0.24, identical for both seeds.
   assert bn["diff"] == pytest.approx(0.24) and bn["n"] == 2
