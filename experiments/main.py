@@ -14,6 +14,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from experiments import imp
 from experiments import train
 
 FLAGS = flags.FLAGS
@@ -28,7 +29,10 @@ def main(argv):
                       format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
   for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if FLAGS.config.sparsity.method == "imp":  # rounds of training (experiments/imp.py)
+    summary = imp.run_imp(FLAGS.config, FLAGS.workdir)
+  else:
+    summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   if "final_test_accuracy" in summary:
     print(f"final_test_accuracy={summary['final_test_accuracy']:.4f} "
           f"final_sparsity={summary['final_sparsity']:.4f} "

@@ -5,7 +5,8 @@ r"""VGG-19 on CIFAR-10/100 with the GraNet paper's recipe (SPEC §6).
 
 Family argument (comma separated): ``dataset`` cifar10 | cifar100, ``sparsity``
 0.9 | 0.95 | 0.98, ``method`` granet (default) | granet_st | gmp | rigl | set |
-static | dense, ``seed`` (the authors used 18-20).
+snip | grasp | synflow (pruning at init, then static) | one_shot (prune once at
+epoch 80, fine-tune to 160) | static | dense, ``seed`` (the authors used 18-20).
 Recipe: 160 epochs, batch 128, SGD Nesterov 0.9, lr 0.1 x0.1 at 50% and 75%,
 weight decay 5e-4, ΔT = 1000 iterations, pruning from epoch 0 to 110, s_i = 0
 (GraNet) or 0.5 (GraNet-ST).
@@ -31,6 +32,8 @@ def cifar_config(model: str, arg: str | None):
   config.sparsity.final = float(args.get("sparsity", 0.95))
   config.sparsity.update_every = 1000
   config.sparsity.end_epoch = 110.0
+  if method == "one_shot":
+    config.sparsity.end_epoch = 80.0  # the one prune, half-way (before the LR decay)
   if method in ("rigl", "set"):
     config.sparsity.regrowth_rate = 0.5  # the GraNet code's death rate for its baselines
   config.log_every_steps = 200

@@ -1,0 +1,16 @@
+r"""GraSP (keep the largest w * Hg on the first training batch, softmax temperature 200, globally), then static training, on LeNet-300-100 / MNIST subset.
+
+  python -m experiments.main --config=experiments/configs/grasp_lenet300_mnist5k.py \
+      --workdir=workdirs/grasp_lenet300_mnist5k
+
+Family argument: ``grasp_lenet300_mnist5k.py:sparsity=0.95,seed=1``. Same recipe as
+granet_lenet300_mnist5k.py (30 epochs, batch 128, SGD Nesterov); the mask is scored
+at initialisation and kept fixed (experiments/baselines.py lists the options).
+Results: experiments/results/lenet300_mnist5k.md.
+"""
+
+from experiments.configs import default
+
+
+def get_config(arg: str | None = None):
+  return default.lenet300_mnist5k("grasp", arg)

@@ -1,0 +1,24 @@
+r"""Lottery ticket with weight rewinding: IMP on VGG-19 / CIFAR (the GraNet recipe per round).
+
+  python -m experiments.main --config=experiments/configs/imp_cifar_vgg19.py:dataset=cifar10,sparsity=0.95 \
+      --workdir=workdirs/imp_vgg19_cifar10_s95 --config.data_dir=/path/to/tensorflow_datasets
+
+Family argument: ``dataset``, ``sparsity``, ``rounds`` (default 6: dense + 5 prunings
+of ``1 - (1 - sparsity) ** (1/5)`` each), ``rewind_step`` (default 1000 iterations:
+weight rewinding, which Frankle et al. found necessary for VGG-19 on CIFAR-10),
+``seed``. Every round is a full 160-epoch run (GPU territory: 6 x 160 epochs).
+"""
+
+from experiments.configs import cifar_vgg19
+from experiments.configs import default
+from experiments.configs import imp_lenet300_mnist5k
+
+
+def get_config(arg: str | None = None):
+  args = default.parse_args(arg)
+  args.setdefault("rounds", "6")
+  args.setdefault("rewind_step", "1000")
+  config = cifar_vgg19.cifar_config("vgg19", arg and ",".join(
+      f"{k}={v}" for k, v in args.items() if k in ("dataset", "sparsity", "seed")))
+  config.sparsity.method = "static"
+  return imp_lenet300_mnist5k.add_imp_fields(config, args)
