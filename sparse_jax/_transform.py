@@ -175,8 +175,8 @@ def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
       n = jnp.ceil(rate * active.astype(jnp.float32)).astype(jnp.int32)
 
       def drop_and_grow():
-        w_p = _masks.apply_masks(w_tree, m_pruned)
-        dropped = _prune.drop_smallest(w_p, m_pruned, n)
+        # Ranks only positions active in m_pruned: no masked copy of the weights.
+        dropped = _prune.drop_smallest(w_tree, m_pruned, n)
         # Grow exactly as many as were dropped (the drop clips to keep >= 1).
         n_dropped = active - _prune.layer_active_counts(dropped)
         if regrowth.mode == "gradient":
