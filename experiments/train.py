@@ -492,8 +492,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Returns the summary written to ``workdir/summary.json``.
   """
-  if config.distributed:
-    # Unset fields are auto-detected (TPU pods, SLURM, ...).
+  if config.distributed and not jax.distributed.is_initialized():
+    # Unset fields are auto-detected (TPU pods, SLURM, ...). Initialised once per
+    # process: a second run in the same process reuses the connection.
     jax.distributed.initialize(
         **{k: config.get(k) for k in ("coordinator_address", "num_processes", "process_id")
            if config.get(k) is not None})
