@@ -182,6 +182,7 @@ def run_imp(config, workdir: str) -> dict:
         "steps": steps, "inference_flops_vs_dense": summary["inference_flops_vs_dense"],
         # A static mask: every step of the round costs its inference ratio.
         "train_flops_vs_dense": summary["inference_flops_vs_dense"] * steps / total,
+        "wall_time_s": summary["wall_time_s"],
     })
     log.info("IMP round %d: sparsity %.4f test accuracy %.4f", r, rounds[-1]["sparsity"],
              rounds[-1]["final_test_accuracy"])
@@ -191,7 +192,8 @@ def run_imp(config, workdir: str) -> dict:
   out = dict(summary)
   out.update(method="imp", rounds=rounds, config=config.to_dict(),
              # The whole procedure's cost, relative to ONE dense run.
-             train_flops_vs_dense=sum(x["train_flops_vs_dense"] for x in rounds))
+             train_flops_vs_dense=sum(x["train_flops_vs_dense"] for x in rounds),
+             wall_time_s=sum(x["wall_time_s"] for x in rounds))
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(out, f, indent=1, default=str)
   _plot(rounds, os.path.join(workdir, "imp.png"))
