@@ -1,7 +1,11 @@
 """The SC-SDC width solver (experiments/scsdc.py) on known cases."""
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
+from experiments import models
 from experiments import scsdc
 
 
@@ -63,3 +67,26 @@ def test_bad_inputs_are_clear_errors():
     scsdc.same_capacity("mlp", 64, 0.0)
   with pytest.raises(ValueError, match="depth"):
     scsdc.family_model("cnn", 8, depth=3)
+
+
+def test_small_cnn_variants_run_and_name_their_params():
+  name, kwargs = scsdc.family_model("cnn", 4, activation="prelu", batch_norm=True,
+                                    dropout_rate=0.5)
+  model = models.get_model(name, 10, **kwargs)
+  x = jnp.ones((2, 28, 28, 1))
+  # Shapes without compiling init; the forward pass below is the one compile.
+  variables = jax.tree.map(lambda s: np.full(s.shape, 0.1, s.dtype), jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), x, train=False)))
+  # conv 3x3x1x4, conv 3x3x4x8, dense (7*7*8)x10; one PReLU slope per block.
+  shapes = jax.tree.map(jnp.shape, variables["params"])
+  assert shapes["Conv_0"]["kernel"] == (3, 3, 1, 4)
+  assert shapes["Conv_1"]["kernel"] == (3, 3, 4, 8)
+  assert shapes["Dense_0"]["kernel"] == (392, 10)
+  assert set(shapes) >= {"PReLU_0", "PReLU_1", "BatchNorm_0", "BatchNorm_1"}
+  logits, _ = jax.jit(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"],
+                                            rngs={"dropout": jax.random.PRNGKey(1)}))(
+                                                variables)
+  assert logits.shape == (2, 10)
+  with pytest.raises(ValueError, match="Unknown activation"):
+    jax.eval_shape(lambda: models.get_model("small_cnn", 10, activation="cube").init(
+        jax.random.PRNGKey(0), x, train=False))
