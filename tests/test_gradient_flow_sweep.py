@@ -75,6 +75,14 @@ def test_run_config_differs_only_in_width_and_method():
     assert c.weight_decay == 0.0 and "study" not in c
   l2 = sweep.run_config(config, sweep.Run("adam", "relu", "l2", 0.1, 0, "sparse"), cap)
   assert (l2.optimizer, l2.weight_decay, l2.learning_rate) == ("adam", 5e-4, 1e-3)
+  # The CNN family: the dense run gets the solved width of the small CNN.
+  config.study.family = "cnn"
+  cnn_cap = sweep.scsdc.SameCapacity(32, 0.2, 50_080, 10_016, 9, 10_359)
+  cnn = sweep.run_config(config, sweep.Run("sgd", "prelu", "dropout", 0.2, 0, "dense"),
+                         cnn_cap)
+  assert (cnn.model, cnn.model_kwargs.width, cnn.model_kwargs.dropout_rate) == (
+      "small_cnn", 9, 0.2)
+  assert (cnn.optimizer, cnn.momentum, cnn.learning_rate) == ("sgd", 0.0, 0.1)
 
 
 def test_sweep_skips_finished_runs_and_resumes(tmp_path):
