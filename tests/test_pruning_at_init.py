@@ -213,3 +213,32 @@ def test_snip_masks_train_with_static_and_stay_fixed():
     assert not np.any(np.asarray(p[name]["kernel"])[~np.asarray(masks[name]["kernel"])])
   with pytest.raises(ValueError, match="No batch"):
     pai.snip_masks(params, loss, [], 0.5)
+
+
+def test_trainer_snip_scores_the_first_training_batch(tmp_path):
+  from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
+  from experiments import models  # pylint: disable=g-import-not-at-top
+  from experiments import train  # pylint: disable=g-import-not-at-top
+  from experiments.configs import default  # pylint: disable=g-import-not-at-top
+  config = default.lenet300_mnist5k("snip", "sparsity=0.95,seed=1")
+  config.num_train_steps = 3
+  config.log_every_steps = 1
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  with np.load(tmp_path / "export.npz") as f:
+    exported = dict(f)
+  # Independently: the same init, the trainer's first batch (epoch-0 permutation of
+  # the training set), the cross-entropy loss, SNIP at 95%.
+  model = models.get_model("lenet300_100", 10)
+  init_rng, _ = jax.random.split(jax.random.PRNGKey(1))
+  params = model.init({"params": init_rng, "dropout": init_rng}, jnp.zeros((1, 28, 28, 1)),
+                      train=False)["params"]
+  arrays = input_pipeline.load_arrays("mnist5k", "train")
+  idx = train.epoch_permutation(1, 0, len(arrays["label"]))[:128]
+  batch = {"image": jnp.asarray(arrays["image"][idx]), "label": jnp.asarray(arrays["label"][idx])}
+  loss = lambda p, b: optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({"params": p}, b["image"], train=True), b["label"]).mean()
+  expected = pai.snip_masks(params, loss, batch, 0.95)
+  for name in ("Dense_0", "Dense_1", "Dense_2"):
+    np.testing.assert_array_equal(exported[f"masks/{name}/kernel"], expected[name]["kernel"])
+  assert summary["mask_sparsity"] == pytest.approx(1 - round(0.05 * 266_200) / 266_200)
+  assert summary["inference_flops_vs_dense"] < 0.06
