@@ -116,7 +116,8 @@ def create_sparse_tx(config, inner: optax.GradientTransformation, steps_per_epoc
     method = "static"  # on the scored masks (baselines.pruning_at_init_tx_fn)
   if method not in sparse_jax.METHODS:
     raise ValueError(f"Unknown sparse method {method!r}; use dense or one of "
-                     f"{sorted(sparse_jax.METHODS)}.")
+                     f"{sorted([*sparse_jax.METHODS, *baselines.PRUNING_AT_INIT])} (imp "
+                     "runs through experiments.main or experiments.imp.run_imp).")
   total = num_train_steps(config, steps_per_epoch)
   epoch = lambda e: int(round(e * steps_per_epoch))
   selector = dict(include=sp.include, exclude=sp.exclude,
