@@ -105,3 +105,29 @@ def test_prune_remaining_fraction_and_bad_input():
   np.testing.assert_array_equal(new["b"], [[True, False], [False, False]])
   with pytest.raises(ValueError, match="prune_fraction"):
     imp.prune_remaining(params, masks, 1.5)
+
+
+def test_one_shot_prunes_once_at_prune_step_then_keeps_the_mask():
+  # SGD lr 1 with gradient -1 everywhere: each update adds 1 to every active weight.
+  params = {"a": jnp.array([[0.5, -4.0], [2.0, 1.0]]), "b": jnp.array([[-3.0, 0.1]])}
+  tx = sparse_jax.one_shot(optax.sgd(1.0), sparsity=0.5, prune_step=3)
+  state = tx.init(params)
+  step = jax.jit(lambda p, s: tx.update(jax.tree.map(lambda x: -jnp.ones_like(x), p), s, p))
+  history = []
+  for _ in range(6):
+    updates, state = step(params, state)
+    params = optax.apply_updates(params, updates)
+    history.append(jax.tree.map(np.asarray, sparse_jax.get_masks(state)))
+  for m in history[:2]:
+    assert all(np.all(x) for x in jax.tree.leaves(m))
+  # After update 3 the weights are a = [[3.5, -1], [5, 4]], b = [[0, 3.1]]; keep
+  # round(0.5 * 6) = 3. The global prune keeps each layer's largest (a: 5, b: 3.1),
+  # then the largest of the rest (a: 4); 3.5 is pruned.
+  np.testing.assert_array_equal(history[2]["a"], [[False, False], [True, True]])
+  np.testing.assert_array_equal(history[2]["b"], [[False, True]])
+  for m in history[3:]:
+    for x, y in zip(jax.tree.leaves(m), jax.tree.leaves(history[2])):
+      np.testing.assert_array_equal(x, y)
+  np.testing.assert_array_equal(params["a"], [[0.0, 0.0], [8.0, 7.0]])
+  with pytest.raises(ValueError, match="prune_step"):
+    sparse_jax.one_shot(optax.sgd(1.0), sparsity=0.5, prune_step=0)
