@@ -218,10 +218,11 @@ def finding_adaptive(records) -> dict:
   for (o, a, reg, d, s, kind), v in acc.items():
     if kind == "sparse" and (o, a, reg, d, s, "dense") in acc:
       gaps[o][(a, reg, d, s)] = v - acc[(o, a, reg, d, s, "dense")]
-  diffs = []
+  diffs, by_reg = [], collections.defaultdict(list)
   for o_sgd, o_ad in itertools.product(SGD_LIKE, ADAPTIVE):
     for k in set(gaps.get(o_sgd, {})) & set(gaps.get(o_ad, {})):
       diffs.append(gaps[o_sgd][k] - gaps[o_ad][k])
+      by_reg[k[1]].append(diffs[-1])
   diff, se, n = _mean_se(diffs)
   taus = {}
   for o in gaps:
@@ -233,6 +234,7 @@ def finding_adaptive(records) -> dict:
                    "RMSProp) do worse on sparse nets than SGD/momentum/Adagrad",
           "gap_by_optimizer": {o: _mean_se(list(g.values()))[0] for o, g in gaps.items()},
           "egf_tau_by_optimizer": taus, "diff": diff, "se": se, "n": n,
+          "by_regularisation": {r: _mean_se(v) for r, v in sorted(by_reg.items())},
           "verdict": _verdict(diff, se, n)}
 
 
@@ -246,13 +248,15 @@ def finding_activation(records) -> dict:
   out = {"claim": "Swish and PReLU with SGD are promising activations for sparse networks",
          "by_activation": {}}
   for act in ("swish", "prelu"):
-    diffs = [v - acc[(o, "relu", reg, d, s, kind)]
+    pairs = [(reg, v - acc[(o, "relu", reg, d, s, kind)])
              for (o, a, reg, d, s, kind), v in acc.items()
              if a == act and kind == "sparse" and o in ("sgd", "momentum")
              and (o, "relu", reg, d, s, kind) in acc]
-    diff, se, n = _mean_se(diffs)
-    out["by_activation"][act] = {"diff": diff, "se": se, "n": n,
-                                 "verdict": _verdict(diff, se, n)}
+    diff, se, n = _mean_se([x for _, x in pairs])
+    out["by_activation"][act] = {
+        "diff": diff, "se": se, "n": n, "verdict": _verdict(diff, se, n),
+        "by_regularisation": {r: _mean_se([x for q, x in pairs if q == r])
+                              for r in sorted({q for q, _ in pairs})}}
   sparse_sgd = [r for r in records if is_sparse_run(r) and r["optimizer"] in ("sgd", "momentum")]
   out["mean_accuracy"] = {a: _mean_sd([r["accuracy"] for r in sparse_sgd
                                        if r["activation"] == a])[0]
@@ -271,6 +275,10 @@ def _pct(x):
 
 def _tau(t):
   return "n/a" if math.isnan(t) else f"{t:+.3f}"
+
+
+def _by_reg(stats) -> str:
+  return ", ".join(f"{r} {_pct(m)} ± {_pct(se)} (n = {n})" for r, (m, se, n) in stats.items())
 
 
 def write_report(records, out_dir, command: str = "", note: str = "") -> str:
@@ -366,15 +374,19 @@ def write_report(records, out_dir, command: str = "", note: str = "") -> str:
             "optimizer: " + ", ".join(f"{o} {_pct(g)}" for o, g in
                                       sorted(ad["gap_by_optimizer"].items())) +
             f" points; SGD-like gap − adaptive gap {_pct(ad['diff'])} ± {_pct(ad['se'])} "
-            f"(n = {ad['n']} pairs). Kendall tau of EGF (p=2) vs accuracy among sparse "
+            f"(n = {ad['n']} pairs); by regularisation: " + _by_reg(ad["by_regularisation"])
+            + ". Kendall tau of EGF (p=2) vs accuracy among sparse "
             "runs: " + ", ".join(f"{o} {_tau(t)} (n={k})" for o, (t, k) in
                                  sorted(ad["egf_tau_by_optimizer"].items())) + "."
             + ("" if any(r["regularisation"] == "l2" for r in records) else
                " (The L2 / data-augmentation part is not tested: no L2 runs in this sweep.)"),
             f"3. *{act['claim']}*: " + "; ".join(
                 f"{a} − relu (sparse, SGD/momentum) {_pct(v['diff'])} ± {_pct(v['se'])} "
-                f"points, n = {v['n']}: **{v['verdict']}**"
-                for a, v in act["by_activation"].items()) +
+                f"points, n = {v['n']}: **{v['verdict']}** (by regularisation: "
+                f"{_by_reg(v['by_regularisation'])})"
+                for a, v in act["by_activation"].items() if v["n"]) +
+            "".join(f"; {a}: not tested (no runs)" for a, v in act["by_activation"].items()
+                    if not v["n"]) +
             ". Mean sparse accuracy with SGD/momentum by activation: " +
             ", ".join(f"{a} {_pct(v)}" for a, v in act["mean_accuracy"].items()) + ".", ""]
   text = "\n".join(lines)
