@@ -13,9 +13,12 @@ Other data sets through TFDS (prepared beforehand; no download from here), e.g.
   --config.dataset=cifar10 --config.study.family=cnn --config.study.width=32
   --config.dataset=cifar100 --config.study.family=cnn --config.num_epochs=30
 
-The committed report (experiments/results/gradient_flow/) used the grid below
-restricted to 3 densities x {momentum, adam} x {relu, swish} x {none, batch_norm};
-its command is in the report.
+The committed report (experiments/results/gradient_flow/README.md) used the grid
+below restricted to densities (0.05, 0.2, 1.0) x {momentum, adam} x {relu, swish} x
+{none, batch_norm} x 3 seeds: 120 runs, 34 min on a busy 2-core CPU; its command is
+in the report. Expected: full-width dense 86.6-93.2% test accuracy after the 3
+epochs; at density 0.05 with batch norm sparse 88-91% vs same-capacity dense
+72-84%, without batch norm and with momentum SGD sparse 17-36% vs dense 83-84%.
 """
 
 import ml_collections
