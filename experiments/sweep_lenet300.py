@@ -116,7 +116,9 @@ def write_report(rows, sparsities, command, elapsed, out_md, out_png):
       "magnitude after epoch 10 and fine-tunes to epoch 30. IMP is the lottery ticket: "
       "4 rounds of 30 epochs (dense, then 3 global magnitude prunes of the same fraction "
       "of the remaining weights), rewinding the survivors to their initial values. "
-      "Mean ± std over seeds; sparsity is measured from the final params.",
+      "Mean ± std over seeds; sparsity is measured from the final params. \"Best\" is the "
+      "best evaluation during the run, which for one-shot includes its dense epochs "
+      "before the prune (hence the same value at every sparsity).",
       "",
       "FLOPs (SPEC §10, RigL's counting) are relative to dense: inference = forward pass "
       "of the final masked net; training = forward + input gradient + weight gradient "
