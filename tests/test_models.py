@@ -31,6 +31,7 @@ SETUPS = {
     'resnet32': (CIFAR, 10),
     'resnet50_cifar': (CIFAR, 100),
     'resnet50': (IMAGENET, 1000),
+    'small_cnn': (MNIST, 10),
 }
 
 
@@ -91,6 +92,9 @@ EXPECTED_PARAMS = {
     'resnet50_cifar': RESNET50_IMAGENET - 7 * 7 * 3 * 64 + 3 * 3 * 3 * 64
                       - _dense(2048, 1000) + _dense(2048, 100),
     'resnet50': RESNET50_IMAGENET,
+    # width 32: conv 1->32 3x3 (+bias), conv 32->64 3x3 (+bias), two 2x2 pools
+    # leave 7x7x64 = 3136 features -> 10.
+    'small_cnn': (9 * 1 * 32 + 32) + (9 * 32 * 64 + 64) + _dense(7 * 7 * 64, 10),
 }
 
 
