@@ -1,12 +1,10 @@
 """FLOPs accounting: closed forms, XLA's cost analysis, densities, training runs."""
 
 import json
-import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import sparse_jax

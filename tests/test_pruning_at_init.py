@@ -1,6 +1,5 @@
 """Pruning at initialisation: SNIP, GraSP, SynFlow and random masks."""
 
-import itertools
 
 import jax
 import jax.numpy as jnp
