@@ -254,18 +254,24 @@ def cross_entropy(logits, labels, num_classes: int, label_smoothing: float):
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot)
 
 
+def apply_train_mode(model, params, batch_stats, images, dropout_rng):
+  """Logits in training mode and the updated batch statistics (if the model has any)."""
+  variables = {"params": params}
+  if batch_stats:
+    variables["batch_stats"] = batch_stats
+  return model.apply(variables, images, train=True,
+                     mutable=["batch_stats"] if batch_stats else [],
+                     rngs={"dropout": dropout_rng})
+
+
 def train_step(state: TrainState, batch, *, model, tx, config, num_classes: int,
                axis_name: str | None = None):
   """One optimizer step. ``axis_name`` is the pmap axis to average gradients over."""
   dropout_rng = jax.random.fold_in(state.rng, state.step)
 
   def loss_fn(params):
-    variables = {"params": params}
-    if state.batch_stats:
-      variables["batch_stats"] = state.batch_stats
-    logits, new_vars = model.apply(variables, batch["image"], train=True,
-                                   mutable=["batch_stats"] if state.batch_stats else [],
-                                   rngs={"dropout": dropout_rng})
+    logits, new_vars = apply_train_mode(model, params, state.batch_stats, batch["image"],
+                                        dropout_rng)
     loss = cross_entropy(logits, batch["label"], num_classes, config.label_smoothing).mean()
     acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     return loss, (new_vars.get("batch_stats", state.batch_stats), acc)
@@ -314,12 +320,7 @@ def gradient_flow_step(state: TrainState, batch, *, model, config, num_classes: 
            else None)
 
   def loss_fn(params):
-    variables = {"params": params}
-    if state.batch_stats:
-      variables["batch_stats"] = state.batch_stats
-    logits, _ = model.apply(variables, batch["image"], train=True,
-                            mutable=["batch_stats"] if state.batch_stats else [],
-                            rngs={"dropout": state.rng})
+    logits, _ = apply_train_mode(model, params, state.batch_stats, batch["image"], state.rng)
     return cross_entropy(logits, batch["label"], num_classes, config.label_smoothing).mean()
 
   return sparse_jax.gradient_flow_measures(loss_fn, state.params, masks)

@@ -67,6 +67,16 @@ _ACTIVATIONS: dict[str, Callable[[Any], Any]] = {
 ACTIVATION_NAMES = tuple(sorted((*_ACTIVATIONS, 'prelu')))
 
 
+def activate(name: str, x):
+  """Applies the activation ``name``; call inside a compact module ('prelu' has a param)."""
+  if name == 'prelu':
+    return PReLU()(x)
+  try:
+    return _ACTIVATIONS[name](x)
+  except KeyError:
+    raise ValueError(f'Unknown activation {name!r}; known: {ACTIVATION_NAMES}') from None
+
+
 class MLP(nn.Module):
   """Fully connected classifier: [Dense -> (BatchNorm) -> act -> (Dropout)]* -> Dense.
 
@@ -89,14 +99,7 @@ class MLP(nn.Module):
   dtype: Any = jnp.float32
 
   def _activate(self, x):
-    if self.activation == 'prelu':
-      return PReLU()(x)
-    try:
-      return _ACTIVATIONS[self.activation](x)
-    except KeyError:
-      raise ValueError(
-          f'Unknown activation {self.activation!r}; known: {ACTIVATION_NAMES}'
-      ) from None
+    return activate(self.activation, x)
 
   @nn.compact
   def __call__(self, x, train: bool = True):

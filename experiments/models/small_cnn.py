@@ -38,14 +38,6 @@ class SmallCNN(nn.Module):
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
 
-  def _activate(self, x):
-    if self.activation == 'prelu':
-      return mlp.PReLU()(x)
-    if self.activation not in mlp._ACTIVATIONS:  # pylint: disable=protected-access
-      raise ValueError(f'Unknown activation {self.activation!r}; known: '
-                       f'{mlp.ACTIVATION_NAMES}')
-    return mlp._ACTIVATIONS[self.activation](x)  # pylint: disable=protected-access
-
   @nn.compact
   def __call__(self, x, train: bool = True):
     x = jnp.asarray(x, self.dtype)
@@ -55,7 +47,7 @@ class SmallCNN(nn.Module):
       if self.batch_norm:
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                          dtype=self.dtype)(x)
-      x = nn.max_pool(self._activate(x), (2, 2), strides=(2, 2))
+      x = nn.max_pool(mlp.activate(self.activation, x), (2, 2), strides=(2, 2))
     if self.dropout_rate > 0:
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=mlp.torch_linear_init)(
