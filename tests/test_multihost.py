@@ -148,7 +148,8 @@ def test_two_processes_of_4_devices_form_one_8_device_job(runs):
       assert r["steps"] == 20
       # 10% of the 266,200 prunable weights kept by the event at step 10 (end_step 16).
       assert r["mask_sparsity"] == pytest.approx(1 - round(0.1 * 266_200) / 266_200)
-      assert r["wrote_summary"]  # process 0 wrote it to the shared workdir
+      if i == 0:  # process 0 writes it to the shared workdir (process 1 may finish first)
+        assert r["wrote_summary"]
 
 
 @pytest.mark.multidevice
