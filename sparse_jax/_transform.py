@@ -242,13 +242,18 @@ def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
     out = jax.tree.map(
         lambda u, p, k: u if k is None else jnp.where(k, u, -p).astype(u.dtype),
         inner_updates, params, keep)
-    # With masked gradients the inner state stays zero at inactive positions, so
-    # this only changes anything at events (pruned or newly grown positions); it
-    # fuses into the inner update's own elementwise work.
-    inner_state = optax.tree_map_params(
-        inner, lambda s, k: s if (k is None or getattr(s, "shape", None) != k.shape)
-        else jnp.where(k, s, jnp.zeros_like(s)),
-        inner_state, keep, transform_non_params=lambda x: x)
+    if pruning is not None or regrowth is not None:
+      # With masked gradients the inner state stays zero at inactive positions, so
+      # only events (pruned and newly grown positions) need it zeroed. Masking it on
+      # every step made XLA recompute the inner update inside the parameter update
+      # and copy the old state to keep it alive (+20-35% of a dense step at 30M).
+      inner_state = lax.cond(
+          is_event,
+          lambda: optax.tree_map_params(
+              inner, lambda s, k: s if (k is None or getattr(s, "shape", None) != k.shape)
+              else jnp.where(k, s, jnp.zeros_like(s)),
+              inner_state, keep, transform_non_params=lambda x: x),
+          lambda: inner_state)
     return out, SparseState(count=t, masks=new_masks, rng=rng, inner_state=inner_state,
                             grad_momentum=grad_momentum, union=union)
 

@@ -335,8 +335,13 @@ def test_any_inner_optimizer(name):
     leaves = param_shaped_state(inner, KERNELS2, SHAPES2)
     assert len(leaves) == num_state_leaves, [l[0] for l in leaves]
     masks = dict(zip(KERNELS2, kmasks(rec, KERNELS2)))
-    for leaf_name, kname, arr in leaves:
-      assert np.all(arr[~masks[kname]] == 0), f"{leaf_name} nonzero off the mask at t={rec['t']}"
+    # The wrapper zeroes the state off the mask at events only. Between events a
+    # masked gradient keeps it at zero for every optimizer here except Adafactor,
+    # whose second moment adds eps1 even to a zero gradient; that drift never reaches
+    # a weight, since a position that grows again is zeroed at its event (checked below).
+    if name != "adafactor" or rec["t"] in (3, 6, 9):  # the events
+      for leaf_name, kname, arr in leaves:
+        assert np.all(arr[~masks[kname]] == 0), f"{leaf_name} nonzero off the mask at t={rec['t']}"
     old = dict(zip(KERNELS2, kmasks(prev, KERNELS2)))
     if any(not np.array_equal(old[n], masks[n]) for n in KERNELS2):
       assert rec["t"] % 3 == 0
