@@ -561,7 +561,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     donate_argnums=0)
     evaluate = jax.jit(functools.partial(eval_step, model=model, num_classes=info.num_classes),
                        in_shardings=(repl, NamedSharding(mesh, P("data"))), out_shardings=repl)
-    to_host = lambda x: jax.device_get(x)
   else:
     devices = jax.local_devices()
     n_local = len(devices)
@@ -577,7 +576,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      donate_argnums=0)
     evaluate = jax.pmap(functools.partial(eval_step, model=model, num_classes=info.num_classes,
                                           axis_name="batch"), axis_name="batch")
-    to_host = lambda x: jax.device_get(jax.tree.map(lambda a: a[0], x))
 
   if use_device_data:
     arrays = input_pipeline.load_arrays(config.dataset, "train", config.data_dir)
@@ -612,14 +610,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         b = jax.tree.map(lambda x: x.reshape(n_local, -1, *x.shape[1:]), b)
       elif jax.process_count() > 1:
         b = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), b)
-      out = to_host(evaluate(state, b))
+      out = jax.device_get(host_state(evaluate(state, b)))
       for k in totals:
         totals[k] += float(out[k])
     return {"test_loss": totals["loss"] / totals["count"],
             "test_accuracy": totals["correct"] / totals["count"]}
 
-  def host_state(state):
-    return state if mesh is not None else jax.tree.map(lambda a: a[0], state)
+  def host_state(tree):
+    """``tree`` as one device holds it (pmap keeps a copy per device)."""
+    return tree if mesh is not None else jax.tree.map(lambda a: a[0], tree)
 
   density_fn = jax.jit(lambda opt_state: (
       sparse_jax.density(sparse_jax.get_masks(opt_state)),
@@ -684,8 +683,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if gradient_flow is not None and (step % gf_every == 0 or step == total_steps):
       record.update(gradient_flow(state))
     if step % config.log_every_steps == 0 or record or step == total_steps:
-      fetched = jax.device_get(pending) if mesh is not None else [
-          jax.device_get(jax.tree.map(lambda a: a[0], m)) for m in pending]
+      fetched = jax.device_get([host_state(m) for m in pending])
       pending = []
       loss = float(np.mean(np.concatenate([np.ravel(m["train_loss"]) for m in fetched])))
       acc = float(np.mean(np.concatenate([np.ravel(m["train_accuracy"]) for m in fetched])))
@@ -707,7 +705,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  record["steps_per_s"])
     if step % config.checkpoint_every_steps == 0 or step == total_steps or (
         config.halt_after_step is not None and step >= config.halt_after_step):
-      save_checkpoint(mngr, host_state(state) if mesh is None else state, step)
+      save_checkpoint(mngr, host_state(state), step)
       if recorder is not None:
         recorder.save()
     if config.halt_after_step is not None and step >= config.halt_after_step:

@@ -133,9 +133,9 @@ def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
     """New masks and the ``keep`` masks after the update ``t`` (an event)."""
     ws, ms, rebuild = _prune.split_prunable(params, masks)
     us, _, _ = _prune.split_prunable(updates, masks)
-    # The authors prune the weights after this step's update (SPEC §5).
-    new_w = [jnp.where(m, w + u, jnp.zeros_like(w)) for w, u, m in zip(ws, us, ms)]
-    w_tree = rebuild(new_w)
+    # The authors prune the weights after this step's update (SPEC §5). No masking
+    # here: every ranking below only considers positions active in ``masks``.
+    w_tree = rebuild([w + u for w, u in zip(ws, us)])
     m_pruned = masks
     if pruning is not None:
       counts = _schedules.gradual_active_counts(
