@@ -173,8 +173,16 @@ def _run_in_subprocess(workdir, parallelism, devices):
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["PYTHONPATH"] = REPO
-  out = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT, str(workdir), parallelism],
-                       env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+  for _ in range(2):
+    out = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT, str(workdir),
+                          parallelism], env=env, cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    # 8 simulated devices share 2 cores: XLA:CPU aborts a collective whose device
+    # threads do not all arrive within 40 s. That is starvation, not a result; retry once
+    # in a fresh workdir.
+    if out.returncode == 0 or "Termination timeout" not in out.stderr:
+      break
+    workdir = f"{workdir}_retry"
   assert out.returncode == 0, out.stderr[-3000:]
   assert json.loads(out.stdout.strip().splitlines()[-1])["devices"] == devices
   return read_export(workdir)
