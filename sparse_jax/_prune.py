@@ -38,9 +38,28 @@ def split_prunable(tree: PyTree, masks: PyTree):
   return [leaves[i] for i in idx], [mask_leaves[i] for i in idx], rebuild
 
 
+def _magnitude_keys(index, w, m):
+  del index
+  return _select.score_keys(w, m)
+
+
+def _top_and_first(index, w, m):
+  """The largest key of a chunk and the first flat index holding it."""
+  x = _select.score_keys(w, m)
+  top = jnp.max(x)
+  return top, jnp.min(jnp.where(x == top, index, jnp.uint32(2**32 - 1)))
+
+
+def _larger(a, b):
+  """Combines two (largest key, first index) pairs."""
+  first = jnp.where(a[0] == b[0], jnp.minimum(a[1], b[1]),
+                    jnp.where(a[0] > b[0], a[1], b[1]))
+  return jnp.maximum(a[0], b[0]), first
+
+
 def layer_active_counts(masks: PyTree) -> jax.Array:
   """Active weights per prunable layer (int32 [L], flattening order)."""
-  return jnp.stack([jnp.sum(m, dtype=jnp.int32) for m in jax.tree.leaves(masks)])
+  return jnp.stack([_select.count_true(m) for m in jax.tree.leaves(masks)])
 
 
 def global_magnitude_prune(params: PyTree, masks: PyTree, num_active) -> PyTree:
@@ -65,21 +84,25 @@ def global_magnitude_prune(params: PyTree, masks: PyTree, num_active) -> PyTree:
     The new mask tree.
   """
   ws, ms, rebuild = split_prunable(params, masks)
-  keys = [_select.score_keys(w, m) for w, m in zip(ws, ms)]
   # Force each layer's largest active weight in (the lowest flat index on ties,
   # matching the selector's tie-breaking). Max and min reductions instead of an
-  # argmax over x.reshape(-1): the reshape would all-gather a sharded leaf.
+  # argmax over x.reshape(-1): the reshape would all-gather a sharded leaf. The
+  # keys stay lazy: the selector computes them chunk by chunk from (w, m).
   forced = []
-  for x in keys:
-    index = _select.flat_index(x.shape)
-    top = jnp.max(x)
-    first = jnp.min(jnp.where(x == top, index, jnp.uint32(2**32 - 1)))
-    forced.append(jnp.where((index == first) & (top > 0), jnp.uint32(_select.FORCED), x))
-  active = sum(jnp.sum(m, dtype=jnp.int32) for m in ms)
+  for w, m in zip(ws, ms):
+    top, first = _select.map_reduce_chunks(_top_and_first, (w, m), combine=_larger)
+    first = jnp.where(top > 0, first, jnp.uint32(2**32 - 1))  # an empty layer: none
+
+    def keys_fn(index, w, m, first=first):
+      return jnp.where(index == first, jnp.uint32(_select.FORCED), _select.score_keys(w, m))
+
+    forced.append(_select.LazyKeys(keys_fn, (w, m)))
+  counts = [_select.count_true(m) for m in ms]
+  active = sum(counts)
   # At least one weight per non-empty layer: with num_active below the number of
   # layers the forced weights alone exceed it, and a plain minimum would let the
   # selector drop some of them (emptying layers).
-  nonempty = sum(jnp.any(m).astype(jnp.int32) for m in ms)
+  nonempty = sum((c > 0).astype(jnp.int32) for c in counts)
   k = jnp.clip(jnp.asarray(num_active, jnp.int32), nonempty, active)
   new = _select.top_k_masks(forced, k[None], groups=(0,) * len(ws))
   return rebuild(new)
@@ -98,8 +121,8 @@ def layerwise_magnitude_prune(params: PyTree, masks: PyTree, num_active) -> PyTr
     The new mask tree, a subset of ``masks``.
   """
   ws, ms, rebuild = split_prunable(params, masks)
-  keys = [_select.score_keys(w, m) for w, m in zip(ws, ms)]
-  active = jnp.stack([jnp.sum(m, dtype=jnp.int32) for m in ms])
+  keys = [_select.LazyKeys(_magnitude_keys, (w, m)) for w, m in zip(ws, ms)]
+  active = jnp.stack([_select.count_true(m) for m in ms])
   k = jnp.clip(jnp.asarray(num_active, jnp.int32), jnp.minimum(active, 1), active)
   return rebuild(_select.top_k_masks(keys, k, groups=tuple(range(len(ws)))))
 

@@ -31,12 +31,13 @@ def regrow_by_score(scores: PyTree, masks: PyTree, num_grow) -> PyTree:
     ``active_l + num_grow[l]`` active weights per layer.
   """
   ss, ms, rebuild = _prune.split_prunable(scores, masks)
-  keys = [_select.score_keys(s, ~m) for s, m in zip(ss, ms)]
+  keys = [_select.LazyKeys(lambda index, s, m: _select.score_keys(s, ~m), (s, m))
+          for s, m in zip(ss, ms)]
   return rebuild(_grow(keys, ms, num_grow))
 
 
 def _grow(keys, ms, num_grow):
-  inactive = jnp.stack([m.size - jnp.sum(m, dtype=jnp.int32) for m in ms])
+  inactive = jnp.stack([m.size - _select.count_true(m) for m in ms])
   n = jnp.clip(jnp.asarray(num_grow, jnp.int32), 0, inactive)
   picked = _select.top_k_masks(keys, n, groups=tuple(range(len(ms))))
   # A position with key 0 (active) is picked only when n exceeds the candidates,
@@ -58,12 +59,30 @@ def regrow_by_momentum(momentum: PyTree, masks: PyTree, num_grow) -> PyTree:
   return regrow_by_score(momentum, masks, num_grow)
 
 
+def _mix32(x):
+  """An invertible 32-bit integer hash (xor-shift-multiply, "lowbias32")."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
 def regrow_random(key: jax.Array, masks: PyTree, num_grow) -> PyTree:
-  """SET growth: ``num_grow[l]`` inactive positions of each layer uniformly at random."""
+  """SET growth: ``num_grow[l]`` inactive positions of each layer uniformly at random.
+
+  Each position's random key is a hash of its flat index and two words drawn from
+  ``key`` per layer: a counter-based stream that the selector computes chunk by
+  chunk, so no layer-sized array of random bits is materialised.
+  """
   ms = [m for m in jax.tree.leaves(masks)]
   _, _, rebuild = _prune.split_prunable(masks, masks)
-  subkeys = jax.random.split(key, len(ms))
-  keys = [jnp.where(m, jnp.uint32(0),
-                    (jax.random.bits(k, m.shape, jnp.uint32) >> 1) + jnp.uint32(1))
-          for k, m in zip(subkeys, ms)]
+  words = jax.random.bits(key, (len(ms), 2), jnp.uint32)
+
+  def keys_fn(index, m, seed):
+    bits = _mix32(_mix32(index ^ seed[0]) + seed[1])
+    return jnp.where(m, jnp.uint32(0), (bits >> 1) + jnp.uint32(1))
+
+  keys = [_select.LazyKeys(lambda index, m, seed=words[i]: keys_fn(index, m, seed), (m,))
+          for i, m in enumerate(ms)]
   return rebuild(_grow(keys, ms, num_grow))

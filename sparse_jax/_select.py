@@ -17,7 +17,9 @@ concatenation of a group's leaves in flattening order).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +47,28 @@ def score_keys(scores: jax.Array, candidates: jax.Array | None = None) -> jax.Ar
   return keys
 
 
+
+def _two_adic(n: int) -> int:
+  return (n & -n).bit_length() - 1
+
+
+def _index(chunk_shape, full_shape, axis=None, step=1, offset=None):
+  """Row-major flat index in ``full_shape`` of the positions of a (strided) chunk.
+
+  Along ``axis`` the chunk holds positions ``j * step + offset``; along every other
+  axis it holds all of them. Built from one iota per axis (see ``flat_index``).
+  """
+  index = jnp.zeros(chunk_shape, jnp.uint32)
+  stride = 1
+  for a in reversed(range(len(full_shape))):
+    coord = lax.broadcasted_iota(jnp.uint32, chunk_shape, a)
+    if a == axis:
+      coord = coord * jnp.uint32(step) + offset.astype(jnp.uint32)
+    index = index + coord * jnp.uint32(stride)
+    stride *= full_shape[a]
+  return index
+
+
 def flat_index(shape: Sequence[int]) -> jax.Array:
   """Row-major flat index (``uint32``) of every position of an array of ``shape``.
 
@@ -63,12 +87,41 @@ def flat_index(shape: Sequence[int]) -> jax.Array:
     A ``uint32`` array of ``shape``.
   """
   shape = tuple(int(n) for n in shape)
-  index = jnp.zeros(shape, jnp.uint32)
-  stride = 1
-  for axis in reversed(range(len(shape))):
-    index = index + lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
-    stride *= shape[axis]
-  return index
+  return _index(shape, shape)
+
+
+class LazyKeys(NamedTuple):
+  """Keys computed where they are needed, from arrays that exist anyway.
+
+  ``fn(index, *sources)`` must be elementwise: it returns the ``uint32`` keys of
+  any slice of the ``sources`` (arrays of one shape), given the slice's flat
+  row-major ``index`` in the full array. The selector histograms large leaves
+  chunk by chunk and calls ``fn`` per chunk, so the keys (and the scatter indices
+  made from them) of a whole leaf are never materialised.
+
+  Example:
+    >>> keys = LazyKeys(lambda index, w, m: score_keys(w, m), (w, m))
+  """
+  fn: Callable[..., jax.Array]
+  sources: tuple[jax.Array, ...]
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.sources[0].shape)
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  def compute(self) -> jax.Array:
+    """The keys of the whole leaf (fused into the consumer when elementwise)."""
+    return self.fn(flat_index(self.shape), *self.sources)
+
+
+def _as_lazy(keys) -> LazyKeys:
+  if isinstance(keys, LazyKeys):
+    return keys
+  return LazyKeys(lambda index, x: x, (jnp.asarray(keys),))
 
 
 RADIX_BITS = 16
@@ -76,27 +129,107 @@ _BINS = 1 << RADIX_BITS
 # A NumPy scalar: a jnp constant at import time would start the XLA backend, after
 # which jax.distributed.initialize() (multi-host training) refuses to run.
 _LOW = np.uint32(_BINS - 1)
+# Leaves with more elements are histogrammed in chunks of about this many, so the
+# per-leaf temporaries of a selection (keys, scatter indices) stay this small.
+CHUNK_ELEMENTS = 1 << 20
 
 
-def _histograms(digits, valid, groups, num_groups):
-  """Per-group histograms (int32 [G, 2**16]) of uint32 digits in [0, 2**16).
+def chunk_plan(shape: Sequence[int], max_elements: int | None = None):
+  """How a leaf of ``shape`` is split into chunks: ``None`` or ``(axis, count)``.
 
-  ``valid`` (a bool array per leaf, or None) sends the other positions to an
-  overflow bin that is dropped. A scatter-add histogram reads each key once and
-  settles 16 bits of the answer per pass, where a counting pass settles one
-  (bisection) and costs about half as much on CPU (measured: 115 ms per 2**16-bin
-  histogram vs ~45 ms per count of 16.7M keys).
+  Chunk ``i`` of ``(axis, c)`` holds the positions whose index along ``axis`` is
+  ``i`` modulo ``c`` (a strided chunk): viewing the axis ``n`` as ``(n // c, c)``
+  is free, and slicing the minor factor keeps a sharding of the axis on the major
+  factor, so each device reads only its own shard. The first axis with a divisor
+  ``c >= ceil(size / max_elements)`` is split; among divisors up to 4x that bound,
+  the one leaving the most factors of 2 in ``n // c`` (device counts divide it),
+  then the smallest, is taken.
+
+  Example:
+    >>> chunk_plan((4096, 4096), 2**20)
+    (0, 16)
   """
-  hist = [jnp.zeros((_BINS,), jnp.int32) for _ in range(num_groups)]
-  for i, (d, g) in enumerate(zip(digits, groups)):
-    idx = d.astype(jnp.int32)
+  shape = tuple(int(n) for n in shape)
+  max_elements = CHUNK_ELEMENTS if max_elements is None else int(max_elements)
+  size = math.prod(shape)
+  if size <= max_elements:
+    return None
+  need = -(-size // max_elements)
+  for axis, n in enumerate(shape):
+    divisors = [c for c in range(need, n + 1) if n % c == 0]
+    if divisors:
+      cap = max(4 * need, divisors[0])
+      best = max((c for c in divisors if c <= cap), key=lambda c: (_two_adic(n // c), -c))
+      return axis, best
+  return None
+
+
+def _tree_add(a, b):
+  return jax.tree.map(jnp.add, a, b)
+
+
+def map_reduce_chunks(fn, sources: Sequence[jax.Array], combine=_tree_add):
+  """``combine``-reduction of ``fn(index, *chunk)`` over the chunks of ``sources``.
+
+  ``sources`` are arrays of one shape, split by ``chunk_plan``; ``fn`` gets each
+  chunk's slices and flat indices and returns a (small) pytree, and the results
+  are folded with ``combine`` (an associative, commutative function). Elementwise
+  work inside ``fn`` then allocates chunk-sized temporaries only: XLA:CPU
+  materialises a whole converted array before many reductions and scatters.
+
+  Example:
+    >>> count = map_reduce_chunks(lambda i, m: jnp.sum(m, dtype=jnp.int32), [mask])
+  """
+  sources = [jnp.asarray(x) for x in sources]
+  shape = tuple(sources[0].shape)
+  plan = chunk_plan(shape)
+  if plan is None:
+    return fn(flat_index(shape), *sources)
+  axis, c = plan
+  split = shape[:axis] + (shape[axis] // c, c) + shape[axis + 1:]
+  chunk_shape = shape[:axis] + (shape[axis] // c,) + shape[axis + 1:]
+  views = [x.reshape(split) for x in sources]
+
+  def chunk(i):
+    parts = [lax.dynamic_index_in_dim(v, i, axis + 1, keepdims=False) for v in views]
+    return fn(_index(chunk_shape, shape, axis, c, i), *parts)
+
+  return lax.fori_loop(1, c, lambda i, acc: combine(acc, chunk(i)), chunk(jnp.int32(0)))
+
+
+def count_true(mask: jax.Array) -> jax.Array:
+  """Number of True entries of a bool array (int32), in chunks (see above)."""
+  return map_reduce_chunks(lambda index, m: jnp.sum(m, dtype=jnp.int32), [mask])
+
+
+def _leaf_histogram(lk: LazyKeys, digits_fn) -> jax.Array:
+  """Histogram (int32 [2**16]) of ``digits_fn(keys, index) -> (digits, valid)``.
+
+  ``valid`` (bool or None) sends the other positions to an overflow bin that is
+  dropped. A scatter-add histogram reads each key once and settles 16 bits of the
+  answer per pass, where a counting pass settles one (bisection) and costs about
+  half as much on CPU (measured: 115 ms per 2**16-bin histogram vs ~45 ms per
+  count of 16.7M keys).
+  """
+
+  def hist_of(index, *sources):
+    digits, valid = digits_fn(lk.fn(index, *sources), index)
+    idx = digits.astype(jnp.int32)
     if valid is not None:
-      idx = jnp.where(valid[i], idx, _BINS)
+      idx = jnp.where(valid, idx, _BINS)
     # Indices keep the leaf's shape: reshape(-1) of an array sharded on a later
     # axis would all-gather it, while an n-d scatter-add into a replicated
     # histogram is partitioned into per-shard histograms and one all-reduce.
-    hist[g] = hist[g] + jnp.zeros((_BINS + 1,), jnp.int32).at[idx].add(
-        1, mode="drop")[:_BINS]
+    return jnp.zeros((_BINS + 1,), jnp.int32).at[idx].add(1, mode="drop")[:_BINS]
+
+  return map_reduce_chunks(hist_of, lk.sources)
+
+
+def _histograms(leaves, groups, num_groups, digits_fns):
+  """Per-group histograms (int32 [G, 2**16]): the sum of each group's leaves'."""
+  hist = [jnp.zeros((_BINS,), jnp.int32) for _ in range(num_groups)]
+  for lk, g, fn in zip(leaves, groups, digits_fns):
+    hist[g] = hist[g] + _leaf_histogram(lk, fn)
   return jnp.stack(hist)
 
 
@@ -115,32 +248,64 @@ def _select_digit(hist, k):
   return d, above, at
 
 
-def kth_largest_key(keys: Sequence[jax.Array], k: jax.Array, groups: Sequence[int]):
+def _radix_select(leaves, groups, num_groups, k, word_fns, valid_fns):
+  """Per group, the largest 32-bit ``t`` with ``#(word >= t, valid) >= k``.
+
+  Per leaf, ``word_fns[i](keys, index)`` gives each position's uint32 word and
+  ``valid_fns[i](keys, index)`` whether it takes part (or None: all do). One
+  histogram of the high 16 bits of every word, one of the low 16 bits of the
+  words sharing the selected high half. Returns ``(t, #(> t), #(== t))``.
+  """
+
+  def high(word_fn, valid_fn):
+    return lambda keys, index: (word_fn(keys, index) >> RADIX_BITS, valid_fn(keys, index))
+
+  d_hi, above_hi, _ = _select_digit(_histograms(
+      leaves, groups, num_groups, [high(w, v) for w, v in zip(word_fns, valid_fns)]), k)
+  d_hi_u = d_hi.astype(jnp.uint32)
+
+  def low(word_fn, valid_fn, g):
+    def fn(keys, index):
+      word = word_fn(keys, index)
+      same = (word >> RADIX_BITS) == d_hi_u[g]
+      valid = valid_fn(keys, index)
+      return word & _LOW, same if valid is None else same & valid
+    return fn
+
+  d_lo, above_lo, at_lo = _select_digit(_histograms(
+      leaves, groups, num_groups,
+      [low(w, v, g) for w, v, g in zip(word_fns, valid_fns, groups)]), k - above_hi)
+  t = (d_hi_u << RADIX_BITS) | d_lo.astype(jnp.uint32)
+  return t, above_hi + above_lo, at_lo
+
+
+def kth_largest_key(keys: Sequence, k: jax.Array, groups: Sequence[int]):
   """Per group, the largest ``t`` with ``#(keys >= t) >= k``, and counts around it.
 
   A radix select: one histogram of the high 16 bits of every key finds the high
   half of ``t``; one histogram of the low 16 bits of the keys sharing that high
   half finds the rest. Two passes over the keys, whatever their distribution.
 
+  Args:
+    keys: uint32 arrays or ``LazyKeys``, one per leaf.
+    k: int32 [G].
+    groups: static group index of each leaf.
+
   Returns:
     ``(t, count_ge_t, count_gt_t)``, uint32 [G] and int32 [G] twice.
   """
   groups = tuple(groups)
   num_groups = max(groups) + 1
+  leaves = [_as_lazy(x) for x in keys]
   k = jnp.asarray(k, jnp.int32).reshape((num_groups,))
-  high = [x >> RADIX_BITS for x in keys]
-  d_hi, above_hi, _ = _select_digit(_histograms(high, None, groups, num_groups), k)
-  d_hi_u = d_hi.astype(jnp.uint32)
-  same = [h == d_hi_u[g] for h, g in zip(high, groups)]
-  low_hist = _histograms([x & _LOW for x in keys], same, groups, num_groups)
-  d_lo, above_lo, at_lo = _select_digit(low_hist, k - above_hi)
-  t = (d_hi_u << RADIX_BITS) | d_lo.astype(jnp.uint32)
-  count_gt = above_hi + above_lo
-  return t, count_gt + at_lo, count_gt
+  n = len(leaves)
+  t, count_gt, count_at = _radix_select(leaves, groups, num_groups, k,
+                                        [lambda keys, index: keys] * n,
+                                        [lambda keys, index: None] * n)
+  return t, count_gt + count_at, count_gt
 
 
-def top_k_masks(keys: Sequence[jax.Array], k: jax.Array,
-                groups: Sequence[int]) -> list[jax.Array]:
+def top_k_masks(keys: Sequence, k: jax.Array, groups: Sequence[int]) -> list[jax.Array]:
   """Selects exactly ``k[g]`` positions with the largest keys in each group.
 
   Example:
@@ -148,7 +313,8 @@ def top_k_masks(keys: Sequence[jax.Array], k: jax.Array,
     >>> top_k_masks([keys_a, keys_b], jnp.array([2, 2]), groups=(0, 1))
 
   Args:
-    keys: uint32 arrays (``score_keys``).
+    keys: uint32 arrays (``score_keys``) or ``LazyKeys`` (computed per chunk from
+      their sources, never materialised whole).
     k: int32 [G], how many to select in each group; must not exceed the group's
       size. Positions with key 0 are selected only if ``k`` exceeds the number of
       positions with a positive key.
@@ -160,37 +326,36 @@ def top_k_masks(keys: Sequence[jax.Array], k: jax.Array,
   """
   groups = tuple(groups)
   num_groups = max(groups) + 1
+  leaves = [_as_lazy(x) for x in keys]
   k = jnp.asarray(k, jnp.int32).reshape((num_groups,))
-  thresh, count_ge, count_gt = kth_largest_key(keys, k, groups)
-  above = [x > thresh[g] for x, g in zip(keys, groups)]
-  ties = [x == thresh[g] for x, g in zip(keys, groups)]
+  thresh, count_ge, count_gt = kth_largest_key(leaves, k, groups)
   need = k - count_gt
   n_ties = count_ge - count_gt
 
+  # Both branches recompute the keys from the sources: the cond's operands are
+  # then buffers that exist anyway, not per-leaf bool temporaries.
   def take_all_ties():
-    return [a | t for a, t in zip(above, ties)]
+    return [lk.compute() >= thresh[g] for lk, g in zip(leaves, groups)]
 
   def take_first_ties():
-    # Flat index of each position inside its group (leaves concatenated in order);
-    # the ties with the ``need`` smallest indices are taken: a radix select of the
-    # need-th smallest index among the ties, on the complemented index.
+    # Ties go to the lower flat index inside the group (leaves concatenated in
+    # order): a radix select of the need-th smallest index among the ties, done
+    # on the complemented index.
     offsets, seen = [], [0] * num_groups
-    for x, g in zip(keys, groups):
+    for lk, g in zip(leaves, groups):
       offsets.append(seen[g])
-      seen[g] += x.size
-    rev_index = [jnp.uint32(2**32 - 1 - off) - flat_index(x.shape)
-                 for x, off in zip(keys, offsets)]
-    high = [r >> RADIX_BITS for r in rev_index]
-    d_hi, above_hi, _ = _select_digit(
-        _histograms(high, ties, groups, num_groups), need)
-    d_hi_u = d_hi.astype(jnp.uint32)
-    same = [t & (h == d_hi_u[g]) for t, h, g in zip(ties, high, groups)]
-    d_lo, _, _ = _select_digit(
-        _histograms([r & _LOW for r in rev_index], same, groups, num_groups),
-        need - above_hi)
-    cut = (d_hi_u << RADIX_BITS) | d_lo.astype(jnp.uint32)
+      seen[g] += lk.size
+    top = [np.uint32(2**32 - 1 - off) for off in offsets]
+    cut, _, _ = _radix_select(
+        leaves, groups, num_groups, need,
+        [lambda keys, index, r=r: r - index for r in top],
+        [lambda keys, index, g=g: keys == thresh[g] for g in groups])
     take = need > 0
-    return [a | (t & (r >= cut[g]) & take[g])
-            for a, t, r, g in zip(above, ties, rev_index, groups)]
+    out = []
+    for lk, g, r in zip(leaves, groups, top):
+      x = lk.compute()
+      rev = r - flat_index(lk.shape)
+      out.append((x > thresh[g]) | ((x == thresh[g]) & (rev >= cut[g]) & take[g]))
+    return out
 
   return lax.cond(jnp.all(need == n_ties), take_all_ties, take_first_ties)

@@ -307,6 +307,28 @@ def test_regrow_random_is_roughly_uniform():
   assert np.all(hits[0] > 20)  # expected 50 each
 
 
+def test_regrow_random_hash_stream_is_uniform_and_chunk_invariant(monkeypatch):
+  # The random keys are a hash of (flat index, two words per layer). Grow 60 of
+  # 600 positions (p = 0.1) with 500 keys: each position's hit count is ~
+  # Binomial(500, 0.1) (mean 50, variance 45), so the chi-square ratio is ~1
+  # (sd ~0.06), and neighbours are hit together as often as independence says
+  # (500 * 0.1**2 = 5 per pair, 599 pairs).
+  masks = {"w": jnp.zeros((20, 30), bool)}
+  grow = jax.jit(jax.vmap(lambda k: sj.regrow_random(k, masks, jnp.array([60]))["w"]))
+  keys = jax.random.split(jax.random.PRNGKey(3), 500)
+  picks = np.asarray(grow(keys)).reshape(500, -1)
+  assert np.all(picks.sum(axis=1) == 60)
+  hits = picks.sum(axis=0)
+  ratio = np.sum((hits - 50.0) ** 2 / 45.0) / hits.size
+  assert 0.75 < ratio < 1.25, ratio
+  together = np.sum(picks[:, 1:] & picks[:, :-1])
+  assert 0.8 * 2995 < together < 1.2 * 2995, together
+  # Chunked selection (forced by a tiny chunk bound) picks the same positions.
+  monkeypatch.setattr(sj._select, "CHUNK_ELEMENTS", 64)
+  chunked = jax.jit(lambda k: sj.regrow_random(k, masks, jnp.array([60]))["w"])
+  np.testing.assert_array_equal(np.asarray(chunked(keys[7])).reshape(-1), picks[7])
+
+
 def test_drop_then_grow_keeps_per_layer_counts_bfloat16():
   # The RigL/GraNet exchange on bfloat16 params: drop n, regrow n by gradient.
   key = jax.random.PRNGKey(0)

@@ -198,3 +198,62 @@ def test_kth_largest_key():
 def test_top_k_tiny(n):
   got = _top_k([jnp.array([2], jnp.uint32)], jnp.array([n]), (0,))
   assert got[0].tolist() == [bool(n)]
+
+
+# chunked histograms (large leaves): forced on small leaves by lowering the bound
+
+
+def test_chunk_plan_hand_values():
+  # Below the bound: one piece.
+  assert _select.chunk_plan((100, 10), 1000) is None
+  # 4096x4096 at 2**20 per chunk: 16 chunks of rows (4096 / 16 = 256 = 2**8).
+  assert _select.chunk_plan((4096, 4096), 2**20) == (0, 16)
+  # 784 = 16 * 49 rows, need 4: the divisors 4..16 of 784 are 4, 7, 8, 14, 16,
+  # leaving 196, 112, 98, 56, 49 rows per chunk with 2, 4, 1, 3, 0 factors of 2.
+  assert _select.chunk_plan((784, 4096), 2**20) == (0, 7)
+  # 2560 = 2**9 * 5 rows, need 10: divisors 10..40 of 2560: 10, 16, 20, 32, 40;
+  # 2560/c = 256, 160, 128, 80, 64 -> factors of 2: 8, 5, 7, 4, 6 -> c = 10.
+  assert _select.chunk_plan((2560, 4096), 2**20) == (0, 10)
+  # The first axis too short (3 < need 5): split the next one.
+  assert _select.chunk_plan((3, 3, 64, 64), 8192) == (2, 8)
+
+
+CHUNKED_CASES = [
+    # (shapes, groups, max elements per chunk)
+    ([(12, 5), (7,), (4, 3, 2)], (0, 0, 0), 16),
+    ([(12, 5), (7,), (4, 3, 2)], (0, 1, 2), 16),
+    ([(30, 4), (9, 8)], (0, 1), 20),
+]
+
+
+@pytest.mark.parametrize("shapes,groups,bound", CHUNKED_CASES)
+def test_chunked_top_k_matches_brute_force(monkeypatch, shapes, groups, bound):
+  monkeypatch.setattr(_select, "CHUNK_ELEMENTS", bound)
+  assert all(_select.chunk_plan(s) is not None for s in shapes if np.prod(s) > bound)
+  rng = np.random.default_rng(1)
+  keys = [rng.integers(0, 4, size=s).astype(np.uint32) for s in shapes]  # many ties
+  keys[0][0, 0] = _select.FORCED
+  top_k = jax.jit(lambda ks, k: _select.top_k_masks(ks, k, groups))
+  sizes = [sum(int(np.prod(shapes[i])) for i in range(len(shapes)) if groups[i] == g)
+           for g in range(max(groups) + 1)]
+  for frac in (0.0, 0.13, 0.5, 0.91, 1.0):
+    k = np.asarray([int(frac * n) for n in sizes], np.int32)
+    got = top_k([jnp.asarray(x) for x in keys], jnp.asarray(k))
+    for g_leaf, w_leaf in zip(got, brute_force_top_k(keys, k, groups)):
+      np.testing.assert_array_equal(np.asarray(g_leaf), w_leaf)
+
+
+def test_lazy_keys_are_computed_from_their_sources(monkeypatch):
+  # LazyKeys with the index: keys = |w| except a forced position picked by index,
+  # selected chunk by chunk, equal the same keys given as a materialised array.
+  monkeypatch.setattr(_select, "CHUNK_ELEMENTS", 10)
+  w = jnp.asarray(np.random.default_rng(2).normal(size=(8, 6)), jnp.float32)
+  m = jnp.asarray(np.random.default_rng(3).random((8, 6)) < 0.7)
+  fn = lambda index, w, m: jnp.where(index == 17, jnp.uint32(_select.FORCED),
+                                     _select.score_keys(w, m))
+  lazy = _select.LazyKeys(fn, (w, m))
+  eager = np.asarray(fn(jnp.arange(48, dtype=jnp.uint32).reshape(8, 6), w, m))
+  np.testing.assert_array_equal(np.asarray(lazy.compute()), eager)
+  got = jax.jit(lambda: _select.top_k_masks([lazy], jnp.array([9]), (0,)))()[0]
+  np.testing.assert_array_equal(np.asarray(got), brute_force_top_k([eager], [9], (0,))[0])
+  assert bool(got.reshape(-1)[17])

@@ -64,6 +64,7 @@ SCRIPT = textwrap.dedent(r"""
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import NamedSharding, PartitionSpec as P
     import sparse_jax
+    from sparse_jax import _select
     from experiments.sharding import fsdp_shardings
 
     assert jax.device_count() == 8
@@ -104,6 +105,12 @@ SCRIPT = textwrap.dedent(r"""
         "set": lambda: sparse_jax.set(optax.adam(1e-2), sparsity=0.8, total_steps=100,
                                       update_every=EVERY),
     }
+    # The same GraNet with every kernel histogrammed in strided chunks (the path of
+    # leaves above _select.CHUNK_ELEMENTS): 8, 16 and 3 chunks of rows, on a
+    # column-sharded and two row-sharded kernels.
+    METHODS["granet_chunked"] = METHODS["granet"]
+    CHUNKS = {"granet_chunked": 1024}
+    DEFAULT_CHUNK = _select.CHUNK_ELEMENTS
 
     def all_gathers(hlo_text):
         out = []
@@ -130,8 +137,10 @@ SCRIPT = textwrap.dedent(r"""
     result["control_gathers"] = all_gathers(ctrl)
 
     for name, make in METHODS.items():
+      _select.CHUNK_ELEMENTS = CHUNKS.get(name, DEFAULT_CHUNK)
       tx = make()
       r = result[name] = {}
+      r["chunk_plans"] = [_select.chunk_plan(np.shape(p)) for p in jax.tree.leaves(params)]
       s_sh = fsdp_shardings(jax.eval_shape(tx.init, params), mesh)
       params_s = jax.device_put(params, p_sh)
       state_s = jax.jit(tx.init, out_shardings=s_sh)(params_s)
@@ -194,7 +203,16 @@ def findings():
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-METHODS = ("granet", "set")
+METHODS = ("granet", "set", "granet_chunked")
+
+
+@pytest.mark.multidevice
+def test_chunked_variant_really_chunks(findings):
+  # Hand-worked plans at 1024 elements per chunk (see _select.chunk_plan): the
+  # (64, 128), (128, 96) and (96, 16) kernels; biases stay whole.
+  plans = [tuple(p) if p else None for p in findings["granet_chunked"]["chunk_plans"]]
+  assert sorted(p for p in plans if p) == [(0, 3), (0, 8), (0, 16)], plans
+  assert all(p is None for p in findings["granet"]["chunk_plans"])
 
 
 @pytest.mark.multidevice
