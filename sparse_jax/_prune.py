@@ -1,20 +1,30 @@
 """Pure magnitude pruning of mask trees (SPEC §4 and the drop step of §5).
 
-Every function maps (params, masks, counts) to new masks, is jittable with
-counts that are traced int32 values (they change with the step), and selects
-exact counts with deterministic tie-breaking (lower flat index first) through the
-counting selector of ``_select``.
+Every public function maps (params, masks, counts) to new masks, is jittable
+with counts that are traced int32 values (they change with the step), and
+selects exact counts with deterministic tie-breaking (lower flat index first)
+through the radix selector of ``_select``.
+
+Each is built from a *plan* (a few numbers per layer: the selection's thresholds,
+computed by histogram passes over chunks) and an *apply* step that turns a plan
+into lazy masks (``_select.Lazy``). The optimizer wrapper computes plans inside a
+``lax.cond`` (only scalars leave it) and materialises only the final masks, so a
+mask update allocates no intermediate model-sized masks.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sparse_jax import _masks
 from sparse_jax import _select
 
 PyTree = _masks.PyTree
+_NONE = np.uint32(2**32 - 1)  # an index no position has
 
 
 def split_prunable(tree: PyTree, masks: PyTree):
@@ -38,16 +48,15 @@ def split_prunable(tree: PyTree, masks: PyTree):
   return [leaves[i] for i in idx], [mask_leaves[i] for i in idx], rebuild
 
 
-def _magnitude_keys(index, w, m):
-  del index
-  return _select.score_keys(w, m)
+def _magnitude_keys(w, m) -> _select.Lazy:
+  """Lazy keys of |w| on the positions active in ``m`` (array or Lazy)."""
+  return _select.lazy_map(lambda index, w, m: _select.score_keys(w, m), w, m)
 
 
-def _top_and_first(index, w, m):
+def _top_and_first(index, x):
   """The largest key of a chunk and the first flat index holding it."""
-  x = _select.score_keys(w, m)
   top = jnp.max(x)
-  return top, jnp.min(jnp.where(x == top, index, jnp.uint32(2**32 - 1)))
+  return top, jnp.min(jnp.where(x == top, index, _NONE))
 
 
 def _larger(a, b):
@@ -57,9 +66,54 @@ def _larger(a, b):
   return jnp.maximum(a[0], b[0]), first
 
 
+def _reduce(f, x: _select.Lazy, combine=None):
+  kwargs = {} if combine is None else {"combine": combine}
+  return _select.map_reduce_chunks(lambda index, *s: f(index, x.fn(index, *s)), x.sources,
+                                    **kwargs)
+
+
 def layer_active_counts(masks: PyTree) -> jax.Array:
   """Active weights per prunable layer (int32 [L], flattening order)."""
   return jnp.stack([_select.count_true(m) for m in jax.tree.leaves(masks)])
+
+
+class GlobalPlan(NamedTuple):
+  """A global magnitude prune: each layer's forced weight and the selection."""
+  first: jax.Array  # uint32 [L], flat index of each layer's forced (largest) weight
+  sel: _select.Selection  # one group
+
+
+def _forced_keys(ws, ms, first):
+  return [_select.lazy_map(
+      lambda index, x, f=first[l]: jnp.where(index == f, jnp.uint32(_select.FORCED), x),
+      _magnitude_keys(w, m)) for l, (w, m) in enumerate(zip(ws, ms))]
+
+
+def global_prune_plan(ws, ms, num_active) -> GlobalPlan:
+  """Plan of ``global_magnitude_prune`` over leaf lists (masks: arrays or Lazy)."""
+  firsts = []
+  for w, m in zip(ws, ms):
+    top, first = _reduce(_top_and_first, _magnitude_keys(w, m), _larger)
+    firsts.append(jnp.where(top > 0, first, _NONE))  # an empty layer forces nothing
+  first = jnp.stack(firsts)
+  counts = [_select.count_true(m) for m in ms]
+  active = sum(counts)
+  # At least one weight per non-empty layer: with num_active below the number of
+  # layers the forced weights alone exceed it, and a plain minimum would let the
+  # selector drop some of them (emptying layers).
+  nonempty = sum((c > 0).astype(jnp.int32) for c in counts)
+  k = jnp.clip(jnp.asarray(num_active, jnp.int32), nonempty, active)
+  sel = _select.top_k_selection(_forced_keys(ws, ms, first), k[None], (0,) * len(ws))
+  return GlobalPlan(first, sel)
+
+
+def keep_all_global_plan(num_layers: int) -> GlobalPlan:
+  """The plan that prunes nothing."""
+  return GlobalPlan(jnp.full((num_layers,), _NONE), _select.Selection.all_positive(1))
+
+
+def apply_global_plan(ws, ms, plan: GlobalPlan) -> list[_select.Lazy]:
+  return _select.selected_masks(_forced_keys(ws, ms, plan.first), (0,) * len(ws), plan.sel)
 
 
 def global_magnitude_prune(params: PyTree, masks: PyTree, num_active) -> PyTree:
@@ -84,28 +138,21 @@ def global_magnitude_prune(params: PyTree, masks: PyTree, num_active) -> PyTree:
     The new mask tree.
   """
   ws, ms, rebuild = split_prunable(params, masks)
-  # Force each layer's largest active weight in (the lowest flat index on ties,
-  # matching the selector's tie-breaking). Max and min reductions instead of an
-  # argmax over x.reshape(-1): the reshape would all-gather a sharded leaf. The
-  # keys stay lazy: the selector computes them chunk by chunk from (w, m).
-  forced = []
-  for w, m in zip(ws, ms):
-    top, first = _select.map_reduce_chunks(_top_and_first, (w, m), combine=_larger)
-    first = jnp.where(top > 0, first, jnp.uint32(2**32 - 1))  # an empty layer: none
+  plan = global_prune_plan(ws, ms, num_active)
+  return rebuild([m.compute() for m in apply_global_plan(ws, ms, plan)])
 
-    def keys_fn(index, w, m, first=first):
-      return jnp.where(index == first, jnp.uint32(_select.FORCED), _select.score_keys(w, m))
 
-    forced.append(_select.LazyKeys(keys_fn, (w, m)))
-  counts = [_select.count_true(m) for m in ms]
-  active = sum(counts)
-  # At least one weight per non-empty layer: with num_active below the number of
-  # layers the forced weights alone exceed it, and a plain minimum would let the
-  # selector drop some of them (emptying layers).
-  nonempty = sum((c > 0).astype(jnp.int32) for c in counts)
-  k = jnp.clip(jnp.asarray(num_active, jnp.int32), nonempty, active)
-  new = _select.top_k_masks(forced, k[None], groups=(0,) * len(ws))
-  return rebuild(new)
+def layerwise_prune_plan(ws, ms, num_active) -> _select.Selection:
+  """Plan of ``layerwise_magnitude_prune`` over leaf lists (masks: arrays or Lazy)."""
+  active = jnp.stack([_select.count_true(m) for m in ms])
+  k = jnp.clip(jnp.asarray(num_active, jnp.int32), jnp.minimum(active, 1), active)
+  keys = [_magnitude_keys(w, m) for w, m in zip(ws, ms)]
+  return _select.top_k_selection(keys, k, tuple(range(len(ws))))
+
+
+def apply_layerwise_plan(ws, ms, sel: _select.Selection) -> list[_select.Lazy]:
+  keys = [_magnitude_keys(w, m) for w, m in zip(ws, ms)]
+  return _select.selected_masks(keys, tuple(range(len(ws))), sel)
 
 
 def layerwise_magnitude_prune(params: PyTree, masks: PyTree, num_active) -> PyTree:
@@ -121,10 +168,14 @@ def layerwise_magnitude_prune(params: PyTree, masks: PyTree, num_active) -> PyTr
     The new mask tree, a subset of ``masks``.
   """
   ws, ms, rebuild = split_prunable(params, masks)
-  keys = [_select.LazyKeys(_magnitude_keys, (w, m)) for w, m in zip(ws, ms)]
+  sel = layerwise_prune_plan(ws, ms, num_active)
+  return rebuild([m.compute() for m in apply_layerwise_plan(ws, ms, sel)])
+
+
+def drop_plan(ws, ms, num_drop) -> _select.Selection:
+  """Plan of ``drop_smallest`` over leaf lists (masks: arrays or Lazy)."""
   active = jnp.stack([_select.count_true(m) for m in ms])
-  k = jnp.clip(jnp.asarray(num_active, jnp.int32), jnp.minimum(active, 1), active)
-  return rebuild(_select.top_k_masks(keys, k, groups=tuple(range(len(ws)))))
+  return layerwise_prune_plan(ws, ms, active - jnp.asarray(num_drop, jnp.int32))
 
 
 def drop_smallest(params: PyTree, masks: PyTree, num_drop) -> PyTree:
@@ -140,5 +191,6 @@ def drop_smallest(params: PyTree, masks: PyTree, num_drop) -> PyTree:
   Returns:
     The new mask tree, a subset of ``masks``.
   """
-  active = layer_active_counts(masks)
-  return layerwise_magnitude_prune(params, masks, active - jnp.asarray(num_drop, jnp.int32))
+  ws, ms, rebuild = split_prunable(params, masks)
+  sel = drop_plan(ws, ms, num_drop)
+  return rebuild([m.compute() for m in apply_layerwise_plan(ws, ms, sel)])

@@ -7,6 +7,8 @@ magnitude (RigL / GraNet), the optimizer's momentum, or random keys (SET).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -16,6 +18,33 @@ from sparse_jax import _select
 
 PyTree = _masks.PyTree
 GROWTH_MODES = ("gradient", "momentum", "random")
+
+
+def _score_keys(ss, ms):
+  return [_select.lazy_map(lambda index, s, m: _select.score_keys(s, ~m), s, m)
+          for s, m in zip(ss, ms)]
+
+
+def _grow_plan(keys, ms, num_grow) -> _select.Selection:
+  inactive = jnp.stack([m.size - _select.count_true(m) for m in ms])
+  n = jnp.clip(jnp.asarray(num_grow, jnp.int32), 0, inactive)
+  return _select.top_k_selection(keys, n, tuple(range(len(ms))))
+
+
+def _apply_grow(keys, ms, sel: _select.Selection) -> list[_select.Lazy]:
+  picked = _select.selected_masks(keys, tuple(range(len(ms))), sel)
+  # A position with key 0 (active) is picked only when n exceeds the candidates,
+  # which the plan's clip rules out; the OR keeps the old mask regardless.
+  return [_select.lazy_map(lambda index, m, p: m | p, m, p) for m, p in zip(ms, picked)]
+
+
+def score_grow_plan(ss, ms, num_grow) -> _select.Selection:
+  """Plan of ``regrow_by_score`` over leaf lists (masks: arrays or ``Lazy``)."""
+  return _grow_plan(_score_keys(ss, ms), ms, num_grow)
+
+
+def apply_score_grow(ss, ms, sel: _select.Selection) -> list[_select.Lazy]:
+  return _apply_grow(_score_keys(ss, ms), ms, sel)
 
 
 def regrow_by_score(scores: PyTree, masks: PyTree, num_grow) -> PyTree:
@@ -31,18 +60,8 @@ def regrow_by_score(scores: PyTree, masks: PyTree, num_grow) -> PyTree:
     ``active_l + num_grow[l]`` active weights per layer.
   """
   ss, ms, rebuild = _prune.split_prunable(scores, masks)
-  keys = [_select.LazyKeys(lambda index, s, m: _select.score_keys(s, ~m), (s, m))
-          for s, m in zip(ss, ms)]
-  return rebuild(_grow(keys, ms, num_grow))
-
-
-def _grow(keys, ms, num_grow):
-  inactive = jnp.stack([m.size - _select.count_true(m) for m in ms])
-  n = jnp.clip(jnp.asarray(num_grow, jnp.int32), 0, inactive)
-  picked = _select.top_k_masks(keys, n, groups=tuple(range(len(ms))))
-  # A position with key 0 (active) is picked only when n exceeds the candidates,
-  # which the clip above rules out; the OR keeps the old mask regardless.
-  return [m | p for m, p in zip(ms, picked)]
+  sel = score_grow_plan(ss, ms, num_grow)
+  return rebuild([m.compute() for m in apply_score_grow(ss, ms, sel)])
 
 
 def regrow_by_gradient(grads: PyTree, masks: PyTree, num_grow) -> PyTree:
@@ -68,6 +87,29 @@ def _mix32(x):
   return x ^ (x >> 16)
 
 
+class RandomPlan(NamedTuple):
+  words: jax.Array  # uint32 [L, 2], the seed words of each layer's hash stream
+  sel: _select.Selection
+
+
+def _random_keys(ms, words):
+  def keys_fn(index, m, seed):
+    bits = _mix32(_mix32(index ^ seed[0]) + seed[1])
+    return jnp.where(m, jnp.uint32(0), (bits >> 1) + jnp.uint32(1))
+  return [_select.lazy_map(lambda index, m, l=l: keys_fn(index, m, words[l]), m)
+          for l, m in enumerate(ms)]
+
+
+def random_grow_plan(key, ms, num_grow) -> RandomPlan:
+  """Plan of ``regrow_random`` over a list of masks (arrays or ``Lazy``)."""
+  words = jax.random.bits(key, (len(ms), 2), jnp.uint32)
+  return RandomPlan(words, _grow_plan(_random_keys(ms, words), ms, num_grow))
+
+
+def apply_random_grow(ms, plan: RandomPlan) -> list[_select.Lazy]:
+  return _apply_grow(_random_keys(ms, plan.words), ms, plan.sel)
+
+
 def regrow_random(key: jax.Array, masks: PyTree, num_grow) -> PyTree:
   """SET growth: ``num_grow[l]`` inactive positions of each layer uniformly at random.
 
@@ -77,12 +119,5 @@ def regrow_random(key: jax.Array, masks: PyTree, num_grow) -> PyTree:
   """
   ms = [m for m in jax.tree.leaves(masks)]
   _, _, rebuild = _prune.split_prunable(masks, masks)
-  words = jax.random.bits(key, (len(ms), 2), jnp.uint32)
-
-  def keys_fn(index, m, seed):
-    bits = _mix32(_mix32(index ^ seed[0]) + seed[1])
-    return jnp.where(m, jnp.uint32(0), (bits >> 1) + jnp.uint32(1))
-
-  keys = [_select.LazyKeys(lambda index, m, seed=words[i]: keys_fn(index, m, seed), (m,))
-          for i, m in enumerate(ms)]
-  return rebuild(_grow(keys, ms, num_grow))
+  plan = random_grow_plan(key, ms, num_grow)
+  return rebuild([m.compute() for m in apply_random_grow(ms, plan)])

@@ -90,17 +90,20 @@ def flat_index(shape: Sequence[int]) -> jax.Array:
   return _index(shape, shape)
 
 
-class LazyKeys(NamedTuple):
-  """Keys computed where they are needed, from arrays that exist anyway.
+class Lazy(NamedTuple):
+  """An array computed where it is needed, from arrays that exist anyway.
 
-  ``fn(index, *sources)`` must be elementwise: it returns the ``uint32`` keys of
-  any slice of the ``sources`` (arrays of one shape), given the slice's flat
-  row-major ``index`` in the full array. The selector histograms large leaves
-  chunk by chunk and calls ``fn`` per chunk, so the keys (and the scatter indices
-  made from them) of a whole leaf are never materialised.
+  ``fn(index, *sources)`` must be elementwise: it returns the values of any slice
+  of the ``sources`` (arrays of one shape), given the slice's flat row-major
+  ``index`` in the full array. Keys and masks of the mask update are ``Lazy``:
+  the selector histograms large leaves chunk by chunk and calls ``fn`` per
+  chunk, and the final masks are computed in one elementwise pass, so no keys,
+  scatter indices or intermediate masks of a whole leaf are ever materialised.
 
   Example:
-    >>> keys = LazyKeys(lambda index, w, m: score_keys(w, m), (w, m))
+    >>> keys = Lazy(lambda index, w, m: score_keys(w, m), (w, m))
+    >>> pruned = lazy_map(lambda index, x: x > t, keys)   # still lazy
+    >>> pruned.compute()                                  # a bool array
   """
   fn: Callable[..., jax.Array]
   sources: tuple[jax.Array, ...]
@@ -114,14 +117,38 @@ class LazyKeys(NamedTuple):
     return math.prod(self.shape)
 
   def compute(self) -> jax.Array:
-    """The keys of the whole leaf (fused into the consumer when elementwise)."""
+    """The whole array (fused into its consumer when that is elementwise)."""
     return self.fn(flat_index(self.shape), *self.sources)
 
 
-def _as_lazy(keys) -> LazyKeys:
-  if isinstance(keys, LazyKeys):
-    return keys
-  return LazyKeys(lambda index, x: x, (jnp.asarray(keys),))
+def lazy(x) -> Lazy:
+  """``x`` itself if it is ``Lazy``, else a ``Lazy`` that reads the array ``x``."""
+  if isinstance(x, Lazy):
+    return x
+  return Lazy(lambda index, x: x, (jnp.asarray(x),))
+
+
+def lazy_map(f, *inputs) -> Lazy:
+  """The ``Lazy`` of ``f(index, *values)`` over arrays or ``Lazy`` inputs of one shape.
+
+  Sources shared by several inputs (the same array object) are passed once.
+  """
+  ins = [lazy(x) for x in inputs]
+  sources, slots = [], []
+  for l in ins:
+    slot = []
+    for src in l.sources:
+      j = next((j for j, known in enumerate(sources) if known is src), None)
+      if j is None:
+        sources.append(src)
+        j = len(sources) - 1
+      slot.append(j)
+    slots.append(slot)
+
+  def fn(index, *srcs):
+    return f(index, *[l.fn(index, *[srcs[j] for j in slot]) for l, slot in zip(ins, slots)])
+
+  return Lazy(fn, tuple(sources))
 
 
 RADIX_BITS = 16
@@ -197,12 +224,14 @@ def map_reduce_chunks(fn, sources: Sequence[jax.Array], combine=_tree_add):
   return lax.fori_loop(1, c, lambda i, acc: combine(acc, chunk(i)), chunk(jnp.int32(0)))
 
 
-def count_true(mask: jax.Array) -> jax.Array:
-  """Number of True entries of a bool array (int32), in chunks (see above)."""
-  return map_reduce_chunks(lambda index, m: jnp.sum(m, dtype=jnp.int32), [mask])
+def count_true(mask) -> jax.Array:
+  """Number of True entries (int32) of a bool array or ``Lazy``, in chunks (see above)."""
+  m = lazy(mask)
+  return map_reduce_chunks(lambda index, *s: jnp.sum(m.fn(index, *s), dtype=jnp.int32),
+                           m.sources)
 
 
-def _leaf_histogram(lk: LazyKeys, digits_fn) -> jax.Array:
+def _leaf_histogram(lk: Lazy, digits_fn) -> jax.Array:
   """Histogram (int32 [2**16]) of ``digits_fn(keys, index) -> (digits, valid)``.
 
   ``valid`` (bool or None) sends the other positions to an overflow bin that is
@@ -287,7 +316,7 @@ def kth_largest_key(keys: Sequence, k: jax.Array, groups: Sequence[int]):
   half finds the rest. Two passes over the keys, whatever their distribution.
 
   Args:
-    keys: uint32 arrays or ``LazyKeys``, one per leaf.
+    keys: uint32 arrays or ``Lazy``, one per leaf.
     k: int32 [G].
     groups: static group index of each leaf.
 
@@ -296,13 +325,87 @@ def kth_largest_key(keys: Sequence, k: jax.Array, groups: Sequence[int]):
   """
   groups = tuple(groups)
   num_groups = max(groups) + 1
-  leaves = [_as_lazy(x) for x in keys]
+  leaves = [lazy(x) for x in keys]
   k = jnp.asarray(k, jnp.int32).reshape((num_groups,))
   n = len(leaves)
   t, count_gt, count_at = _radix_select(leaves, groups, num_groups, k,
                                         [lambda keys, index: keys] * n,
                                         [lambda keys, index: None] * n)
   return t, count_gt + count_at, count_gt
+
+
+class Selection(NamedTuple):
+  """The outcome of a top-k selection, as a few numbers per group.
+
+  A position with key ``x`` and in-group flat index ``i`` is selected iff
+  ``x > thresh`` or (``x == thresh`` and ``take`` and ``~i >= cut``), where
+  ``~i = 2**32 - 1 - i`` (ties go to the lower index). ``selected_masks`` turns it
+  into lazy masks; being a few scalars, it is what a ``lax.cond`` should return.
+  """
+  thresh: jax.Array  # uint32 [G]
+  cut: jax.Array  # uint32 [G]
+  take: jax.Array  # bool [G]
+
+  @classmethod
+  def all_positive(cls, num_groups: int) -> "Selection":
+    """Selects every position with a positive key (the candidates)."""
+    return cls(jnp.ones((num_groups,), jnp.uint32), jnp.zeros((num_groups,), jnp.uint32),
+               jnp.ones((num_groups,), bool))
+
+  @classmethod
+  def nothing(cls, num_groups: int) -> "Selection":
+    """Selects no position (keys never reach 2**32 - 1)."""
+    top = jnp.full((num_groups,), 2**32 - 1, jnp.uint32)
+    return cls(top, top, jnp.zeros((num_groups,), bool))
+
+
+def _offsets(leaves, groups, num_groups):
+  """Per leaf, ``2**32 - 1 -`` its offset within its group (leaves concatenated)."""
+  out, seen = [], [0] * num_groups
+  for lk, g in zip(leaves, groups):
+    out.append(np.uint32(2**32 - 1 - seen[g]))
+    seen[g] += lk.size
+  return out
+
+
+def top_k_selection(keys: Sequence, k: jax.Array, groups: Sequence[int]) -> Selection:
+  """The ``Selection`` of exactly ``k[g]`` positions with the largest keys per group.
+
+  Two histogram passes find the threshold key; two more, only when the ties at
+  the threshold must be split, find the cut in the flat index.
+  """
+  groups = tuple(groups)
+  num_groups = max(groups) + 1
+  leaves = [lazy(x) for x in keys]
+  k = jnp.asarray(k, jnp.int32).reshape((num_groups,))
+  thresh, count_ge, count_gt = kth_largest_key(leaves, k, groups)
+  need = k - count_gt
+
+  def first_ties():
+    # A radix select of the need-th smallest index among the ties, done on the
+    # complemented index (so "largest" is "first").
+    cut, _, _ = _radix_select(
+        leaves, groups, num_groups, need,
+        [lambda keys, index, r=r: r - index for r in _offsets(leaves, groups, num_groups)],
+        [lambda keys, index, g=g: keys == thresh[g] for g in groups])
+    return cut
+
+  all_ties = jnp.all(need == count_ge - count_gt)
+  cut = lax.cond(all_ties, lambda: jnp.zeros((num_groups,), jnp.uint32), first_ties)
+  return Selection(thresh, cut, need > 0)
+
+
+def selected_masks(keys: Sequence, groups: Sequence[int], sel: Selection) -> list[Lazy]:
+  """Lazy bool masks of the positions ``sel`` selects (see ``Selection``)."""
+  groups = tuple(groups)
+  leaves = [lazy(x) for x in keys]
+  out = []
+  for lk, g, r in zip(leaves, groups, _offsets(leaves, groups, max(groups) + 1)):
+    def pick(index, x, g=g, r=r):
+      t = sel.thresh[g]
+      return (x > t) | ((x == t) & sel.take[g] & (r - index >= sel.cut[g]))
+    out.append(lazy_map(pick, lk))
+  return out
 
 
 def top_k_masks(keys: Sequence, k: jax.Array, groups: Sequence[int]) -> list[jax.Array]:
@@ -313,8 +416,8 @@ def top_k_masks(keys: Sequence, k: jax.Array, groups: Sequence[int]) -> list[jax
     >>> top_k_masks([keys_a, keys_b], jnp.array([2, 2]), groups=(0, 1))
 
   Args:
-    keys: uint32 arrays (``score_keys``) or ``LazyKeys`` (computed per chunk from
-      their sources, never materialised whole).
+    keys: uint32 arrays (``score_keys``) or ``Lazy`` keys (computed per chunk
+      from their sources, never materialised whole).
     k: int32 [G], how many to select in each group; must not exceed the group's
       size. Positions with key 0 are selected only if ``k`` exceeds the number of
       positions with a positive key.
@@ -324,38 +427,5 @@ def top_k_masks(keys: Sequence, k: jax.Array, groups: Sequence[int]) -> list[jax
   Returns:
     A bool array per leaf, True at the selected positions.
   """
-  groups = tuple(groups)
-  num_groups = max(groups) + 1
-  leaves = [_as_lazy(x) for x in keys]
-  k = jnp.asarray(k, jnp.int32).reshape((num_groups,))
-  thresh, count_ge, count_gt = kth_largest_key(leaves, k, groups)
-  need = k - count_gt
-  n_ties = count_ge - count_gt
-
-  # Both branches recompute the keys from the sources: the cond's operands are
-  # then buffers that exist anyway, not per-leaf bool temporaries.
-  def take_all_ties():
-    return [lk.compute() >= thresh[g] for lk, g in zip(leaves, groups)]
-
-  def take_first_ties():
-    # Ties go to the lower flat index inside the group (leaves concatenated in
-    # order): a radix select of the need-th smallest index among the ties, done
-    # on the complemented index.
-    offsets, seen = [], [0] * num_groups
-    for lk, g in zip(leaves, groups):
-      offsets.append(seen[g])
-      seen[g] += lk.size
-    top = [np.uint32(2**32 - 1 - off) for off in offsets]
-    cut, _, _ = _radix_select(
-        leaves, groups, num_groups, need,
-        [lambda keys, index, r=r: r - index for r in top],
-        [lambda keys, index, g=g: keys == thresh[g] for g in groups])
-    take = need > 0
-    out = []
-    for lk, g, r in zip(leaves, groups, top):
-      x = lk.compute()
-      rev = r - flat_index(lk.shape)
-      out.append((x > thresh[g]) | ((x == thresh[g]) & (rev >= cut[g]) & take[g]))
-    return out
-
-  return lax.cond(jnp.all(need == n_ties), take_all_ties, take_first_ties)
+  sel = top_k_selection(keys, k, groups)
+  return [m.compute() for m in selected_masks(keys, groups, sel)]

@@ -244,14 +244,14 @@ def test_chunked_top_k_matches_brute_force(monkeypatch, shapes, groups, bound):
 
 
 def test_lazy_keys_are_computed_from_their_sources(monkeypatch):
-  # LazyKeys with the index: keys = |w| except a forced position picked by index,
+  # Lazy keys with the index: keys = |w| except a forced position picked by index,
   # selected chunk by chunk, equal the same keys given as a materialised array.
   monkeypatch.setattr(_select, "CHUNK_ELEMENTS", 10)
   w = jnp.asarray(np.random.default_rng(2).normal(size=(8, 6)), jnp.float32)
   m = jnp.asarray(np.random.default_rng(3).random((8, 6)) < 0.7)
   fn = lambda index, w, m: jnp.where(index == 17, jnp.uint32(_select.FORCED),
                                      _select.score_keys(w, m))
-  lazy = _select.LazyKeys(fn, (w, m))
+  lazy = _select.Lazy(fn, (w, m))
   eager = np.asarray(fn(jnp.arange(48, dtype=jnp.uint32).reshape(8, 6), w, m))
   np.testing.assert_array_equal(np.asarray(lazy.compute()), eager)
   got = jax.jit(lambda: _select.top_k_masks([lazy], jnp.array([9]), (0,)))()[0]
