@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import sparse_jax
@@ -32,6 +33,7 @@ from experiments import flops as run_flops_lib
 from experiments import input_pipeline
 from experiments import mask_history
 from experiments import models
+from experiments import sharding as sharding_lib
 
 PyTree = Any
 
@@ -245,6 +247,61 @@ def create_train_state(config, model, tx_fn, input_shape, rng) -> TrainState:
     params = sparse_jax.sparsify_params(params, opt_state)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                     opt_state=opt_state, rng=dropout_rng)
+
+
+PARAM_SHARDINGS = ("replicated", "fsdp")
+
+
+def state_shardings(state: TrainState, mesh, param_sharding: str = "replicated"):
+  """The ``NamedSharding`` of every leaf of ``state`` (arrays or abstract) on ``mesh``.
+
+  ``"replicated"``: a full copy on every device. ``"fsdp"``: params, batch stats and
+  the optimizer state (sparse_jax masks, momentum, ...) split with
+  ``experiments.sharding.fsdp_shardings`` over the mesh axis ``"data"``; the step
+  and the dropout key stay replicated.
+  """
+  repl = NamedSharding(mesh, P())
+  if param_sharding == "replicated":
+    return jax.tree.map(lambda _: repl, state)
+  if param_sharding != "fsdp":
+    raise ValueError(f"Unknown param_sharding {param_sharding!r}; use one of "
+                     f"{PARAM_SHARDINGS}.")
+  return TrainState(step=repl, params=sharding_lib.fsdp_shardings(state.params, mesh),
+                    batch_stats=sharding_lib.fsdp_shardings(state.batch_stats, mesh),
+                    opt_state=sharding_lib.fsdp_shardings(state.opt_state, mesh), rng=repl)
+
+
+def create_sharded_train_state(config, model, tx_fn, input_shape, rng, mesh,
+                               param_sharding: str) -> TrainState:
+  """``create_train_state`` built directly in ``state_shardings`` (no full copy per device).
+
+  The init is traced once for its shapes (``jax.eval_shape``) and then jitted with
+  those shardings as ``out_shardings``. An init that needs host values (SynFlow
+  scoring in float64) runs eagerly on one device and is then placed.
+  """
+  init = lambda: create_train_state(config, model, tx_fn, input_shape, rng)
+  try:
+    abstract = jax.eval_shape(init)
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+          jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError):
+    state = init()
+    return jax.device_put(state, state_shardings(state, mesh, param_sharding))
+  return jax.jit(init, out_shardings=state_shardings(abstract, mesh, param_sharding))()
+
+
+def to_host(tree):
+  """numpy copies of ``tree``'s leaves, the same on every process.
+
+  A leaf sharded over devices of several processes (``param_sharding="fsdp"`` on a
+  multi-host mesh) is gathered with ``process_allgather``: every process must call
+  this with the same tree. Other leaves are read with ``jax.device_get``.
+  """
+  def get(x):
+    if (isinstance(x, jax.Array) and not x.is_fully_addressable
+        and not x.is_fully_replicated):
+      return multihost_utils.process_allgather(x, tiled=True)
+    return jax.device_get(x)
+  return jax.tree.map(get, tree)
 
 
 def cross_entropy(logits, labels, num_classes: int, label_smoothing: float):
@@ -481,6 +538,14 @@ def _validate(config, steps_per_epoch):
                      "recorded once per dispatch).")
   if config.parallelism not in ("mesh", "pmap"):
     raise ValueError(f"Unknown parallelism {config.parallelism!r}; use mesh or pmap.")
+  param_sharding = config.get("param_sharding", "replicated")
+  if param_sharding not in PARAM_SHARDINGS:
+    raise ValueError(f"Unknown param_sharding {param_sharding!r}; use one of "
+                     f"{PARAM_SHARDINGS}.")
+  if param_sharding == "fsdp" and config.parallelism != "mesh":
+    raise ValueError(f"param_sharding='fsdp' needs parallelism='mesh' (got "
+                     f"{config.parallelism!r}): pmap keeps a full copy of the state on "
+                     "every device.")
   if steps_per_epoch < 1:
     raise ValueError(f"batch_size={config.batch_size} exceeds the training set.")
   gf_every = config.get("gradient_flow_every_steps")
@@ -520,47 +585,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.sparsity.method in baselines.PRUNING_AT_INIT:
     tx_fn = baselines.pruning_at_init_tx_fn(config, model, info.num_classes,
                                             info.input_shape, tx_fn)
-  state = create_train_state(config, model, tx_fn, info.input_shape,
-                             jax.random.PRNGKey(config.seed))
+  param_sharding = config.get("param_sharding", "replicated")
+  mesh = None
+  if config.parallelism == "mesh":
+    mesh = jax.make_mesh((n_dev,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  rng = jax.random.PRNGKey(config.seed)
+  if param_sharding == "fsdp":
+    # Built in place, each device holding its shards (see state_shardings).
+    state = create_sharded_train_state(config, model, tx_fn, info.input_shape, rng, mesh,
+                                       param_sharding)
+  else:
+    state = create_train_state(config, model, tx_fn, info.input_shape, rng)
   # Initial masks only matter at init; the state built above already holds them.
   tx = tx_fn(None)
   lr_fn = learning_rate_schedule(config, steps_per_epoch)
   sparse = config.sparsity.method != "dense"
-  masks0 = sparse_jax.get_masks(state.opt_state) if sparse else None
-  # On the host now: the state's buffers are donated to the first step.
+  # On the host now (every process; gathered if sharded): the state's buffers are
+  # donated to the first step.
+  masks0 = to_host(sparse_jax.get_masks(state.opt_state)) if sparse else None
   densities0 = None if masks0 is None else jax.device_get(sparse_jax.layer_densities(masks0))
   if is_main:
-    log.info("Model %s on %s: %d steps (%d/epoch), %d devices, method %s.\n%s",
+    log.info("Model %s on %s: %d steps (%d/epoch), %d devices, method %s, %s state.\n%s",
              config.model, config.dataset, total_steps, steps_per_epoch, n_dev,
-             config.sparsity.method, layer_table(state.params, masks0))
+             config.sparsity.method, param_sharding, layer_table(state.params, masks0))
 
   mngr = checkpoint_manager(workdir, config)
+  # Restored into the structure and shardings of ``state`` (sharded if fsdp).
   state, start_step = restore_checkpoint(mngr, state)
   if start_step and is_main:
     log.info("Resumed from the checkpoint at step %d.", start_step)
 
   step_kwargs = dict(model=model, tx=tx, config=config, num_classes=info.num_classes)
   use_device_data = config.data_on_device and input_pipeline.augmentation(config.dataset) == "none"
-  mesh = None
-  if config.parallelism == "mesh":
-    mesh = jax.make_mesh((n_dev,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  if mesh is not None:
     repl = NamedSharding(mesh, P())
     data_sharding = NamedSharding(mesh, P(None, "data"))
-    state = jax.device_put(state, repl)
+    # One sharding for the whole state (replicated), or one per leaf (fsdp).
+    state_sh = repl if param_sharding == "replicated" else state_shardings(
+        state, mesh, param_sharding)
+    state = jax.device_put(state, state_sh)
 
     if use_device_data:
       def run(state, images, labels, idx):
         batches = {"image": images[idx], "label": labels[idx]}
         batches = jax.lax.with_sharding_constraint(batches, data_sharding)
         return train_steps(state, batches, **step_kwargs)
-      run = jax.jit(run, in_shardings=(repl, repl, repl, repl), out_shardings=(repl, repl),
-                    donate_argnums=0)
+      run = jax.jit(run, in_shardings=(state_sh, repl, repl, repl),
+                    out_shardings=(state_sh, repl), donate_argnums=0)
     else:
       run = jax.jit(lambda state, batches: train_steps(state, batches, **step_kwargs),
-                    in_shardings=(repl, data_sharding), out_shardings=(repl, repl),
+                    in_shardings=(state_sh, data_sharding), out_shardings=(state_sh, repl),
                     donate_argnums=0)
     evaluate = jax.jit(functools.partial(eval_step, model=model, num_classes=info.num_classes),
-                       in_shardings=(repl, NamedSharding(mesh, P("data"))), out_shardings=repl)
+                       in_shardings=(state_sh, NamedSharding(mesh, P("data"))),
+                       out_shardings=repl)
   else:
     devices = jax.local_devices()
     n_local = len(devices)
@@ -617,7 +695,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "test_accuracy": totals["correct"] / totals["count"]}
 
   def host_state(tree):
-    """``tree`` as one device holds it (pmap keeps a copy per device)."""
+    """``tree`` as one global array per leaf (pmap keeps a copy per device).
+
+    On a mesh the leaves may be sharded (fsdp): read them on the host with
+    ``to_host``, on every process.
+    """
     return tree if mesh is not None else jax.tree.map(lambda a: a[0], tree)
 
   density_fn = jax.jit(lambda opt_state: (
@@ -638,10 +720,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       writer.write({"step": 0, "epoch": 0.0, **gradient_flow(state)})
   events = mask_update_steps(config, steps_per_epoch)
   # Masks after every event, bit-packed on the host (experiments/mask_history.py).
+  keep_history = sparse and config.get("record_mask_history", False)
   recorder = None
-  if sparse and is_main and config.get("record_mask_history", False):
-    recorder = mask_history.Recorder.for_run(workdir, jax.device_get(masks0),
-                                             start_step=start_step,
+  if keep_history and is_main:
+    recorder = mask_history.Recorder.for_run(workdir, masks0, start_step=start_step,
                                              final_sparsity=config.sparsity.final)
   pending = []
   best_acc, last_eval = 0.0, {}
@@ -671,9 +753,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       dens, layers = jax.device_get(density_fn(host_state(state).opt_state))
       record.update(mask_update=True, sparsity=1.0 - float(dens),
                     layer_density={k: float(v) for k, v in layers.items()})
-      if recorder is not None:
-        event_step = max(t for t in events if prev < t <= step)
-        record.update(recorder.record_state(event_step, host_state(state).opt_state))
+      if keep_history:
+        # Gathered on every process (sharded masks), recorded by process 0.
+        sparse_state = sparse_jax.get_sparse_state(host_state(state).opt_state)
+        event_masks, union = to_host((sparse_state.masks, sparse_state.union))
+        if recorder is not None:
+          event_step = max(t for t in events if prev < t <= step)
+          record.update(recorder.record(event_step, event_masks, union))
     epoch_done = step % steps_per_epoch == 0
     epoch = step // steps_per_epoch
     if (epoch_done and epoch % config.eval_every_epochs == 0) or step == total_steps:
@@ -714,7 +800,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       return {"halted_at_step": step}
 
   mngr.wait_until_finished()
-  final = jax.device_get(host_state(state))
+  final = to_host(host_state(state))
   masks = sparse_jax.get_masks(final.opt_state) if sparse else None
   prunable = (jax.tree.map(lambda p, m: m is not None, final.params, masks) if sparse
               else sparse_jax.select_prunable(final.params))

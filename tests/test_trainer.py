@@ -16,6 +16,7 @@ import sparse_jax
 from experiments import models
 from experiments import train
 from experiments.configs import default
+from experiments.sharding import fsdp_spec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -154,45 +155,97 @@ def test_big_models_build_and_step_shapes(name, shape, classes):
 
 MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     import json, os, sys
+    import jax
+    import numpy as np
     from experiments import train
     from experiments.configs import default
-    config = default.lenet300_mnist5k("granet", "sparsity=0.9,seed=5")
-    config.num_train_steps = 40
-    config.sparsity.update_every = 10
-    config.sparsity.end_epoch = 1.0
-    config.log_every_steps = 10
-    config.checkpoint_every_steps = 40
-    config.parallelism = sys.argv[2]
-    train.train_and_evaluate(config, sys.argv[1])
-    import jax
-    print(json.dumps({"devices": jax.device_count()}))
+
+    # The state of the last checkpoint (step 40, the end), as the trainer holds it.
+    saved = {}
+    save_checkpoint = train.save_checkpoint
+    def keep_and_save(mngr, state, step):
+      saved["state"] = state
+      save_checkpoint(mngr, state, step)
+    train.save_checkpoint = keep_and_save
+
+    def specs(state):
+      # Shape and PartitionSpec of the params and optimizer state (masks, momentum).
+      tree = {"params": state.params, "opt_state": state.opt_state}
+      return {jax.tree_util.keystr(p): [list(x.shape), list(getattr(x.sharding, "spec", "?"))]
+              for p, x in jax.tree_util.tree_flatten_with_path(tree)[0] if x.ndim}
+
+    for run in sys.argv[2].split(","):  # parallelism[:param_sharding]
+      parallelism, _, param_sharding = run.partition(":")
+      config = default.lenet300_mnist5k("granet", "sparsity=0.9,seed=5")
+      config.num_train_steps = 40
+      config.sparsity.update_every = 10
+      config.sparsity.end_epoch = 1.0
+      config.log_every_steps = 10
+      config.checkpoint_every_steps = 40
+      config.parallelism = parallelism
+      config.param_sharding = param_sharding or "replicated"
+      workdir = os.path.join(sys.argv[1], run.replace(":", "_"))
+      train.train_and_evaluate(config, workdir)
+      state = saved.pop("state")
+      report = {"run": run, "devices": jax.device_count(), "specs": specs(state)}
+      if param_sharding:
+        # The checkpoint restored as a resumed run does it: into the state's shardings.
+        restored, step = train.restore_checkpoint(train.checkpoint_manager(workdir, config),
+                                                  state)
+        equal = all(np.array_equal(np.asarray(a), np.asarray(b))
+                    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)))
+        report["restored"] = {"step": step, "equal": equal, "specs": specs(restored)}
+      print(json.dumps(report), flush=True)
 """)
 
 
-def _run_in_subprocess(workdir, parallelism, devices):
+def _run_in_subprocess(workdir, runs, devices):
+  """Runs ``runs`` (see MULTI_DEVICE_SCRIPT) in one process: {run: export}, {run: report}."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["PYTHONPATH"] = REPO
-  for _ in range(2):
-    out = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT, str(workdir),
-                          parallelism], env=env, cwd=REPO, capture_output=True, text=True,
-                         timeout=600)
+  exports, reports = {}, {}
+  for attempt in range(2):
+    attempt_dir = workdir if attempt == 0 else f"{workdir}_retry"
+    todo = [r for r in runs if r not in reports]
+    out = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT, str(attempt_dir),
+                          ",".join(todo)], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
+    for line in out.stdout.splitlines():
+      if line.startswith("{"):
+        report = json.loads(line)
+        reports[report["run"]] = report
+        exports[report["run"]] = read_export(
+            os.path.join(attempt_dir, report["run"].replace(":", "_")))
     # 8 simulated devices share 2 cores: XLA:CPU aborts a collective whose device
-    # threads do not all arrive within 40 s. That is starvation, not a result; retry once
-    # in a fresh workdir.
+    # threads do not all arrive within 40 s. That is starvation, not a result; retry
+    # once, in a fresh workdir, the runs that did not finish.
     if out.returncode == 0 or "Termination timeout" not in out.stderr:
       break
-    workdir = f"{workdir}_retry"
   assert out.returncode == 0, out.stderr[-3000:]
-  assert json.loads(out.stdout.strip().splitlines()[-1])["devices"] == devices
-  return read_export(workdir)
+  assert sorted(reports) == sorted(runs)
+  assert all(r["devices"] == devices for r in reports.values())
+  return exports, reports
+
+
+@pytest.fixture(scope="module")
+def multi_device_runs(tmp_path_factory):
+  """GraNet, 40 steps: 1 device; 8 devices replicated (mesh, pmap) and fsdp (mesh).
+
+  The 8-device runs share one process (one JAX start-up).
+  """
+  one, _ = _run_in_subprocess(tmp_path_factory.mktemp("one"), ["mesh"], 1)
+  many, reports = _run_in_subprocess(tmp_path_factory.mktemp("eight"),
+                                     ["mesh", "pmap", "mesh:fsdp"], 8)
+  return {"one": one["mesh"], **many}, reports
 
 
 @pytest.mark.multidevice
-def test_mesh_and_pmap_on_8_devices_match_one_device(tmp_path):
-  one = _run_in_subprocess(tmp_path / "one", "mesh", 1)
+def test_mesh_and_pmap_on_8_devices_match_one_device(multi_device_runs):
+  runs, _ = multi_device_runs
+  one = runs["one"]
   for parallelism in ("mesh", "pmap"):
-    many = _run_in_subprocess(tmp_path / parallelism, parallelism, 8)
+    many = runs[parallelism]
     for k in one:
       if k.startswith("masks/"):
         differ = np.mean(one[k] != many[k])
@@ -204,3 +257,38 @@ def test_mesh_and_pmap_on_8_devices_match_one_device(tmp_path):
             if k.replace("params/", "masks/") in one else np.ones(one[k].shape, bool)
         np.testing.assert_allclose(one[k][both], many[k][both], rtol=2e-3, atol=2e-5,
                                    err_msg=(parallelism, k))
+
+
+@pytest.mark.multidevice
+def test_fsdp_state_is_sharded_and_matches_replicated_on_8_devices(multi_device_runs):
+  runs, reports = multi_device_runs
+  # Every leaf of the params and optimizer state (masks, momentum) has the fsdp spec of
+  # its shape, at the end of training and restored from the checkpoint; on 8 devices
+  # that splits the 784 rows of Dense_0/kernel (235,200 of the 266,200 weights), its
+  # mask and its momentum.
+  restored = reports["mesh:fsdp"]["restored"]
+  assert restored["step"] == 40 and restored["equal"]
+  for specs in (reports["mesh:fsdp"]["specs"], restored["specs"]):
+    for key, (shape, spec) in specs.items():
+      assert spec == list(fsdp_spec(shape, 8)), (key, shape, spec)
+    sharded = {k for k, (_, spec) in specs.items() if spec == ["data", None]}
+    assert sum(k.endswith("['Dense_0']['kernel']") for k in sharded) == 3, sorted(specs)
+  assert all(spec == [] for _, spec in reports["mesh"]["specs"].values())
+  fsdp, repl = runs["mesh:fsdp"], runs["mesh"]
+  assert fsdp.keys() == repl.keys()
+  for k in repl:
+    if k.startswith("masks/"):
+      np.testing.assert_array_equal(fsdp[k], repl[k], err_msg=k)
+    else:
+      np.testing.assert_allclose(fsdp[k], repl[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_param_sharding_is_validated(tmp_path):
+  config = small_config()
+  config.param_sharding = "zero3"
+  with pytest.raises(ValueError, match="param_sharding 'zero3'.*replicated.*fsdp"):
+    train.train_and_evaluate(config, str(tmp_path))
+  config.param_sharding = "fsdp"
+  config.parallelism = "pmap"
+  with pytest.raises(ValueError, match="param_sharding='fsdp' needs parallelism='mesh'"):
+    train.train_and_evaluate(config, str(tmp_path))

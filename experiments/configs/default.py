@@ -68,6 +68,11 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # Parallelism and infrastructure.
   config.parallelism = "mesh"  # mesh (jax.jit over a device mesh) | pmap
+  # How the train state (params, batch stats, optimizer state with the sparse masks
+  # and momentum) lives on the mesh: "replicated" (a full copy on every device) or
+  # "fsdp" (each leaf split along its largest axis divisible by the device count,
+  # else replicated; experiments/sharding.py). fsdp needs parallelism="mesh".
+  config.param_sharding = "replicated"
   config.distributed = False  # call jax.distributed.initialize() (multi-host)
   # Passed to jax.distributed.initialize when set (CPU/GPU clusters without
   # auto-detection); on TPU pods leave them unset.
