@@ -23,11 +23,14 @@ from sparse_jax._masks import density
 from sparse_jax._masks import layer_densities
 from sparse_jax._masks import leaf_names
 from sparse_jax._masks import masks_from_params
+from sparse_jax._masks import pack_masks
+from sparse_jax._masks import PackedMask
 from sparse_jax._masks import params_sparsity
 from sparse_jax._masks import path_to_name
 from sparse_jax._masks import prunable_layers
 from sparse_jax._masks import select_prunable
 from sparse_jax._masks import sparsity
+from sparse_jax._masks import unpack_masks
 from sparse_jax._prune import drop_smallest
 from sparse_jax._prune import global_magnitude_prune
 from sparse_jax._prune import layer_active_counts

@@ -6,10 +6,15 @@ A mask tree has the same structure as the params tree. A prunable leaf's mask is
 mask: ``None`` is an empty pytree node, so ``jax.tree.map(f, params, masks)`` still
 visits every parameter and hands ``f`` a ``None`` mask for dense leaves, and the
 mask tree costs nothing for them in checkpoints or in sharding.
+
+A mask may also be stored bit-packed, as a ``PackedMask`` (1 bit per weight instead
+of a ``bool``'s byte); ``unpack_masks`` turns such a tree back into bool masks.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -152,7 +157,8 @@ def check_mask_tree(params: PyTree, masks: PyTree) -> None:
   """Raises a clear error if ``masks`` does not fit ``params``.
 
   A fitting mask tree has the params' structure, and each of its leaves is either
-  ``None`` (dense leaf) or an array of the parameter's shape.
+  ``None`` (dense leaf), an array of the parameter's shape, or a ``PackedMask`` of
+  that shape.
   """
   params = unwrap_variables(params)
   masks = unwrap_variables(masks)
@@ -169,6 +175,8 @@ def check_mask_tree(params: PyTree, masks: PyTree) -> None:
   for name, p, m in zip(names, jax.tree.leaves(params), pairs):
     if m is None:
       continue
+    if isinstance(m, PackedMask):
+      _check_packed(m, name)
     if not hasattr(m, "shape") or tuple(m.shape) != tuple(np.shape(p)):
       raise ValueError(
           f"Mask for {name!r} has shape {getattr(m, 'shape', type(m))} but the "
@@ -189,17 +197,23 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
   """
   return jax.tree.map(
       lambda p, m: p if m is None else jnp.where(m, p, jnp.zeros_like(p)),
-      params, masks)
+      params, unpack_masks(masks))
 
 
+# The measures below also take PackedMask leaves, whose pytree leaves are the packed
+# bytes: summing those as masks would be silently wrong.
 def count_active(masks: PyTree) -> jax.Array:
   """Number of active prunable weights (an int32 scalar)."""
-  return sum(jnp.sum(m, dtype=jnp.int32) for m in jax.tree.leaves(masks))
+  # Padding bits are 0, so a packed mask's count is the popcount of its bytes.
+  return sum(jnp.sum(jax.lax.population_count(m.bits), dtype=jnp.int32) if _is_packed(m)
+             else jnp.sum(m, dtype=jnp.int32)
+             for m in jax.tree.leaves(masks, is_leaf=_is_packed))
 
 
 def count_prunable(masks: PyTree) -> int:
   """Number of prunable weights (a Python int, from the shapes)."""
-  return sum(int(np.size(m)) for m in jax.tree.leaves(masks))
+  return sum(math.prod(m.shape) if _is_packed(m) else int(np.size(m))
+             for m in jax.tree.leaves(masks, is_leaf=_is_packed))
 
 
 def density(masks: PyTree) -> jax.Array:
@@ -214,8 +228,7 @@ def sparsity(masks: PyTree) -> jax.Array:
 
 def layer_densities(masks: PyTree) -> dict[str, jax.Array]:
   """Density of each prunable leaf, keyed by leaf name ("Dense_0/kernel")."""
-  masks = unwrap_variables(masks)
-  flat = jax.tree_util.tree_flatten_with_path(masks)[0]
+  flat = jax.tree_util.tree_flatten_with_path(unpack_masks(masks))[0]
   return {path_to_name(p): jnp.mean(m.astype(jnp.float32)) for p, m in flat}
 
 
@@ -236,3 +249,142 @@ def masks_from_params(params: PyTree, prunable: PyTree | None = None) -> PyTree:
     prunable = select_prunable(params)
   return jax.tree.map(lambda p, f: (p != 0) if f else None, params, prunable)
 
+
+
+# ---------------------------------------------------------------------------
+# Bit-packed masks
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedMask:
+  """A bool mask stored 1 bit per weight.
+
+  The mask is viewed as a matrix of ``rows x cols`` (all axes but the last merged
+  into rows, a free reshape; a 0-d or 1-d mask is one column of ``size`` rows), and
+  each group of 8 consecutive rows is packed into one ``uint8`` row, row ``8 i + j``
+  in bit ``j`` of byte row ``i`` (``np.packbits(..., axis=0, bitorder="little")``
+  layout). Padding bits of the last byte row are 0. A ``(R, C)`` kernel packs to
+  ``bits`` of shape ``(ceil(R / 8), C)``, a ``(3, 3, I, O)`` conv kernel to
+  ``(ceil(9 I / 8), O)``; packing along axis 0 alone would use only 3 of 8 bits of
+  each byte there.
+
+  A pytree node whose only child is ``bits``: ``shape`` is static metadata, so
+  ``jit``, ``lax.cond``, sharding and orbax see one ``uint8`` array per mask.
+  """
+  bits: jax.Array  # uint8 (ceil(rows / 8), *cols)
+  shape: tuple[int, ...]  # the mask's own shape
+
+
+jax.tree_util.register_dataclass(PackedMask, data_fields=["bits"], meta_fields=["shape"])
+
+
+def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+  """``(rows, cols)`` of the matrix view of a mask of ``shape``."""
+  if len(shape) < 2:
+    return math.prod(shape), ()
+  return math.prod(shape[:-1]), shape[-1:]
+
+
+def _packed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+  """Shape of ``PackedMask.bits`` for a mask of ``shape``."""
+  rows, cols = _matrix_shape(tuple(shape))
+  return (-(-rows // 8),) + cols
+
+
+def _check_packed(m: PackedMask, name: str = "mask") -> None:
+  expected = _packed_shape(m.shape)
+  if tuple(np.shape(m.bits)) != expected or np.dtype(m.bits.dtype) != np.uint8:
+    raise ValueError(
+        f"PackedMask {name!r} of shape {m.shape} needs uint8 bits of shape {expected}; "
+        f"got {getattr(m.bits, 'dtype', type(m.bits))} of shape {np.shape(m.bits)}. "
+        "Build it with sparse_jax.pack_masks.")
+
+
+# Shifts written out rather than jnp.packbits/unpackbits: those move the packed axis
+# last (two transposes around the reduce) while these only reshape leading axes
+# (bitcasts), so both directions fuse into their consumer or producer with no
+# relayout, also when the leaf is sharded.
+def _pack_leaf(mask: jax.Array) -> PackedMask:
+  shape = tuple(int(n) for n in np.shape(mask))
+  rows, cols = _matrix_shape(shape)
+  r8 = -(-rows // 8)
+  m = jnp.reshape(mask, (rows,) + cols)
+  m = jnp.pad(m, [(0, 8 * r8 - rows)] + [(0, 0)] * len(cols))
+  m = m.reshape((r8, 8) + cols).astype(jnp.uint8)
+  shifts = jnp.arange(8, dtype=jnp.uint8).reshape((1, 8) + (1,) * len(cols))
+  # Distinct powers of two: the sum is their bitwise or and never overflows.
+  return PackedMask(jnp.sum(m << shifts, axis=1, dtype=jnp.uint8), shape)
+
+
+def _unpack_leaf(packed: PackedMask) -> jax.Array:
+  rows, cols = _matrix_shape(packed.shape)
+  shifts = jnp.arange(8, dtype=jnp.uint8).reshape((1, 8) + (1,) * len(cols))
+  bits = (packed.bits[:, None] >> shifts) & 1
+  return bits.reshape((-1,) + cols)[:rows].astype(bool).reshape(packed.shape)
+
+
+def _is_packed(x) -> bool:
+  return isinstance(x, PackedMask)
+
+
+def pack_masks(masks: PyTree) -> PyTree:
+  """Stores each bool mask of ``masks`` as a ``PackedMask`` (1 bit per weight).
+
+  ``None`` (dense) leaves stay ``None`` and ``PackedMask`` leaves are kept as they
+  are, so packing twice is packing once. Works under ``jit``.
+
+  Example:
+    >>> packed = sparse_jax.pack_masks(masks)
+    >>> sparse_jax.unpack_masks(packed)   # the same bool masks again
+
+  Args:
+    masks: a mask tree (bool arrays, ``None`` on dense leaves), or one bool array.
+
+  Returns:
+    The tree with a ``PackedMask`` in place of every bool array.
+
+  Raises:
+    ValueError: if a leaf is not a bool array.
+  """
+  def pack(path, m):
+    if _is_packed(m):
+      return m
+    dtype = m.dtype if hasattr(m, "dtype") else np.asarray(m).dtype
+    if dtype != np.bool_:
+      raise ValueError(
+          f"pack_masks takes bool masks, but the leaf {path_to_name(path) or 'mask'!r} "
+          f"has dtype {dtype}; compare it first (e.g. m != 0).")
+    return _pack_leaf(m)
+
+  return jax.tree_util.tree_map_with_path(pack, unwrap_variables(masks),
+                                          is_leaf=_is_packed)
+
+
+def unpack_masks(masks: PyTree) -> PyTree:
+  """Bool masks of a tree that may hold ``PackedMask`` leaves (others are kept).
+
+  The identity on a tree of bool masks, so code that reads masks can always unpack.
+  Under ``jit`` the unpacking fuses into whatever consumes the mask.
+
+  Example:
+    >>> masks = sparse_jax.unpack_masks(sparse_state.masks)
+
+  Args:
+    masks: a mask tree with ``PackedMask``, bool-array and ``None`` leaves.
+
+  Returns:
+    The tree with a bool array of ``PackedMask.shape`` in place of every
+    ``PackedMask``.
+
+  Raises:
+    ValueError: if a ``PackedMask``'s bits do not fit its shape.
+  """
+  def unpack(path, m):
+    if not _is_packed(m):
+      return m
+    _check_packed(m, path_to_name(path) or "mask")
+    return _unpack_leaf(m)
+
+  return jax.tree_util.tree_map_with_path(unpack, unwrap_variables(masks),
+                                          is_leaf=_is_packed)
