@@ -19,8 +19,8 @@ PyTree = _transform.PyTree
 def one_shot(inner: optax.GradientTransformation, *, sparsity: float, prune_step: int,
              scope: str = "global", include=None, exclude=None,
              keep_first_dense: bool = False, keep_last_dense: bool = False,
-             initial_masks: PyTree | None = None, track_union: bool = False
-             ) -> optax.GradientTransformationExtraArgs:
+             initial_masks: PyTree | None = None, track_union: bool = False,
+             packed_masks: bool = False) -> optax.GradientTransformationExtraArgs:
   """Trains dense, prunes once by magnitude after update ``prune_step``, then fine-tunes.
 
   After the event the mask never changes (the pruned weights stay exactly 0 with
@@ -40,6 +40,7 @@ def one_shot(inner: optax.GradientTransformation, *, sparsity: float, prune_step
       (see ``select_prunable``).
     initial_masks: a mask tree to start from instead of dense.
     track_union: keep the union of all masks so far in ``SparseState.union``.
+    packed_masks: store the masks 1 bit per weight (see ``granet``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a ``SparseState``.
@@ -54,4 +55,5 @@ def one_shot(inner: optax.GradientTransformation, *, sparsity: float, prune_step
       0.0, "erk", "exact", 0, initial_masks,
       _transform._selector(include, exclude, keep_first_dense, keep_last_dense))  # pylint: disable=protected-access
   pruning = _transform._Pruning(0.0, s, 0, int(prune_step), int(prune_step), scope)  # pylint: disable=protected-access
-  return _transform._sparse_wrapper(inner, start, pruning, None, track_union)  # pylint: disable=protected-access
+  return _transform._sparse_wrapper(inner, start, pruning, None, track_union,  # pylint: disable=protected-access
+                                    packed_masks)

@@ -40,7 +40,9 @@ SCOPES = ("global", "layerwise")
 class SparseState(NamedTuple):
   """State of a sparse-training wrapper."""
   count: jax.Array  # int32 [], optimizer updates completed
-  masks: PyTree  # bool arrays on prunable leaves, None on dense leaves
+  # bool arrays on prunable leaves (PackedMask with packed_masks=True), None on
+  # dense leaves; get_masks / get_sparse_state always return bool masks.
+  masks: PyTree
   rng: jax.Array  # uint32 [2], raw PRNG key (checkpointable as a plain array)
   inner_state: optax.OptState
   # Momentum of the dense gradient on prunable leaves, kept only for
@@ -91,6 +93,7 @@ def _build_initial_masks(params, start: _Start, key):
   if start.initial_masks is not None:
     given = _masks.unwrap_variables(start.initial_masks)
     _masks.check_mask_tree(params, given)
+    given = _masks.unpack_masks(given)
     masks = jax.tree.map(lambda p, m: None if m is None else jnp.asarray(m).astype(bool),
                          params, given)
     if not jax.tree.leaves(masks):
@@ -112,22 +115,28 @@ def _build_initial_masks(params, start: _Start, key):
 
 def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
                     pruning: _Pruning | None, regrowth: _Regrowth | None,
-                    track_union: bool = False) -> optax.GradientTransformationExtraArgs:
+                    track_union: bool = False, packed_masks: bool = False
+                    ) -> optax.GradientTransformationExtraArgs:
   inner = optax.with_extra_args_support(inner)
+  # How masks are stored in the state. Both are no-ops on masks already stored that
+  # way, so a state given the other kind (bool masks put in with ``_replace``) is
+  # converted at the next update instead of failing.
+  store = _masks.pack_masks if packed_masks else _masks.unpack_masks
 
   def init_fn(params):
     key = jax.random.PRNGKey(start.seed)
     mask_key, state_key = jax.random.split(key)
     masks = _build_initial_masks(params, start, mask_key)
+    stored = store(masks)
     grad_momentum = None
     if regrowth is not None and regrowth.mode == "momentum":
       grad_momentum = jax.tree.map(lambda p, m: None if m is None else jnp.zeros_like(p),
                                    _masks.unwrap_variables(params), masks)
     return SparseState(
-        count=jnp.zeros((), jnp.int32), masks=masks, rng=state_key,
+        count=jnp.zeros((), jnp.int32), masks=stored, rng=state_key,
         inner_state=inner.init(params), grad_momentum=grad_momentum,
         # A copy: the same buffer twice in the state breaks buffer donation.
-        union=jax.tree.map(jnp.copy, masks) if track_union else None)
+        union=jax.tree.map(jnp.copy, stored) if track_union else None)
 
   def mask_update(params, updates, grads, masks, rng, t, grad_momentum):
     """New masks and the ``keep`` masks after the update ``t`` (an event)."""
@@ -195,14 +204,18 @@ def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
                        "tx.update(grads, opt_state, params).")
     params = _masks.unwrap_variables(params)
     grads = updates
-    masks = state.masks
+    stored, union = store(state.masks), store(state.union)
+    # With packed storage every use unpacks its own copy, which XLA fuses into the
+    # consumer; a cond must never take unpacked masks as an operand (a bool buffer of
+    # the whole mask, materialised on every step).
+    masks = _masks.unpack_masks(stored)
 
-    def inner_update(inner_state):
+    def inner_update(inner_state, masks):
       masked_grads = jax.tree.map(
           lambda g, m: g if m is None else jnp.where(m, g, jnp.zeros_like(g)), grads, masks)
       return inner.update(masked_grads, inner_state, params, **extra_args)
 
-    inner_updates, inner_state = inner_update(state.inner_state)
+    inner_updates, inner_state = inner_update(state.inner_state, masks)
     t = state.count + 1
     grad_momentum = state.grad_momentum
     if grad_momentum is not None:
@@ -210,9 +223,8 @@ def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
       grad_momentum = jax.tree.map(lambda v, g: regrowth.momentum * v + g.astype(v.dtype),
                                    grad_momentum, prunable_grads)
 
-    union = state.union
     if pruning is None and regrowth is None:
-      new_masks, keep, rng = masks, masks, state.rng
+      new_stored, kept, rng = stored, stored, state.rng
     else:
       is_event = jnp.zeros((), bool)
       if pruning is not None:
@@ -228,20 +240,24 @@ def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
         # updates (or carrying params through the branches) costs a full pass over
         # the model on every ordinary step (measured 1.1-1.3x a dense step). Its
         # operands are buffers that exist anyway: params, grads, masks, old state.
-        event_updates, _ = inner_update(state.inner_state)
+        masks = _masks.unpack_masks(stored)
+        event_updates, _ = inner_update(state.inner_state, masks)
         rng, event_rng = jax.random.split(state.rng)
         new_masks, keep = mask_update(params, event_updates, grads, masks, event_rng, t,
                                       grad_momentum)
+        new_stored = store(new_masks)
+        # On packed masks the or of the bytes is the or of the bits.
         new_union = None if union is None else jax.tree.map(
-            lambda u, m: u | m, union, new_masks)
-        return new_masks, keep, rng, new_union
+            lambda u, m: u | m, union, new_stored)
+        return new_stored, store(keep), rng, new_union
 
-      new_masks, keep, rng, union = lax.cond(
-          is_event, event, lambda: (masks, masks, state.rng, union))
+      # Ordinary steps hand the stored masks through: no new mask is computed.
+      new_stored, kept, rng, union = lax.cond(
+          is_event, event, lambda: (stored, stored, state.rng, union))
 
     out = jax.tree.map(
         lambda u, p, k: u if k is None else jnp.where(k, u, -p).astype(u.dtype),
-        inner_updates, params, keep)
+        inner_updates, params, _masks.unpack_masks(kept))
     if pruning is not None or regrowth is not None:
       # With masked gradients the inner state stays zero at inactive positions, so
       # only events (pruned and newly grown positions) need it zeroed. Masking it on
@@ -252,9 +268,9 @@ def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
           lambda: optax.tree_map_params(
               inner, lambda s, k: s if (k is None or getattr(s, "shape", None) != k.shape)
               else jnp.where(k, s, jnp.zeros_like(s)),
-              inner_state, keep, transform_non_params=lambda x: x),
+              inner_state, _masks.unpack_masks(kept), transform_non_params=lambda x: x),
           lambda: inner_state)
-    return out, SparseState(count=t, masks=new_masks, rng=rng, inner_state=inner_state,
+    return out, SparseState(count=t, masks=new_stored, rng=rng, inner_state=inner_state,
                             grad_momentum=grad_momentum, union=union)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -286,8 +302,8 @@ def granet(inner: optax.GradientTransformation, *, sparsity: float, total_steps:
            growth: str = "gradient", scope: str = "global", seed: int = 0,
            sampling: str = "exact", initial_masks: PyTree | None = None,
            include=None, exclude=None, keep_first_dense: bool = False,
-           keep_last_dense: bool = False, track_union: bool = False
-           ) -> optax.GradientTransformationExtraArgs:
+           keep_last_dense: bool = False, track_union: bool = False,
+           packed_masks: bool = False) -> optax.GradientTransformationExtraArgs:
   """GraNet: gradual magnitude pruning with zero-cost neuroregeneration.
 
   Prunes globally by magnitude on Zhu & Gupta's cubic schedule from
@@ -330,6 +346,10 @@ def granet(inner: optax.GradientTransformation, *, sparsity: float, total_steps:
       (see ``select_prunable``).
     track_union: keep the union of all masks so far in ``SparseState.union``
       (ITOP; every method takes this option).
+    packed_masks: store the masks (and the union) 1 bit per weight, as
+      ``PackedMask`` leaves, instead of a bool byte; for very large models (every
+      method takes this option). ``get_masks`` still returns bool masks, and the
+      results are the same either way.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a ``SparseState``.
@@ -346,15 +366,15 @@ def granet(inner: optax.GradientTransformation, *, sparsity: float, total_steps:
   pruning = _Pruning(s_i, s_f, start_step, end_step, update_every, scope)
   regrowth = _Regrowth(growth, regrowth_rate, "cosine", min_regrowth_rate, total_steps,
                        start_step, total_steps - 1, update_every)
-  return _sparse_wrapper(inner, start, pruning, regrowth, track_union)
+  return _sparse_wrapper(inner, start, pruning, regrowth, track_union, packed_masks)
 
 
 def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
         update_every: int, initial_sparsity: float = 0.0, start_step: int = 0,
         scope: str = "global", include=None, exclude=None,
         keep_first_dense: bool = False, keep_last_dense: bool = False,
-        initial_masks: PyTree | None = None, track_union: bool = False
-        ) -> optax.GradientTransformationExtraArgs:
+        initial_masks: PyTree | None = None, track_union: bool = False,
+        packed_masks: bool = False) -> optax.GradientTransformationExtraArgs:
   """Gradual magnitude pruning (Zhu & Gupta) from dense, no regrowth.
 
   The same cubic schedule and global (or layer-wise) magnitude prune as
@@ -363,6 +383,19 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
   Example:
     >>> tx = sparse_jax.gmp(optax.adam(1e-3), sparsity=0.9, end_step=800,
     ...                     update_every=100)
+
+  Args:
+    inner: the optimizer to wrap.
+    sparsity, end_step, update_every, initial_sparsity, start_step, scope: the
+      pruning schedule, as in ``granet``.
+    include, exclude, keep_first_dense, keep_last_dense: which leaves are prunable.
+    initial_masks: a mask tree to start from instead of dense.
+    track_union: keep the union of all masks so far in ``SparseState.union``.
+    packed_masks: store the masks (and the union) 1 bit per weight, as
+      ``PackedMask`` leaves, instead of a bool byte (see ``granet``).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a ``SparseState``.
   """
   s_f = _distributions.check_sparsity(sparsity)
   s_i = _distributions.check_sparsity(initial_sparsity, "initial_sparsity")
@@ -376,12 +409,12 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
                  _selector(include, exclude, keep_first_dense, keep_last_dense))
   return _sparse_wrapper(inner, start,
                          _Pruning(s_i, s_f, start_step, end_step, update_every, scope), None,
-                         track_union)
+                         track_union, packed_masks)
 
 
 def _dst(inner, *, sparsity, update_every, start_step, end_step, distribution, rate,
          rate_schedule, growth, seed, sampling, initial_masks, selector,
-         track_union=False):
+         track_union=False, packed_masks=False):
   s = _distributions.check_sparsity(sparsity)
   _schedules.check_steps(update_every=update_every, start_step=start_step,
                          end_step=end_step)
@@ -391,7 +424,7 @@ def _dst(inner, *, sparsity, update_every, start_step, end_step, distribution, r
   start = _Start(s, distribution, sampling, seed, initial_masks, selector)
   regrowth = _Regrowth(growth, rate, rate_schedule, 0.0, max(end_step, 1), start_step,
                        end_step, update_every)
-  return _sparse_wrapper(inner, start, None, regrowth, track_union)
+  return _sparse_wrapper(inner, start, None, regrowth, track_union, packed_masks)
 
 
 def rigl(inner: optax.GradientTransformation, *, sparsity: float, total_steps: int,
@@ -400,7 +433,8 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: float, total_steps: i
          growth: str = "gradient", seed: int = 0, sampling: str = "exact",
          initial_masks: PyTree | None = None, include=None, exclude=None,
          keep_first_dense: bool = False, keep_last_dense: bool = False,
-         track_union: bool = False) -> optax.GradientTransformationExtraArgs:
+         track_union: bool = False, packed_masks: bool = False
+         ) -> optax.GradientTransformationExtraArgs:
   """RigL: sparse from the start; per layer drop the smallest, grow by |gradient|.
 
   Defaults follow the RigL paper: ERK start at ``sparsity``, ΔT = 100, drop
@@ -410,6 +444,24 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: float, total_steps: i
   Example:
     >>> tx = sparse_jax.rigl(optax.sgd(0.1, momentum=0.9), sparsity=0.9,
     ...                      total_steps=10_000)
+
+  Args:
+    inner: the optimizer to wrap.
+    sparsity: the (constant) overall sparsity in [0, 1).
+    total_steps: total optimizer updates of the run.
+    update_every: ΔT, updates between mask updates.
+    end_step: last update at which the mask changes (default 75% of total_steps).
+    start_step: first update at which the mask may change.
+    distribution, seed, sampling, initial_masks: the start mask, as in ``granet``.
+    regrowth_rate: the drop fraction, decayed by a cosine to 0 at ``end_step``.
+    growth: ``"gradient"`` (default), ``"momentum"`` or ``"random"``.
+    include, exclude, keep_first_dense, keep_last_dense: which leaves are prunable.
+    track_union: keep the union of all masks so far in ``SparseState.union``.
+    packed_masks: store the masks (and the union) 1 bit per weight, as
+      ``PackedMask`` leaves, instead of a bool byte (see ``granet``).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a ``SparseState``.
   """
   end = int(0.75 * total_steps) if end_step is None else end_step
   return _dst(inner, sparsity=sparsity, update_every=update_every, start_step=start_step,
@@ -417,7 +469,7 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: float, total_steps: i
               rate_schedule="cosine", growth=growth, seed=seed, sampling=sampling,
               initial_masks=initial_masks,
               selector=_selector(include, exclude, keep_first_dense, keep_last_dense),
-              track_union=track_union)
+              track_union=track_union, packed_masks=packed_masks)
 
 
 def sparse_evolutionary_training(
@@ -427,7 +479,8 @@ def sparse_evolutionary_training(
     regrowth_schedule: str = "constant", seed: int = 0, sampling: str = "exact",
     initial_masks: PyTree | None = None, include=None, exclude=None,
     keep_first_dense: bool = False, keep_last_dense: bool = False,
-    track_union: bool = False) -> optax.GradientTransformationExtraArgs:
+    track_union: bool = False, packed_masks: bool = False
+    ) -> optax.GradientTransformationExtraArgs:
   """SET: sparse from the start; per layer drop the smallest, grow at random.
 
   Exported as ``sparse_jax.set``. Defaults follow the SET paper: a constant
@@ -437,6 +490,21 @@ def sparse_evolutionary_training(
   Example:
     >>> tx = sparse_jax.set(optax.sgd(0.1, momentum=0.9), sparsity=0.9,
     ...                     total_steps=10_000)
+
+  Args:
+    inner: the optimizer to wrap.
+    sparsity, total_steps, update_every, start_step: as in ``rigl``.
+    end_step: last update at which the mask changes (default ``total_steps - 1``).
+    distribution, seed, sampling, initial_masks: the start mask, as in ``granet``.
+    regrowth_rate: zeta, the fraction of each layer's active weights replaced.
+    regrowth_schedule: ``"constant"`` (default) or ``"cosine"``.
+    include, exclude, keep_first_dense, keep_last_dense: which leaves are prunable.
+    track_union: keep the union of all masks so far in ``SparseState.union``.
+    packed_masks: store the masks (and the union) 1 bit per weight, as
+      ``PackedMask`` leaves, instead of a bool byte (see ``granet``).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a ``SparseState``.
   """
   if regrowth_schedule not in ("constant", "cosine"):
     raise ValueError(f"Unknown regrowth_schedule {regrowth_schedule!r}; use 'constant' "
@@ -447,25 +515,39 @@ def sparse_evolutionary_training(
               rate_schedule=regrowth_schedule, growth="random", seed=seed,
               sampling=sampling, initial_masks=initial_masks,
               selector=_selector(include, exclude, keep_first_dense, keep_last_dense),
-              track_union=track_union)
+              track_union=track_union, packed_masks=packed_masks)
 
 
 def static(inner: optax.GradientTransformation, *, sparsity: float = 0.0,
            distribution: str | Mapping[str, float] = "erk", seed: int = 0,
            sampling: str = "exact", initial_masks: PyTree | None = None, include=None,
            exclude=None, keep_first_dense: bool = False, keep_last_dense: bool = False,
-           track_union: bool = False) -> optax.GradientTransformationExtraArgs:
+           track_union: bool = False, packed_masks: bool = False
+           ) -> optax.GradientTransformationExtraArgs:
   """Static sparse training: a fixed mask (random, or ``initial_masks`` e.g. SNIP).
 
   Example:
     >>> tx = sparse_jax.static(optax.adam(1e-3), sparsity=0.9, distribution="erk")
     >>> tx = sparse_jax.static(optax.adam(1e-3), initial_masks=snip_masks)
+
+  Args:
+    inner: the optimizer to wrap.
+    sparsity, distribution, seed, sampling: the random mask, as in ``granet``
+      (``sparsity=0.0``: dense).
+    initial_masks: the mask to train with instead (bool or packed).
+    include, exclude, keep_first_dense, keep_last_dense: which leaves are prunable.
+    track_union: keep ``SparseState.union`` (for a fixed mask, the mask itself).
+    packed_masks: store the masks (and the union) 1 bit per weight, as
+      ``PackedMask`` leaves, instead of a bool byte (see ``granet``).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a ``SparseState``.
   """
   s = _distributions.check_sparsity(sparsity)
   _check_common(distribution, "gradient", "global", sampling)
   start = _Start(s, distribution, sampling, seed, initial_masks,
                  _selector(include, exclude, keep_first_dense, keep_last_dense))
-  return _sparse_wrapper(inner, start, None, None, track_union)
+  return _sparse_wrapper(inner, start, None, None, track_union, packed_masks)
 
 
 def _find_states(opt_state) -> list[SparseState]:
@@ -478,7 +560,8 @@ def _find_states(opt_state) -> list[SparseState]:
 def get_sparse_state(opt_state) -> SparseState:
   """The ``SparseState`` inside any optimizer state (chains, MultiSteps, NNX).
 
-  Flax NNX optimizer variables are unwrapped to plain arrays.
+  Flax NNX optimizer variables are unwrapped to plain arrays, and packed masks
+  (``packed_masks=True``) and union are unpacked to bool arrays.
   """
   found = _find_states(opt_state)
   if len(found) != 1:
@@ -486,11 +569,13 @@ def get_sparse_state(opt_state) -> SparseState:
         f"Expected exactly one sparse_jax wrapper state in the optimizer state, found "
         f"{len(found)}. Build the optimizer with a sparse_jax method (e.g. "
         "sparse_jax.granet(...)).")
-  return _masks.unwrap_variables(found[0])
+  state = _masks.unwrap_variables(found[0])
+  return state._replace(masks=_masks.unpack_masks(state.masks),
+                        union=_masks.unpack_masks(state.union))
 
 
 def get_masks(opt_state) -> PyTree:
-  """The current mask tree of an optimizer state built by any sparse_jax method.
+  """The current (bool) mask tree of an optimizer state built by any sparse_jax method.
 
   Example:
     >>> masks = sparse_jax.get_masks(opt_state)   # also an nnx.Optimizer
