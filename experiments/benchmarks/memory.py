@@ -29,9 +29,13 @@ MODEL = step_overhead.MODELS["mlp_30m"]
 
 
 def make_tx(method: str):
+  """The optimizer of ``method``: a ``make_methods`` name, optionally with the
+  suffix ``_packed`` (bit-packed masks, e.g. ``granet_packed``)."""
   inner = optax.sgd(0.01, momentum=0.9, nesterov=True)
   if method == "dense":
     return inner
+  if method.endswith("_packed"):
+    return step_overhead.make_methods(packed_masks=True)[method[:-len("_packed")]]
   return step_overhead.make_methods()[method]
 
 
@@ -73,7 +77,9 @@ def rss_child(method: str, batch: int):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--methods", default="dense,granet,rigl,static")
+  parser.add_argument("--methods", default="dense,granet,rigl,static",
+                      help="comma-separated; a _packed suffix (granet_packed) packs "
+                      "the masks 1 bit per weight")
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--out", default=None)
@@ -90,12 +96,12 @@ def main():
     row.update(json.loads(out.stdout.strip().splitlines()[-1]))
     rows.append(row)
   dense = rows[0]
-  print(f"{'method':8s} {'XLA peak MB':>12s} {'x dense':>8s} {'temp MB':>8s} "
+  print(f"{'method':14s} {'XLA peak MB':>12s} {'x dense':>8s} {'temp MB':>8s} "
         f"{'RSS MB':>8s} {'x dense':>8s}")
   for r in rows:
     r["xla_peak_vs_dense"] = r["peak_bytes"] / dense["peak_bytes"]
     r["rss_vs_dense"] = r["max_rss_bytes"] / dense["max_rss_bytes"]
-    print(f"{r['method']:8s} {r['peak_bytes'] / 2**20:12.1f} {r['xla_peak_vs_dense']:8.3f} "
+    print(f"{r['method']:14s} {r['peak_bytes'] / 2**20:12.1f} {r['xla_peak_vs_dense']:8.3f} "
           f"{r['temp_bytes'] / 2**20:8.1f} {r['max_rss_bytes'] / 2**20:8.1f} "
           f"{r['rss_vs_dense']:8.3f}")
   if args.out:

@@ -51,22 +51,24 @@ def loss_fn(params, x, y):
   return optax.softmax_cross_entropy_with_integer_labels(h, y).mean()
 
 
-def make_methods(total_steps=1000, every=100):
+def make_methods(total_steps=1000, every=100, **options):
+  """Dense SGD and each sparse method; ``options`` go to every sparse factory
+  (e.g. ``packed_masks=True``)."""
   inner = lambda: optax.sgd(0.01, momentum=0.9, nesterov=True)
   return {
       "dense": inner(),
       "granet": sparse_jax.granet(inner(), sparsity=0.9, total_steps=total_steps,
-                                  end_step=total_steps // 2, update_every=every),
+                                  end_step=total_steps // 2, update_every=every, **options),
       "granet_st": sparse_jax.granet(inner(), sparsity=0.9, initial_sparsity=0.5,
                                      total_steps=total_steps, end_step=total_steps // 2,
-                                     update_every=every),
+                                     update_every=every, **options),
       "gmp": sparse_jax.gmp(inner(), sparsity=0.9, end_step=total_steps // 2,
-                            update_every=every),
+                            update_every=every, **options),
       "rigl": sparse_jax.rigl(inner(), sparsity=0.9, total_steps=total_steps,
-                              update_every=every),
+                              update_every=every, **options),
       "set": sparse_jax.set(inner(), sparsity=0.9, total_steps=total_steps,
-                            update_every=every),
-      "static": sparse_jax.static(inner(), sparsity=0.9),
+                            update_every=every, **options),
+      "static": sparse_jax.static(inner(), sparsity=0.9, **options),
   }
 
 
