@@ -234,11 +234,30 @@ def test_checkpoint_round_trip(tmp_path):
   assert 0 < float(sj.density(sj.get_masks(restored))) < 1
 
 
+def test_packed_fsdp_spec_follows_the_parameter_shard():
+  P = jax.sharding.PartitionSpec
+  spec = sharding.packed_fsdp_spec
+  # Parameter split on axis 0 with whole bytes per device (64 = 8 * 8 rows / 8 devices).
+  assert spec((64, 40), 8) == P("data", None)
+  assert spec((4096, 2560), 8) == P("data", None)
+  # On the last axis: the bits keep the columns.
+  assert spec((784, 4096), 8) == P(None, "data")
+  assert spec((3, 3, 16, 64), 4) == P(None, "data")
+  # 40 rows over 8 devices is 5 rows each, not whole bytes; a split of cin of a conv
+  # kernel is strided in the merged rows: replicated.
+  assert spec((40, 16), 8) == P()
+  assert spec((3, 3, 64, 16), 4) == P()
+  assert spec((16,), 2) == P("data")
+  assert spec((10, 3), 8) == P()
+
+
 def test_fsdp_shardings_of_a_packed_state():
   params = _params()
   tx = METHODS["granet"](packed_masks=True)
-  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
   shardings = sharding.fsdp_shardings(jax.eval_shape(tx.init, params), mesh)
   assert isinstance(shardings.masks["l1"]["kernel"], sj.PackedMask)
+  assert shardings.masks["l1"]["kernel"].shape == (16, 24)
   state = jax.jit(tx.init, out_shardings=shardings)(params)
   jax.tree.map(np.testing.assert_array_equal, state, tx.init(params))
