@@ -625,3 +625,67 @@ def test_bad_initial_masks_and_missing_params():
   state = tx.init(params)
   with pytest.raises(ValueError, match=r"need the params: call tx.update\(grads, opt_state, params\)"):
     tx.update(params, state)
+
+
+# mask_update: the event decided on the host (static) instead of in the graph
+
+
+def _mask_update_run(tx, choose, steps=20):
+  params = {"a": {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(12, 8)),
+                                        jnp.float32)},
+            "b": {"kernel": jnp.asarray(np.random.default_rng(1).normal(size=(8, 4)),
+                                        jnp.float32), "bias": jnp.zeros(4)}}
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(16, 12)), jnp.float32)
+
+  def loss(p):
+    return jnp.sum((jnp.tanh(x @ p["a"]["kernel"]) @ p["b"]["kernel"] + p["b"]["bias"]) ** 2)
+
+  @jax.jit
+  def grads_of(p):
+    return jax.grad(loss)(p)
+
+  updates = {mu: jax.jit(lambda g, s, p, mu=mu: tx.update(g, s, p, mask_update=mu))
+             for mu in (None, False, True)}
+  p, s = params, tx.init(params)
+  for i in range(steps):
+    u, s = updates[choose(i)](grads_of(p), s, p)
+    p = optax.apply_updates(p, u)
+  return p, s
+
+
+@pytest.mark.parametrize("make", [
+    lambda: sj.granet(optax.sgd(0.05, momentum=0.9), sparsity=0.8, total_steps=20,
+                      end_step=10, update_every=4),
+    lambda: sj.set(optax.sgd(0.05, momentum=0.9), sparsity=0.7, total_steps=20,
+                   update_every=4),
+], ids=["granet", "set"])
+def test_mask_update_on_the_host_gives_the_same_run(make):
+  # Events at t = 4, 8, ... (update i is t = i + 1). In-graph (None), host-decided
+  # (True exactly at events, False elsewhere) and always-True runs are identical
+  # with SGD (other optimizers may differ in the last float bit: the programs are
+  # fused differently).
+  tx = make()
+  ref = _mask_update_run(tx, lambda i: None)
+  for choose in (lambda i: (i + 1) % 4 == 0, lambda i: True):
+    got = _mask_update_run(tx, choose)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_mask_update_false_at_an_event_is_reported(caplog):
+  tx = sj.rigl(optax.sgd(0.05), sparsity=0.5, total_steps=20, update_every=4, end_step=12)
+  with caplog.at_level("WARNING", logger="sparse_jax"):
+    _, s = _mask_update_run(tx, lambda i: False, steps=14)
+    jax.effects_barrier()
+  warned = sorted(int(r.getMessage().split("update ")[1].split(",")[0])
+                  for r in caplog.records if "mask_update=False" in r.getMessage())
+  assert warned == [4, 8, 12]  # the events (end_step 12); none was applied
+  assert int(sj.get_sparse_state(s).count) == 14
+
+
+def test_mask_update_must_be_static():
+  tx = sj.rigl(optax.sgd(0.05), sparsity=0.5, total_steps=20)
+  p = {"w": jnp.ones((4, 4))}
+  s = tx.init(p)
+  with pytest.raises(TypeError, match="Python bool known when tracing"):
+    jax.jit(lambda flag: tx.update(p, s, p, mask_update=flag))(jnp.array(True))
