@@ -126,7 +126,8 @@ def create_sparse_tx(config, inner: optax.GradientTransformation, steps_per_epoc
                   keep_first_dense=sp.keep_first_dense, keep_last_dense=sp.keep_last_dense,
                   initial_masks=initial_masks,
                   # The union of all masks (ITOP) for the mask history, kept on the device.
-                  track_union=bool(config.get("record_mask_history", False)))
+                  track_union=bool(config.get("record_mask_history", False)),
+                  packed_masks=bool(sp.get("packed_masks", False)))
   if method == "granet":
     return sparse_jax.granet(
         inner, sparsity=sp.final, total_steps=total, end_step=epoch(sp.end_epoch),
@@ -322,8 +323,13 @@ def apply_train_mode(model, params, batch_stats, images, dropout_rng):
 
 
 def train_step(state: TrainState, batch, *, model, tx, config, num_classes: int,
-               axis_name: str | None = None):
-  """One optimizer step. ``axis_name`` is the pmap axis to average gradients over."""
+               axis_name: str | None = None, mask_update: bool | None = None):
+  """One optimizer step. ``axis_name`` is the pmap axis to average gradients over.
+
+  ``mask_update`` (static) is passed to a sparse_jax optimizer: False compiles the
+  step without the mask-update branch, True with it unconditionally, None lets the
+  optimizer decide in the graph (see sparse_jax/_transform.py).
+  """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
 
   def loss_fn(params):
@@ -338,7 +344,8 @@ def train_step(state: TrainState, batch, *, model, tx, config, num_classes: int,
     grads = jax.lax.pmean(grads, axis_name)
     loss, acc = jax.lax.pmean((loss, acc), axis_name)
     batch_stats = jax.lax.pmean(batch_stats, axis_name)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  extra = {} if mask_update is None else {"mask_update": mask_update}
+  updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state)
@@ -526,16 +533,11 @@ def layer_table(params, masks) -> str:
 
 
 def _validate(config, steps_per_epoch):
-  s = config.steps_per_dispatch
-  if s < 1:
-    raise ValueError("steps_per_dispatch must be >= 1.")
+  if config.steps_per_dispatch < 1:
+    raise ValueError(f"steps_per_dispatch={config.steps_per_dispatch} must be >= 1.")
   for name in ("log_every_steps", "checkpoint_every_steps"):
-    if getattr(config, name) % s:
-      raise ValueError(f"{name}={getattr(config, name)} must be a multiple of "
-                       f"steps_per_dispatch={s}.")
-  if config.sparsity.method not in ("dense", "static") and s > config.sparsity.update_every:
-    raise ValueError("steps_per_dispatch must not exceed sparsity.update_every (masks are "
-                     "recorded once per dispatch).")
+    if getattr(config, name) < 1:
+      raise ValueError(f"{name}={getattr(config, name)} must be >= 1.")
   if config.parallelism not in ("mesh", "pmap"):
     raise ValueError(f"Unknown parallelism {config.parallelism!r}; use mesh or pmap.")
   param_sharding = config.get("param_sharding", "replicated")
@@ -549,9 +551,25 @@ def _validate(config, steps_per_epoch):
   if steps_per_epoch < 1:
     raise ValueError(f"batch_size={config.batch_size} exceeds the training set.")
   gf_every = config.get("gradient_flow_every_steps")
-  if gf_every is not None and (gf_every < 1 or gf_every % s):
-    raise ValueError(f"gradient_flow_every_steps={gf_every} must be a positive multiple "
-                     f"of steps_per_dispatch={s} (or None: off).")
+  if gf_every is not None and gf_every < 1:
+    raise ValueError(f"gradient_flow_every_steps={gf_every} must be >= 1 (or None: off).")
+
+
+def next_stop(step: int, total_steps: int, *, periods, events=(), halt=None) -> int:
+  """The first step after ``step`` at which the host must look at the state.
+
+  ``periods`` are step intervals (logging, checkpoints, evaluation, gradient
+  flow), ``events`` the mask-update steps, ``halt`` an optional last step.
+
+  Example:
+    >>> next_stop(25, 100, periods=(31, 50))
+    31
+  """
+  stops = [total_steps] + [(step // p + 1) * p for p in periods]
+  stops += [t for t in events if t > step][:1]
+  if halt is not None and halt > step:
+    stops.append(halt)
+  return min(stops)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -625,17 +643,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state, mesh, param_sharding)
     state = jax.device_put(state, state_sh)
 
-    if use_device_data:
-      def run(state, images, labels, idx):
-        batches = {"image": images[idx], "label": labels[idx]}
-        batches = jax.lax.with_sharding_constraint(batches, data_sharding)
-        return train_steps(state, batches, **step_kwargs)
-      run = jax.jit(run, in_shardings=(state_sh, repl, repl, repl),
-                    out_shardings=(state_sh, repl), donate_argnums=0)
-    else:
-      run = jax.jit(lambda state, batches: train_steps(state, batches, **step_kwargs),
-                    in_shardings=(state_sh, data_sharding), out_shardings=(state_sh, repl),
-                    donate_argnums=0)
+    def make_run(mask_update):
+      kwargs = dict(step_kwargs, mask_update=mask_update)
+      if use_device_data:
+        def run(state, images, labels, idx):
+          batches = {"image": images[idx], "label": labels[idx]}
+          batches = jax.lax.with_sharding_constraint(batches, data_sharding)
+          return train_steps(state, batches, **kwargs)
+        return jax.jit(run, in_shardings=(state_sh, repl, repl, repl),
+                       out_shardings=(state_sh, repl), donate_argnums=0)
+      return jax.jit(lambda state, batches: train_steps(state, batches, **kwargs),
+                     in_shardings=(state_sh, data_sharding), out_shardings=(state_sh, repl),
+                     donate_argnums=0)
     evaluate = jax.jit(functools.partial(eval_step, model=model, num_classes=info.num_classes),
                        in_shardings=(state_sh, NamedSharding(mesh, P("data"))),
                        out_shardings=repl)
@@ -643,15 +662,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     devices = jax.local_devices()
     n_local = len(devices)
     state = replicate(state, devices)
-    if use_device_data:
-      def run(state, images, labels, idx):
-        batches = {"image": images[idx], "label": labels[idx]}
-        return train_steps(state, batches, axis_name="batch", **step_kwargs)
-      run = jax.pmap(run, axis_name="batch", donate_argnums=0)
-    else:
-      run = jax.pmap(lambda state, batches: train_steps(
-          state, batches, axis_name="batch", **step_kwargs), axis_name="batch",
-                     donate_argnums=0)
+    def make_run(mask_update):
+      kwargs = dict(step_kwargs, mask_update=mask_update, axis_name="batch")
+      if use_device_data:
+        def run(state, images, labels, idx):
+          batches = {"image": images[idx], "label": labels[idx]}
+          return train_steps(state, batches, **kwargs)
+        return jax.pmap(run, axis_name="batch", donate_argnums=0)
+      return jax.pmap(lambda state, batches: train_steps(state, batches, **kwargs),
+                      axis_name="batch", donate_argnums=0)
     evaluate = jax.pmap(functools.partial(eval_step, model=model, num_classes=info.num_classes,
                                           axis_name="batch"), axis_name="batch")
 
@@ -730,8 +749,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step = start_step
   t_log, steps_at_log = time.time(), step
   s_per = config.steps_per_dispatch
+  # Dispatches end exactly where the host needs the state (evaluation, logging,
+  # checkpoints, mask-update records): s_per steps in one lax.scan while the next
+  # stop is at least that far, then the largest power of two that fits. At most
+  # 1 + log2(s_per) compiled programs.
+  periods = [config.log_every_steps, config.checkpoint_every_steps,
+             steps_per_epoch * config.eval_every_epochs] + ([gf_every] if gf_every else [])
+  sorted_events = sorted(events) if sparse else []
+  # With the mask-update steps known here, ordinary dispatches run a step compiled
+  # without the optimizer's mask-update branch and each event step runs alone with
+  # it (sparse_jax's mask_update=False/True); otherwise the optimizer decides in the
+  # graph (None) on every step.
+  host_events = bool(sorted_events) and config.get("host_mask_updates", True)
+  runs = {}
   while step < total_steps:
-    n = min(s_per, total_steps - step)
+    stop = next_stop(step, total_steps, periods=periods, events=sorted_events,
+                     halt=config.halt_after_step)
+    mask_update = None
+    if host_events:
+      mask_update = stop in events and stop - step == 1
+      if stop in events and not mask_update:
+        stop -= 1  # run up to the step before the event, then the event alone
+    n = s_per if stop - step >= s_per else 1 << ((stop - step).bit_length() - 1)
+    if mask_update not in runs:
+      runs[mask_update] = make_run(mask_update)
+    run = runs[mask_update]
     if use_device_data:
       idx = data.indices(step, n)
       if mesh is None:

@@ -283,6 +283,63 @@ def test_fsdp_state_is_sharded_and_matches_replicated_on_8_devices(multi_device_
       np.testing.assert_allclose(fsdp[k], repl[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
+def test_next_stop_hand_values():
+  # Periods 31 (epochs) and 50 (logs), 200 steps: after 25 the epoch end at 31, after
+  # 31 the log at 50, after 190 the end of training.
+  assert train.next_stop(25, 200, periods=(31, 50)) == 31
+  assert train.next_stop(31, 200, periods=(31, 50)) == 50
+  assert train.next_stop(190, 200, periods=(31, 50)) == 200
+  # A mask update at 40 comes first; one already passed (20) does not count.
+  assert train.next_stop(31, 200, periods=(31, 50), events=[20, 40, 60]) == 40
+  # halt_after_step, only if still ahead.
+  assert train.next_stop(31, 200, periods=(31, 50), halt=35) == 35
+  assert train.next_stop(36, 200, periods=(31, 50), halt=35) == 50
+
+
+def test_dispatches_end_at_every_stop(tmp_path):
+  # 10 steps per dispatch with epochs of 31 steps, logs every 50 and mask updates
+  # every 25 (granet): every evaluation, log and event is recorded at its own step.
+  config = default.lenet300_mnist5k("granet", None)
+  config.num_epochs = 3
+  config.log_every_steps = 50
+  config.sparsity.update_every = 25
+  config.sparsity.end_epoch = 2.0
+  assert config.steps_per_dispatch == 10
+  train.train_and_evaluate(config, str(tmp_path))
+  with open(tmp_path / "metrics.jsonl") as f:
+    records = [json.loads(l) for l in f]
+  evals = [r["step"] for r in records if "test_accuracy" in r]
+  assert evals == [31, 62, 93]
+  logged = {r["step"] for r in records}
+  assert {50} <= logged
+  assert [r["step"] for r in records if r.get("mask_update")] == [25, 50, 75]
+
+
+@pytest.mark.parametrize("method", ["granet", "set"])
+def test_host_decided_mask_updates_match_the_in_graph_decision(tmp_path, method):
+  # The trainer runs ordinary steps without the mask-update branch and each event
+  # alone with it; that relies on mask_update_steps listing every event. The same
+  # run with the decision inside the graph (one lax.cond program) must agree.
+  results = []
+  for host in (True, False):
+    config = default.lenet300_mnist5k(method, None)
+    config.num_epochs = 1
+    config.sparsity.update_every = 5
+    config.sparsity.end_epoch = 0.5
+    config.host_mask_updates = host
+    workdir = tmp_path / f"{method}_{host}"
+    train.train_and_evaluate(config, str(workdir))
+    results.append(np.load(workdir / "export.npz"))
+  host, graph = results
+  assert sorted(host.files) == sorted(graph.files)
+  for k in host.files:
+    if k.startswith("masks/"):
+      np.testing.assert_array_equal(host[k], graph[k], err_msg=k)
+    else:
+      np.testing.assert_allclose(host[k], graph[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  assert any(k.startswith("masks/") for k in host.files)
+
+
 def test_param_sharding_is_validated(tmp_path):
   config = small_config()
   config.param_sharding = "zero3"

@@ -62,6 +62,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.sparsity.keep_first_dense = False
   config.sparsity.keep_last_dense = False
   config.sparsity.mask_end_epoch = config_dict.placeholder(float)  # rigl/set: stop updates
+  # Store the masks 1 bit per weight in the optimizer state (very large models);
+  # results are identical to the bool (1 byte) masks.
+  config.sparsity.packed_masks = False
   # Keep the masks after every event (bit-packed, <workdir>/mask_history.npz) and the
   # union of all masks on the device (ITOP); see experiments/mask_history.py.
   config.record_mask_history = False
@@ -79,7 +82,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.coordinator_address = config_dict.placeholder(str)  # "host:port" of process 0
   config.num_processes = config_dict.placeholder(int)
   config.process_id = config_dict.placeholder(int)
-  config.steps_per_dispatch = 1  # >1 runs several steps in one lax.scan
+  # >1 runs up to this many steps in one lax.scan (dispatches still end at every
+  # evaluation, log, checkpoint and mask update: train.next_stop).
+  config.steps_per_dispatch = 1
+  # The trainer knows the mask-update steps: ordinary steps run compiled without the
+  # optimizer's mask-update branch (faster; sparse_jax mask_update=False), events
+  # alone with it. False: one program that decides in the graph (lax.cond).
+  config.host_mask_updates = True
   config.log_every_steps = 50
   # Log the gradient-flow measures (SPEC §8) every this many steps and at step 0.
   config.gradient_flow_every_steps = config_dict.placeholder(int)  # None: off
@@ -111,6 +120,9 @@ def lenet300_mnist5k(method: str, arg: str | None, **sparsity_overrides):
   config.sparsity.method = method
   config.sparsity.final = float(args.get("sparsity", 0.98))
   config.seed = int(args.get("seed", 0))
+  # ~3 ms steps: several per dispatch (the trainer still stops exactly at every
+  # evaluation, log line, checkpoint and mask update).
+  config.steps_per_dispatch = 10
   for k, v in sparsity_overrides.items():
     setattr(config.sparsity, k, v)
   return config
