@@ -4,7 +4,9 @@ For LeNet-300-100 (784-300-100-10) and an MLP of about 30M parameters, batch 128
 this times the jitted train step (forward, backward, optimizer update,
 ``optax.apply_updates``) of plain dense SGD-momentum and of every sparse_jax
 method, both on an ordinary step and on a mask-update step (the state's count is
-set so that the timed update is an event). Rounds are interleaved over all
+set so that the timed update is an event). "ordinary_host" is the ordinary step
+compiled without the event branch (``tx.update(..., mask_update=False)``), as a
+loop that decides the event steps on the host runs it. Rounds are interleaved over all
 variants so that machine noise hits them alike; medians are reported.
 
   python -m experiments.benchmarks.step_overhead --rounds=15 --out=step_overhead.json
@@ -72,10 +74,13 @@ def make_methods(total_steps=1000, every=100, **options):
   }
 
 
-def make_step(tx, donate=False):
+def make_step(tx, donate=False, mask_update=None):
+  """The jitted train step; ``mask_update`` is the wrapper's static extra argument."""
+  extra = {} if mask_update is None else {"mask_update": mask_update}
+
   def step(params, opt_state, x, y):
     grads = jax.grad(loss_fn)(params, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
+    updates, opt_state = tx.update(grads, opt_state, params, **extra)
     return optax.apply_updates(params, updates), opt_state
   # Donated, as a training loop runs it: without donation every call allocates
   # (and page-faults) fresh output buffers, which swamps the comparison at 30M.
@@ -115,13 +120,17 @@ def bench_model(name, sizes, rounds, batch, every=100):
   variants = {}
   rare = make_methods(total_steps=10**7, every=10**6)
   for method, tx in make_methods(every=every).items():
-    kinds = {"dense": (tx, None)} if method == "dense" else {
-        f"{method}/ordinary": (rare[method], None)}
+    kinds = {"dense": (tx, None, None)} if method == "dense" else {
+        f"{method}/ordinary": (rare[method], None, None)}
     if method not in ("dense", "static"):
-      kinds[f"{method}/update"] = (tx, every - 1)
-    for variant, (variant_tx, count) in kinds.items():
+      # The same ordinary step compiled without the event branch, as a loop that
+      # knows its event steps runs it (tx.update(..., mask_update=False)).
+      kinds[f"{method}/ordinary_host"] = (tx, None, False)
+      kinds[f"{method}/update"] = (tx, every - 1, None)
+    for variant, (variant_tx, count, mask_update) in kinds.items():
       p = jax.tree.map(jnp.copy, params)
-      variants[variant] = [make_step(variant_tx, donate=True), count, p, variant_tx.init(p)]
+      variants[variant] = [make_step(variant_tx, donate=True, mask_update=mask_update),
+                           count, p, variant_tx.init(p)]
 
   def call(v):
     step, count, p, s = v
@@ -137,7 +146,8 @@ def bench_model(name, sizes, rounds, batch, every=100):
   rows = []
   n_params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
   for group in ("ordinary", "update"):
-    members = {k: v for k, v in variants.items() if k == "dense" or k.endswith(group)}
+    members = {k: v for k, v in variants.items()
+               if k == "dense" or k.split("/")[-1].startswith(group)}
     for v in members.values():  # compile and warm up
       jax.block_until_ready(call(v))
     times = {k: [] for k in members}

@@ -60,9 +60,10 @@ def bare_rate(config, repeats: int) -> float:
   idx = np.arange(n * config.batch_size) % len(arrays["label"])
   batches = jax.device_put({"image": arrays["image"][idx].reshape(n, config.batch_size, 28, 28, 1),
                             "label": arrays["label"][idx].reshape(n, config.batch_size)})
+  # Ordinary steps only, compiled as the trainer compiles them (no mask-update branch).
   run = jax.jit(lambda s, b: train.train_steps(
-      s, b, model=model, tx=tx_fn(None), config=config, num_classes=info.num_classes),
-                donate_argnums=0)
+      s, b, model=model, tx=tx_fn(None), config=config, num_classes=info.num_classes,
+      mask_update=False), donate_argnums=0)
   state, _ = run(state, batches)
   jax.block_until_ready(state)
   rates = []
