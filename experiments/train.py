@@ -846,8 +846,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   masks = sparse_jax.get_masks(final.opt_state) if sparse else None
   prunable = (jax.tree.map(lambda p, m: m is not None, final.params, masks) if sparse
               else sparse_jax.select_prunable(final.params))
+  skipped = None
+  if sparse:
+    skipped = sparse_jax.get_sparse_state(final.opt_state).skipped_events
+    skipped = None if skipped is None else int(skipped)
+    if skipped:
+      log.warning("%d mask-update events were skipped (mask_update=False on an event "
+                  "step): mask_update_steps() misses an event of this method.", skipped)
   summary = {
       "final_test_accuracy": last_eval.get("test_accuracy"),
+      "skipped_mask_updates": skipped,
       "best_test_accuracy": best_acc,
       "final_test_loss": last_eval.get("test_loss"),
       "final_sparsity": measured_sparsity(final.params, prunable),

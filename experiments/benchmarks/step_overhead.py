@@ -125,7 +125,7 @@ def bench_model(name, sizes, rounds, batch, every=100):
     if method not in ("dense", "static"):
       # The same ordinary step compiled without the event branch, as a loop that
       # knows its event steps runs it (tx.update(..., mask_update=False)).
-      kinds[f"{method}/ordinary_host"] = (tx, None, False)
+      kinds[f"{method}/ordinary_host"] = (rare[method], None, False)
       kinds[f"{method}/update"] = (tx, every - 1, None)
     for variant, (variant_tx, count, mask_update) in kinds.items():
       p = jax.tree.map(jnp.copy, params)
