@@ -4,8 +4,9 @@ The trainer (input pipeline, logging, evaluation and checkpoints included) runs
 GraNet on LeNet-300-100 / MNIST subset; its steady-state rate is the median of the
 ``steps_per_s`` it logs between log points (the first interval, which holds the
 compilation, and the last, which holds the evaluation, are dropped). The bare
-step is ``train.train_steps`` jitted alone and called back to back on batches
-already on the device, with the same number of steps per dispatch.
+steps are ``train.train_steps`` jitted alone and called back to back on batches
+already on the device, dispatched as the trainer dispatches them (see
+``bare_rate``: ordinary steps without the mask-update branch, the event alone).
 
   python -m experiments.benchmarks.trainer_throughput --steps_per_dispatch=1,10
 
@@ -48,31 +49,52 @@ def trainer_rate(config) -> float:
 
 
 def bare_rate(config, repeats: int) -> float:
+  """Steps/s of the bare jitted steps, dispatched as the trainer dispatches them.
+
+  Each round is one mask-update period (``update_every`` steps): the ordinary
+  steps compiled without the mask-update branch, ``steps_per_dispatch`` at a time
+  and the remainder one by one, then the event step alone with it (the state's
+  count lines up, so it is a real GraNet event). No logging, no data indexing.
+  """
   info = input_pipeline.dataset_info(config.dataset)
   spe = info.num_train_examples // config.batch_size
   model = train.create_model(config, info.num_classes)
-  tx_fn = lambda m: train.create_sparse_tx(
-      config, train.create_optimizer(config, spe), spe, m)
-  state = train.create_train_state(config, model, tx_fn, info.input_shape,
+  tx = train.create_sparse_tx(config, train.create_optimizer(config, spe), spe)
+  state = train.create_train_state(config, model, lambda m: tx, info.input_shape,
                                    jax.random.PRNGKey(0))
   arrays = input_pipeline.load_arrays(config.dataset, "train")
-  n = config.steps_per_dispatch
-  idx = np.arange(n * config.batch_size) % len(arrays["label"])
-  batches = jax.device_put({"image": arrays["image"][idx].reshape(n, config.batch_size, 28, 28, 1),
-                            "label": arrays["label"][idx].reshape(n, config.batch_size)})
-  # Ordinary steps only, compiled as the trainer compiles them (no mask-update branch).
-  run = jax.jit(lambda s, b: train.train_steps(
-      s, b, model=model, tx=tx_fn(None), config=config, num_classes=info.num_classes,
-      mask_update=False), donate_argnums=0)
-  state, _ = run(state, batches)
+
+  def batches(n):
+    idx = np.arange(n * config.batch_size) % len(arrays["label"])
+    return jax.device_put({
+        "image": arrays["image"][idx].reshape(n, config.batch_size, *arrays["image"].shape[1:]),
+        "label": arrays["label"][idx].reshape(n, config.batch_size)})
+
+  def compiled(mask_update):
+    return jax.jit(lambda s, b: train.train_steps(
+        s, b, model=model, tx=tx, config=config, num_classes=info.num_classes,
+        mask_update=mask_update), donate_argnums=0)
+
+  ordinary, event = compiled(False), compiled(True)
+  n, period = config.steps_per_dispatch, config.sparsity.update_every
+  many, one = batches(n), batches(1)
+
+  def run_period(state):
+    for _ in range((period - 1) // n):
+      state, _ = ordinary(state, many)
+    for _ in range((period - 1) % n):
+      state, _ = ordinary(state, one)
+    state, _ = event(state, one)
+    return state
+
+  state = run_period(state)  # compile
   jax.block_until_ready(state)
   rates = []
   for _ in range(repeats):
     start = time.perf_counter()
-    for _ in range(max(1, 100 // n)):
-      state, metrics = run(state, batches)
+    state = run_period(state)
     jax.block_until_ready(state)
-    rates.append(max(1, 100 // n) * n / (time.perf_counter() - start))
+    rates.append(period / (time.perf_counter() - start))
   return statistics.median(rates)
 
 
