@@ -44,6 +44,8 @@ from sparse_jax._schedules import cosine_regrowth_rate
 from sparse_jax._schedules import cubic_sparsity
 from sparse_jax._schedules import gradual_active_counts
 from sparse_jax._schedules import is_event
+from sparse_jax._select import get_chunk_elements
+from sparse_jax._select import set_chunk_elements
 from sparse_jax._select import top_k_masks
 from sparse_jax._transform import SparseState
 from sparse_jax._transform import get_masks

@@ -161,6 +161,27 @@ _LOW = np.uint32(_BINS - 1)
 CHUNK_ELEMENTS = 1 << 20
 
 
+def set_chunk_elements(n: int) -> None:
+  """Sets how many elements a leaf may have before selections process it in chunks.
+
+  Smaller chunks bound the mask update's temporaries (about 4 bytes per element of
+  a chunk, a few at a time); larger ones are faster on CPU. Read when a mask update
+  is traced: set it before ``jax.jit`` compiles the training step.
+
+  Example:
+    >>> sparse_jax.set_chunk_elements(2**24)   # faster, more memory
+  """
+  global CHUNK_ELEMENTS
+  if int(n) < 1:
+    raise ValueError(f"chunk elements must be >= 1, got {n}.")
+  CHUNK_ELEMENTS = int(n)
+
+
+def get_chunk_elements() -> int:
+  """The current chunk size of ``set_chunk_elements`` (default 2**20)."""
+  return CHUNK_ELEMENTS
+
+
 def chunk_plan(shape: Sequence[int], max_elements: int | None = None):
   """How a leaf of ``shape`` is split into chunks: ``None`` or ``(axis, count)``.
 

@@ -257,3 +257,18 @@ def test_lazy_keys_are_computed_from_their_sources(monkeypatch):
   got = jax.jit(lambda: _select.top_k_masks([lazy], jnp.array([9]), (0,)))()[0]
   np.testing.assert_array_equal(np.asarray(got), brute_force_top_k([eager], [9], (0,))[0])
   assert bool(got.reshape(-1)[17])
+
+
+def test_set_chunk_elements_sets_the_bound_and_rejects_nonsense():
+  import sparse_jax
+  old = sparse_jax.get_chunk_elements()
+  try:
+    sparse_jax.set_chunk_elements(1000)
+    assert _select.chunk_plan((100, 20)) == (0, 2)  # 2000 elements, need 2
+    sparse_jax.set_chunk_elements(2**24)
+    assert _select.chunk_plan((4096, 4096)) is None
+    with pytest.raises(ValueError, match=">= 1"):
+      sparse_jax.set_chunk_elements(0)
+  finally:
+    sparse_jax.set_chunk_elements(old)
+  assert sparse_jax.get_chunk_elements() == old
