@@ -264,7 +264,9 @@ def test_set_chunk_elements_sets_the_bound_and_rejects_nonsense():
   old = sparse_jax.get_chunk_elements()
   try:
     sparse_jax.set_chunk_elements(1000)
-    assert _select.chunk_plan((100, 20)) == (0, 2)  # 2000 elements, need 2
+    # 2000 elements, need 2: divisors 2..8 of 100 are 2, 4, 5, leaving 50, 25, 20
+    # rows per chunk with 1, 0, 2 factors of 2 -> 5 chunks.
+    assert _select.chunk_plan((100, 20)) == (0, 5)
     sparse_jax.set_chunk_elements(2**24)
     assert _select.chunk_plan((4096, 4096)) is None
     with pytest.raises(ValueError, match=">= 1"):
