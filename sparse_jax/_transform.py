@@ -310,8 +310,9 @@ def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
         rng = jnp.where(is_event, rng, state.rng)
       else:
         # Ordinary steps hand the stored masks through a lax.cond. Its outputs are
-        # copies, and its operands (the updates) must be materialised: 1.3-1.5x a
-        # dense step at 30M parameters, against ~1.04x with mask_update=False.
+        # copies, and its operands (the updates) must be materialised: 1.3-1.6x a
+        # dense step at 30M parameters, against 1.06-1.13x with mask_update=False
+        # (experiments/benchmarks/README.md).
         new_stored, kept, rng, union = lax.cond(
             is_event, event, lambda: (stored, stored, state.rng, union))
 
