@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 import time
 from typing import Any

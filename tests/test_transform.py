@@ -6,7 +6,6 @@ loss. The GraNet run with plain SGD is replayed event by event by an independent
 NumPy implementation of SPEC §3-§5 (prune -> drop -> grow, keep semantics).
 """
 
-import math
 
 import jax
 import jax.numpy as jnp

@@ -19,10 +19,8 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import optax
 
-import sparse_jax
 from experiments.benchmarks import step_overhead
 
 MODEL = step_overhead.MODELS["mlp_30m"]
