@@ -142,10 +142,22 @@ def global_magnitude_prune(params: PyTree, masks: PyTree, num_active) -> PyTree:
   return rebuild([m.compute() for m in apply_global_plan(ws, ms, plan)])
 
 
-def layerwise_prune_plan(ws, ms, num_active) -> _select.Selection:
-  """Plan of ``layerwise_magnitude_prune`` over leaf lists (masks: arrays or Lazy)."""
-  active = jnp.stack([_select.count_true(m) for m in ms])
-  k = jnp.clip(jnp.asarray(num_active, jnp.int32), jnp.minimum(active, 1), active)
+def layerwise_keep_counts(num_active, active) -> jax.Array:
+  """How many weights per layer a layer-wise prune keeps: ``num_active`` clipped to
+  ``[min(active, 1), active]`` (never emptied, never grown). The selection keeps
+  exactly this many, so callers need not count its result."""
+  active = jnp.asarray(active, jnp.int32)
+  return jnp.clip(jnp.asarray(num_active, jnp.int32), jnp.minimum(active, 1), active)
+
+
+def layerwise_prune_plan(ws, ms, num_active, active=None) -> _select.Selection:
+  """Plan of ``layerwise_magnitude_prune`` over leaf lists (masks: arrays or Lazy).
+
+  ``active``: the masks' per-layer counts if already known (saves a pass).
+  """
+  if active is None:
+    active = jnp.stack([_select.count_true(m) for m in ms])
+  k = layerwise_keep_counts(num_active, active)
   keys = [_magnitude_keys(w, m) for w, m in zip(ws, ms)]
   return _select.top_k_selection(keys, k, tuple(range(len(ws))))
 

@@ -25,8 +25,10 @@ def _score_keys(ss, ms):
           for s, m in zip(ss, ms)]
 
 
-def _grow_plan(keys, ms, num_grow) -> _select.Selection:
-  inactive = jnp.stack([m.size - _select.count_true(m) for m in ms])
+def _grow_plan(keys, ms, num_grow, active=None) -> _select.Selection:
+  if active is None:
+    active = jnp.stack([_select.count_true(m) for m in ms])
+  inactive = jnp.asarray([m.size for m in ms], jnp.int32) - active
   n = jnp.clip(jnp.asarray(num_grow, jnp.int32), 0, inactive)
   return _select.top_k_selection(keys, n, tuple(range(len(ms))))
 
@@ -38,9 +40,12 @@ def _apply_grow(keys, ms, sel: _select.Selection) -> list[_select.Lazy]:
   return [_select.lazy_map(lambda index, m, p: m | p, m, p) for m, p in zip(ms, picked)]
 
 
-def score_grow_plan(ss, ms, num_grow) -> _select.Selection:
-  """Plan of ``regrow_by_score`` over leaf lists (masks: arrays or ``Lazy``)."""
-  return _grow_plan(_score_keys(ss, ms), ms, num_grow)
+def score_grow_plan(ss, ms, num_grow, active=None) -> _select.Selection:
+  """Plan of ``regrow_by_score`` over leaf lists (masks: arrays or ``Lazy``).
+
+  ``active``: the masks' per-layer counts if already known (saves a pass).
+  """
+  return _grow_plan(_score_keys(ss, ms), ms, num_grow, active)
 
 
 def apply_score_grow(ss, ms, sel: _select.Selection) -> list[_select.Lazy]:
@@ -100,10 +105,10 @@ def _random_keys(ms, words):
           for l, m in enumerate(ms)]
 
 
-def random_grow_plan(key, ms, num_grow) -> RandomPlan:
+def random_grow_plan(key, ms, num_grow, active=None) -> RandomPlan:
   """Plan of ``regrow_random`` over a list of masks (arrays or ``Lazy``)."""
   words = jax.random.bits(key, (len(ms), 2), jnp.uint32)
-  return RandomPlan(words, _grow_plan(_random_keys(ms, words), ms, num_grow))
+  return RandomPlan(words, _grow_plan(_random_keys(ms, words), ms, num_grow, active))
 
 
 def apply_random_grow(ms, plan: RandomPlan) -> list[_select.Lazy]:

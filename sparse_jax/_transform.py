@@ -226,13 +226,14 @@ def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
       def plans():
         active = jnp.stack([_select.count_true(m) for m in m_pruned])
         n = jnp.ceil(rate * active.astype(jnp.float32)).astype(jnp.int32)
-        drop = _prune.layerwise_prune_plan(ws, m_pruned, active - n)
+        drop = _prune.layerwise_prune_plan(ws, m_pruned, active - n, active)
         dropped = _prune.apply_layerwise_plan(ws, m_pruned, drop)
-        # Grow exactly as many as were dropped (the drop clips to keep >= 1).
-        n_dropped = active - jnp.stack([_select.count_true(m) for m in dropped])
+        # The drop keeps exactly this many (clipped to keep >= 1), so no recount;
+        # grow exactly as many as were dropped.
+        kept = _prune.layerwise_keep_counts(active - n, active)
         if regrowth.mode == "random":
-          return drop, grow_plan(rng, dropped, n_dropped)
-        return drop, grow_plan(dropped, n_dropped)
+          return drop, grow_plan(rng, dropped, active - kept, kept)
+        return drop, grow_plan(dropped, active - kept, kept)
 
       drop, grow = lax.cond(regrow_now, plans, lambda: (
           _select.Selection.all_positive(num_layers), no_growth))
