@@ -9,6 +9,7 @@ or ``jax.pmap`` (``config.parallelism = "pmap"``).
 
 from __future__ import annotations
 
+import bisect
 import functools
 import json
 import logging
@@ -558,14 +559,14 @@ def next_stop(step: int, total_steps: int, *, periods, events=(), halt=None) -> 
   """The first step after ``step`` at which the host must look at the state.
 
   ``periods`` are step intervals (logging, checkpoints, evaluation, gradient
-  flow), ``events`` the mask-update steps, ``halt`` an optional last step.
+  flow), ``events`` the sorted mask-update steps, ``halt`` an optional last step.
 
   Example:
     >>> next_stop(25, 100, periods=(31, 50))
     31
   """
   stops = [total_steps] + [(step // p + 1) * p for p in periods]
-  stops += [t for t in events if t > step][:1]
+  stops += events[bisect.bisect_right(events, step):][:1]
   if halt is not None and halt > step:
     stops.append(halt)
   return min(stops)
@@ -788,9 +789,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         batches = jax.make_array_from_process_local_data(data_sharding, batches)
       state, metrics = run(state, batches)
     pending.append(metrics)
-    prev, step = step, step + n
+    step += n
     record = {}
-    if sparse and any(prev < t <= step for t in events):
+    # Every mask update ends a dispatch (next_stop), so an event is this step.
+    if sparse and step in events:
       dens, layers = jax.device_get(density_fn(host_state(state).opt_state))
       record.update(mask_update=True, sparsity=1.0 - float(dens),
                     layer_density={k: float(v) for k, v in layers.items()})
@@ -799,8 +801,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         sparse_state = sparse_jax.get_sparse_state(host_state(state).opt_state)
         event_masks, union = to_host((sparse_state.masks, sparse_state.union))
         if recorder is not None:
-          event_step = max(t for t in events if prev < t <= step)
-          record.update(recorder.record(event_step, event_masks, union))
+          record.update(recorder.record(step, event_masks, union))
     epoch_done = step % steps_per_epoch == 0
     epoch = step // steps_per_epoch
     if (epoch_done and epoch % config.eval_every_epochs == 0) or step == total_steps:

@@ -66,12 +66,6 @@ def _larger(a, b):
   return jnp.maximum(a[0], b[0]), first
 
 
-def _reduce(f, x: _select.Lazy, combine=None):
-  kwargs = {} if combine is None else {"combine": combine}
-  return _select.map_reduce_chunks(lambda index, *s: f(index, x.fn(index, *s)), x.sources,
-                                    **kwargs)
-
-
 def layer_active_counts(masks: PyTree) -> jax.Array:
   """Active weights per prunable layer (int32 [L], flattening order)."""
   return jnp.stack([_select.count_true(m) for m in jax.tree.leaves(masks)])
@@ -93,7 +87,7 @@ def global_prune_plan(ws, ms, num_active) -> GlobalPlan:
   """Plan of ``global_magnitude_prune`` over leaf lists (masks: arrays or Lazy)."""
   firsts = []
   for w, m in zip(ws, ms):
-    top, first = _reduce(_top_and_first, _magnitude_keys(w, m), _larger)
+    top, first = _select.map_reduce_lazy(_top_and_first, _magnitude_keys(w, m), _larger)
     firsts.append(jnp.where(top > 0, first, _NONE))  # an empty layer forces nothing
   first = jnp.stack(firsts)
   counts = [_select.count_true(m) for m in ms]

@@ -189,9 +189,10 @@ def chunk_plan(shape: Sequence[int], max_elements: int | None = None):
   ``i`` modulo ``c`` (a strided chunk): viewing the axis ``n`` as ``(n // c, c)``
   is free, and slicing the minor factor keeps a sharding of the axis on the major
   factor, so each device reads only its own shard. The first axis with a divisor
-  ``c >= ceil(size / max_elements)`` is split; among divisors up to 4x that bound,
-  the one leaving the most factors of 2 in ``n // c`` (device counts divide it),
-  then the smallest, is taken.
+  ``c`` in ``[need, 4 need]`` (``need = ceil(size / max_elements)``) is split, by
+  the divisor leaving the most factors of 2 in ``n // c`` (device counts divide
+  it), then the smallest. With no such divisor (e.g. prime sizes) the leaf stays
+  whole: many tiny chunks would each pay a full 2**16-bin histogram.
 
   Example:
     >>> chunk_plan((4096, 4096), 2**20)
@@ -204,11 +205,9 @@ def chunk_plan(shape: Sequence[int], max_elements: int | None = None):
     return None
   need = -(-size // max_elements)
   for axis, n in enumerate(shape):
-    divisors = [c for c in range(need, n + 1) if n % c == 0]
+    divisors = [c for c in range(need, min(4 * need, n) + 1) if n % c == 0]
     if divisors:
-      cap = max(4 * need, divisors[0])
-      best = max((c for c in divisors if c <= cap), key=lambda c: (_two_adic(n // c), -c))
-      return axis, best
+      return axis, max(divisors, key=lambda c: (_two_adic(n // c), -c))
   return None
 
 
@@ -245,11 +244,14 @@ def map_reduce_chunks(fn, sources: Sequence[jax.Array], combine=_tree_add):
   return lax.fori_loop(1, c, lambda i, acc: combine(acc, chunk(i)), chunk(jnp.int32(0)))
 
 
+def map_reduce_lazy(f, x: Lazy, combine=_tree_add):
+  """``map_reduce_chunks`` of ``f(index, values)`` over a ``Lazy``'s chunks."""
+  return map_reduce_chunks(lambda index, *s: f(index, x.fn(index, *s)), x.sources, combine)
+
+
 def count_true(mask) -> jax.Array:
   """Number of True entries (int32) of a bool array or ``Lazy``, in chunks (see above)."""
-  m = lazy(mask)
-  return map_reduce_chunks(lambda index, *s: jnp.sum(m.fn(index, *s), dtype=jnp.int32),
-                           m.sources)
+  return map_reduce_lazy(lambda index, m: jnp.sum(m, dtype=jnp.int32), lazy(mask))
 
 
 def _leaf_histogram(lk: Lazy, digits_fn) -> jax.Array:
@@ -262,8 +264,8 @@ def _leaf_histogram(lk: Lazy, digits_fn) -> jax.Array:
   count of 16.7M keys).
   """
 
-  def hist_of(index, *sources):
-    digits, valid = digits_fn(lk.fn(index, *sources), index)
+  def hist_of(index, keys):
+    digits, valid = digits_fn(keys, index)
     idx = digits.astype(jnp.int32)
     if valid is not None:
       idx = jnp.where(valid, idx, _BINS)
@@ -272,7 +274,7 @@ def _leaf_histogram(lk: Lazy, digits_fn) -> jax.Array:
     # histogram is partitioned into per-shard histograms and one all-reduce.
     return jnp.zeros((_BINS + 1,), jnp.int32).at[idx].add(1, mode="drop")[:_BINS]
 
-  return map_reduce_chunks(hist_of, lk.sources)
+  return map_reduce_lazy(hist_of, lk)
 
 
 def _histograms(leaves, groups, num_groups, digits_fns):

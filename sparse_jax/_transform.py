@@ -167,11 +167,10 @@ def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
     us, _, _ = _prune.split_prunable(updates, masks)
     # The authors prune the weights after this step's update (SPEC §5). No masking
     # here: every ranking below only considers positions active in ``masks``.
-    # w + u is recomputed wherever a key is needed (histogram passes, the final
-    # masks), and exact counts need it bitwise equal everywhere: the barrier makes
-    # u a stored value, so each recomputation is the same single rounding of an add
-    # (fusing u's own arithmetic in would let XLA contract it into an FMA in some
-    # places and not in others).
+    # Every key is recomputed where it is needed (histogram passes, the final
+    # masks), and exact counts need w + u bitwise equal everywhere; computed inside
+    # different fusions it rounded differently (XLA may contract u's arithmetic into
+    # an FMA in one and not another), so it is stored once behind a barrier.
     ws = lax.optimization_barrier([w + u for w, u in zip(ws, us)])
     num_layers = len(ms)
     m_pruned = ms
@@ -213,7 +212,8 @@ def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
       else:
         rate = _schedules.constant_rate(t, initial_rate=regrowth.rate)
       if regrowth.mode == "random":
-        grow_plan, apply_grow = _regrow.random_grow_plan, _regrow.apply_random_grow
+        grow_plan = functools.partial(_regrow.random_grow_plan, rng)
+        apply_grow = _regrow.apply_random_grow
         no_growth = _regrow.RandomPlan(jnp.zeros((num_layers, 2), jnp.uint32),
                                        _select.Selection.nothing(num_layers))
       else:
@@ -231,8 +231,6 @@ def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
         # The drop keeps exactly this many (clipped to keep >= 1), so no recount;
         # grow exactly as many as were dropped.
         kept = _prune.layerwise_keep_counts(active - n, active)
-        if regrowth.mode == "random":
-          return drop, grow_plan(rng, dropped, active - kept, kept)
         return drop, grow_plan(dropped, active - kept, kept)
 
       drop, grow = lax.cond(regrow_now, plans, lambda: (
