@@ -26,26 +26,42 @@ Batch sizes are global (over all processes), as in big_vision: each process
 yields `batch_size // process_count` examples per batch from its own shard.
 """
 
+from __future__ import annotations
+
 import dataclasses
+import functools
 import math
 import os
 import pathlib
+import re
 from typing import Callable, Iterator, Optional
 
 import jax
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
-from experiments.datasets.mnist5k import mnist5k_dataset_builder
+from experiments.datasets import mnist5k
 
-# TF only feeds data here; hiding accelerators keeps it from reserving GPU
-# memory that JAX needs. Fails if TF already initialised its devices, in which
-# case whoever did that has made the choice already.
-try:
-  tf.config.set_visible_devices([], 'GPU')
-except RuntimeError:
-  pass
+
+@functools.cache
+def _tf():
+  """TensorFlow, imported on first use: it takes ~10 s, and only TFDS reads need it."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  # TF only feeds data here; hiding accelerators keeps it from reserving GPU
+  # memory that JAX needs. Fails if TF already initialised its devices, in which
+  # case whoever did that has made the choice already.
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError:
+    pass
+  return tf
+
+
+@functools.cache
+def _tfds():
+  """tensorflow_datasets, imported on first use (after `_tf` has configured TF)."""
+  _tf()
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tfds
 
 Batch = dict[str, np.ndarray]
 
@@ -169,9 +185,12 @@ def prepare_dataset(name: str, data_dir: Optional[str] = None, *,
       False.
   """
   spec = _spec(name)
+  tfds = _tfds()
   if data_dir is None:
     data_dir = default_data_dir(name)
   if spec.locally_built:
+    # Imported here: TFDS registers the builder when its class is defined.
+    from experiments.datasets.mnist5k import mnist5k_dataset_builder  # pylint: disable=g-import-not-at-top
     builder = mnist5k_dataset_builder.Builder(data_dir=data_dir)
     if not builder.is_prepared():
       # try_download_gcs=False: TFDS would otherwise ask GCS for a prebuilt
@@ -205,6 +224,14 @@ def dataset_info(name: str, data_dir: Optional[str] = None) -> DatasetInfo:
     data_dir: TFDS data directory; `None` means `default_data_dir(name)`.
   """
   spec = _spec(name)
+  if spec.locally_built:
+    with _prepared_arrays(name, data_dir) as arrays:
+      return DatasetInfo(
+          num_train_examples=len(arrays['train/label']),
+          num_eval_examples=len(arrays[f'{spec.eval_split}/label']),
+          num_classes=int(arrays['num_classes']),
+          input_shape=spec.input_shape,
+          eval_split=spec.eval_split)
   info = prepare_dataset(name, data_dir).info
   return DatasetInfo(
       num_train_examples=info.splits['train'].num_examples,
@@ -215,6 +242,50 @@ def dataset_info(name: str, data_dir: Optional[str] = None) -> DatasetInfo:
 
 
 # ---------------------------------------------------------------------------
+# Prepared arrays of the locally built data sets. Reading mnist5k through TFDS
+# costs ~10 s of TensorFlow import per process for 16 MB of arrays, so its
+# preprocessed splits are kept once as an .npz inside TFDS's version directory
+# (a rebuilt or new version is a new cache). The arrays are TFDS's own output,
+# so every reader gets the same values as through TFDS.
+
+_ARRAYS_FILE = 'sparse_jax_arrays.npz'
+_SLICE = re.compile(r'^(\w+)\[:(\d+)\]$')  # 'train[:128]'
+
+
+def _arrays_path(name: str, data_dir: Optional[str]) -> pathlib.Path:
+  data_dir = data_dir if data_dir is not None else default_data_dir(name)
+  return pathlib.Path(data_dir) / _spec(name).tfds_name / mnist5k.VERSION / _ARRAYS_FILE
+
+
+def _prepared_arrays(name: str, data_dir: Optional[str]) -> np.lib.npyio.NpzFile:
+  """The .npz of a locally built data set: `<split>/image`, `<split>/label`, `num_classes`.
+
+  Written on first use from TFDS (building the data set if needed).
+  """
+  path = _arrays_path(name, data_dir)
+  if not path.exists():
+    builder = prepare_dataset(name, data_dir)
+    arrays = {'num_classes': np.asarray(builder.info.features['label'].num_classes)}
+    for split in builder.info.splits:
+      for key, value in _read_split(builder, _spec(name), split).items():
+        arrays[f'{split}/{key}'] = value
+    tmp = path.with_suffix('.tmp.npz')
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+  return np.load(path)
+
+
+def _arrays_split(name: str, split: str) -> Optional[tuple[str, Optional[int]]]:
+  """`(split, n)` if the prepared arrays hold `split` ('test', 'train[:128]'), else None."""
+  if not _spec(name).locally_built:
+    return None
+  match = _SLICE.match(split)
+  if match:
+    return match.group(1), int(match.group(2))
+  return (split, None) if re.fullmatch(r'\w+', split) else None
+
+
+# ---------------------------------------------------------------------------
 # Preprocessing. Images arrive encoded (decoding is skipped in TFDS so that
 # shuffling and resume-skipping move small byte strings, and so that ImageNet
 # can decode only the crop); they are decoded here.
@@ -222,6 +293,7 @@ def dataset_info(name: str, data_dir: Optional[str] = None) -> DatasetInfo:
 
 def normalize(image: tf.Tensor, mean, std) -> tf.Tensor:
   """Scales uint8 `image` to [0, 1], then standardises per channel."""
+  tf = _tf()
   image = tf.cast(image, tf.float32) / 255.0
   return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
@@ -241,6 +313,7 @@ def random_pad_crop_flip(image: tf.Tensor, seed: tf.Tensor,
   Returns:
     An image of the same shape and dtype.
   """
+  tf = _tf()
   crop_seed, flip_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 2))
   padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
@@ -264,6 +337,7 @@ def inception_crop_flip(image_bytes: tf.Tensor, seed: tf.Tensor,
   Returns:
     A float32 [size, size, 3] image with values in [0, 255].
   """
+  tf = _tf()
   box_seed, flip_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 2))
   begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
@@ -290,6 +364,7 @@ def resize_center_crop(image: tf.Tensor, resize: int = 256,
   Returns:
     A float32 [crop, crop, C] image with values in [0, 255].
   """
+  tf = _tf()
   shape = tf.cast(tf.shape(image)[:2], tf.float32)
   scale = resize / tf.reduce_min(shape)
   new_shape = tf.cast(tf.round(shape * scale), tf.int32)
@@ -300,6 +375,7 @@ def resize_center_crop(image: tf.Tensor, resize: int = 256,
 
 
 def _decode(spec: _Spec, image_bytes: tf.Tensor) -> tf.Tensor:
+  tf = _tf()
   image = tf.io.decode_image(image_bytes, channels=spec.channels,
                              expand_animations=False)
   if spec.augment != 'inception':
@@ -312,6 +388,7 @@ def _preprocess_fn(spec: _Spec, train: bool) -> Callable[..., dict]:
   """Returns `fn(example, seed) -> {'image', 'label'}` for `spec`."""
 
   def fn(example, seed):
+    tf = _tf()
     image_bytes = example['image']
     if spec.augment == 'inception':
       if train:
@@ -354,6 +431,7 @@ def _local_batch_size(batch_size: int, process_count: int) -> int:
 
 
 def _deterministic_options() -> tf.data.Options:
+  tf = _tf()
   options = tf.data.Options()
   # Parallel map/interleave must keep input order for reproducible batches.
   options.deterministic = True
@@ -409,7 +487,9 @@ def train_batches(
       one batch.
     FileNotFoundError: if a standard data set is not prepared in `data_dir`.
   """
+  tf = _tf()
   # Everything that can fail is checked here, eagerly, not on first next().
+  tfds = _tfds()
   spec = _spec(name)
   process_index, process_count = _process_args(process_index, process_count)
   local_batch = _local_batch_size(batch_size, process_count)
@@ -464,6 +544,7 @@ def _eval_dataset(name: str, batch_size: int, data_dir: Optional[str],
                   split: Optional[str], process_index: int,
                   process_count: int) -> tf.data.Dataset:
   """Builds the padded, masked evaluation dataset of one process."""
+  tf, tfds = _tf(), _tfds()
   spec = _spec(name)
   local_batch = _local_batch_size(batch_size, process_count)
   builder = prepare_dataset(name, data_dir)
@@ -520,8 +601,12 @@ def eval_batches(
     An iterator of {'image': float32 [B, H, W, C], 'label': int32 [B],
     'mask': float32 [B]}.
   """
-  _spec(name)  # Fail fast on unknown names.
+  spec = _spec(name)  # Fail fast on unknown names.
   process_index, process_count = _process_args(process_index, process_count)
+  from_arrays = _arrays_split(name, split or spec.eval_split)
+  if from_arrays and process_count == 1:
+    return _padded_batches(load_arrays(name, split or spec.eval_split, data_dir),
+                           _local_batch_size(batch_size, process_count))
   ds = _eval_dataset(name, batch_size, data_dir, split, process_index,
                      process_count)
   return ds.as_numpy_iterator()
@@ -546,12 +631,25 @@ def load_arrays(name: str, split: str = 'train',
     ValueError: if the arrays would exceed 4 GiB (use the iterators instead).
   """
   spec = _spec(name)
+  from_arrays = _arrays_split(name, split)
+  if from_arrays:
+    whole, n = from_arrays
+    with _prepared_arrays(name, data_dir) as arrays:
+      if f'{whole}/label' in arrays:
+        return {k: arrays[f'{whole}/{k}'][:n] for k in ('image', 'label')}
   builder = prepare_dataset(name, data_dir)
   num_examples = builder.info.splits[split].num_examples
   num_bytes = num_examples * math.prod(spec.input_shape) * 4
   if num_bytes > _MAX_ARRAY_BYTES:
     raise ValueError(f'{name}[{split}] would take {num_bytes / 2**30:.1f} GiB '
                      'as arrays; use train_batches/eval_batches instead.')
+  return _read_split(builder, spec, split)
+
+
+def _read_split(builder, spec: _Spec, split: str) -> Batch:
+  """A whole split through TFDS, preprocessed without augmentation, in file order."""
+  tf, tfds = _tf(), _tfds()
+  num_examples = builder.info.splits[split].num_examples
   ds = builder.as_dataset(
       split=split, shuffle_files=False,
       read_config=tfds.ReadConfig(options=_deterministic_options()),
@@ -561,3 +659,17 @@ def load_arrays(name: str, split: str = 'train',
               num_parallel_calls=tf.data.AUTOTUNE)
   # One batch holding the whole split.
   return next(ds.batch(num_examples).as_numpy_iterator())
+
+
+def _padded_batches(arrays: Batch, batch_size: int) -> Iterator[Batch]:
+  """`eval_batches` of in-memory arrays: zero images, label 0 and mask 0 pad the last."""
+  n = len(arrays['label'])
+  for start in range(0, n, batch_size):
+    take = min(batch_size, n - start)
+    batch = {'mask': np.zeros(batch_size, np.float32)}
+    batch['mask'][:take] = 1.0
+    for key in ('image', 'label'):
+      value = arrays[key][start:start + take]
+      pad = np.zeros((batch_size - take, *value.shape[1:]), value.dtype)
+      batch[key] = np.concatenate([value, pad]) if take < batch_size else value
+    yield batch

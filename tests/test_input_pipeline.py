@@ -258,3 +258,26 @@ def test_cifar_pad_crop_flip():
       tf.constant(image), tf.constant([0, 0], tf.int64)).numpy()
   np.testing.assert_array_equal(again, outputs[0])
   assert len({o.tobytes() for o in outputs}) > 1
+
+
+def test_prepared_arrays_equal_the_tfds_reads(data_dir):
+  # mnist5k is read from its .npz cache without TensorFlow; the values must be
+  # exactly those of the TFDS path it replaces (whole splits, slices, padded eval).
+  assert (input_pipeline._arrays_path('mnist5k', data_dir)).exists()
+  builder = input_pipeline.prepare_dataset('mnist5k', data_dir)
+  spec = input_pipeline._SPECS['mnist5k']
+  for split in ('train', 'test', 'train[:128]'):
+    cached = input_pipeline.load_arrays('mnist5k', split, data_dir)
+    read = input_pipeline._read_split(builder, spec, split)
+    for k in ('image', 'label'):
+      assert cached[k].dtype == read[k].dtype
+      np.testing.assert_array_equal(cached[k], read[k], err_msg=(split, k))
+  cached = list(input_pipeline.eval_batches('mnist5k', batch_size=300, data_dir=data_dir))
+  read = list(input_pipeline._eval_dataset('mnist5k', 300, data_dir, None, 0, 1)
+              .as_numpy_iterator())
+  assert len(cached) == len(read) == 4
+  for a, b in zip(cached, read):
+    assert a.keys() == b.keys()
+    for k in a:
+      assert a[k].dtype == b[k].dtype
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)

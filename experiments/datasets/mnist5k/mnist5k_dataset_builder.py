@@ -27,6 +27,8 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
+from experiments.datasets import mnist5k
+
 NUM_CLASSES = 10
 IMAGE_SHAPE = (28, 28, 1)
 EXAMPLES_PER_CLASS = 500
@@ -103,7 +105,7 @@ def split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
 class Builder(tfds.core.GeneratorBasedBuilder):
   """DatasetBuilder for mnist5k (name inferred from this module's name)."""
 
-  VERSION = tfds.core.Version('1.0.0')
+  VERSION = tfds.core.Version(mnist5k.VERSION)
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
 
   def _info(self) -> tfds.core.DatasetInfo:
