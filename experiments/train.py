@@ -10,6 +10,7 @@ or ``jax.pmap`` (``config.parallelism = "pmap"``).
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
 import functools
 import json
 import logging
@@ -29,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import sparse_jax
 from experiments import baselines
+from experiments import compilation_cache
 from experiments import flops as run_flops_lib
 from experiments import input_pipeline
 from experiments import mask_history
@@ -60,6 +62,10 @@ def num_train_steps(config, steps_per_epoch: int) -> int:
   return int(config.num_epochs * steps_per_epoch)
 
 
+LR_SCHEDULES = ("multistep", "cosine", "constant")
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
+
+
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
   """Multi-step, cosine or constant learning rate, with optional linear warm-up."""
   total = num_train_steps(config, steps_per_epoch)
@@ -73,8 +79,8 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
   elif config.lr_schedule == "constant":
     main = optax.constant_schedule(base)
   else:
-    raise ValueError(f"Unknown lr_schedule {config.lr_schedule!r}; use multistep, cosine "
-                     "or constant.")
+    raise ValueError(f"Unknown lr_schedule {config.lr_schedule!r}; use one of "
+                     f"{LR_SCHEDULES}.")
   if warmup == 0:
     return main
   if config.lr_schedule == "multistep":
@@ -104,7 +110,7 @@ def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformati
   if name in ("adam", "rmsprop", "adagrad"):
     opt = {"adam": optax.adam, "rmsprop": optax.rmsprop, "adagrad": optax.adagrad}[name](lr)
     return optax.chain(optax.add_decayed_weights(wd, mask) if wd else optax.identity(), opt)
-  raise ValueError(f"Unknown optimizer {name!r}; use sgd, adam, adamw, rmsprop or adagrad.")
+  raise ValueError(f"Unknown optimizer {name!r}; use one of {OPTIMIZERS}.")
 
 
 def create_sparse_tx(config, inner: optax.GradientTransformation, steps_per_epoch: int,
@@ -186,8 +192,11 @@ def mask_update_steps(config, steps_per_epoch: int) -> set[int]:
 # ----------------------------------------------------------------------------
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 def create_model(config, num_classes: int):
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
+  dtype = DTYPES[config.dtype]
   return models.get_model(config.model, num_classes, dtype=dtype, **config.model_kwargs)
 
 
@@ -272,22 +281,32 @@ def state_shardings(state: TrainState, mesh, param_sharding: str = "replicated")
                     opt_state=sharding_lib.fsdp_shardings(state.opt_state, mesh), rng=repl)
 
 
-def create_sharded_train_state(config, model, tx_fn, input_shape, rng, mesh,
-                               param_sharding: str) -> TrainState:
-  """``create_train_state`` built directly in ``state_shardings`` (no full copy per device).
+def create_sharded_train_state(config, model, tx_fn, input_shape, rng, mesh=None,
+                               param_sharding: str = "replicated") -> TrainState:
+  """``create_train_state`` as one compiled program, built in ``state_shardings``.
 
-  The init is traced once for its shapes (``jax.eval_shape``) and then jitted with
-  those shardings as ``out_shardings``. An init that needs host values (SynFlow
-  scoring in float64) runs eagerly on one device and is then placed.
+  Compiled, the init is one program instead of dozens of op-by-op ones, and on a
+  mesh each device builds only its shards (no full copy per device; fsdp traces
+  the init once more for its shapes). ``mesh=None`` builds on the default device.
+  An init that needs host values (SynFlow scoring in float64) runs op by op and
+  is then placed.
   """
   init = lambda: create_train_state(config, model, tx_fn, input_shape, rng)
+  place = lambda state: state if mesh is None else jax.device_put(
+      state, state_shardings(state, mesh, param_sharding))
+  if config.init_from and param_sharding == "replicated":
+    return place(init())  # compiled, the exported arrays would be program constants
   try:
-    abstract = jax.eval_shape(init)
+    if mesh is None:
+      out_shardings = None
+    elif param_sharding == "replicated":
+      out_shardings = NamedSharding(mesh, P())
+    else:
+      out_shardings = state_shardings(jax.eval_shape(init), mesh, param_sharding)
+    return jax.jit(init, out_shardings=out_shardings)()
   except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
           jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError):
-    state = init()
-    return jax.device_put(state, state_shardings(state, mesh, param_sharding))
-  return jax.jit(init, out_shardings=state_shardings(abstract, mesh, param_sharding))()
+    return place(init())
 
 
 def to_host(tree):
@@ -352,9 +371,76 @@ def train_step(state: TrainState, batch, *, model, tx, config, num_classes: int,
   return new_state, {"train_loss": loss, "train_accuracy": acc}
 
 
-def train_steps(state: TrainState, batches, **kwargs):
-  """Several train steps in one dispatch (``lax.scan`` over stacked batches)."""
-  return jax.lax.scan(lambda s, b: train_step(s, b, **kwargs), state, batches)
+def train_steps(state: TrainState, batches, num_steps=None, *, max_steps=None, **kwargs):
+  """Train steps in one dispatch: the first ``num_steps`` of ``max_steps``.
+
+  One compiled program serves every dispatch length: a ``lax.while_loop`` runs
+  exactly ``num_steps`` (traced) steps, so a short dispatch costs only its steps
+  and leaves nothing past them to undo (state, optimizer count, rng).
+
+  Args:
+    state: the train state.
+    batches: stacked batches [max_steps, ...], or ``fn(i)`` returning the batch of
+      the dispatch's ``i``-th step (traced ``i``; e.g. gathered from device data).
+    num_steps: int32 [], the steps to run (at most ``max_steps``); None: all.
+    max_steps: the length of the metric buffers; defaults to the batches' length.
+    **kwargs: passed to ``train_step``.
+
+  Returns:
+    The new state and ``train_loss``/``train_accuracy`` [max_steps], zeros past
+    ``num_steps``.
+  """
+  if not callable(batches):
+    max_steps = max_steps or jax.tree.leaves(batches)[0].shape[0]
+    stacked, batches = batches, lambda i: jax.tree.map(lambda x: x[i], stacked)
+  step = lambda s, i: train_step(s, batches(i), **kwargs)
+  shapes = jax.eval_shape(step, state, 0)[1]
+  buffers = jax.tree.map(lambda x: jnp.zeros((max_steps, *x.shape), x.dtype), shapes)
+
+  def body(carry):
+    i, state, buffers = carry
+    state, metrics = step(state, i)
+    return i + 1, state, jax.tree.map(lambda b, m: b.at[i].set(m), buffers, metrics)
+
+  num_steps = max_steps if num_steps is None else num_steps
+  _, state, buffers = jax.lax.while_loop(lambda carry: carry[0] < num_steps, body,
+                                         (jnp.int32(0), state, buffers))
+  return state, buffers
+
+
+def dispatch_steps(state: TrainState, data, num_steps, *, max_steps: int, lr_fn,
+                   sparse: bool, batch_sharding=None, **kwargs):
+  """The trainer's dispatch: ``train_steps`` on ``data``, then ``state_readouts``.
+
+  ``data`` is ``(images, labels, idx)`` (a training set on the device and the
+  example indices [max_steps, batch] of each step, gathered step by step) or
+  stacked batches [max_steps, ...]. ``batch_sharding`` constrains each step's
+  batch on a mesh.
+  """
+  if isinstance(data, tuple):
+    images, labels, idx = data
+    batches = lambda i: {"image": images[idx[i]], "label": labels[idx[i]]}
+  else:
+    batches = lambda i: jax.tree.map(lambda x: x[i], data)
+  if batch_sharding is not None:
+    unconstrained = batches
+    batches = lambda i: jax.lax.with_sharding_constraint(unconstrained(i), batch_sharding)
+  state, metrics = train_steps(state, batches, num_steps, max_steps=max_steps, **kwargs)
+  return state, {**metrics, **state_readouts(state, lr_fn, sparse)}
+
+
+def state_readouts(state: TrainState, lr_fn, sparse: bool) -> dict:
+  """What the host logs of the state after a dispatch, computed inside it.
+
+  The learning rate of the last step and, for sparse runs, the masks' density
+  and layer densities: no separate program, no op-by-op dispatch per log line.
+  """
+  out = {"learning_rate": lr_fn(state.step - 1)}
+  if sparse:
+    masks = sparse_jax.get_masks(state.opt_state)
+    out.update(density=sparse_jax.density(masks),
+               layer_density=sparse_jax.layer_densities(masks))
+  return out
 
 
 def eval_step(state: TrainState, batch, *, model, num_classes: int,
@@ -532,7 +618,8 @@ def layer_table(params, masks) -> str:
 # ----------------------------------------------------------------------------
 
 
-def _validate(config, steps_per_epoch):
+def _validate(config):
+  """Rejects a bad config before any data is read or any model built."""
   if config.steps_per_dispatch < 1:
     raise ValueError(f"steps_per_dispatch={config.steps_per_dispatch} must be >= 1.")
   for name in ("log_every_steps", "checkpoint_every_steps"):
@@ -548,11 +635,74 @@ def _validate(config, steps_per_epoch):
     raise ValueError(f"param_sharding='fsdp' needs parallelism='mesh' (got "
                      f"{config.parallelism!r}): pmap keeps a full copy of the state on "
                      "every device.")
-  if steps_per_epoch < 1:
-    raise ValueError(f"batch_size={config.batch_size} exceeds the training set.")
   gf_every = config.get("gradient_flow_every_steps")
   if gf_every is not None and gf_every < 1:
     raise ValueError(f"gradient_flow_every_steps={gf_every} must be >= 1 (or None: off).")
+  input_pipeline.augmentation(config.dataset)  # raises on an unknown data set
+  if config.model not in models.MODELS:
+    raise ValueError(f"Unknown model {config.model!r}; known models: "
+                     f"{', '.join(sorted(models.MODELS))}.")
+  method = config.sparsity.method
+  if method != "dense" and method not in (*sparse_jax.METHODS, *baselines.PRUNING_AT_INIT):
+    raise ValueError(f"Unknown sparse method {method!r}; use dense or one of "
+                     f"{sorted([*sparse_jax.METHODS, *baselines.PRUNING_AT_INIT])} (imp "
+                     "runs through experiments.main or experiments.imp.run_imp).")
+  if method != "dense" and not 0.0 <= config.sparsity.final < 1.0:
+    raise ValueError(f"sparsity.final={config.sparsity.final} must be in [0, 1).")
+  if config.optimizer not in OPTIMIZERS:
+    raise ValueError(f"Unknown optimizer {config.optimizer!r}; use one of {OPTIMIZERS}.")
+  if config.lr_schedule not in LR_SCHEDULES:
+    raise ValueError(f"Unknown lr_schedule {config.lr_schedule!r}; use one of "
+                     f"{LR_SCHEDULES}.")
+  if config.dtype not in DTYPES:
+    raise ValueError(f"Unknown dtype {config.dtype!r}; use one of {tuple(DTYPES)}.")
+
+
+def abstract(tree):
+  """``ShapeDtypeStruct``s (with shardings) of ``tree``'s arrays.
+
+  Lowering from these needs no live buffers, so a program compiles in the
+  background while the buffers it was shaped on are donated to another.
+  """
+  def leaf(x):
+    sharding = x.sharding if isinstance(x, jax.Array) else None
+    weak = x.aval.weak_type if isinstance(x, jax.Array) else False
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding, weak_type=weak)
+  return jax.tree.map(leaf, tree)
+
+
+def compile_logged(fn, args, what: str, verbose: bool = True):
+  """``fn`` (a jit or pmap) compiled for ``args``, with a log line before and after.
+
+  A persistent-cache hit (experiments/compilation_cache.py) takes well under a
+  second; the line says so.
+  """
+  log = logging.getLogger("sparse_jax.train")
+  if verbose:
+    log.info("Compiling %s...", what)
+  t = time.time()
+  compiled = fn.lower(*args).compile()
+  if verbose:
+    log.info("Compiled %s in %.1f s.", what, time.time() - t)
+  return compiled
+
+
+def pad_steps(x: np.ndarray, length: int) -> np.ndarray:
+  """``x`` [n, ...] padded with zeros to [length, ...]: the steps a dispatch skips."""
+  if len(x) == length:
+    return x
+  return np.concatenate([x, np.zeros((length - len(x), *x.shape[1:]), x.dtype)])
+
+
+def host_layer_densities(masks) -> dict[str, np.float32]:
+  """``sparse_jax.layer_densities`` of host (numpy) masks, without a device program.
+
+  The active count is exact and divided in float32 as the device's float32 mean
+  of the bools is (equal to it below 2**24 weights per layer).
+  """
+  flat = jax.tree_util.tree_flatten_with_path(masks)[0]
+  return {sparse_jax.path_to_name(p): np.float32(np.count_nonzero(m)) / np.float32(np.size(m))
+          for p, m in flat}
 
 
 def next_stop(step: int, total_steps: int, *, periods, events=(), halt=None) -> int:
@@ -577,6 +727,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Returns the summary written to ``workdir/summary.json``.
   """
+  _validate(config)
+  # Before anything compiles: a second run of the config compiles nothing.
+  compilation_cache.enable(config.get("compilation_cache_dir"))
   if config.distributed and not jax.distributed.is_initialized():
     # Unset fields are auto-detected (TPU pods, SLURM, ...). Initialised once per
     # process: a second run in the same process reuses the connection.
@@ -591,7 +744,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   info = input_pipeline.dataset_info(config.dataset, config.data_dir)
   steps_per_epoch = info.num_train_examples // config.batch_size
   total_steps = num_train_steps(config, steps_per_epoch)
-  _validate(config, steps_per_epoch)
+  if steps_per_epoch < 1:
+    raise ValueError(f"batch_size={config.batch_size} exceeds the training set.")
   n_dev = jax.device_count()
   if config.batch_size % n_dev:
     raise ValueError(f"batch_size={config.batch_size} is not divisible by the "
@@ -608,12 +762,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.parallelism == "mesh":
     mesh = jax.make_mesh((n_dev,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   rng = jax.random.PRNGKey(config.seed)
-  if param_sharding == "fsdp":
-    # Built in place, each device holding its shards (see state_shardings).
-    state = create_sharded_train_state(config, model, tx_fn, info.input_shape, rng, mesh,
-                                       param_sharding)
-  else:
-    state = create_train_state(config, model, tx_fn, info.input_shape, rng)
+  if is_main:
+    log.info("Building %s and its %s train state...", config.model,
+             config.sparsity.method)
+  # Built in place on the mesh, each device holding its shards (see state_shardings).
+  state = create_sharded_train_state(config, model, tx_fn, info.input_shape, rng, mesh,
+                                     param_sharding)
   # Initial masks only matter at init; the state built above already holds them.
   tx = tx_fn(None)
   lr_fn = learning_rate_schedule(config, steps_per_epoch)
@@ -621,7 +775,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # On the host now (every process; gathered if sharded): the state's buffers are
   # donated to the first step.
   masks0 = to_host(sparse_jax.get_masks(state.opt_state)) if sparse else None
-  densities0 = None if masks0 is None else jax.device_get(sparse_jax.layer_densities(masks0))
+  densities0 = None if masks0 is None else host_layer_densities(masks0)
   if is_main:
     log.info("Model %s on %s: %d steps (%d/epoch), %d devices, method %s, %s state.\n%s",
              config.model, config.dataset, total_steps, steps_per_epoch, n_dev,
@@ -633,7 +787,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if start_step and is_main:
     log.info("Resumed from the checkpoint at step %d.", start_step)
 
-  step_kwargs = dict(model=model, tx=tx, config=config, num_classes=info.num_classes)
+  s_per = config.steps_per_dispatch
+  step_kwargs = dict(model=model, tx=tx, config=config, num_classes=info.num_classes,
+                     lr_fn=lr_fn, sparse=sparse, max_steps=s_per)
   use_device_data = config.data_on_device and input_pipeline.augmentation(config.dataset) == "none"
   if mesh is not None:
     repl = NamedSharding(mesh, P())
@@ -644,17 +800,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = jax.device_put(state, state_sh)
 
     def make_run(mask_update):
-      kwargs = dict(step_kwargs, mask_update=mask_update)
-      if use_device_data:
-        def run(state, images, labels, idx):
-          batches = {"image": images[idx], "label": labels[idx]}
-          batches = jax.lax.with_sharding_constraint(batches, data_sharding)
-          return train_steps(state, batches, **kwargs)
-        return jax.jit(run, in_shardings=(state_sh, repl, repl, repl),
-                       out_shardings=(state_sh, repl), donate_argnums=0)
-      return jax.jit(lambda state, batches: train_steps(state, batches, **kwargs),
-                     in_shardings=(state_sh, data_sharding), out_shardings=(state_sh, repl),
-                     donate_argnums=0)
+      return jax.jit(
+          functools.partial(dispatch_steps, mask_update=mask_update,
+                            batch_sharding=NamedSharding(mesh, P("data")), **step_kwargs),
+          in_shardings=(state_sh, (repl,) * 3 if use_device_data else data_sharding, repl),
+          out_shardings=(state_sh, repl), donate_argnums=0)
     evaluate = jax.jit(functools.partial(eval_step, model=model, num_classes=info.num_classes),
                        in_shardings=(state_sh, NamedSharding(mesh, P("data"))),
                        out_shardings=repl)
@@ -662,14 +812,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     devices = jax.local_devices()
     n_local = len(devices)
     state = replicate(state, devices)
+
     def make_run(mask_update):
-      kwargs = dict(step_kwargs, mask_update=mask_update, axis_name="batch")
-      if use_device_data:
-        def run(state, images, labels, idx):
-          batches = {"image": images[idx], "label": labels[idx]}
-          return train_steps(state, batches, **kwargs)
-        return jax.pmap(run, axis_name="batch", donate_argnums=0)
-      return jax.pmap(lambda state, batches: train_steps(state, batches, **kwargs),
+      return jax.pmap(functools.partial(dispatch_steps, mask_update=mask_update,
+                                        axis_name="batch", **step_kwargs),
                       axis_name="batch", donate_argnums=0)
     evaluate = jax.pmap(functools.partial(eval_step, model=model, num_classes=info.num_classes,
                                           axis_name="batch"), axis_name="batch")
@@ -687,6 +833,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         config.dataset, batch_size=config.batch_size, data_dir=config.data_dir,
         seed=config.seed, start_step=start_step)
 
+  def dispatch_inputs(step, n):
+    """The data and step count of a dispatch of ``n`` steps from ``step``, padded to s_per."""
+    if use_device_data:
+      idx = pad_steps(data.indices(step, n), s_per)
+      if mesh is None:
+        idx = np.stack([idx.reshape(s_per, n_local, -1)[:, d] for d in range(n_local)])
+      return (data.images, data.labels, idx), per_device(np.int32(n))
+    local = [next(train_iter) for _ in range(n)]
+    batches = jax.tree.map(lambda *xs: pad_steps(np.stack(xs), s_per), *local)
+    if mesh is None:
+      batches = jax.tree.map(
+          lambda x: np.moveaxis(x.reshape(s_per, n_local, -1, *x.shape[2:]), 1, 0), batches)
+    elif jax.process_count() > 1:
+      batches = jax.make_array_from_process_local_data(data_sharding, batches)
+    return batches, per_device(np.int32(n))
+
+  def per_device(x):
+    """``x`` as pmap takes it (one copy per local device); unchanged on a mesh."""
+    return x if mesh is not None else np.full(n_local, x)
+
   eval_cache = []
 
   def eval_batches():
@@ -694,24 +860,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       return eval_cache
     # Rounded up to a multiple of the devices; the padding is masked out.
     batch_size = -(-config.eval_batch_size // n_dev) * n_dev
-    batches = list(input_pipeline.eval_batches(
-        config.dataset, batch_size=batch_size, data_dir=config.data_dir))
-    if use_device_data:
-      eval_cache.extend(batches)
-    return batches
-
-  def run_eval(state):
-    totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-    for b in eval_batches():
+    batches = []
+    for b in input_pipeline.eval_batches(config.dataset, batch_size=batch_size,
+                                         data_dir=config.data_dir):
       if mesh is None:
         b = jax.tree.map(lambda x: x.reshape(n_local, -1, *x.shape[1:]), b)
       elif jax.process_count() > 1:
         b = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), b)
-      out = jax.device_get(host_state(evaluate(state, b)))
-      for k in totals:
-        totals[k] += float(out[k])
-    return {"test_loss": totals["loss"] / totals["count"],
-            "test_accuracy": totals["correct"] / totals["count"]}
+      batches.append(b)
+    if use_device_data:
+      eval_cache.extend(batches)
+    return batches
 
   def host_state(tree):
     """``tree`` as one global array per leaf (pmap keeps a copy per device).
@@ -721,9 +880,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """
     return tree if mesh is not None else jax.tree.map(lambda a: a[0], tree)
 
-  density_fn = jax.jit(lambda opt_state: (
-      sparse_jax.density(sparse_jax.get_masks(opt_state)),
-      sparse_jax.layer_densities(sparse_jax.get_masks(opt_state))))
+  # Each program compiles once, from the first dispatch's argument shapes (every
+  # dispatch has the same): the one needed first in the foreground, the others
+  # (the mask-update step, the evaluation) meanwhile in the background.
+  compiler = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="compile")
+  programs = {}
+  program_names = {None: f"the train dispatch ({s_per} steps)",
+                   False: f"the ordinary dispatch ({s_per} steps)",
+                   True: "the mask-update step", "eval": "the evaluation"}
+
+  def compile_soon(key, fn, args):
+    if key not in programs:
+      programs[key] = compiler.submit(compile_logged, fn, abstract(args), program_names[key],
+                                      is_main)
+
+  def program(key):
+    if not programs[key].done() and is_main:
+      log.info("Waiting for %s to compile...", program_names[key])
+    return programs[key].result()
+
+  def run_eval(state):
+    totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    for b in eval_batches():
+      compile_soon("eval", evaluate, (state, b))
+      out = jax.device_get(host_state(program("eval")(state, b)))
+      for k in totals:
+        totals[k] += float(out[k])
+    return {"test_loss": totals["loss"] / totals["count"],
+            "test_accuracy": totals["correct"] / totals["count"]}
 
   writer = MetricWriter(workdir, is_main)
   # Gradient-flow measures on a fixed batch, off the hot path (one extra dispatch and
@@ -748,11 +932,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   best_acc, last_eval = 0.0, {}
   step = start_step
   t_log, steps_at_log = time.time(), step
-  s_per = config.steps_per_dispatch
   # Dispatches end exactly where the host needs the state (evaluation, logging,
-  # checkpoints, mask-update records): s_per steps in one lax.scan while the next
-  # stop is at least that far, then the largest power of two that fits. At most
-  # 1 + log2(s_per) compiled programs.
+  # checkpoints, mask-update records): up to s_per steps in one program whatever
+  # their number (train_steps).
   periods = [config.log_every_steps, config.checkpoint_every_steps,
              steps_per_epoch * config.eval_every_epochs] + ([gf_every] if gf_every else [])
   sorted_events = sorted(events) if sparse else []
@@ -761,7 +943,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # it (sparse_jax's mask_update=False/True); otherwise the optimizer decides in the
   # graph (None) on every step.
   host_events = bool(sorted_events) and config.get("host_mask_updates", True)
-  runs = {}
   while step < total_steps:
     stop = next_stop(step, total_steps, periods=periods, events=sorted_events,
                      halt=config.halt_after_step)
@@ -770,30 +951,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       mask_update = stop in events and stop - step == 1
       if stop in events and not mask_update:
         stop -= 1  # run up to the step before the event, then the event alone
-    n = s_per if stop - step >= s_per else 1 << ((stop - step).bit_length() - 1)
-    if mask_update not in runs:
-      runs[mask_update] = make_run(mask_update)
-    run = runs[mask_update]
-    if use_device_data:
-      idx = data.indices(step, n)
-      if mesh is None:
-        idx = np.stack([idx.reshape(n, n_local, -1)[:, d] for d in range(n_local)])
-      state, metrics = run(state, data.images, data.labels, idx)
-    else:
-      local = [next(train_iter) for _ in range(n)]
-      batches = jax.tree.map(lambda *xs: np.stack(xs), *local)
-      if mesh is None:
-        batches = jax.tree.map(
-            lambda x: np.moveaxis(x.reshape(n, n_local, -1, *x.shape[2:]), 1, 0), batches)
-      elif jax.process_count() > 1:
-        batches = jax.make_array_from_process_local_data(data_sharding, batches)
-      state, metrics = run(state, batches)
-    pending.append(metrics)
+    n = min(s_per, stop - step)
+    inputs = dispatch_inputs(step, n)
+    if not programs:
+      for key in [mask_update] + ([not mask_update] if host_events else []):
+        compile_soon(key, make_run(key), (state, *inputs))
+      compile_soon("eval", evaluate, (state, eval_batches()[0]))
+    state, metrics = program(mask_update)(state, *inputs)
+    pending.append((metrics, n))
     step += n
     record = {}
     # Every mask update ends a dispatch (next_stop), so an event is this step.
     if sparse and step in events:
-      dens, layers = jax.device_get(density_fn(host_state(state).opt_state))
+      dens, layers = jax.device_get(host_state((metrics["density"], metrics["layer_density"])))
       record.update(mask_update=True, sparsity=1.0 - float(dens),
                     layer_density={k: float(v) for k, v in layers.items()})
       if keep_history:
@@ -811,16 +981,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if gradient_flow is not None and (step % gf_every == 0 or step == total_steps):
       record.update(gradient_flow(state))
     if step % config.log_every_steps == 0 or record or step == total_steps:
-      fetched = jax.device_get([host_state(m) for m in pending])
+      # The metrics of each dispatch's steps (its buffers hold s_per), in order.
+      fetched = [(jax.device_get(host_state(m)), ran) for m, ran in pending]
       pending = []
-      loss = float(np.mean(np.concatenate([np.ravel(m["train_loss"]) for m in fetched])))
-      acc = float(np.mean(np.concatenate([np.ravel(m["train_accuracy"]) for m in fetched])))
+      loss = float(np.mean(np.concatenate([m["train_loss"][:ran] for m, ran in fetched])))
+      acc = float(np.mean(np.concatenate([m["train_accuracy"][:ran] for m, ran in fetched])))
+      last = fetched[-1][0]  # the read-outs of the state now
       if "sparsity" not in record and sparse:
-        record["sparsity"] = 1.0 - float(jax.device_get(
-            density_fn(host_state(state).opt_state)[0]))
+        record["sparsity"] = 1.0 - float(last["density"])
       now = time.time()
       record = {"step": step, "epoch": step / steps_per_epoch, "train_loss": loss,
-                "train_accuracy": acc, "learning_rate": float(lr_fn(step - 1)),
+                "train_accuracy": acc, "learning_rate": float(last["learning_rate"]),
                 "wall_time_s": now - t_start,
                 "steps_per_s": (step - steps_at_log) / max(now - t_log, 1e-9), **record}
       t_log, steps_at_log = now, step
@@ -838,9 +1009,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         recorder.save()
     if config.halt_after_step is not None and step >= config.halt_after_step:
       mngr.wait_until_finished()
+      compiler.shutdown(wait=False, cancel_futures=True)
       log.info("Halting after step %d (halt_after_step).", step)
       return {"halted_at_step": step}
 
+  compiler.shutdown(wait=False, cancel_futures=True)
   mngr.wait_until_finished()
   final = to_host(host_state(state))
   masks = sparse_jax.get_masks(final.opt_state) if sparse else None
@@ -859,8 +1032,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "best_test_accuracy": best_acc,
       "final_test_loss": last_eval.get("test_loss"),
       "final_sparsity": measured_sparsity(final.params, prunable),
+      # Counted on the host: the masks are numpy arrays by now.
       "mask_sparsity": None if masks is None else
-                       1.0 - int(sparse_jax.count_active(masks)) / sparse_jax.count_prunable(masks),
+                       1.0 - sum(int(np.count_nonzero(m)) for m in jax.tree.leaves(masks))
+                       / sparse_jax.count_prunable(masks),
       "steps": int(final.step),
       "wall_time_s": time.time() - t_start,
       "method": config.sparsity.method,
