@@ -291,7 +291,8 @@ def create_sharded_train_state(config, model, tx_fn, input_shape, rng, mesh=None
   An init that needs host values (SynFlow scoring in float64) runs op by op and
   is then placed.
   """
-  init = lambda: create_train_state(config, model, tx_fn, input_shape, rng)
+  def init():
+    return create_train_state(config, model, tx_fn, input_shape, rng)
   place = lambda state: state if mesh is None else jax.device_put(
       state, state_shardings(state, mesh, param_sharding))
   if config.init_from and param_sharding == "replicated":

@@ -1,6 +1,8 @@
 """End-to-end tests of the trainer on the bundled MNIST subset (a few steps each)."""
 
+import collections
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -376,3 +378,71 @@ def test_param_sharding_is_validated(tmp_path):
   config.parallelism = "pmap"
   with pytest.raises(ValueError, match="param_sharding='fsdp' needs parallelism='mesh'"):
     train.train_and_evaluate(config, str(tmp_path))
+
+
+def _lowered_programs(fn):
+  """Runs ``fn()`` and returns the names of the programs JAX lowered meanwhile.
+
+  Lowering precedes the persistent-cache lookup, so a cache hit counts too.
+  """
+  names = []
+
+  class Lowerings(logging.Handler):
+    def emit(self, record):
+      message = record.getMessage()
+      if message.startswith("Finished jaxpr to MLIR module conversion"):
+        names.append(message.split("conversion ")[1].split(" in ")[0])
+
+  handler, logger = Lowerings(), logging.getLogger("jax")
+  logger.addHandler(handler)
+  # Global, not jax.log_compiles(): the trainer compiles in a background thread too.
+  jax.config.update("jax_log_compiles", True)
+  try:
+    fn()
+  finally:
+    jax.config.update("jax_log_compiles", False)
+    logger.removeHandler(handler)
+  return names
+
+
+def test_a_run_compiles_each_program_once(tmp_path):
+  # 40 steps at 10 per dispatch, stopping at events (10, 20, 30), logs (10), epochs (31)
+  # and checkpoints (20): dispatches of 9, 1, 10 and 8 steps. Every length runs in one
+  # ordinary program; the events in one mask-update program.
+  names = _lowered_programs(lambda: train.train_and_evaluate(small_config(), str(tmp_path)))
+  counts = collections.Counter(names)
+  assert counts.pop("jit(dispatch_steps)") == 2, names  # mask_update=False and True
+  assert counts.pop("jit(eval_step)") == 1, names
+  assert counts.pop("jit(init)") == 1, names
+  # The rest are tiny, once each: the PRNG key and sparse_jax.model_flops' forward pass.
+  assert all(c == 1 for c in counts.values()) and len(counts) <= 5, names
+
+
+CACHE_RUN_SCRIPT = textwrap.dedent("""
+    import sys
+    from experiments import train
+    from experiments.configs import default
+    config = default.lenet300_mnist5k("static", "sparsity=0.9")
+    config.num_train_steps = 12
+    config.log_every_steps = 5
+    train.train_and_evaluate(config, sys.argv[1])
+""")
+
+
+def test_second_run_compiles_nothing(tmp_path):
+  # Two processes, one persistent compilation cache: the second finds every program.
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_LOG_COMPILES="1", JAX_EXPLAIN_CACHE_MISSES="1",
+             SPARSE_JAX_COMPILATION_CACHE=str(tmp_path / "cache"))
+  logs, entries = [], []
+  for run in ("first", "second"):
+    out = subprocess.run([sys.executable, "-c", CACHE_RUN_SCRIPT, str(tmp_path / run)],
+                         env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    logs.append(out.stdout + out.stderr)
+    entries.append(sorted(os.listdir(tmp_path / "cache")))
+  first, second = logs
+  assert "PERSISTENT COMPILATION CACHE MISS" in first
+  assert "PERSISTENT COMPILATION CACHE MISS" not in second, [
+      l for l in second.splitlines() if "CACHE MISS" in l]
+  assert second.count("Persistent compilation cache hit") >= 3  # init, dispatch, eval
+  assert entries[0] == entries[1]
