@@ -33,6 +33,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from experiments import compilation_cache
 from experiments import input_pipeline
 from experiments import scsdc
 
@@ -213,6 +214,7 @@ def main(argv):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   if FLAGS.config is None or FLAGS.workdir is None:
     raise app.UsageError("--config and --workdir are required.")
+  compilation_cache.enable()  # runs of the same shapes reuse compiled programs
   index, count = parse_slice(FLAGS.slice)
   start = time.time()
   counts = run_sweep(FLAGS.config, FLAGS.workdir, index, count, dry_run=FLAGS.dry_run)

@@ -48,6 +48,7 @@ import numpy as np
 import optax
 
 import sparse_jax
+from experiments import compilation_cache
 from experiments import input_pipeline
 from experiments import train
 from experiments.configs import default
@@ -369,6 +370,7 @@ def main(argv=None):
   parser.add_argument("--scope", default="global", choices=SCOPES)
   parser.add_argument("--seeds", default="0,1")
   args = parser.parse_args(argv)
+  compilation_cache.enable()  # runs of the same shapes reuse compiled programs
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout,
                       force=True)
   log = logging.getLogger("plasticity").info

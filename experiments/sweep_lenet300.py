@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from experiments import compilation_cache
 from experiments import flops as run_flops_lib
 from experiments import imp
 from experiments import train
@@ -191,6 +192,7 @@ def main():
   parser.add_argument("--out", default=os.path.join(RESULTS, "lenet300_mnist5k"))
   args = parser.parse_args()
   logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
+  compilation_cache.enable()  # runs of the same shapes reuse compiled programs
   methods = args.methods.split(",")
   sparsities = [float(s) for s in args.sparsities.split(",")]
   seeds = [int(s) for s in args.seeds.split(",")]

@@ -291,23 +291,25 @@ def create_sharded_train_state(config, model, tx_fn, input_shape, rng, mesh=None
   An init that needs host values (SynFlow scoring in float64) runs op by op and
   is then placed.
   """
-  def init():
-    return create_train_state(config, model, tx_fn, input_shape, rng)
+  # The key is an argument, not a program constant (the sparse methods' own seeds
+  # still are: sparse_jax builds them into the optimizer).
+  def init(key):
+    return create_train_state(config, model, tx_fn, input_shape, key)
   place = lambda state: state if mesh is None else jax.device_put(
       state, state_shardings(state, mesh, param_sharding))
   if config.init_from and param_sharding == "replicated":
-    return place(init())  # compiled, the exported arrays would be program constants
+    return place(init(rng))  # compiled, the exported arrays would be program constants
   try:
     if mesh is None:
       out_shardings = None
     elif param_sharding == "replicated":
       out_shardings = NamedSharding(mesh, P())
     else:
-      out_shardings = state_shardings(jax.eval_shape(init), mesh, param_sharding)
-    return jax.jit(init, out_shardings=out_shardings)()
+      out_shardings = state_shardings(jax.eval_shape(init, rng), mesh, param_sharding)
+    return jax.jit(init, out_shardings=out_shardings)(rng)
   except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
           jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError):
-    return place(init())
+    return place(init(rng))
 
 
 def to_host(tree):

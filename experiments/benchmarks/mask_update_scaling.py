@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 import sparse_jax
+from experiments import compilation_cache
 from experiments.benchmarks import step_overhead
 
 SIZES = {"1M": 1_000_000, "3M": 3_000_000, "10M": 10_000_000, "30M": 30_000_000,
@@ -104,6 +105,7 @@ def main():
   parser.add_argument("--dense_limit", type=int, default=100_000_000)
   parser.add_argument("--out", default=None, help="JSON file; a PNG is written beside it")
   args = parser.parse_args()
+  compilation_cache.enable()  # runs of the same shapes reuse compiled programs
   rows = []
   for name in args.sizes.split(","):
     rows.append(bench(name, SIZES[name], args.rounds, args.batch, args.dense_limit))

@@ -21,6 +21,7 @@ import sys
 import jax
 import optax
 
+from experiments import compilation_cache
 from experiments.benchmarks import step_overhead
 
 MODEL = step_overhead.MODELS["mlp_30m"]
@@ -100,6 +101,7 @@ def main():
   parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
+  compilation_cache.enable()  # runs of the same shapes reuse compiled programs
   if args.child:
     rss_child(args.child, args.batch)
     return

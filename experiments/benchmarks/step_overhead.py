@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 import sparse_jax
+from experiments import compilation_cache
 
 MODELS = {
     "lenet300_100": (784, 300, 100, 10),
@@ -170,6 +171,7 @@ def main():
   parser.add_argument("--models", default=",".join(MODELS))
   parser.add_argument("--out", default=None, help="write the rows as JSON here")
   args = parser.parse_args()
+  compilation_cache.enable()  # runs of the same shapes reuse compiled programs
   rows = []
   for name in args.models.split(","):
     rows += bench_model(name, MODELS[name], args.rounds, args.batch)

@@ -23,6 +23,7 @@ import time
 import jax
 import numpy as np
 
+from experiments import compilation_cache
 from experiments import input_pipeline
 from experiments import train
 from experiments.configs import default
@@ -104,6 +105,7 @@ def main():
   parser.add_argument("--num_steps", type=int, default=3000)
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
+  compilation_cache.enable()  # runs of the same shapes reuse compiled programs
   rows = []
   for s in (int(v) for v in args.steps_per_dispatch.split(",")):
     config = make_config(s, args.num_steps)
