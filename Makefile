@@ -23,11 +23,14 @@ $(VENV)/.installed: requirements.txt
 run: venv
 	$(PY) -m experiments.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
+# Compiled programs are cached in the checkout (ignored by git) for the tests.
+TEST_CACHE := SPARSE_JAX_COMPILATION_CACHE=$(CURDIR)/.cache/jax_compilation_cache
+
 test: venv
-	$(PY) -m pytest -q -m "not slow" --durations=15
+	$(TEST_CACHE) $(PY) -m pytest -q -m "not slow" --durations=15
 
 test-all: venv
-	$(PY) -m pytest -q --durations=15
+	$(TEST_CACHE) $(PY) -m pytest -q --durations=15
 
 clean:
-	rm -rf $(VENV) .data
+	rm -rf $(VENV) .data .cache

@@ -18,6 +18,8 @@ import time
 import numpy as np
 import pytest
 
+from tests import multidevice
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 420  # ~60 s on an idle 2-core CPU; generous for a loaded one
 
@@ -94,8 +96,7 @@ def _launch(out_dir, num_processes, devices_per_process, modes):
   port = _free_port()
   procs = []
   for i in range(num_processes):
-    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+    env = multidevice.env(devices_per_process, JAX_PLATFORMS="cpu")
     procs.append(subprocess.Popen(
         [sys.executable, "-c", WORKER, str(out_dir), str(num_processes), str(i), str(port),
          ",".join(modes)], env=env, cwd=REPO, stdout=subprocess.PIPE,
@@ -126,10 +127,10 @@ def _wait(procs, deadline):
 def runs(tmp_path_factory):
   two = tmp_path_factory.mktemp("two_processes")
   one = tmp_path_factory.mktemp("one_process")
-  deadline = time.time() + TIMEOUT_S
-  procs = _launch(two, 2, 4, ["device", "host"])
-  procs += _launch(one, 1, 8, ["device"])
-  reports = _wait(procs, deadline)
+  # One job at a time on the 2 cores: the two processes of the 2 x 4 job, then the
+  # 1 x 8 job (run together, 16 device threads starved each other).
+  reports = _wait(_launch(two, 2, 4, ["device", "host"]), time.time() + TIMEOUT_S)
+  reports += _wait(_launch(one, 1, 8, ["device"]), time.time() + TIMEOUT_S)
   load = lambda d, name: dict(np.load(os.path.join(d, name)))
   return {"reports": reports,
           "two": {f"{m}_p{i}": load(two, f"{m}_p{i}.npz")

@@ -9,6 +9,8 @@ import textwrap
 import numpy as np
 import pytest
 
+from tests import multidevice
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent("""
@@ -62,8 +64,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def run(devices):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             PYTHONPATH=REPO)
+  env = multidevice.env(devices)
   proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
                         text=True, timeout=600, cwd=REPO)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -139,10 +139,16 @@ def _assert_same_order(x, keys):
   np.testing.assert_array_equal(x[:, None] == x[None, :], keys[:, None] == keys[None, :])
 
 
+# Non-negative float32 values (zero, subnormals, normals, +inf) drawn as their bit
+# patterns: every draw is valid, so Hypothesis filters nothing (st.floats(width=32)
+# rejects float64 draws and tripped the filter health check at random).
+NON_NEGATIVE_FLOAT32_BITS = st.integers(0, 0x7F800000)
+
+
 @settings(deadline=None, max_examples=25)
-@given(st.lists(st.floats(min_value=0.0, allow_nan=False, width=32), min_size=12, max_size=12))
-def test_score_keys_preserve_order_float32(values):
-  x = np.asarray(values, np.float32)
+@given(st.lists(NON_NEGATIVE_FLOAT32_BITS, min_size=12, max_size=12))
+def test_score_keys_preserve_order_float32(bits):
+  x = np.asarray(bits, np.uint32).view(np.float32).copy()
   x[:2] = [0.0, 0.0]  # always include zeros
   keys = np.asarray(jax.jit(_select.score_keys)(jnp.asarray(x))).astype(np.int64)
   # Keys order exactly like the values (equal values <-> equal keys), and are > 0.

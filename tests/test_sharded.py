@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from experiments import sharding
 from sparse_jax import _select
+from tests import multidevice
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -194,9 +195,7 @@ SCRIPT = textwrap.dedent(r"""
 
 @pytest.fixture(scope="module")
 def findings():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-  env["PYTHONPATH"] = REPO
+  env = multidevice.env(8)
   out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=REPO,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-4000:]
