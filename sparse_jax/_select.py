@@ -215,6 +215,26 @@ def _tree_add(a, b):
   return jax.tree.map(jnp.add, a, b)
 
 
+def _chunks(sources: Sequence[jax.Array]):
+  """``(c, chunk)``: the number of chunks of ``sources`` (``chunk_plan``) and a
+  function of the chunk number returning its flat indices and slices."""
+  sources = [jnp.asarray(x) for x in sources]
+  shape = tuple(sources[0].shape)
+  plan = chunk_plan(shape)
+  if plan is None:
+    return 1, lambda i: (flat_index(shape), *sources)
+  axis, c = plan
+  split = shape[:axis] + (shape[axis] // c, c) + shape[axis + 1:]
+  chunk_shape = shape[:axis] + (shape[axis] // c,) + shape[axis + 1:]
+  views = [x.reshape(split) for x in sources]
+
+  def chunk(i):
+    parts = [lax.dynamic_index_in_dim(v, i, axis + 1, keepdims=False) for v in views]
+    return (_index(chunk_shape, shape, axis, c, i), *parts)
+
+  return c, chunk
+
+
 def map_reduce_chunks(fn, sources: Sequence[jax.Array], combine=_tree_add):
   """``combine``-reduction of ``fn(index, *chunk)`` over the chunks of ``sources``.
 
@@ -227,21 +247,28 @@ def map_reduce_chunks(fn, sources: Sequence[jax.Array], combine=_tree_add):
   Example:
     >>> count = map_reduce_chunks(lambda i, m: jnp.sum(m, dtype=jnp.int32), [mask])
   """
-  sources = [jnp.asarray(x) for x in sources]
-  shape = tuple(sources[0].shape)
-  plan = chunk_plan(shape)
-  if plan is None:
-    return fn(flat_index(shape), *sources)
-  axis, c = plan
-  split = shape[:axis] + (shape[axis] // c, c) + shape[axis + 1:]
-  chunk_shape = shape[:axis] + (shape[axis] // c,) + shape[axis + 1:]
-  views = [x.reshape(split) for x in sources]
+  c, chunk = _chunks(sources)
+  first = fn(*chunk(jnp.int32(0)))
+  if c == 1:
+    return first
+  return lax.fori_loop(1, c, lambda i, acc: combine(acc, fn(*chunk(i))), first)
 
-  def chunk(i):
-    parts = [lax.dynamic_index_in_dim(v, i, axis + 1, keepdims=False) for v in views]
-    return fn(_index(chunk_shape, shape, axis, c, i), *parts)
 
-  return lax.fori_loop(1, c, lambda i, acc: combine(acc, chunk(i)), chunk(jnp.int32(0)))
+def fold_lazy(f, init, x: Lazy):
+  """``f(acc, index, values)`` folded over a ``Lazy``'s chunks, from ``init``.
+
+  For an accumulator that each chunk updates in place (a histogram it scatters
+  into), where ``map_reduce_lazy`` would add a whole new one per chunk.
+  """
+  c, chunk = _chunks(x.sources)
+
+  def step(i, acc):
+    index, *parts = chunk(i)
+    return f(acc, index, x.fn(index, *parts))
+
+  if c == 1:
+    return step(jnp.int32(0), init)
+  return lax.fori_loop(0, c, step, init)
 
 
 def map_reduce_lazy(f, x: Lazy, combine=_tree_add):
@@ -254,17 +281,18 @@ def count_true(mask) -> jax.Array:
   return map_reduce_lazy(lambda index, m: jnp.sum(m, dtype=jnp.int32), lazy(mask))
 
 
-def _leaf_histogram(lk: Lazy, digits_fn) -> jax.Array:
-  """Histogram (int32 [2**16]) of ``digits_fn(keys, index) -> (digits, valid)``.
+def _add_to_histogram(hist, lk: Lazy, digits_fn) -> jax.Array:
+  """``hist`` (int32 [2**16 + 1]) plus the counts of ``digits_fn(keys, index)``.
 
-  ``valid`` (bool or None) sends the other positions to an overflow bin that is
-  dropped. A scatter-add histogram reads each key once and settles 16 bits of the
-  answer per pass, where a counting pass settles one (bisection) and costs about
-  half as much on CPU (measured: 115 ms per 2**16-bin histogram vs ~45 ms per
-  count of 16.7M keys).
+  ``digits_fn`` returns ``(digits, valid)``; ``valid`` (bool or None) sends the
+  other positions to the last bin, an overflow bin that is dropped. A
+  scatter-add histogram reads each key once and settles 16 bits of the answer per
+  pass, where a counting pass settles one (bisection) and costs about half as
+  much on CPU (measured: 115 ms per 2**16-bin histogram vs ~45 ms per count of
+  16.7M keys). The leaves of a group scatter into one buffer, one after another.
   """
 
-  def hist_of(index, keys):
+  def scatter(hist, index, keys):
     digits, valid = digits_fn(keys, index)
     idx = digits.astype(jnp.int32)
     if valid is not None:
@@ -272,63 +300,137 @@ def _leaf_histogram(lk: Lazy, digits_fn) -> jax.Array:
     # Indices keep the leaf's shape: reshape(-1) of an array sharded on a later
     # axis would all-gather it, while an n-d scatter-add into a replicated
     # histogram is partitioned into per-shard histograms and one all-reduce.
-    return jnp.zeros((_BINS + 1,), jnp.int32).at[idx].add(1, mode="drop")[:_BINS]
+    return hist.at[idx].add(1, mode="promise_in_bounds")
 
-  return map_reduce_lazy(hist_of, lk)
+  return fold_lazy(scatter, hist, lk)
 
 
 def _histograms(leaves, groups, num_groups, digits_fns):
-  """Per-group histograms (int32 [G, 2**16]): the sum of each group's leaves'."""
-  hist = [jnp.zeros((_BINS,), jnp.int32) for _ in range(num_groups)]
+  """Per-group histograms (int32 [G, 2**16]) of the digits of each group's leaves."""
+  hist = [jnp.zeros((_BINS + 1,), jnp.int32) for _ in range(num_groups)]
   for lk, g, fn in zip(leaves, groups, digits_fns):
-    hist[g] = hist[g] + _leaf_histogram(lk, fn)
-  return jnp.stack(hist)
+    hist[g] = _add_to_histogram(hist[g], lk, fn)
+  return jnp.stack(hist)[:, :_BINS]
+
+
+def _in_every_pass(leaves, p):
+  """The leaves, and a zero, to be computed afresh in each pass of a loop on ``p``.
+
+  XLA hoists loop-invariant work out of a while loop: every leaf's keys (and
+  ranks) would be materialised before the passes, all leaves at once (8 bytes
+  per weight). Sources, indices and ranks offset by a zero that comes out of a
+  barrier with ``p`` are not invariant.
+  """
+  sources, zero, _ = lax.optimization_barrier(
+      ([lk.sources for lk in leaves], jnp.uint32(0), p))
+  return [Lazy(lambda index, *s, fn=lk.fn: fn(index + zero, *s), tuple(src))
+          for lk, src in zip(leaves, sources)], zero
+
+
+_BLOCK = 1 << (RADIX_BITS // 2)  # _BINS = _BLOCK**2
+
+
+def _suffix_sums(x):
+  """Inclusive suffix sums along the last axis, as one masked sum (no cumsum).
+
+  XLA:CPU expands a cumsum of 2**16 bins into a tree of reduce-window kernels,
+  slow to compile (LeNet's mask update: 23 such kernels with cumsums, 13 without);
+  over 2**8 entries the square masked sum is small.
+  """
+  shape = x.shape[:-1] + (x.shape[-1], x.shape[-1])
+  later = lax.broadcasted_iota(jnp.int32, shape, x.ndim) >= lax.broadcasted_iota(
+      jnp.int32, shape, x.ndim - 1)
+  return jnp.sum(jnp.where(later, x[..., None, :], 0), axis=-1)
+
+
+def _last_reaching(incl, k):
+  """Per row, the last column with ``incl >= k`` (0 if none; ``incl`` non-increasing)."""
+  return jnp.maximum(jnp.sum(incl >= k[:, None], axis=-1, dtype=jnp.int32) - 1, 0)
+
+
+def _take(x, i):
+  return jnp.take_along_axis(x, i[:, None], -1)[:, 0]
 
 
 def _select_digit(hist, k):
   """Largest digit ``d`` per group with ``#(digit >= d) >= k``, and counts around it.
 
   Returns ``(d, count_above_d, count_at_d)`` (int32 [G] each). With ``k == 0``
-  the digit is the last one and both counts may be 0.
+  the digit is the last one and both counts may be 0. Found in two steps of 2**8
+  bins: the block of 2**8 digits holding ``d``, then ``d`` within it.
   """
-  # above[g, d] = #(digit > d): exclusive suffix sums.
-  incl = jnp.flip(jnp.cumsum(jnp.flip(hist, -1), -1), -1)
-  d = jnp.sum(incl >= k[:, None], axis=-1, dtype=jnp.int32) - 1
-  d = jnp.maximum(d, 0)
-  at = jnp.take_along_axis(hist, d[:, None], -1)[:, 0]
-  above = jnp.take_along_axis(incl, d[:, None], -1)[:, 0] - at
-  return d, above, at
+  blocks = hist.reshape(hist.shape[0], _BLOCK, _BLOCK)
+  block_sums = jnp.sum(blocks, axis=-1)
+  block_incl = _suffix_sums(block_sums)  # #(digit >= first digit of the block)
+  c = _last_reaching(block_incl, k)
+  row = jnp.take_along_axis(blocks, c[:, None, None], 1)[:, 0]
+  row_incl = (_take(block_incl, c) - _take(block_sums, c))[:, None] + _suffix_sums(row)
+  j = _last_reaching(row_incl, k)
+  at = _take(row, j)
+  return c * _BLOCK + j, _take(row_incl, j) - at, at
 
 
-def _radix_select(leaves, groups, num_groups, k, word_fns, valid_fns):
-  """Per group, the largest 32-bit ``t`` with ``#(word >= t, valid) >= k``.
+# Pass p of a radix select histograms 16 bits of the 64-bit word (key, ~index):
+# the high and low half of the key, then of the complemented in-group index
+# ``~i = 2**32 - 1 - i`` among the ties. It counts the positions whose bits above
+# the digit equal those already found (the masks of key and ~i bits compared).
+_SHIFTS = np.array([RADIX_BITS, 0, RADIX_BITS, 0], np.uint32)
+_KEY_MASKS = np.array([0, 0xFFFF0000, 0xFFFFFFFF, 0xFFFFFFFF], np.uint32)
+_INDEX_MASKS = np.array([0, 0, 0, 0xFFFF0000], np.uint32)
 
-  Per leaf, ``word_fns[i](keys, index)`` gives each position's uint32 word and
-  ``valid_fns[i](keys, index)`` whether it takes part (or None: all do). One
-  histogram of the high 16 bits of every word, one of the low 16 bits of the
-  words sharing the selected high half. Returns ``(t, #(> t), #(== t))``.
+
+class _Radix(NamedTuple):
+  """Loop state of a radix select after ``p`` passes."""
+  p: jax.Array  # int32 []
+  thresh: jax.Array  # uint32 [G], the key bits found so far
+  cut: jax.Array  # uint32 [G], the ~index bits found so far
+  rest: jax.Array  # int32 [G], k minus the positions above the bits found so far
+  need: jax.Array  # int32 [G], from pass 2 on: k - #(key > thresh)
+  ties: jax.Array  # int32 [G], from pass 2 on: #(key == thresh)
+
+
+def _radix_passes(leaves, groups, num_groups, k, passes: int) -> _Radix:
+  """The largest ``(thresh, cut)`` per group with ``#((key, ~i) >= it) >= k``.
+
+  One ``lax.while_loop`` whose body histograms every leaf once: the program holds
+  each leaf's key computation once instead of once per pass (the mask update's
+  keys are long lazy chains; unrolled passes made its compile time grow with
+  them). Passes 2 and 3 (``passes=4``) split the ties at ``thresh`` by index and
+  are skipped, leaving ``cut = 0``, when every group takes all its ties.
   """
+  rs = _offsets(leaves, groups, num_groups)
+  shifts, key_masks, index_masks = (jnp.asarray(a) for a in (_SHIFTS, _KEY_MASKS,
+                                                             _INDEX_MASKS))
 
-  def high(word_fn, valid_fn):
-    return lambda keys, index: (word_fn(keys, index) >> RADIX_BITS, valid_fn(keys, index))
+  def body(s: _Radix) -> _Radix:
+    shift, key_mask, index_mask = shifts[s.p], key_masks[s.p], index_masks[s.p]
+    key_pass = s.p < 2
 
-  d_hi, above_hi, _ = _select_digit(_histograms(
-      leaves, groups, num_groups, [high(w, v) for w, v in zip(word_fns, valid_fns)]), k)
-  d_hi_u = d_hi.astype(jnp.uint32)
+    leaves_now, zero = _in_every_pass(leaves, s.p)
 
-  def low(word_fn, valid_fn, g):
-    def fn(keys, index):
-      word = word_fn(keys, index)
-      same = (word >> RADIX_BITS) == d_hi_u[g]
-      valid = valid_fn(keys, index)
-      return word & _LOW, same if valid is None else same & valid
-    return fn
+    def digits(r, g):
+      def fn(keys, index):
+        rank = (r + zero) - index
+        valid = (((keys & key_mask) == (s.thresh[g] & key_mask))
+                 & ((rank & index_mask) == (s.cut[g] & index_mask)))
+        return (jnp.where(key_pass, keys, rank) >> shift) & _LOW, valid
+      return fn
 
-  d_lo, above_lo, at_lo = _select_digit(_histograms(
-      leaves, groups, num_groups,
-      [low(w, v, g) for w, v, g in zip(word_fns, valid_fns, groups)]), k - above_hi)
-  t = (d_hi_u << RADIX_BITS) | d_lo.astype(jnp.uint32)
-  return t, above_hi + above_lo, at_lo
+    hist = _histograms(leaves_now, groups, num_groups,
+                       [digits(r, g) for r, g in zip(rs, groups)])
+    d, above, at = _select_digit(hist, s.rest)
+    found = d.astype(jnp.uint32) << shift
+    rest = s.rest - above
+    return _Radix(s.p + 1, jnp.where(key_pass, s.thresh | found, s.thresh),
+                  jnp.where(key_pass, s.cut, s.cut | found), rest,
+                  jnp.where(s.p == 1, rest, s.need), jnp.where(s.p == 1, at, s.ties))
+
+  def more(s: _Radix):
+    return (s.p < 2) | ((s.p < passes) & ~jnp.all(s.need == s.ties))
+
+  zeros_u, zeros_i = jnp.zeros((num_groups,), jnp.uint32), jnp.zeros((num_groups,), jnp.int32)
+  return lax.while_loop(more, body, _Radix(jnp.int32(0), zeros_u, zeros_u, k, zeros_i,
+                                           zeros_i))
 
 
 def kth_largest_key(keys: Sequence, k: jax.Array, groups: Sequence[int]):
@@ -348,13 +450,10 @@ def kth_largest_key(keys: Sequence, k: jax.Array, groups: Sequence[int]):
   """
   groups = tuple(groups)
   num_groups = max(groups) + 1
-  leaves = [lazy(x) for x in keys]
   k = jnp.asarray(k, jnp.int32).reshape((num_groups,))
-  n = len(leaves)
-  t, count_gt, count_at = _radix_select(leaves, groups, num_groups, k,
-                                        [lambda keys, index: keys] * n,
-                                        [lambda keys, index: None] * n)
-  return t, count_gt + count_at, count_gt
+  s = _radix_passes([lazy(x) for x in keys], groups, num_groups, k, passes=2)
+  count_gt = k - s.need
+  return s.thresh, count_gt + s.ties, count_gt
 
 
 class Selection(NamedTuple):
@@ -399,23 +498,9 @@ def top_k_selection(keys: Sequence, k: jax.Array, groups: Sequence[int]) -> Sele
   """
   groups = tuple(groups)
   num_groups = max(groups) + 1
-  leaves = [lazy(x) for x in keys]
   k = jnp.asarray(k, jnp.int32).reshape((num_groups,))
-  thresh, count_ge, count_gt = kth_largest_key(leaves, k, groups)
-  need = k - count_gt
-
-  def first_ties():
-    # A radix select of the need-th smallest index among the ties, done on the
-    # complemented index (so "largest" is "first").
-    cut, _, _ = _radix_select(
-        leaves, groups, num_groups, need,
-        [lambda keys, index, r=r: r - index for r in _offsets(leaves, groups, num_groups)],
-        [lambda keys, index, g=g: keys == thresh[g] for g in groups])
-    return cut
-
-  all_ties = jnp.all(need == count_ge - count_gt)
-  cut = lax.cond(all_ties, lambda: jnp.zeros((num_groups,), jnp.uint32), first_ties)
-  return Selection(thresh, cut, need > 0)
+  s = _radix_passes([lazy(x) for x in keys], groups, num_groups, k, passes=4)
+  return Selection(s.thresh, s.cut, s.need > 0)
 
 
 def selected_masks(keys: Sequence, groups: Sequence[int], sel: Selection) -> list[Lazy]:

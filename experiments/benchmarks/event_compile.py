@@ -1,0 +1,94 @@
+r"""Lowering and compile time of the mask-update ("event") program.
+
+For LeNet-300-100, the ~30M MLP of ``step_overhead`` and ResNet-50 (ImageNet,
+parameter shapes only, from ``jax.eval_shape``), this lowers and compiles
+``tx.update(grads, state, params, mask_update=...)`` for a plain dense optax
+update and for GraNet / RigL with ``mask_update`` True, None and False, and
+reports seconds and the size of the lowered StableHLO text.
+
+  python -m experiments.benchmarks.event_compile --models=lenet300_100,mlp_30m,resnet50
+
+Target (issue 12): an event program compiles within 3x the dense update.
+"""
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import sparse_jax
+from experiments import models
+from experiments.benchmarks import step_overhead
+
+
+def param_shapes(name):
+  """The params tree of ``name`` as ``jax.ShapeDtypeStruct`` leaves."""
+  if name in step_overhead.MODELS:
+    return jax.eval_shape(lambda: step_overhead.init_mlp(jax.random.PRNGKey(0),
+                                                         step_overhead.MODELS[name]))
+  model = models.get_model(name, num_classes=1000)
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                                jnp.zeros((1, 224, 224, 3)), train=False))
+  return variables["params"]
+
+
+def methods():
+  inner = lambda: optax.sgd(0.1, momentum=0.9, nesterov=True)
+  return {
+      "dense": inner(),
+      "granet": sparse_jax.granet(inner(), sparsity=0.98, total_steps=930, end_step=620,
+                                  update_every=100),
+      "rigl": sparse_jax.rigl(inner(), sparsity=0.98, total_steps=930, update_every=100),
+  }
+
+
+def measure(tx, params, mask_update):
+  """(lowering s, compile s, compile CPU s, HLO chars) of one update program.
+
+  The CPU seconds of the process (all threads) are the steadier figure on a
+  shared machine, where wall time depends on the other jobs.
+  """
+  extra = {} if mask_update == "dense" else {"mask_update": mask_update}
+  state = jax.eval_shape(tx.init, params)
+  fn = jax.jit(lambda g, s, p: tx.update(g, s, p, **extra))
+  start = time.perf_counter()
+  lowered = fn.lower(params, state, params)
+  lowering = time.perf_counter() - start
+  start, cpu = time.perf_counter(), time.process_time()
+  lowered.compile()
+  return (lowering, time.perf_counter() - start, time.process_time() - cpu,
+          len(lowered.as_text()))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--models", default="lenet300_100,mlp_30m,resnet50")
+  parser.add_argument("--variants", default="dense,granet/True,granet/None,granet/False,"
+                      "rigl/True")
+  parser.add_argument("--out", default=None, help="write the rows as JSON here")
+  args = parser.parse_args()
+  txs = methods()
+  rows = []
+  print(f"{'model':14s} {'variant':14s} {'lower s':>8s} {'compile s':>9s} {'cpu s':>6s} "
+        f"{'HLO chars':>10s}")
+  for name in args.models.split(","):
+    params = param_shapes(name)
+    for variant in args.variants.split(","):
+      method, _, flag = variant.partition("/")
+      mask_update = {"True": True, "False": False, "None": None, "": "dense"}[flag]
+      lowering, compiling, cpu, chars = measure(txs[method], params, mask_update)
+      rows.append({"model": name, "variant": variant, "lowering_s": lowering,
+                   "compile_s": compiling, "compile_cpu_s": cpu, "hlo_chars": chars})
+      print(f"{name:14s} {variant:14s} {lowering:8.2f} {compiling:9.2f} {cpu:6.2f} "
+            f"{chars:10d}", flush=True)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump({"backend": jax.default_backend(), "jax": jax.__version__, "rows": rows},
+                f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
