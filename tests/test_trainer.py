@@ -438,3 +438,23 @@ def test_second_run_compiles_nothing(tmp_path):
       l for l in second.splitlines() if "CACHE MISS" in l]
   assert second.count("Persistent compilation cache hit") >= 3  # init, dispatch, eval
   assert entries[0] == entries[1]
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("sparsity.method", "magic", "Unknown sparse method"),
+    ("sparsity.final", 1.5, r"sparsity.final=1.5 must be in \[0, 1\)"),
+    ("model", "transformer", "Unknown model 'transformer'"),
+    ("dataset", "svhn", "Unknown dataset 'svhn'"),
+    ("optimizer", "lion", "Unknown optimizer 'lion'"),
+])
+def test_bad_config_is_rejected_before_data_or_model(tmp_path, monkeypatch, field, value,
+                                                     match):
+  def must_not_run(*args, **kwargs):
+    raise AssertionError("data read or model built before the config was checked")
+  monkeypatch.setattr(train.input_pipeline, "dataset_info", must_not_run)
+  monkeypatch.setattr(train, "create_model", must_not_run)
+  config = small_config()
+  section, _, name = field.rpartition(".")
+  setattr(config[section] if section else config, name, value)
+  with pytest.raises(ValueError, match=match):
+    train.train_and_evaluate(config, str(tmp_path))
