@@ -8,8 +8,9 @@ through the radix selector of ``_select``.
 Each is built from a *plan* (a few numbers per layer: the selection's thresholds,
 computed by histogram passes over chunks) and an *apply* step that turns a plan
 into lazy masks (``_select.Lazy``). The optimizer wrapper computes plans inside a
-``lax.cond`` (only scalars leave it) and materialises only the final masks, so a
-mask update allocates no intermediate model-sized masks.
+``lax.cond`` (only scalars leave it) and materialises a stage's bool masks only
+where a later stage reads them, so no keys or scatter indices of a whole model
+are ever allocated.
 """
 
 from __future__ import annotations
@@ -78,9 +79,10 @@ class GlobalPlan(NamedTuple):
 
 
 def _forced_keys(ws, ms, first):
-  return [_select.lazy_map(
-      lambda index, x, f=first[l]: jnp.where(index == f, jnp.uint32(_select.FORCED), x),
-      _magnitude_keys(w, m)) for l, (w, m) in enumerate(zip(ws, ms))]
+  def forced(index, x, l):
+    return jnp.where(index == _select.entry(first, l), jnp.uint32(_select.FORCED), x)
+  return [_select.lazy_map(lambda index, x, l=l: forced(index, x, l), _magnitude_keys(w, m))
+          for l, w, m in zip(_select.leaf_numbers(range(len(ws))), ws, ms)]
 
 
 def global_prune_plan(ws, ms, num_active) -> GlobalPlan:

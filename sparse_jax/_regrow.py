@@ -101,8 +101,8 @@ def _random_keys(ms, words):
   def keys_fn(index, m, seed):
     bits = _mix32(_mix32(index ^ seed[0]) + seed[1])
     return jnp.where(m, jnp.uint32(0), (bits >> 1) + jnp.uint32(1))
-  return [_select.lazy_map(lambda index, m, l=l: keys_fn(index, m, words[l]), m)
-          for l, m in enumerate(ms)]
+  return [_select.lazy_map(lambda index, m, l=l: keys_fn(index, m, _select.entry(words, l)), m)
+          for l, m in zip(_select.leaf_numbers(range(len(ms))), ms)]
 
 
 def random_grow_plan(key, ms, num_grow, active=None) -> RandomPlan:

@@ -313,18 +313,36 @@ def _histograms(leaves, groups, num_groups, digits_fns):
   return jnp.stack(hist)[:, :_BINS]
 
 
-def _in_every_pass(leaves, p):
-  """The leaves, and a zero, to be computed afresh in each pass of a loop on ``p``.
+def leaf_numbers(values, dtype=jnp.int32) -> tuple[jax.Array, ...]:
+  """Python numbers, one per leaf, as scalars behind a barrier.
+
+  XLA:CPU compiles one kernel for identical fused computations, but a leaf's
+  number folded in as a constant (or as a static index into a vector of per-layer
+  values) makes every leaf's kernels distinct. Inside the selections' while loops
+  numbers passed this way stay kernel operands, and leaves of one shape share
+  their kernels (ResNet-50's event: 156 -> 74 key kernels for 54 leaves of 21
+  shapes); outside loops XLA folds them back in. Index vectors with ``entry``.
+  """
+  return lax.optimization_barrier(tuple(jnp.asarray(v, dtype) for v in values))
+
+
+def entry(vec: jax.Array, i: jax.Array) -> jax.Array:
+  """``vec[i]`` for a traced scalar ``i`` (from ``leaf_numbers``)."""
+  return lax.dynamic_index_in_dim(vec, i, keepdims=False)
+
+
+def _in_every_pass(leaves, p, numbers):
+  """The leaves, and ``numbers``, to be computed afresh in each pass of a loop on ``p``.
 
   XLA hoists loop-invariant work out of a while loop: every leaf's keys (and
   ranks) would be materialised before the passes, all leaves at once (8 bytes
-  per weight). Sources, indices and ranks offset by a zero that comes out of a
-  barrier with ``p`` are not invariant.
+  per weight). Sources and numbers (``leaf_numbers``; a zero offsets the
+  indices) that come out of a barrier with ``p`` are not invariant.
   """
-  sources, zero, _ = lax.optimization_barrier(
-      ([lk.sources for lk in leaves], jnp.uint32(0), p))
+  sources, zero, numbers, _ = lax.optimization_barrier(
+      ([lk.sources for lk in leaves], jnp.uint32(0), numbers, p))
   return [Lazy(lambda index, *s, fn=lk.fn: fn(index + zero, *s), tuple(src))
-          for lk, src in zip(leaves, sources)], zero
+          for lk, src in zip(leaves, sources)], zero, numbers
 
 
 _BLOCK = 1 << (RADIX_BITS // 2)  # _BINS = _BLOCK**2
@@ -398,7 +416,7 @@ def _radix_passes(leaves, groups, num_groups, k, passes: int) -> _Radix:
   them). Passes 2 and 3 (``passes=4``) split the ties at ``thresh`` by index and
   are skipped, leaving ``cut = 0``, when every group takes all its ties.
   """
-  rs = _offsets(leaves, groups, num_groups)
+  offsets = _offsets(leaves, groups, num_groups)
   shifts, key_masks, index_masks = (jnp.asarray(a) for a in (_SHIFTS, _KEY_MASKS,
                                                              _INDEX_MASKS))
 
@@ -406,18 +424,19 @@ def _radix_passes(leaves, groups, num_groups, k, passes: int) -> _Radix:
     shift, key_mask, index_mask = shifts[s.p], key_masks[s.p], index_masks[s.p]
     key_pass = s.p < 2
 
-    leaves_now, zero = _in_every_pass(leaves, s.p)
+    leaves_now, zero, (gs, rs) = _in_every_pass(
+        leaves, s.p, (leaf_numbers(groups), leaf_numbers(offsets, jnp.uint32)))
 
     def digits(r, g):
       def fn(keys, index):
         rank = (r + zero) - index
-        valid = (((keys & key_mask) == (s.thresh[g] & key_mask))
-                 & ((rank & index_mask) == (s.cut[g] & index_mask)))
+        valid = (((keys & key_mask) == (entry(s.thresh, g) & key_mask))
+                 & ((rank & index_mask) == (entry(s.cut, g) & index_mask)))
         return (jnp.where(key_pass, keys, rank) >> shift) & _LOW, valid
       return fn
 
     hist = _histograms(leaves_now, groups, num_groups,
-                       [digits(r, g) for r, g in zip(rs, groups)])
+                       [digits(r, g) for r, g in zip(rs, gs)])
     d, above, at = _select_digit(hist, s.rest)
     found = d.astype(jnp.uint32) << shift
     rest = s.rest - above
@@ -508,10 +527,12 @@ def selected_masks(keys: Sequence, groups: Sequence[int], sel: Selection) -> lis
   groups = tuple(groups)
   leaves = [lazy(x) for x in keys]
   out = []
-  for lk, g, r in zip(leaves, groups, _offsets(leaves, groups, max(groups) + 1)):
+  gs = leaf_numbers(groups)
+  rs = leaf_numbers(_offsets(leaves, groups, max(groups) + 1), jnp.uint32)
+  for lk, g, r in zip(leaves, gs, rs):
     def pick(index, x, g=g, r=r):
-      t = sel.thresh[g]
-      return (x > t) | ((x == t) & sel.take[g] & (r - index >= sel.cut[g]))
+      t = entry(sel.thresh, g)
+      return (x > t) | ((x == t) & entry(sel.take, g) & (r - index >= entry(sel.cut, g)))
     out.append(lazy_map(pick, lk))
   return out
 
