@@ -10,6 +10,7 @@ or ``jax.pmap`` (``config.parallelism = "pmap"``).
 from __future__ import annotations
 
 import bisect
+import collections
 import concurrent.futures
 import functools
 import json
@@ -674,17 +675,19 @@ def abstract(tree):
   return jax.tree.map(leaf, tree)
 
 
-def compile_logged(fn, args, what: str, verbose: bool = True):
+def compile_logged(fn, args, what: str, verbose: bool = True, seconds=None):
   """``fn`` (a jit or pmap) compiled for ``args``, with a log line before and after.
 
   A persistent-cache hit (experiments/compilation_cache.py) takes well under a
-  second; the line says so.
+  second; the line says so. ``seconds`` (a dict) receives the time under ``what``.
   """
   log = logging.getLogger("sparse_jax.train")
   if verbose:
     log.info("Compiling %s...", what)
   t = time.time()
   compiled = fn.lower(*args).compile()
+  if seconds is not None:
+    seconds[what] = time.time() - t
   if verbose:
     log.info("Compiled %s in %.1f s.", what, time.time() - t)
   return compiled
@@ -823,6 +826,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     evaluate = jax.pmap(functools.partial(eval_step, model=model, num_classes=info.num_classes,
                                           axis_name="batch"), axis_name="batch")
 
+  # Where a run's time goes (summary.json "timings"; experiments/benchmarks/
+  # time_to_result.py): phases measured at host sync points, compiles by program.
+  timings = collections.defaultdict(float, compile_s={})
+  t_data = time.time()
   if use_device_data:
     arrays = input_pipeline.load_arrays(config.dataset, "train", config.data_dir)
     if mesh is not None:
@@ -835,6 +842,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_iter = input_pipeline.train_batches(
         config.dataset, batch_size=config.batch_size, data_dir=config.data_dir,
         seed=config.seed, start_step=start_step)
+  timings["data_s"] += time.time() - t_data
 
   def dispatch_inputs(step, n):
     """The data and step count of a dispatch of ``n`` steps from ``step``, padded to s_per."""
@@ -895,20 +903,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def compile_soon(key, fn, args):
     if key not in programs:
       programs[key] = compiler.submit(compile_logged, fn, abstract(args), program_names[key],
-                                      is_main)
+                                      is_main, timings["compile_s"])
 
   def program(key):
-    if not programs[key].done() and is_main:
+    if programs[key].done():
+      return programs[key].result()
+    if is_main:
       log.info("Waiting for %s to compile...", program_names[key])
-    return programs[key].result()
+    t = time.time()
+    compiled = programs[key].result()
+    timings["compile_wait_s"] += time.time() - t
+    return compiled
 
   def run_eval(state):
+    t = time.time()
     totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
     for b in eval_batches():
       compile_soon("eval", evaluate, (state, b))
       out = jax.device_get(host_state(program("eval")(state, b)))
       for k in totals:
         totals[k] += float(out[k])
+    timings["eval_s"] += time.time() - t
     return {"test_loss": totals["loss"] / totals["count"],
             "test_accuracy": totals["correct"] / totals["count"]}
 
@@ -946,6 +961,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # it (sparse_jax's mask_update=False/True); otherwise the optimizer decides in the
   # graph (None) on every step.
   host_events = bool(sorted_events) and config.get("host_mask_updates", True)
+  t_loop = time.time()
+  timings["before_loop_s"] = t_loop - t_start
   while step < total_steps:
     stop = next_stop(step, total_steps, periods=periods, events=sorted_events,
                      halt=config.halt_after_step)
@@ -1007,7 +1024,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  record["steps_per_s"])
     if step % config.checkpoint_every_steps == 0 or step == total_steps or (
         config.halt_after_step is not None and step >= config.halt_after_step):
+      t = time.time()
       save_checkpoint(mngr, host_state(state), step)
+      timings["checkpoint_s"] += time.time() - t
       if recorder is not None:
         recorder.save()
     if config.halt_after_step is not None and step >= config.halt_after_step:
@@ -1017,7 +1036,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       return {"halted_at_step": step}
 
   compiler.shutdown(wait=False, cancel_futures=True)
+  t = time.time()
   mngr.wait_until_finished()
+  timings["checkpoint_s"] += time.time() - t
+  timings["loop_s"] = time.time() - t_loop
   final = to_host(host_state(state))
   masks = sparse_jax.get_masks(final.opt_state) if sparse else None
   prunable = (jax.tree.map(lambda p, m: m is not None, final.params, masks) if sparse
@@ -1049,6 +1071,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   summary.update(run_flops_lib.run_flops(
       config, model, variables, info.input_shape, steps_per_epoch, total_steps, densities0,
       run_flops_lib.event_densities(workdir), masks, events))
+  timings["after_loop_s"] = time.time() - t_loop - timings["loop_s"]
+  summary["timings"] = dict(timings)
   if is_main:
     export_model(os.path.join(workdir, "export.npz"), final.params, final.batch_stats, masks)
     with open(os.path.join(workdir, "summary.json"), "w") as f:
