@@ -359,7 +359,7 @@ def _suffix_sums(x):
   shape = x.shape[:-1] + (x.shape[-1], x.shape[-1])
   later = lax.broadcasted_iota(jnp.int32, shape, x.ndim) >= lax.broadcasted_iota(
       jnp.int32, shape, x.ndim - 1)
-  return jnp.sum(jnp.where(later, x[..., None, :], 0), axis=-1)
+  return jnp.sum(jnp.where(later, x[..., None, :], 0), axis=-1, dtype=x.dtype)
 
 
 def _last_reaching(incl, k):
@@ -379,7 +379,8 @@ def _select_digit(hist, k):
   bins: the block of 2**8 digits holding ``d``, then ``d`` within it.
   """
   blocks = hist.reshape(hist.shape[0], _BLOCK, _BLOCK)
-  block_sums = jnp.sum(blocks, axis=-1)
+  # dtype: with jax_enable_x64 a plain sum of int32 is int64 (a loop carry must not change).
+  block_sums = jnp.sum(blocks, axis=-1, dtype=hist.dtype)
   block_incl = _suffix_sums(block_sums)  # #(digit >= first digit of the block)
   c = _last_reaching(block_incl, k)
   row = jnp.take_along_axis(blocks, c[:, None, None], 1)[:, 0]
