@@ -23,14 +23,16 @@ $(VENV)/.installed: requirements.txt
 run: venv
 	$(PY) -m experiments.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
-# Compiled programs are cached in the checkout (ignored by git) for the tests.
+# Compiled programs are cached in the checkout (ignored by git) for the tests. Two
+# xdist workers (one per core; a test file stays on one worker, so module fixtures
+# run once).
 TEST_CACHE := SPARSE_JAX_COMPILATION_CACHE=$(CURDIR)/.cache/jax_compilation_cache
 
 test: venv
-	$(TEST_CACHE) $(PY) -m pytest -q -m "not slow" --durations=15
+	$(TEST_CACHE) $(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile --durations=15
 
 test-all: venv
-	$(TEST_CACHE) $(PY) -m pytest -q --durations=15
+	$(TEST_CACHE) $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 clean:
 	rm -rf $(VENV) .data .cache

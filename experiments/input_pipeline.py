@@ -34,6 +34,7 @@ import math
 import os
 import pathlib
 import re
+import uuid
 from typing import Callable, Iterator, Optional
 
 import jax
@@ -269,7 +270,9 @@ def _prepared_arrays(name: str, data_dir: Optional[str]) -> np.lib.npyio.NpzFile
     for split in builder.info.splits:
       for key, value in _read_split(builder, _spec(name), split).items():
         arrays[f'{split}/{key}'] = value
-    tmp = path.with_suffix('.tmp.npz')
+    # A name of this process's own: processes preparing at once (test workers, the
+    # hosts of a job) each write a whole file, and the last rename wins.
+    tmp = path.with_name(f'{path.stem}.{os.getpid()}.{uuid.uuid4().hex}.tmp.npz')
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
   return np.load(path)

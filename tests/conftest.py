@@ -6,6 +6,9 @@ without the example database, so a CI run is reproducible and independent of
 earlier runs. Locally the ``dev`` profile keeps random exploration and the
 database. ``HYPOTHESIS_PROFILE=ci`` (or ``dev``) picks one explicitly.
 
+Data: the bundled mnist5k set is prepared once, in the controlling process, before
+any test (or xdist worker) starts, so no two processes build it at once.
+
 Compilation cache: every test process (and the subprocesses it starts, through the
 environment) reads and writes ``experiments.compilation_cache``'s directory;
 ``make test`` points it into the checkout (``.cache/``, ignored by git).
@@ -26,3 +29,10 @@ _ci = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if _ci else "dev"))
 
 compilation_cache.enable()
+
+
+def pytest_configure(config):
+  if hasattr(config, "workerinput"):  # an xdist worker: the controller prepared it
+    return
+  from experiments import input_pipeline
+  input_pipeline.dataset_info("mnist5k", None)
