@@ -13,8 +13,8 @@ Each round runs, one after the other (interleaved, so drift and load hit all ali
 
 A main-job run is split with its own records: the trainer's ``timings`` in
 ``summary.json`` (set-up, data, training dispatches, evaluation, checkpoints,
-and each compiled program with its compile seconds, also parsed from the
-"Compiled ... in ... s" log lines) and the process's start-up before the trainer.
+and each compiled program with its compile seconds, which is also what the
+"Compiled ... in ... s" log lines say) and the process's start-up before the trainer.
 
   python -m experiments.benchmarks.time_to_result --rounds=3 \
       --out=experiments/benchmarks/time_to_result.json
@@ -26,7 +26,6 @@ compile time of the optimizer update alone see ``event_compile.py``.
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -36,7 +35,6 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = "experiments/configs/granet_lenet300_mnist5k.py"
-COMPILED = re.compile(r"Compiled (.+?) in ([0-9.]+) s")
 
 
 def run_process(argv, cache_dir):
@@ -53,14 +51,14 @@ def run_process(argv, cache_dir):
 
 def main_job(cache_dir, workdir):
   """One run of the main job: wall seconds, compiled programs, trainer timings."""
-  wall, stdout = run_process([sys.executable, "-m", "experiments.main", f"--config={CONFIG}",
-                              f"--workdir={workdir}"], cache_dir)
+  wall, _ = run_process([sys.executable, "-m", "experiments.main", f"--config={CONFIG}",
+                         f"--workdir={workdir}"], cache_dir)
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)
-  programs = [(name, float(s)) for name, s in COMPILED.findall(stdout)]
+  programs = list(summary["timings"]["compile_s"].items())
   return {"wall_s": wall, "trainer_s": summary["wall_time_s"],
           "before_trainer_s": wall - summary["wall_time_s"],
-          "timings": summary.get("timings"),
+          "timings": summary["timings"],
           "programs": programs, "compile_s": sum(s for _, s in programs),
           "final_test_accuracy": summary["final_test_accuracy"],
           "final_sparsity": summary["final_sparsity"]}
@@ -171,9 +169,8 @@ def main():
     for name, s in rows[len(rows) // 2]["programs"]:
       print(f"  compiled {name}: {s:.2f} s")
     timings = rows[len(rows) // 2]["timings"]
-    if timings:
-      print("  trainer timings: " + ", ".join(
-          f"{k} {v:.2f} s" for k, v in timings.items() if isinstance(v, (int, float))))
+    print("  trainer timings: " + ", ".join(
+        f"{k} {v:.2f} s" for k, v in timings.items() if isinstance(v, (int, float))))
   if args.out:
     with open(args.out, "w") as f:
       json.dump({"rounds": args.rounds, "medians_s": medians, "ratios": ratios, "runs": runs},
