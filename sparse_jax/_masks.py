@@ -83,19 +83,65 @@ class LayerInfo(NamedTuple):
   size: int
 
 
+# A leaf's role is read from the last key of its name, which is how Flax linen and
+# NNX name the parameters of every layer they ship (Dense, DenseGeneral, Conv,
+# attention projections: kernel and bias; LayerNorm, BatchNorm, GroupNorm, RMSNorm:
+# scale and bias; Embed: embedding).
+ROLES = ("kernel", "bias", "scale", "embedding", "other")
+_ROLE_OF_KEY = {"kernel": "kernel", "bias": "bias", "scale": "scale"}
+# Embedding tables, position embeddings and class tokens: embedding (nn.Embed,
+# nnx.Embed), pos_embedding (ViT), position_embeddings, token_emb, posemb, cls_token.
+# "unembed" (an output projection) is not one.
+_EMBEDDING_KEY = re.compile(
+    r"(\w+_|pos|position|positional)?emb(ed(ding)?s?)?|cls|cls_token|class_token",
+    re.IGNORECASE)
+
+
+def leaf_role(name: str) -> str:
+  """The role of a parameter leaf, from the last key of its name.
+
+  ``"kernel"`` (``.../kernel``), ``"bias"`` (``.../bias``: layer biases and
+  normalisation offsets, whatever their ndim), ``"scale"`` (normalisation scales),
+  ``"embedding"`` (``emb``, ``embed(s)``, ``embedding(s)``, alone or after a prefix
+  ending in ``_`` or ``pos``/``position``/``positional``, e.g. ``pos_embedding``,
+  ``position_embeddings``, ``token_emb``, ``posemb``; class tokens ``cls``,
+  ``cls_token``, ``class_token``),
+  and ``"other"`` for any other name (custom modules, raw arrays in tuples and
+  lists). Case is ignored in embedding names.
+
+  Example:
+    >>> leaf_role("MultiHeadDotProductAttention_0/query/bias")
+    'bias'
+
+  Args:
+    name: a leaf name as ``path_to_name`` writes it ("Dense_0/kernel").
+
+  Returns:
+    One of ``ROLES``.
+  """
+  key = name.rsplit("/", 1)[-1]
+  if key in _ROLE_OF_KEY:
+    return _ROLE_OF_KEY[key]
+  return "embedding" if _EMBEDDING_KEY.fullmatch(key) else "other"
+
+
 def select_prunable(
     params: PyTree,
     *,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     min_ndim: int = 2,
+    embeddings: bool = False,
     keep_first_dense: bool = False,
     keep_last_dense: bool = False,
 ) -> PyTree:
   """Decides which leaves of ``params`` are prunable.
 
-  By default every leaf with ``ndim >= 2`` is prunable (dense and conv kernels,
-  the classifier); biases and normalisation parameters are not (SPEC §1).
+  By default a leaf is prunable by its role (``leaf_role``, SPEC §1): kernels are,
+  biases (whatever their ndim), normalisation scales and embeddings are not; a leaf
+  of role ``"other"`` (an unknown name) is prunable when its ``ndim >= 2``. Every
+  prunable leaf has ``ndim >= min_ndim``. ``include`` replaces the role rule: then
+  exactly the leaves that match it (and have ``ndim >= min_ndim``) are prunable.
 
   Example:
     >>> flags = select_prunable(params, include=r".*/kernel$", keep_first_dense=True)
@@ -103,9 +149,11 @@ def select_prunable(
   Args:
     params: any pytree of arrays (linen dicts, ``nnx.State``, tuples, lists).
     include: regex or list of regexes over leaf names ("Dense_0/kernel"); when given
-      a leaf must match one of them (``re.fullmatch``) and have ``ndim >= min_ndim``.
+      a leaf must match one of them (``re.fullmatch``) and have ``ndim >= min_ndim``,
+      whatever its role.
     exclude: regex or list of regexes; matching leaves are never prunable.
     min_ndim: smallest rank of a prunable leaf.
+    embeddings: also prune the leaves of role ``"embedding"`` (without ``include``).
     keep_first_dense: keep the first prunable leaf (in flattening order) dense.
     keep_last_dense: keep the last prunable leaf dense.
 
@@ -113,12 +161,19 @@ def select_prunable(
     A pytree like ``params`` of Python bools.
 
   Raises:
-    ValueError: if no leaf is selected.
+    ValueError: if no leaf is selected, or if ``embeddings`` is given with
+      ``include`` (which then decides alone).
   """
   params = unwrap_variables(params)
   as_list = lambda r: [] if r is None else ([r] if isinstance(r, str) else list(r))
   includes = [re.compile(r) for r in as_list(include)]
   excludes = [re.compile(r) for r in as_list(exclude)]
+  if includes and embeddings:
+    raise ValueError(
+        f"embeddings=True has no effect with include={include!r}, which alone decides "
+        "the prunable leaves: add the embeddings' names to include instead.")
+  by_role = {"kernel": True, "other": True, "embedding": embeddings,
+             "bias": False, "scale": False}
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   flags = []
   for path, leaf in flat:
@@ -126,6 +181,8 @@ def select_prunable(
     ok = np.ndim(leaf) >= min_ndim
     if includes:
       ok = ok and any(r.fullmatch(name) for r in includes)
+    else:
+      ok = ok and by_role[leaf_role(name)]
     if any(r.fullmatch(name) for r in excludes):
       ok = False
     flags.append(ok)
@@ -138,9 +195,10 @@ def select_prunable(
     raise ValueError(
         "No prunable leaf selected: leaves are "
         f"{[path_to_name(p) for p, _ in flat]}; prunable leaves need ndim >= "
-        f"{min_ndim}, include={include!r}, exclude={exclude!r}, "
-        f"keep_first_dense={keep_first_dense}, keep_last_dense={keep_last_dense}. "
-        "Loosen the selector.")
+        f"{min_ndim} and, without include, a kernel or unknown name (biases and "
+        f"scales stay dense, embeddings unless embeddings=True); include={include!r}, "
+        f"exclude={exclude!r}, keep_first_dense={keep_first_dense}, "
+        f"keep_last_dense={keep_last_dense}. Loosen the selector.")
   return jax.tree_util.tree_unflatten(treedef, flags)
 
 

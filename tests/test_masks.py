@@ -40,13 +40,14 @@ def test_select_prunable_default_is_ndim_at_least_2():
 
 
 def test_select_prunable_conv_and_min_ndim():
-  params = {"conv": {"kernel": jnp.ones((3, 3, 2, 4))}, "emb": jnp.ones((7, 4)),
+  # "w" and "scalar" are unknown names: prunable when ndim >= 2.
+  params = {"conv": {"kernel": jnp.ones((3, 3, 2, 4))}, "w": jnp.ones((7, 4)),
             "scalar": jnp.ones(())}
   assert _flag_dict(sj.select_prunable(params)) == {
-      "conv/kernel": True, "emb": True, "scalar": False}
+      "conv/kernel": True, "w": True, "scalar": False}
   # min_ndim=3 keeps only the 4-d conv kernel.
   assert _flag_dict(sj.select_prunable(params, min_ndim=3)) == {
-      "conv/kernel": True, "emb": False, "scalar": False}
+      "conv/kernel": True, "w": False, "scalar": False}
 
 
 def test_select_prunable_include_regex():
