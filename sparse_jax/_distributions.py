@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,28 +42,96 @@ def active_count(sparsity: float, n: int) -> int:
   return round_half_up((1.0 - float(np.float64(sparsity))) * n)
 
 
-def _raw_scores(shapes: Sequence[tuple[int, ...]], kind: str) -> np.ndarray:
+class KernelFans(NamedTuple):
+  """How a kernel connects its layer's inputs to its outputs (for ER/ERK and FLOPs)."""
+  fan_in: int  # product of the axes contracted with the input (in channels for a conv)
+  fan_out: int  # product of the output-feature axes
+  receptive: tuple[int, ...]  # a conv kernel's spatial axes; () for dense-like kernels
+
+
+def dense_kernel_fans(shape: Sequence[int], in_ndim: int) -> KernelFans:
+  """Fans of a dense-like kernel whose first ``in_ndim`` axes meet the input."""
+  shape = tuple(int(n) for n in shape)
+  return KernelFans(math.prod(shape[:in_ndim]), math.prod(shape[in_ndim:]), ())
+
+
+def conv_kernel_fans(shape: Sequence[int]) -> KernelFans:
+  """Fans of a conv kernel ``[*spatial, in, out]`` (Flax's layout, 1-D to 3-D)."""
+  shape = tuple(int(n) for n in shape)
+  return KernelFans(shape[-2], shape[-1], shape[:-2])
+
+
+# Flax's attention projections (linen MultiHeadDotProductAttention, nnx
+# MultiHeadAttention) are DenseGeneral/LinearGeneral submodules with these names.
+_ATTENTION_INPUTS = ("query", "key", "value")
+_ATTENTION_OUTPUT = "out"
+
+
+def kernel_fans(name: str, shape: Sequence[int]) -> KernelFans:
+  """Fan-in, fan-out and receptive field of a kernel, from its name and shape.
+
+  - 2-d ``[in, out]`` (Dense, Linear): fan-in ``in``, fan-out ``out``.
+  - 3-d ``.../query|key|value/kernel`` ``[in, heads, head_dim]`` (attention input
+    projections): fan-in ``in``, fan-out ``heads * head_dim``.
+  - 3-d ``.../out/kernel`` ``[heads, head_dim, out]`` (attention output
+    projection): fan-in ``heads * head_dim``, fan-out ``out``.
+  - any other kernel of 3 or more dims is a conv ``[*spatial, in, out]``: fan-in
+    ``in``, fan-out ``out``, receptive field ``spatial``. Other DenseGeneral kernels
+    are read this way too, since their name does not say which axes meet the input.
+
+  Example:
+    >>> kernel_fans("MultiHeadDotProductAttention_0/out/kernel", (4, 16, 64))
+    KernelFans(fan_in=64, fan_out=64, receptive=())
+
+  Args:
+    name: the leaf's name ("Block_0/attn/query/kernel", ``path_to_name``).
+    shape: the kernel's shape.
+
+  Returns:
+    A ``KernelFans``.
+
+  Raises:
+    ValueError: if ``shape`` has fewer than 2 dims (no fan-in/fan-out to read).
+  """
+  shape = tuple(int(n) for n in shape)
+  if len(shape) < 2:
+    raise ValueError(
+        f"Leaf {name!r} of shape {shape} has no fan-in/fan-out: ER/ERK read kernels "
+        "of 2 or more dims; use distribution='uniform' or a density map for it.")
+  parts = name.split("/")
+  if len(shape) == 3 and len(parts) >= 2 and parts[-1] == "kernel":
+    if parts[-2] in _ATTENTION_INPUTS:
+      return dense_kernel_fans(shape, 1)
+    if parts[-2] == _ATTENTION_OUTPUT:
+      return dense_kernel_fans(shape, 2)
+  if len(shape) == 2:
+    return dense_kernel_fans(shape, 1)
+  return conv_kernel_fans(shape)
+
+
+def _raw_scores(shapes: Sequence[tuple[int, ...]], names: Sequence[str],
+                kind: str) -> np.ndarray:
   scores = []
-  for shape in shapes:
+  for name, shape in zip(names, shapes):
+    fans = kernel_fans(name, shape)
     if kind == "er":
       # Erdős–Rényi: (n_in + n_out) / (n_in * n_out); conv kernels count their
       # input/output channels only.
-      n_in, n_out = int(np.prod(shape[:-1])), shape[-1]
-      if len(shape) > 2:
-        n_in = shape[-2]
-      scores.append((n_in + n_out) / (n_in * n_out))
+      scores.append((fans.fan_in + fans.fan_out) / (fans.fan_in * fans.fan_out))
     else:
-      scores.append(sum(shape) / np.prod(shape, dtype=np.float64))
+      # ERK: sum / product of all kernel dims, a conv's spatial dims included.
+      dims = (*fans.receptive, fans.fan_in, fans.fan_out)
+      scores.append(sum(dims) / np.float64(math.prod(dims)))
   return np.asarray(scores, np.float64)
 
 
 def erk_densities(shapes: Sequence[tuple[int, ...]], density: float, *,
-                  kind: str = "erk") -> list[float]:
+                  kind: str = "erk", names: Sequence[str] | None = None) -> list[float]:
   """Erdős–Rényi(-Kernel) layer densities with overall density ``density``.
 
   Solves ``sum_l eps * raw_l * n_l = density * sum_l n_l``; any layer whose
   ``eps * raw_l`` exceeds 1 is made dense and the solve is repeated over the rest
-  (SPEC §2).
+  (SPEC §2). Each layer's fan-in and fan-out are read by ``kernel_fans``.
 
   Example:
     >>> erk_densities([(784, 300), (300, 100), (100, 10)], 0.1)
@@ -71,12 +140,23 @@ def erk_densities(shapes: Sequence[tuple[int, ...]], density: float, *,
     shapes: shapes of the prunable layers.
     density: overall target density in (0, 1].
     kind: ``"erk"`` (all kernel dims) or ``"er"`` (input/output dims only).
+    names: the layers' names, which tell attention projections from convs
+      (``kernel_fans``); without them every kernel of 3 or more dims is a conv.
 
   Returns:
     One density in (0, 1] per layer.
+
+  Raises:
+    ValueError: if ``names`` does not give one name per shape, or a layer has
+      fewer than 2 dims.
   """
+  if names is None:
+    names = [""] * len(shapes)
+  elif len(names) != len(shapes):
+    raise ValueError(f"erk_densities got {len(names)} names for {len(shapes)} shapes; "
+                     "give one name per layer.")
   sizes = np.asarray([np.prod(s, dtype=np.float64) for s in shapes])
-  raw = _raw_scores(shapes, kind)
+  raw = _raw_scores(shapes, names, kind)
   dense = np.zeros(len(shapes), bool)
   total = density * sizes.sum()
   while True:
@@ -120,7 +200,8 @@ def layer_densities_for(
   if distribution == "uniform":
     return [1.0 - s] * len(layers)
   if distribution in ("er", "erk"):
-    return erk_densities(shapes, 1.0 - s, kind=distribution)
+    return erk_densities(shapes, 1.0 - s, kind=distribution,
+                         names=[l.name for l in layers])
   raise ValueError(
       f"Unknown distribution {distribution!r}; use one of {DISTRIBUTIONS} or a "
       "mapping from layer name to density.")

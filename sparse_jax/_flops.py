@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparse_jax import _distributions
 from sparse_jax import _masks
 
 PyTree = Any
@@ -55,28 +56,36 @@ def _valid_taps(n_in: int, n_out: int, k: int, stride: int, dil: int, lo: int) -
 
 
 def _product_flops(module, x_shape, y_shape, kernel_shape) -> int:
-  """Dense FLOPs (2 per multiply-add) of a Dense or Conv kernel product."""
+  """Dense FLOPs (2 per multiply-add) of a Dense, DenseGeneral or Conv kernel product."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   if isinstance(module, nn.Conv) and len(kernel_shape) > 2:
-    nd = len(kernel_shape) - 2
+    fans = _distributions.conv_kernel_fans(kernel_shape)
+    nd = len(fans.receptive)
     in_spatial, out_spatial = x_shape[-nd - 1:-1], y_shape[-nd - 1:-1]
     strides = module.strides or 1
     strides = (strides,) * nd if isinstance(strides, int) else tuple(strides)
     dil = module.kernel_dilation or 1
     dil = (dil,) * nd if isinstance(dil, int) else tuple(dil)
-    pads = _conv_padding(module.padding, in_spatial, kernel_shape[:nd], strides, dil)
+    pads = _conv_padding(module.padding, in_spatial, fans.receptive, strides, dil)
     # Padded positions multiply zeros; XLA (and RigL's counter, for VALID convs)
     # leaves them out, so only the taps inside the input are counted.
     taps = 1
-    for n_i, n_o, k, s, d, (lo, _) in zip(in_spatial, out_spatial, kernel_shape[:nd],
+    for n_i, n_o, k, s, d, (lo, _) in zip(in_spatial, out_spatial, fans.receptive,
                                          strides, dil, pads):
       taps *= _valid_taps(n_i, n_o, k, s, d, lo)
     batch = int(np.prod(y_shape[:-nd - 1]))
-    return 2 * batch * taps * int(np.prod(kernel_shape[nd:]))
-  # Dense (and anything of the form x @ W): one multiply-add per kernel entry per
-  # output row.
-  rows = int(np.prod(y_shape)) // int(kernel_shape[-1])
+    return 2 * batch * taps * fans.fan_in * fans.fan_out
+  # Dense and DenseGeneral (anything of the form x @ W): one multiply-add per kernel
+  # entry per input row. The module says which kernel axes meet the input, so the
+  # name rule of ``kernel_fans`` is not needed here.
+  in_ndim = len(_axes(module.axis)) if isinstance(module, nn.DenseGeneral) else 1
+  fans = _distributions.dense_kernel_fans(kernel_shape, in_ndim)
+  rows = int(np.prod(y_shape)) // fans.fan_out
   return 2 * rows * int(np.prod(kernel_shape))
+
+
+def _axes(axis) -> tuple[int, ...]:
+  return (axis,) if isinstance(axis, int) else tuple(axis)
 
 
 def xla_flops(fn, *args) -> float | None:
@@ -98,7 +107,7 @@ def xla_flops(fn, *args) -> float | None:
 
 def model_flops(model, variables: PyTree, input_shape: Sequence[int], *,
                 count_other: bool = True, **apply_kwargs) -> ModelFlops:
-  """Dense forward FLOPs of each Dense/Conv kernel of a Flax linen model.
+  """Dense forward FLOPs of each Dense, DenseGeneral and Conv kernel of a linen model.
 
   The kernels' FLOPs come from the shapes seen by each layer (traced with
   ``jax.eval_shape``, nothing is computed); the rest of the model (biases,
@@ -128,7 +137,10 @@ def model_flops(model, variables: PyTree, input_shape: Sequence[int], *,
   def record(next_fun, args, kwargs, context):
     y = next_fun(*args, **kwargs)
     module = context.module
-    if (context.method_name == "__call__" and isinstance(module, (nn.Dense, nn.Conv))
+    # A DenseGeneral with batch_dims has a kernel per batch entry: not counted.
+    if (context.method_name == "__call__"
+        and isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Conv))
+        and not _axes(getattr(module, "batch_dims", ()))
         and module.has_variable("params", "kernel")):
       kernel = module.get_variable("params", "kernel")
       name = "/".join((*module.path, "kernel"))
@@ -140,8 +152,8 @@ def model_flops(model, variables: PyTree, input_shape: Sequence[int], *,
   with nn.intercept_methods(record):
     jax.eval_shape(lambda v, x: model.apply(v, x, **apply_kwargs), variables, x)
   if not layers:
-    raise ValueError(f"{type(model).__name__} has no nn.Dense or nn.Conv layer with a "
-                     "kernel; FLOPs are counted from those layers.")
+    raise ValueError(f"{type(model).__name__} has no nn.Dense, nn.DenseGeneral or nn.Conv "
+                     "layer with a kernel; FLOPs are counted from those layers.")
   other = 0
   if count_other:
     total = xla_flops(lambda v, x: model.apply(v, x, **apply_kwargs), variables,
@@ -172,8 +184,8 @@ def inference_flops(flops: ModelFlops, densities: Mapping[str, float] | PyTree) 
   densities = as_layer_densities(densities)
   unknown = set(densities) - set(flops.layers)
   if unknown:
-    raise ValueError(f"Densities given for {sorted(unknown)}, which are not Dense/Conv "
-                     f"kernels of the model ({sorted(flops.layers)}).")
+    raise ValueError(f"Densities given for {sorted(unknown)}, which are not Dense, "
+                     f"DenseGeneral or Conv kernels of the model ({sorted(flops.layers)}).")
   return sum(_density_of(n, densities) * f for n, f in flops.layers.items()) + flops.other
 
 

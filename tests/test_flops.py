@@ -63,7 +63,7 @@ def test_inference_flops_scale_with_layer_density():
   masks = {"a": {"kernel": jnp.array([True, True, True, False]), "bias": None},
            "b": {"kernel": jnp.array([True, False])}}
   assert sparse_jax.inference_flops(f, masks) == 1000
-  with pytest.raises(ValueError, match="not Dense/Conv"):
+  with pytest.raises(ValueError, match="not Dense, DenseGeneral or Conv kernels"):
     sparse_jax.inference_flops(f, {"c/kernel": 0.5})
 
 
