@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 import sparse_jax
+from experiments import feed as feed_lib
 from experiments import input_pipeline
 from experiments import models
 
@@ -33,10 +34,9 @@ PRUNING_AT_INIT = ("snip", "grasp", "synflow")
 
 def first_batches(config, num_batches: int) -> list[dict]:
   """The first ``num_batches`` training batches, in the order the trainer feeds them."""
-  from experiments import train  # pylint: disable=g-import-not-at-top
-  if config.data_on_device and input_pipeline.augmentation(config.dataset) == "none":
+  if feed_lib.uses_device_data(config):
     arrays = input_pipeline.load_arrays(config.dataset, "train", config.data_dir)
-    perm = train.epoch_permutation(config.seed, 0, len(arrays["label"]))
+    perm = feed_lib.epoch_permutation(config.seed, 0, len(arrays["label"]))
     bs = config.batch_size
     return [{"image": jnp.asarray(arrays["image"][perm[i * bs:(i + 1) * bs]]),
              "label": jnp.asarray(arrays["label"][perm[i * bs:(i + 1) * bs]].astype(np.int32))}

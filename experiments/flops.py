@@ -25,6 +25,11 @@ import jax.numpy as jnp
 import ml_collections
 
 import sparse_jax
+from experiments import baselines
+from experiments import exports
+from experiments import input_pipeline
+from experiments import methods
+from experiments import state as state_lib
 
 # Methods that rank the dense gradient at their mask-update steps.
 _DENSE_GRADIENT_AT_EVENTS = ("granet", "rigl")
@@ -72,7 +77,7 @@ def run_flops(config, model, variables, input_shape, steps_per_epoch: int, total
     initial_masks: the start mask tree or its layer densities (None: dense run).
     events: ``(step, layer densities)`` after each mask-update event.
     final_masks: the final mask tree or its layer densities.
-    mask_update_steps: the method's mask-update steps (``train.mask_update_steps``).
+    mask_update_steps: the method's mask-update steps (``methods.mask_update_steps``).
 
   Returns:
     A dict of the two ratios and the dense per-example FLOPs they are relative to.
@@ -107,28 +112,25 @@ def posthoc_run_flops(workdir: str) -> dict[str, float]:
   The start masks are rebuilt from the config (same seed, same code path as the
   trainer); the final masks are read from ``export.npz``.
   """
-  from experiments import baselines  # pylint: disable=g-import-not-at-top
-  from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
-  from experiments import train  # pylint: disable=g-import-not-at-top
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)
   config = ml_collections.ConfigDict(summary["config"])
   info = input_pipeline.dataset_info(config.dataset, config.data_dir)
   steps_per_epoch = info.num_train_examples // config.batch_size
-  total = train.num_train_steps(config, steps_per_epoch)
-  model = train.create_model(config, info.num_classes)
-  inner = train.create_optimizer(config, steps_per_epoch)
+  total = methods.num_train_steps(config, steps_per_epoch)
+  model = state_lib.create_model(config, info.num_classes)
+  inner = methods.create_optimizer(config, steps_per_epoch)
   if config.sparsity.method in baselines.PRUNING_AT_INIT:
     raise ValueError("posthoc_run_flops rebuilds start masks from the config; pruning-at-"
                      "init runs write their FLOPs in summary.json already.")
-  state = train.create_train_state(
-      config, model, lambda m: train.create_sparse_tx(config, inner, steps_per_epoch, m),
+  state = state_lib.create_train_state(
+      config, model, lambda m: methods.create_sparse_tx(config, inner, steps_per_epoch, m),
       info.input_shape, jax.random.PRNGKey(config.seed))
   sparse = config.sparsity.method != "dense"
   masks0 = sparse_jax.get_masks(state.opt_state) if sparse else None
   final = None
   if sparse:
-    exported = train.load_exported(workdir)
+    exported = exports.load_exported(workdir)
     names = sparse_jax.leaf_names(state.params)
     final = jax.tree.unflatten(jax.tree.structure(state.params), [
         jnp.asarray(exported[f"masks/{n}"]) if f"masks/{n}" in exported else None
@@ -138,4 +140,4 @@ def posthoc_run_flops(workdir: str) -> dict[str, float]:
     variables["batch_stats"] = state.batch_stats
   return run_flops(config, model, variables, info.input_shape, steps_per_epoch, total,
                    masks0, event_densities(workdir), final,
-                   train.mask_update_steps(config, steps_per_epoch))
+                   methods.mask_update_steps(config, steps_per_epoch))

@@ -39,7 +39,11 @@ import numpy as np
 import optax
 
 import sparse_jax
+from experiments import checkpoints
+from experiments import exports
 from experiments import input_pipeline
+from experiments import methods
+from experiments import state as state_lib
 from experiments import train
 
 REWIND_MODES = ("weights", "lr")
@@ -108,10 +112,10 @@ def _tree_from(exported, prefix, like):
 
 
 def _fresh_state(config, steps_per_epoch, info):
-  model = train.create_model(config, info.num_classes)
-  inner = train.create_optimizer(config, steps_per_epoch)
-  tx_fn = lambda m: train.create_sparse_tx(config, inner, steps_per_epoch, m)
-  state = train.create_train_state(config, model, tx_fn, info.input_shape,
+  model = state_lib.create_model(config, info.num_classes)
+  inner = methods.create_optimizer(config, steps_per_epoch)
+  tx_fn = lambda m: methods.create_sparse_tx(config, inner, steps_per_epoch, m)
+  state = state_lib.create_train_state(config, model, tx_fn, info.input_shape,
                                    jax.random.PRNGKey(config.seed))
   return state, inner
 
@@ -133,7 +137,7 @@ def run_imp(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   info = input_pipeline.dataset_info(config.dataset, config.data_dir)
   steps_per_epoch = info.num_train_examples // config.batch_size
-  total = train.num_train_steps(config, steps_per_epoch)
+  total = methods.num_train_steps(config, steps_per_epoch)
   k = int(imp.rewind_step)
   if k >= total:
     raise ValueError(f"imp.rewind_step={k} must be below the {total} training steps.")
@@ -153,13 +157,13 @@ def run_imp(config, workdir: str) -> dict:
             halted.halt_after_step = k
           train.train_and_evaluate(halted, rdir)
           state, _ = _fresh_state(c, steps_per_epoch, info)
-          state, step = train.restore_checkpoint(train.checkpoint_manager(rdir, c), state)
+          state, step = checkpoints.restore_checkpoint(checkpoints.checkpoint_manager(rdir, c), state)
           if step != k:
             raise ValueError(f"Round 0 has a checkpoint at step {step}, not at the rewind "
                              f"step {k}; start from an empty workdir.")
         else:
           state, _ = _fresh_state(c, steps_per_epoch, info)
-        train.export_model(rewind_path, state.params, state.batch_stats, None)
+        exports.export_model(rewind_path, state.params, state.batch_stats, None)
     else:
       prev = os.path.join(workdir, f"round_{r - 1}")
       c = _round_config(config, start_path)
@@ -203,13 +207,13 @@ def run_imp(config, workdir: str) -> dict:
 def _prepare_round(config, c, prev, rdir, start_path, steps_per_epoch, info, k, log, r):
   """Writes ``start.npz`` (and a step-k checkpoint carrying the optimizer state)."""
   imp = config.imp
-  prev_export = train.load_exported(prev)
+  prev_export = exports.load_exported(prev)
   like, inner = _fresh_state(_round_config(config, None), steps_per_epoch, info)
   prev_params = _tree_from(prev_export, "params", like.params)
   masks = prune_remaining(prev_params, _masks_tree(like.params, prev_export),
                           float(imp.prune_fraction), imp.scope)
   if imp.rewind == "weights":
-    rewind = train.load_exported(os.path.join(os.path.dirname(prev), "rewind.npz"))
+    rewind = exports.load_exported(os.path.join(os.path.dirname(prev), "rewind.npz"))
     params = _tree_from(rewind, "params", like.params)
     batch_stats = (_tree_from(rewind, "batch_stats", like.batch_stats)
                    if like.batch_stats else like.batch_stats)
@@ -218,7 +222,7 @@ def _prepare_round(config, c, prev, rdir, start_path, steps_per_epoch, info, k, 
     batch_stats = (_tree_from(prev_export, "batch_stats", like.batch_stats)
                    if like.batch_stats else like.batch_stats)
   params = sparse_jax.apply_masks(params, masks)
-  train.export_model(start_path, params, batch_stats, masks)
+  exports.export_model(start_path, params, batch_stats, masks)
   if imp.reset_optimizer_state and k == 0:
     return  # the trainer starts fresh from start.npz
   # Carry the optimizer state: restore the previous round's final state, put the new
@@ -227,7 +231,7 @@ def _prepare_round(config, c, prev, rdir, start_path, steps_per_epoch, info, k, 
   if imp.reset_optimizer_state:
     opt_state = target.opt_state
   else:
-    prev_state, _ = train.restore_checkpoint(train.checkpoint_manager(prev, c), target)
+    prev_state, _ = checkpoints.restore_checkpoint(checkpoints.checkpoint_manager(prev, c), target)
     opt_state = prev_state.opt_state
   sparse = sparse_jax.get_sparse_state(opt_state)
   inner_state = optax.tree_map_params(
@@ -237,8 +241,8 @@ def _prepare_round(config, c, prev, rdir, start_path, steps_per_epoch, info, k, 
   opt_state = rewind_schedule_counts(sparse._replace(masks=masks, inner_state=inner_state), k)
   state = target.replace(step=jnp.asarray(k, jnp.int32), params=params,
                          batch_stats=batch_stats, opt_state=opt_state)
-  mngr = train.checkpoint_manager(rdir, c)
-  train.save_checkpoint(mngr, state, k)
+  mngr = checkpoints.checkpoint_manager(rdir, c)
+  checkpoints.save_checkpoint(mngr, state, k)
   mngr.wait_until_finished()
   log.info("IMP round %d starts at step %d with %d active weights.", r, k,
            int(sparse_jax.count_active(masks)))

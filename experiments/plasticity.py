@@ -50,7 +50,10 @@ import optax
 import sparse_jax
 from experiments import compilation_cache
 from experiments import input_pipeline
-from experiments import train
+from experiments import feed as feed_lib
+from experiments import methods
+from experiments import state as state_lib
+from experiments import steps as steps_lib
 from experiments.configs import default
 
 SETTINGS = ("prune", "prune+rewind", "prune+regrow", "prune+regrow+rewind")
@@ -77,8 +80,8 @@ def sgd_optimizer(config, schedule) -> optax.GradientTransformation:
 def rewound_schedule(config, steps_per_epoch: int, prune_step: int):
   """The schedule's whole shape compressed into the steps after ``prune_step``."""
   rest = config.copy_and_resolve_references()
-  rest.num_train_steps = train.num_train_steps(config, steps_per_epoch) - prune_step
-  base = train.learning_rate_schedule(rest, steps_per_epoch)
+  rest.num_train_steps = methods.num_train_steps(config, steps_per_epoch) - prune_step
+  base = methods.learning_rate_schedule(rest, steps_per_epoch)
   # The optimizer's step count keeps running from prune_step.
   return lambda count: base(jnp.maximum(count - prune_step, 0))
 
@@ -150,13 +153,13 @@ class Runner:
                  "label": jnp.asarray(test_arrays["label"].astype(np.int32)),
                  "mask": jnp.ones(len(test_arrays["label"]), jnp.float32)}
     self.steps_per_epoch = self.n_train // config.batch_size
-    self.total_steps = train.num_train_steps(config, self.steps_per_epoch)
-    self.model = train.create_model(config, self.num_classes)
-    schedule = train.learning_rate_schedule(config, self.steps_per_epoch)
+    self.total_steps = methods.num_train_steps(config, self.steps_per_epoch)
+    self.model = state_lib.create_model(config, self.num_classes)
+    schedule = methods.learning_rate_schedule(config, self.steps_per_epoch)
     self.inner = sgd_optimizer(config, schedule)
     self.tx = sparse_jax.static(self.inner, sparsity=0.0)
     self._epoch_fns = {}
-    self._eval = jax.jit(lambda s: train.eval_step(s, self.test, model=self.model,
+    self._eval = jax.jit(lambda s: steps_lib.eval_step(s, self.test, model=self.model,
                                                    num_classes=self.num_classes))
 
     def grads_fn(params, batch_stats, batch):
@@ -165,12 +168,12 @@ class Runner:
         if batch_stats:
           variables["batch_stats"] = batch_stats
         logits = self.model.apply(variables, batch["image"], train=False)
-        return train.cross_entropy(logits, batch["label"], self.num_classes, 0.0).mean()
+        return steps_lib.cross_entropy(logits, batch["label"], self.num_classes, 0.0).mean()
       return jax.grad(loss)(params)
     self._grads = jax.jit(grads_fn)
 
   def init_state(self):
-    return train.create_train_state(self.config, self.model, lambda _: self.tx,
+    return state_lib.create_train_state(self.config, self.model, lambda _: self.tx,
                                     self.input_shape, jax.random.PRNGKey(self.config.seed))
 
   def epoch_fn(self, tx):
@@ -179,13 +182,13 @@ class Runner:
                     num_classes=self.num_classes)
 
       def run(state, images, labels, idx):
-        return train.train_steps(state, {"image": images[idx], "label": labels[idx]},
+        return steps_lib.train_steps(state, {"image": images[idx], "label": labels[idx]},
                                  **kwargs)
       self._epoch_fns[id(tx)] = (tx, jax.jit(run))
     return self._epoch_fns[id(tx)][1]
 
   def batch_indices(self, epoch: int) -> np.ndarray:
-    perm = train.epoch_permutation(self.config.seed, epoch, self.n_train)
+    perm = feed_lib.epoch_permutation(self.config.seed, epoch, self.n_train)
     b = self.config.batch_size
     return perm[:self.steps_per_epoch * b].reshape(self.steps_per_epoch, b).astype(np.int32)
 

@@ -8,8 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import orbax.checkpoint as ocp
 
 import sparse_jax
+from experiments import checkpoints
+from experiments import exports
 from experiments import imp
 from experiments import input_pipeline
 from experiments import train
@@ -33,7 +36,7 @@ def restore_round(workdir, r, config):
   c = imp._round_config(config, os.path.join(workdir, f"round_{r}", "start.npz"))  # pylint: disable=protected-access
   info = input_pipeline.dataset_info(c.dataset)
   state, _ = imp._fresh_state(c, info.num_train_examples // c.batch_size, info)  # pylint: disable=protected-access
-  mngr = train.checkpoint_manager(os.path.join(workdir, f"round_{r}"), c)
+  mngr = checkpoints.checkpoint_manager(os.path.join(workdir, f"round_{r}"), c)
   return mngr, state
 
 
@@ -46,15 +49,15 @@ def test_weight_rewinding_restores_step_k_weights_and_records_rounds(tmp_path):
   ref_config.halt_after_step = k
   train.train_and_evaluate(ref_config, str(tmp_path / "reference"))
   ref_mngr, target = restore_round(str(tmp_path), 1, config)
-  ref_state, step = train.restore_checkpoint(
-      train.checkpoint_manager(str(tmp_path / "reference"), ref_config), target)
+  ref_state, step = checkpoints.restore_checkpoint(
+      checkpoints.checkpoint_manager(str(tmp_path / "reference"), ref_config), target)
   assert step == k
   # Round 1 starts from its checkpoint at step k (the trainer resumes there).
   mngr, _ = restore_round(str(tmp_path), 1, config)
-  abstract = jax.tree.map(train.ocp.utils.to_shape_dtype_struct, target)
-  state = mngr.restore(k, args=train.ocp.args.Composite(
-      state=train.ocp.args.StandardRestore(abstract),
-      meta=train.ocp.args.JsonRestore()))["state"]
+  abstract = jax.tree.map(ocp.ocp.utils.to_shape_dtype_struct, target)
+  state = mngr.restore(k, args=ocp.ocp.args.Composite(
+      state=ocp.ocp.args.StandardRestore(abstract),
+      meta=ocp.ocp.args.JsonRestore()))["state"]
   masks = sparse_jax.get_masks(state.opt_state)
   for layer in ("Dense_0", "Dense_1", "Dense_2"):
     w, w_ref, m = (np.asarray(t[layer]["kernel"]) for t in (state.params, ref_state.params, masks))
@@ -72,7 +75,7 @@ def test_weight_rewinding_restores_step_k_weights_and_records_rounds(tmp_path):
   assert all(0.0 < r["final_test_accuracy"] <= 1.0 for r in rounds)
   assert summary["rounds"] == rounds
   # Round 1 keeps a subset of round 0's survivors; round 2 of round 1's.
-  ex1, ex2 = (train.load_exported(str(tmp_path / f"round_{r}")) for r in (1, 2))
+  ex1, ex2 = (exports.load_exported(str(tmp_path / f"round_{r}")) for r in (1, 2))
   for name in ("Dense_0/kernel", "Dense_1/kernel", "Dense_2/kernel"):
     assert not np.any(ex2[f"masks/{name}"] & ~ex1[f"masks/{name}"])
   assert (tmp_path / "imp.png").exists()

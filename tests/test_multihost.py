@@ -28,6 +28,7 @@ WORKER = textwrap.dedent(r"""
     import jax
     import numpy as np
     from experiments import input_pipeline
+    from experiments import checkpoints
     from experiments import train
     from experiments.configs import default
 
@@ -37,11 +38,11 @@ WORKER = textwrap.dedent(r"""
 
     # The final state the trainer checkpoints, as this process holds it.
     saved = {}
-    save_checkpoint = train.save_checkpoint
-    def keep_and_save(mngr, state, step):
+    save_checkpoint = checkpoints.save_checkpoint
+    def keep_and_save(mngr, state, step, *args):
       saved["state"] = state
-      save_checkpoint(mngr, state, step)
-    train.save_checkpoint = keep_and_save
+      save_checkpoint(mngr, state, step, *args)
+    checkpoints.save_checkpoint = keep_and_save
 
     # The first training batch this process reads (host-data path).
     first_batch = {}

@@ -218,6 +218,7 @@ def test_trainer_snip_scores_the_first_training_batch(tmp_path):
   from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
   from experiments import models  # pylint: disable=g-import-not-at-top
   from experiments import train  # pylint: disable=g-import-not-at-top
+  from experiments import feed as feed_lib
   from experiments.configs import default  # pylint: disable=g-import-not-at-top
   config = default.lenet300_mnist5k("snip", "sparsity=0.95,seed=1")
   config.num_train_steps = 3
@@ -232,7 +233,7 @@ def test_trainer_snip_scores_the_first_training_batch(tmp_path):
   params = model.init({"params": init_rng, "dropout": init_rng}, jnp.zeros((1, 28, 28, 1)),
                       train=False)["params"]
   arrays = input_pipeline.load_arrays("mnist5k", "train")
-  idx = train.epoch_permutation(1, 0, len(arrays["label"]))[:128]
+  idx = feed_lib.epoch_permutation(1, 0, len(arrays["label"]))[:128]
   batch = {"image": jnp.asarray(arrays["image"][idx]), "label": jnp.asarray(arrays["label"][idx])}
   loss = lambda p, b: optax.softmax_cross_entropy_with_integer_labels(
       model.apply({"params": p}, b["image"], train=True), b["label"]).mean()

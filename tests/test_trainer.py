@@ -15,7 +15,11 @@ import optax
 import pytest
 
 import sparse_jax
+from experiments import checkpoints
+from experiments import methods
 from experiments import models
+from experiments import state as state_lib
+from experiments import steps as steps_lib
 from experiments import train
 from experiments.configs import default
 from experiments.sharding import fsdp_spec
@@ -138,14 +142,14 @@ def test_big_models_build_and_step_shapes(name, shape, classes):
   config.num_train_steps = None  # 30 epochs of the 100 steps used below
   config.model = name
   model = models.get_model(name, classes)
-  tx_fn = lambda masks: train.create_sparse_tx(
-      config, train.create_optimizer(config, 100), 100, masks)
-  state = jax.eval_shape(lambda: train.create_train_state(
+  tx_fn = lambda masks: methods.create_sparse_tx(
+      config, methods.create_optimizer(config, 100), 100, masks)
+  state = jax.eval_shape(lambda: state_lib.create_train_state(
       config, model, tx_fn, shape, jax.random.PRNGKey(0)))
   batch = {"image": jax.ShapeDtypeStruct((2, *shape), jnp.float32),
            "label": jax.ShapeDtypeStruct((2,), jnp.int32)}
   new_state, metrics = jax.eval_shape(
-      lambda s, b: train.train_step(s, b, model=model, tx=tx_fn(None), config=config,
+      lambda s, b: steps_lib.train_step(s, b, model=model, tx=tx_fn(None), config=config,
                                     num_classes=classes), state, batch)
   assert jax.tree.structure(new_state) == jax.tree.structure(state)
   assert metrics["train_loss"].shape == ()
@@ -160,16 +164,17 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     import json, os, sys
     import jax
     import numpy as np
+    from experiments import checkpoints
     from experiments import train
     from experiments.configs import default
 
     # The state of the last checkpoint (step 40, the end), as the trainer holds it.
     saved = {}
-    save_checkpoint = train.save_checkpoint
-    def keep_and_save(mngr, state, step):
+    save_checkpoint = checkpoints.save_checkpoint
+    def keep_and_save(mngr, state, step, *args):
       saved["state"] = state
-      save_checkpoint(mngr, state, step)
-    train.save_checkpoint = keep_and_save
+      save_checkpoint(mngr, state, step, *args)
+    checkpoints.save_checkpoint = keep_and_save
 
     def specs(state):
       # Shape and PartitionSpec of the params and optimizer state (masks, momentum).
@@ -193,8 +198,8 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
       report = {"run": run, "devices": jax.device_count(), "specs": specs(state)}
       if param_sharding:
         # The checkpoint restored as a resumed run does it: into the state's shardings.
-        restored, step = train.restore_checkpoint(train.checkpoint_manager(workdir, config),
-                                                  state)
+        restored, step = checkpoints.restore_checkpoint(
+            checkpoints.checkpoint_manager(workdir, config), state)
         equal = all(np.array_equal(np.asarray(a), np.asarray(b))
                     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)))
         report["restored"] = {"step": step, "equal": equal, "specs": specs(restored)}
@@ -320,16 +325,16 @@ def test_mask_update_steps_are_exactly_the_optimizer_events(method):
   config.sparsity.end_epoch = 2.0
   config.sparsity.mask_end_epoch = 3.0 if method in ("rigl", "set") else None
   spe = 31
-  events = train.mask_update_steps(config, spe)
+  events = methods.mask_update_steps(config, spe)
   assert events
-  tx = train.create_sparse_tx(config, optax.sgd(0.1), spe)
+  tx = methods.create_sparse_tx(config, optax.sgd(0.1), spe)
   params = {"Dense_0": {"kernel": jnp.ones((6, 5)), "bias": jnp.zeros(5)},
             "Dense_1": {"kernel": jnp.ones((5, 3)), "bias": jnp.zeros(3)}}
   steps = {mu: jax.jit(lambda s, mu=mu: tx.update(params, s, params, mask_update=mu)[1])
            for mu in (False, True)}
   for decide in (lambda t: t in events, lambda t: False):
     s = tx.init(params)
-    for t in range(1, train.num_train_steps(config, spe) + 1):
+    for t in range(1, methods.num_train_steps(config, spe) + 1):
       s = steps[decide(t)](s)
     skipped = int(sparse_jax.get_sparse_state(s).skipped_events)
     assert skipped == (0 if decide(min(events)) else len(events)), (method, skipped)
@@ -452,7 +457,7 @@ def test_bad_config_is_rejected_before_data_or_model(tmp_path, monkeypatch, fiel
   def must_not_run(*args, **kwargs):
     raise AssertionError("data read or model built before the config was checked")
   monkeypatch.setattr(train.input_pipeline, "dataset_info", must_not_run)
-  monkeypatch.setattr(train, "create_model", must_not_run)
+  monkeypatch.setattr(state_lib, "create_model", must_not_run)
   config = small_config()
   section, _, name = field.rpartition(".")
   setattr(config[section] if section else config, name, value)

@@ -4,7 +4,7 @@ The trainer (input pipeline, logging, evaluation and checkpoints included) runs
 GraNet on LeNet-300-100 / MNIST subset; its steady-state rate is the median of the
 ``steps_per_s`` it logs between log points (the first interval, which holds the
 compilation, and the last, which holds the evaluation, are dropped). The bare
-steps are ``train.train_steps`` jitted alone and called back to back on batches
+steps are ``steps_lib.train_steps`` jitted alone and called back to back on batches
 already on the device, dispatched as the trainer dispatches them (see
 ``bare_rate``: ordinary steps without the mask-update branch, the event alone).
 
@@ -25,6 +25,9 @@ import numpy as np
 
 from experiments import compilation_cache
 from experiments import input_pipeline
+from experiments import methods
+from experiments import state as state_lib
+from experiments import steps as steps_lib
 from experiments import train
 from experiments.configs import default
 
@@ -59,9 +62,9 @@ def bare_rate(config, repeats: int) -> float:
   """
   info = input_pipeline.dataset_info(config.dataset)
   spe = info.num_train_examples // config.batch_size
-  model = train.create_model(config, info.num_classes)
-  tx = train.create_sparse_tx(config, train.create_optimizer(config, spe), spe)
-  state = train.create_train_state(config, model, lambda m: tx, info.input_shape,
+  model = state_lib.create_model(config, info.num_classes)
+  tx = methods.create_sparse_tx(config, methods.create_optimizer(config, spe), spe)
+  state = state_lib.create_train_state(config, model, lambda m: tx, info.input_shape,
                                    jax.random.PRNGKey(0))
   arrays = input_pipeline.load_arrays(config.dataset, "train")
 
@@ -72,7 +75,7 @@ def bare_rate(config, repeats: int) -> float:
         "label": arrays["label"][idx].reshape(n, config.batch_size)})
 
   def compiled(mask_update):
-    return jax.jit(lambda s, b: train.train_steps(
+    return jax.jit(lambda s, b: steps_lib.train_steps(
         s, b, model=model, tx=tx, config=config, num_classes=info.num_classes,
         mask_update=mask_update), donate_argnums=0)
 

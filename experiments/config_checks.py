@@ -1,0 +1,54 @@
+"""Checks of a run's config, made before any data is read or any model built."""
+
+from __future__ import annotations
+
+import sparse_jax
+from experiments import baselines
+from experiments import input_pipeline
+from experiments import methods
+from experiments import models
+from experiments import state as state_lib
+from experiments import workdir as workdir_lib
+
+
+def validate(config):
+  """Rejects a bad config before any data is read or any model built."""
+  if config.steps_per_dispatch < 1:
+    raise ValueError(f"steps_per_dispatch={config.steps_per_dispatch} must be >= 1.")
+  for name in ("log_every_steps", "checkpoint_every_steps"):
+    if getattr(config, name) < 1:
+      raise ValueError(f"{name}={getattr(config, name)} must be >= 1.")
+  if config.parallelism not in ("mesh", "pmap"):
+    raise ValueError(f"Unknown parallelism {config.parallelism!r}; use mesh or pmap.")
+  param_sharding = config.get("param_sharding", "replicated")
+  if param_sharding not in state_lib.PARAM_SHARDINGS:
+    raise ValueError(f"Unknown param_sharding {param_sharding!r}; use one of "
+                     f"{state_lib.PARAM_SHARDINGS}.")
+  if param_sharding == "fsdp" and config.parallelism != "mesh":
+    raise ValueError(f"param_sharding='fsdp' needs parallelism='mesh' (got "
+                     f"{config.parallelism!r}): pmap keeps a full copy of the state on "
+                     "every device.")
+  gf_every = config.get("gradient_flow_every_steps")
+  if gf_every is not None and gf_every < 1:
+    raise ValueError(f"gradient_flow_every_steps={gf_every} must be >= 1 (or None: off).")
+  input_pipeline.augmentation(config.dataset)  # raises on an unknown data set
+  if config.model not in models.MODELS:
+    raise ValueError(f"Unknown model {config.model!r}; known models: "
+                     f"{', '.join(sorted(models.MODELS))}.")
+  method = config.sparsity.method
+  if method != "dense" and method not in (*sparse_jax.METHODS, *baselines.PRUNING_AT_INIT):
+    raise ValueError(f"Unknown sparse method {method!r}; use dense or one of "
+                     f"{sorted([*sparse_jax.METHODS, *baselines.PRUNING_AT_INIT])} (imp "
+                     "runs through experiments.main or experiments.imp.run_imp).")
+  if method != "dense" and not 0.0 <= config.sparsity.final < 1.0:
+    raise ValueError(f"sparsity.final={config.sparsity.final} must be in [0, 1).")
+  if config.optimizer not in methods.OPTIMIZERS:
+    raise ValueError(f"Unknown optimizer {config.optimizer!r}; use one of {methods.OPTIMIZERS}.")
+  if config.lr_schedule not in methods.LR_SCHEDULES:
+    raise ValueError(f"Unknown lr_schedule {config.lr_schedule!r}; use one of "
+                     f"{methods.LR_SCHEDULES}.")
+  if config.dtype not in state_lib.DTYPES:
+    raise ValueError(f"Unknown dtype {config.dtype!r}; use one of {tuple(state_lib.DTYPES)}.")
+  if config.get("if_finished", "report") not in workdir_lib.FINISHED_MODES:
+    raise ValueError(f"Unknown if_finished {config.if_finished!r}; use one of "
+                     f"{workdir_lib.FINISHED_MODES}.")

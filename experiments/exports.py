@@ -1,0 +1,58 @@
+"""``export.npz``: a run's final params, batch statistics and masks, by leaf name.
+
+Written at the end of every run (``export_model``), read back to start a run
+from it (``config.init_from``) or to study it (``load_exported``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import sparse_jax
+
+
+def load_exported(path: str) -> dict[str, np.ndarray]:
+  """Reads an ``export.npz`` written by ``export_model`` (or its directory)."""
+  if os.path.isdir(path):
+    path = os.path.join(path, "export.npz")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"init_from={path!r} does not exist; point it at the "
+                            "export.npz (or its directory) of an earlier run.")
+  with np.load(path) as f:
+    return dict(f)
+
+
+def fill_from_export(tree, exported: dict[str, np.ndarray], prefix: str):
+  """``tree`` with every leaf replaced by ``exported[prefix/<leaf name>]``, checked."""
+  names = sparse_jax.leaf_names(tree)
+  leaves, treedef = jax.tree.flatten(tree)
+  out = []
+  for name, leaf in zip(names, leaves):
+    key = f"{prefix}/{name}"
+    if key not in exported:
+      raise ValueError(f"init_from has no {key!r}; the checkpoint does not match the model "
+                       f"{tuple(n for n in exported if n.startswith(prefix))[:5]}...")
+    value = exported[key]
+    if value.shape != np.shape(leaf):
+      raise ValueError(f"init_from: {key!r} has shape {value.shape}, the model "
+                       f"{np.shape(leaf)}.")
+    out.append(jnp.asarray(value, leaf.dtype))
+  return jax.tree.unflatten(treedef, out)
+
+
+def export_model(path: str, params, batch_stats, masks):
+  """Writes ``export.npz``: ``params/<name>``, ``batch_stats/<name>``, ``masks/<name>``."""
+  arrays = {}
+  for prefix, tree in (("params", params), ("batch_stats", batch_stats), ("masks", masks)):
+    if tree is None:
+      continue
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    for p, x in flat:
+      arrays[f"{prefix}/{sparse_jax.path_to_name(p)}"] = np.asarray(x)
+  tmp = f"{path}.{os.getpid()}.tmp.npz"  # per process: no two writers share it
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
