@@ -106,7 +106,8 @@ def xla_flops(fn, *args) -> float | None:
 
 
 def model_flops(model, variables: PyTree, input_shape: Sequence[int], *,
-                count_other: bool = True, **apply_kwargs) -> ModelFlops:
+                count_other: bool = True, input_dtype: Any = jnp.float32,
+                **apply_kwargs) -> ModelFlops:
   """Dense forward FLOPs of each Dense, DenseGeneral and Conv kernel of a linen model.
 
   The kernels' FLOPs come from the shapes seen by each layer (traced with
@@ -125,6 +126,7 @@ def model_flops(model, variables: PyTree, input_shape: Sequence[int], *,
       per-example FLOPs).
     count_other: also count the non-kernel FLOPs with XLA (a compile of the
       forward); False sets ``other`` to 0.
+    input_dtype: dtype of the input batch (``jnp.int32`` for token ids).
     **apply_kwargs: passed to ``model.apply`` (e.g. ``train=False``).
 
   Returns:
@@ -148,7 +150,7 @@ def model_flops(model, variables: PyTree, input_shape: Sequence[int], *,
           module, tuple(args[0].shape), tuple(y.shape), tuple(kernel.shape))
     return y
 
-  x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
+  x = jax.ShapeDtypeStruct(tuple(input_shape), input_dtype)
   with nn.intercept_methods(record):
     jax.eval_shape(lambda v, x: model.apply(v, x, **apply_kwargs), variables, x)
   if not layers:
@@ -157,7 +159,7 @@ def model_flops(model, variables: PyTree, input_shape: Sequence[int], *,
   other = 0
   if count_other:
     total = xla_flops(lambda v, x: model.apply(v, x, **apply_kwargs), variables,
-                      jnp.zeros(tuple(input_shape), jnp.float32))
+                      jnp.zeros(tuple(input_shape), input_dtype))
     if total is not None:
       other = max(int(round(total)) - sum(layers.values()), 0)
   return ModelFlops(layers, other)
