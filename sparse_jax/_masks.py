@@ -105,9 +105,8 @@ def leaf_role(name: str) -> str:
   ``"embedding"`` (``emb``, ``embed(s)``, ``embedding(s)``, alone or after a prefix
   ending in ``_`` or ``pos``/``position``/``positional``, e.g. ``pos_embedding``,
   ``position_embeddings``, ``token_emb``, ``posemb``; class tokens ``cls``,
-  ``cls_token``, ``class_token``),
-  and ``"other"`` for any other name (custom modules, raw arrays in tuples and
-  lists). Case is ignored in embedding names.
+  ``cls_token``, ``class_token``; case is ignored), and ``"other"`` for any other
+  name (custom modules, raw arrays in tuples and lists).
 
   Example:
     >>> leaf_role("MultiHeadDotProductAttention_0/query/bias")
