@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import optax
 
-from sparse_jax import _distributions
+from sparse_jax import _schedules
 from sparse_jax import _transform
 
 PyTree = _transform.PyTree
@@ -38,22 +38,25 @@ def one_shot(inner: optax.GradientTransformation, *, sparsity: float, prune_step
     scope: ``"global"`` (one magnitude ranking over the model) or ``"layerwise"``.
     include, exclude, keep_first_dense, keep_last_dense: which leaves are prunable
       (see ``select_prunable``).
-    initial_masks: a mask tree to start from instead of dense.
+    initial_masks: a bool mask tree to start from instead of dense; ``sparsity``
+      must not be below its sparsity.
     track_union: keep the union of all masks so far in ``SparseState.union``.
     packed_masks: store the masks 1 bit per weight (see ``granet``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a ``SparseState``.
   """
-  s = _distributions.check_sparsity(sparsity)
-  if int(prune_step) < 1:
+  s = _transform._check_sparsity(sparsity)  # pylint: disable=protected-access
+  prune_step = _schedules.check_int(prune_step, "prune_step")
+  if prune_step < 1:
     raise ValueError(f"prune_step={prune_step} must be >= 1: the prune happens after "
                      "that many updates (to prune before training use snip_masks, "
                      "synflow_masks, ... with sparse_jax.static).")
   _transform._check_common("erk", "gradient", scope, "exact")  # pylint: disable=protected-access
+  _transform._check_initial_masks(initial_masks, final=s)  # pylint: disable=protected-access
   start = _transform._Start(  # pylint: disable=protected-access
       0.0, "erk", "exact", 0, initial_masks,
       _transform._selector(include, exclude, keep_first_dense, keep_last_dense))  # pylint: disable=protected-access
-  pruning = _transform._Pruning(0.0, s, 0, int(prune_step), int(prune_step), scope)  # pylint: disable=protected-access
+  pruning = _transform._Pruning(0.0, s, 0, prune_step, prune_step, scope)  # pylint: disable=protected-access
   return _transform._sparse_wrapper(inner, start, pruning, None, track_union,  # pylint: disable=protected-access
                                     packed_masks)

@@ -10,6 +10,14 @@ inner optax transformation. At each update the wrapper
 3. emits ``where(keep, u, -p)`` so that ``optax.apply_updates`` leaves the params
    exactly masked, and zeroes the inner state outside ``keep``.
 
+Every factory checks its arguments when it is called, before any tracing:
+``TypeError`` for a value of the wrong type (an integer argument must be a Python
+or NumPy int, masks must be bool), ``ValueError`` for an impossible value: steps
+with ``total_steps >= 1``, ``update_every >= 1``, ``0 <= start_step <= end_step
+<= total_steps`` and at least one mask-update event in the window, rates in
+[0, 1] with ``min_regrowth_rate <= regrowth_rate``, and sparsities that agree
+with ``initial_masks`` (see ``initial_masks`` in each factory).
+
 ``keep`` is the set of weights that stay active with their value: on ordinary
 steps the mask itself; at events the new mask minus newly grown positions (those
 restart at exactly 0 with zeroed optimizer state).
@@ -24,6 +32,7 @@ step), and ``None`` (the default) decides in the graph. ``False`` at an event st
 would skip that event (counted in ``SparseState.skipped_events``): use it only on
 steps known not to be events, e.g. ``mask_update=(step + 1) % update_every == 0``
 for a 0-based loop ``step``.
+
 """
 
 from __future__ import annotations
@@ -110,12 +119,9 @@ def _build_initial_masks(params, start: _Start, key):
     given = _masks.unwrap_variables(start.initial_masks)
     _masks.check_mask_tree(params, given)
     given = _masks.unpack_masks(given)
-    masks = jax.tree.map(lambda p, m: None if m is None else jnp.asarray(m).astype(bool),
-                         params, given)
-    if not jax.tree.leaves(masks):
-      raise ValueError("initial_masks has no mask array: give a bool array for at "
-                       "least one parameter (None marks a dense leaf).")
-    return masks
+    # Bool already (checked by the factory); asarray puts NumPy masks on the device.
+    return jax.tree.map(lambda p, m: None if m is None else jnp.asarray(m).astype(bool),
+                        params, given)
   prunable = _masks.select_prunable(params, **start.selector)
   if start.sparsity == 0.0:
     return jax.tree.map(lambda p, f: jnp.ones(np.shape(p), bool) if f else None,
@@ -363,6 +369,91 @@ def _check_common(distribution, growth, scope, sampling):
     raise ValueError(f"Unknown sampling {sampling!r}; use 'exact' or 'bernoulli'.")
 
 
+def _check_sparsity(sparsity, name: str = "sparsity") -> float:
+  return _distributions.check_sparsity(_schedules.check_number(sparsity, name), name)
+
+
+def _check_steps(**steps) -> tuple[int, ...]:
+  """``_schedules.check_steps(**steps)``, all required; the steps as ints, in order."""
+  steps = {name: _schedules.check_int(v, name) for name, v in steps.items()}
+  _schedules.check_steps(**steps)
+  return tuple(steps.values())
+
+
+def _check_final_and_initial(sparsity, initial_sparsity) -> tuple[float, float]:
+  s_f = _check_sparsity(sparsity)
+  s_i = _check_sparsity(initial_sparsity, "initial_sparsity")
+  if s_i > s_f:
+    raise ValueError(f"initial_sparsity={s_i} is above the final sparsity={s_f}.")
+  return s_f, s_i
+
+
+def _check_rates(rate, min_rate) -> tuple[float, float]:
+  r = _schedules.check_rate(rate, "regrowth_rate")
+  r_min = _schedules.check_rate(min_rate, "min_regrowth_rate")
+  if r_min > r:
+    raise ValueError(f"min_regrowth_rate={min_rate!r} is above regrowth_rate={rate!r}: "
+                     "the rate decays from regrowth_rate down to min_regrowth_rate.")
+  return r, r_min
+
+
+# How far a sparsity given with initial_masks may be from theirs: a value computed
+# from the masks in float32 (sparse_jax.sparsity) is off by ~1e-7.
+_MASK_SPARSITY_TOLERANCE = 1e-4
+
+
+def _check_initial_masks(initial_masks, *, start: float | None = None,
+                         start_name: str = "sparsity", final: float | None = None) -> None:
+  """Checks ``initial_masks`` and the sparsities given with them, at the factory.
+
+  The masks must be bool arrays or ``PackedMask`` leaves (None on dense leaves),
+  never cast: a float tree would be all True. ``start`` describes the start mask
+  (``sparsity`` of rigl, set and static, ``initial_sparsity`` of granet and gmp):
+  0 takes the masks as they are, any other value must be their sparsity (to within
+  ``_MASK_SPARSITY_TOLERANCE``). ``final``, the end of a pruning schedule, must not
+  be below their sparsity: pruning only removes weights. The sparsities are only
+  checked on concrete masks (not on tracers, not on arrays spread over hosts).
+  """
+  if initial_masks is None:
+    return
+  is_packed = lambda x: isinstance(x, _masks.PackedMask)
+  flat = jax.tree_util.tree_flatten_with_path(_masks.unwrap_variables(initial_masks),
+                                              is_leaf=is_packed)[0]
+  if not flat:
+    raise ValueError("initial_masks has no mask array: give a bool array for at "
+                     "least one parameter (None marks a dense leaf).")
+  for path, m in flat:
+    dtype = m.bits.dtype if is_packed(m) else (
+        m.dtype if hasattr(m, "dtype") else np.asarray(m).dtype)
+    if not is_packed(m) and dtype != np.bool_:
+      raise TypeError(
+          f"initial_masks[{_masks.path_to_name(path)!r}] has dtype {dtype}: masks must be "
+          "bool (True = active weight) and are not cast. Convert 0/1 or float masks "
+          "with jax.tree.map(lambda x: x != 0, masks), or take the nonzero prunable "
+          "weights of a params tree with sparse_jax.masks_from_params(params).")
+  arrays = [m.bits if is_packed(m) else m for _, m in flat]
+  if any(isinstance(a, jax.core.Tracer) or (isinstance(a, jax.Array)
+                                            and not a.is_fully_addressable)
+         for a in arrays):
+    return
+  # Counted in NumPy: jnp would compile a reduction for every distinct leaf shape.
+  active = sum(int(np.bitwise_count(np.asarray(m.bits)).sum()) if is_packed(m)
+               else int(np.count_nonzero(np.asarray(m))) for _, m in flat)
+  total = _masks.count_prunable([m for _, m in flat])
+  have = 1.0 - active / total
+  of = f"({active} of {total} weights active)"
+  if start and abs(start - have) > _MASK_SPARSITY_TOLERANCE:
+    raise ValueError(
+        f"{start_name}={start} disagrees with initial_masks, whose sparsity is "
+        f"{have:.4f} {of}: with initial_masks the start mask is initial_masks. Pass "
+        f"{start_name}=0 to take the masks as they are, or masks at that sparsity.")
+  if final is not None and final < have - _MASK_SPARSITY_TOLERANCE:
+    raise ValueError(
+        f"sparsity={final} is below the sparsity {have:.4f} of initial_masks {of}: "
+        f"pruning only removes weights, so the run would end at {have:.4f}. Give a "
+        "final sparsity at least that of the masks.")
+
+
 def granet(inner: optax.GradientTransformation, *, sparsity: float, total_steps: int,
            end_step: int, update_every: int, initial_sparsity: float = 0.0,
            start_step: int = 0, distribution: str | Mapping[str, float] = "erk",
@@ -409,7 +500,10 @@ def granet(inner: optax.GradientTransformation, *, sparsity: float, total_steps:
     scope: ``"global"`` (one ranking over the model) or ``"layerwise"``.
     seed: seed of the start mask and of random growth.
     sampling: ``"exact"`` counts or ``"bernoulli"`` (the authors') start masks.
-    initial_masks: a mask tree to start from instead (e.g. a pretrained sparse model).
+    initial_masks: a bool (or packed) mask tree to start from instead (e.g. a
+      pretrained sparse model). ``initial_sparsity`` is then 0 (the schedule starts
+      from 0) or the masks' sparsity (to within 1e-4), and ``sparsity`` is not below
+      it; anything else is a ``ValueError``.
     include, exclude, keep_first_dense, keep_last_dense: which leaves are prunable
       (see ``select_prunable``).
     track_union: keep the union of all masks so far in ``SparseState.union``
@@ -422,17 +516,20 @@ def granet(inner: optax.GradientTransformation, *, sparsity: float, total_steps:
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a ``SparseState``.
   """
-  s_f = _distributions.check_sparsity(sparsity)
-  s_i = _distributions.check_sparsity(initial_sparsity, "initial_sparsity")
-  if s_i > s_f:
-    raise ValueError(f"initial_sparsity={s_i} is above the final sparsity={s_f}.")
-  _schedules.check_steps(update_every=update_every, start_step=start_step,
-                         end_step=end_step, total_steps=total_steps)
+  s_f, s_i = _check_final_and_initial(sparsity, initial_sparsity)
+  update_every, start_step, end_step, total_steps = _check_steps(
+      update_every=update_every, start_step=start_step, end_step=end_step,
+      total_steps=total_steps)
+  seed = _schedules.check_int(seed, "seed")
+  rate, min_rate = _check_rates(regrowth_rate, min_regrowth_rate)
   _check_common(distribution, growth, scope, sampling)
+  _check_initial_masks(initial_masks, start=s_i, start_name="initial_sparsity", final=s_f)
+  _schedules.check_events(update_every=update_every, start_step=start_step,
+                          end_step=end_step, pruning=True, total_steps=total_steps)
   start = _Start(s_i, distribution, sampling, seed, initial_masks,
                  _selector(include, exclude, keep_first_dense, keep_last_dense))
   pruning = _Pruning(s_i, s_f, start_step, end_step, update_every, scope)
-  regrowth = _Regrowth(growth, regrowth_rate, "cosine", min_regrowth_rate, total_steps,
+  regrowth = _Regrowth(growth, rate, "cosine", min_rate, total_steps,
                        start_step, total_steps - 1, update_every)
   return _sparse_wrapper(inner, start, pruning, regrowth, track_union, packed_masks)
 
@@ -457,7 +554,7 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
     sparsity, end_step, update_every, initial_sparsity, start_step, scope: the
       pruning schedule, as in ``granet``.
     include, exclude, keep_first_dense, keep_last_dense: which leaves are prunable.
-    initial_masks: a mask tree to start from instead of dense.
+    initial_masks: a mask tree to start from instead of dense (as in ``granet``).
     track_union: keep the union of all masks so far in ``SparseState.union``.
     packed_masks: store the masks (and the union) 1 bit per weight, as
       ``PackedMask`` leaves, instead of a bool byte (see ``granet``).
@@ -465,14 +562,16 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a ``SparseState``.
   """
-  s_f = _distributions.check_sparsity(sparsity)
-  s_i = _distributions.check_sparsity(initial_sparsity, "initial_sparsity")
-  _schedules.check_steps(update_every=update_every, start_step=start_step,
-                         end_step=end_step)
+  s_f, s_i = _check_final_and_initial(sparsity, initial_sparsity)
+  update_every, start_step, end_step = _check_steps(
+      update_every=update_every, start_step=start_step, end_step=end_step)
   _check_common("erk", "gradient", scope, "exact")
   if s_i > 0 and initial_masks is None:
     raise ValueError("gmp starts dense: initial_sparsity > 0 needs initial_masks "
                      "(or use granet(..., initial_sparsity=...)).")
+  _check_initial_masks(initial_masks, start=s_i, start_name="initial_sparsity", final=s_f)
+  _schedules.check_events(update_every=update_every, start_step=start_step,
+                          end_step=end_step, pruning=True)
   start = _Start(0.0, "erk", "exact", 0, initial_masks,
                  _selector(include, exclude, keep_first_dense, keep_last_dense))
   return _sparse_wrapper(inner, start,
@@ -480,15 +579,20 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
                          track_union, packed_masks)
 
 
-def _dst(inner, *, sparsity, update_every, start_step, end_step, distribution, rate,
-         rate_schedule, growth, seed, sampling, initial_masks, selector,
-         track_union=False, packed_masks=False):
-  s = _distributions.check_sparsity(sparsity)
-  _schedules.check_steps(update_every=update_every, start_step=start_step,
-                         end_step=end_step)
+def _dst(inner, *, sparsity, total_steps, update_every, start_step, end_step, end_note,
+         distribution, rate, rate_schedule, growth, seed, sampling, initial_masks,
+         selector, track_union=False, packed_masks=False):
+  s = _check_sparsity(sparsity)
+  update_every, start_step, end_step, total_steps = _check_steps(
+      update_every=update_every, start_step=start_step, end_step=end_step,
+      total_steps=total_steps)
+  seed = _schedules.check_int(seed, "seed")
   _check_common(distribution, growth, "global", sampling)
-  if not 0.0 <= rate <= 1.0:
-    raise ValueError(f"The regrowth (drop) rate {rate} is outside [0, 1].")
+  rate = _schedules.check_rate(rate, "regrowth_rate")
+  _check_initial_masks(initial_masks, start=s)
+  _schedules.check_events(update_every=update_every, start_step=start_step,
+                          end_step=end_step, pruning=False, total_steps=total_steps,
+                          note="" if end_note is None else f" {end_note}")
   start = _Start(s, distribution, sampling, seed, initial_masks, selector)
   regrowth = _Regrowth(growth, rate, rate_schedule, 0.0, max(end_step, 1), start_step,
                        end_step, update_every)
@@ -515,12 +619,14 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: float, total_steps: i
 
   Args:
     inner: the optimizer to wrap.
-    sparsity: the (constant) overall sparsity in [0, 1).
+    sparsity: the (constant) overall sparsity in [0, 1); with ``initial_masks``, 0
+      (take the masks as they are) or the masks' sparsity (to within 1e-4).
     total_steps: total optimizer updates of the run.
     update_every: ΔT, updates between mask updates.
     end_step: last update at which the mask changes (default 75% of total_steps).
     start_step: first update at which the mask may change.
-    distribution, seed, sampling, initial_masks: the start mask, as in ``granet``.
+    distribution, seed, sampling: the random start mask, as in ``granet``.
+    initial_masks: a bool (or packed) mask tree to start from instead.
     regrowth_rate: the drop fraction, decayed by a cosine to 0 at ``end_step``.
     growth: ``"gradient"`` (default), ``"momentum"`` or ``"random"``.
     include, exclude, keep_first_dense, keep_last_dense: which leaves are prunable.
@@ -531,9 +637,14 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: float, total_steps: i
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a ``SparseState``.
   """
-  end = int(0.75 * total_steps) if end_step is None else end_step
-  return _dst(inner, sparsity=sparsity, update_every=update_every, start_step=start_step,
-              end_step=end, distribution=distribution, rate=regrowth_rate,
+  total_steps = _schedules.check_int(total_steps, "total_steps")
+  end, note = end_step, None
+  if end_step is None:
+    end = int(0.75 * total_steps)
+    note = f"end_step={end} is rigl's default, 75% of total_steps={total_steps}."
+  return _dst(inner, sparsity=sparsity, total_steps=total_steps, update_every=update_every,
+              start_step=start_step, end_step=end, end_note=note,
+              distribution=distribution, rate=regrowth_rate,
               rate_schedule="cosine", growth=growth, seed=seed, sampling=sampling,
               initial_masks=initial_masks,
               selector=_selector(include, exclude, keep_first_dense, keep_last_dense),
@@ -563,7 +674,7 @@ def sparse_evolutionary_training(
     inner: the optimizer to wrap.
     sparsity, total_steps, update_every, start_step: as in ``rigl``.
     end_step: last update at which the mask changes (default ``total_steps - 1``).
-    distribution, seed, sampling, initial_masks: the start mask, as in ``granet``.
+    distribution, seed, sampling, initial_masks: the start mask, as in ``rigl``.
     regrowth_rate: zeta, the fraction of each layer's active weights replaced.
     regrowth_schedule: ``"constant"`` (default) or ``"cosine"``.
     include, exclude, keep_first_dense, keep_last_dense: which leaves are prunable.
@@ -577,9 +688,14 @@ def sparse_evolutionary_training(
   if regrowth_schedule not in ("constant", "cosine"):
     raise ValueError(f"Unknown regrowth_schedule {regrowth_schedule!r}; use 'constant' "
                      "or 'cosine'.")
-  end = total_steps - 1 if end_step is None else end_step
-  return _dst(inner, sparsity=sparsity, update_every=update_every, start_step=start_step,
-              end_step=end, distribution=distribution, rate=regrowth_rate,
+  total_steps = _schedules.check_int(total_steps, "total_steps")
+  end, note = end_step, None
+  if end_step is None:
+    end = total_steps - 1
+    note = f"end_step={end} is set's default, total_steps - 1."
+  return _dst(inner, sparsity=sparsity, total_steps=total_steps, update_every=update_every,
+              start_step=start_step, end_step=end, end_note=note,
+              distribution=distribution, rate=regrowth_rate,
               rate_schedule=regrowth_schedule, growth="random", seed=seed,
               sampling=sampling, initial_masks=initial_masks,
               selector=_selector(include, exclude, keep_first_dense, keep_last_dense),
@@ -602,7 +718,8 @@ def static(inner: optax.GradientTransformation, *, sparsity: float = 0.0,
     inner: the optimizer to wrap.
     sparsity, distribution, seed, sampling: the random mask, as in ``granet``
       (``sparsity=0.0``: dense).
-    initial_masks: the mask to train with instead (bool or packed).
+    initial_masks: the mask to train with instead (bool or packed); ``sparsity``
+      is then 0 (the default) or the masks' sparsity, as in ``rigl``.
     include, exclude, keep_first_dense, keep_last_dense: which leaves are prunable.
     track_union: keep ``SparseState.union`` (for a fixed mask, the mask itself).
     packed_masks: store the masks (and the union) 1 bit per weight, as
@@ -611,8 +728,10 @@ def static(inner: optax.GradientTransformation, *, sparsity: float = 0.0,
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a ``SparseState``.
   """
-  s = _distributions.check_sparsity(sparsity)
+  s = _check_sparsity(sparsity)
+  seed = _schedules.check_int(seed, "seed")
   _check_common(distribution, "gradient", "global", sampling)
+  _check_initial_masks(initial_masks, start=s)
   start = _Start(s, distribution, sampling, seed, initial_masks,
                  _selector(include, exclude, keep_first_dense, keep_last_dense))
   return _sparse_wrapper(inner, start, None, None, track_union, packed_masks)
@@ -660,4 +779,5 @@ def sparsify_params(params: PyTree, opt_state) -> PyTree:
     >>> params = sparse_jax.sparsify_params(params, opt_state)
   """
   return _masks.apply_masks(params, get_masks(opt_state))
+
 
