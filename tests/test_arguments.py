@@ -6,6 +6,8 @@ for a value of the wrong type, ``ValueError`` for a value out of range or a
 schedule that would never update the masks.
 """
 
+import builtins
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -321,3 +323,26 @@ def test_traced_initial_masks_skip_the_count_but_not_the_dtype():
 
   build(masks)
 
+
+# ---------------------------------------------------------------------------
+# 11. from sparse_jax import *
+# ---------------------------------------------------------------------------
+
+
+def test_star_import_keeps_the_builtin_set():
+  namespace = {}
+  exec("from sparse_jax import *", namespace)  # pylint: disable=exec-used
+  assert "set" not in namespace
+  exec("s = set([1, 2, 2])", namespace)  # pylint: disable=exec-used
+  assert namespace["s"] == {1, 2}
+  assert builtins.set is set
+  # The attribute stays, for sparse_jax.set(...).
+  assert sj.set is sj.sparse_evolutionary_training
+  public = sorted(n for n in dir(sj) if not n.startswith("_") and n != "set"
+                  and not isinstance(getattr(sj, n), type(builtins)))
+  assert sorted(sj.__all__) == public
+  for n in public:
+    assert namespace[n] is getattr(sj, n)
+  for n in ("granet", "gmp", "rigl", "sparse_evolutionary_training", "static", "one_shot",
+            "get_masks", "SparseState", "METHODS"):
+    assert n in sj.__all__
