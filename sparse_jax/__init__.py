@@ -48,6 +48,7 @@ from sparse_jax._select import get_chunk_elements
 from sparse_jax._select import set_chunk_elements
 from sparse_jax._select import top_k_masks
 from sparse_jax._transform import SparseState
+from sparse_jax._transform import apply_updates
 from sparse_jax._transform import get_masks
 from sparse_jax._transform import get_sparse_state
 from sparse_jax._transform import gmp
@@ -132,6 +133,7 @@ __all__ = [
     "set_chunk_elements",
     "top_k_masks",
     "SparseState",
+    "apply_updates",
     "get_masks",
     "get_sparse_state",
     "gmp",

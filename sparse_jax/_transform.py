@@ -8,7 +8,8 @@ inner optax transformation. At each update the wrapper
    the updated weights and the dense gradient it was given (SPEC §5 order:
    update -> mask -> prune -> mask -> drop -> grow -> mask);
 3. emits ``where(keep, u, -p)`` so that ``optax.apply_updates`` leaves the params
-   exactly masked, and zeroes the inner state outside ``keep``.
+   exactly masked (finite params; see "Non-finite values" below), and zeroes the
+   inner state outside ``keep``.
 
 Every factory checks its arguments when it is called, before any tracing:
 ``TypeError`` for a value of the wrong type (an integer argument must be a Python
@@ -33,6 +34,29 @@ would skip that event (counted in ``SparseState.skipped_events``): use it only o
 steps known not to be events, e.g. ``mask_update=(step + 1) % update_every == 0``
 for a 0-based loop ``step``.
 
+Non-finite values. Step 3 makes ``optax.apply_updates`` give ``p + (-p)`` at every
+position outside ``keep``: exactly ``+0.0`` where ``p`` is finite, but NaN where
+``p`` is NaN or infinite, which no additive update can turn into 0. The
+gradients are masked before the inner optimizer, so a NaN gradient never reaches
+a masked position; a non-finite weight there comes from an active weight that was
+already non-finite when an event pruned it (NaN and inf rank above every finite
+magnitude, so that takes more non-finite weights than the event keeps), or from
+params that were non-finite there to begin with. So:
+
+* ``params = optax.apply_updates(params, updates)``: masked weights are exactly 0
+  as long as the weights an event removes are finite.
+* ``params = sparse_jax.apply_updates(params, updates, opt_state)`` (the new
+  ``opt_state``): masked weights are exactly 0 whatever the values (the update,
+  then a ``where`` on the masks, one fused elementwise pass per leaf; bit for bit
+  ``optax.apply_updates`` on finite values). Since every masked weight is then 0
+  when an event regrows it, a grown weight restarts at exactly 0; only a weight
+  that is active and non-finite, pruned and regrown by the same event, restarts
+  at NaN (the same rare case as above, in a run that has already diverged).
+* ``optax.apply_if_finite(tx, max_consecutive_errors)`` skips a step whose
+  gradients are not all finite (zero updates, the whole state kept, so
+  ``SparseState.count`` does not advance and the event schedule moves by one step
+  per skipped update; ``get_masks`` and ``get_sparse_state`` find the state inside
+  it, and ``mask_update`` is forwarded).
 """
 
 from __future__ import annotations
@@ -484,6 +508,8 @@ def granet(inner: optax.GradientTransformation, *, sparsity: float, total_steps:
     >>> opt_state = tx.init(params)
     >>> updates, opt_state = tx.update(grads, opt_state, params)
     >>> params = optax.apply_updates(params, updates)  # exactly masked
+    >>> # or, masked weights exactly 0 even when some values are NaN or inf:
+    >>> params = sparse_jax.apply_updates(params, updates, opt_state)
 
   Args:
     inner: the optimizer to wrap (any optax transformation).
@@ -781,3 +807,27 @@ def sparsify_params(params: PyTree, opt_state) -> PyTree:
   return _masks.apply_masks(params, get_masks(opt_state))
 
 
+
+def apply_updates(params: PyTree, updates: PyTree, opt_state) -> PyTree:
+  """``optax.apply_updates`` that stores every masked weight as exactly 0.
+
+  ``where(mask, p + u, 0)`` on prunable leaves and ``p + u`` elsewhere, with the
+  masks of ``opt_state``, the state ``tx.update`` returned with ``updates``. On
+  finite values it gives the same bits as ``optax.apply_updates``; unlike it, it
+  also zeroes masked weights that are NaN or infinite (see the module docstring).
+  Under jit the add and the ``where`` fuse into one pass per leaf.
+
+  Example:
+    >>> updates, opt_state = tx.update(grads, opt_state, params)
+    >>> params = sparse_jax.apply_updates(params, updates, opt_state)
+
+  Args:
+    params: the params ``updates`` were computed for.
+    updates: the updates of a sparse_jax transformation (alone or inside a chain,
+      ``MultiSteps``, ``apply_if_finite``, ...).
+    opt_state: the optimizer state returned with ``updates``.
+
+  Returns:
+    The new params, exactly masked.
+  """
+  return _masks.apply_masks(optax.apply_updates(params, updates), get_masks(opt_state))

@@ -344,5 +344,5 @@ def test_star_import_keeps_the_builtin_set():
   for n in public:
     assert namespace[n] is getattr(sj, n)
   for n in ("granet", "gmp", "rigl", "sparse_evolutionary_training", "static", "one_shot",
-            "get_masks", "SparseState", "METHODS"):
+            "get_masks", "apply_updates", "SparseState", "METHODS"):
     assert n in sj.__all__
