@@ -4,8 +4,12 @@ Each checkpoint ``<workdir>/checkpoints/<step>`` holds the state (``state``) and
 a JSON ``meta``: the step, the best and last evaluation so far and the wall time
 spent, so a resumed run reports what the uninterrupted one would.
 
+``meta`` also holds a ``fingerprint`` of the state's bits (``fingerprint``), so a
+checkpoint whose files were corrupted without orbax noticing (flipped bytes
+inside a compressed chunk can decompress to other numbers) is not taken as good.
+
 Restoring tries the newest checkpoint first; one that cannot be read (truncated
-or corrupted files, bad metadata) is named in a warning, moved out of orbax's
+or corrupted files, bad metadata, a fingerprint that does not match) is named in a warning, moved out of orbax's
 reach to ``<workdir>/checkpoints_unreadable/<step>`` (never deleted, and never
 garbage-collected or overwritten by a later save) and the one before is tried.
 """
@@ -16,8 +20,13 @@ import logging
 import os
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from jax import lax
 from jax.experimental import multihost_utils
+
+from experiments import state as state_lib
 
 UNREADABLE = "checkpoints_unreadable"
 
@@ -28,11 +37,39 @@ def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
                                options=options)
 
 
+@jax.jit
+def fingerprint(tree) -> jax.Array:
+  """uint32 [leaves]: a hash of each leaf's bits, the same whatever the sharding.
+
+  A wrapping integer sum of every element's bits, mixed with its position, so a
+  changed element always changes its leaf's hash. One fused pass over the state.
+  """
+  return jnp.stack([_leaf_hash(x) for x in jax.tree.leaves(tree)])
+
+
+def _leaf_hash(x) -> jax.Array:
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  elif x.dtype.itemsize == 8:
+    bits = lax.bitcast_convert_type(x, jnp.uint32)  # [..., 2]
+  else:
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    bits = lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+  bits = bits.reshape(-1)
+  idx = lax.iota(jnp.uint32, bits.size)
+  mixed = (bits * jnp.uint32(0x85EBCA77)) ^ (idx * jnp.uint32(0x9E3779B1))
+  return jnp.sum(mixed, dtype=jnp.uint32)
+
+
+def _fingerprint_list(state) -> list[int]:
+  return [int(v) for v in np.asarray(state_lib.to_host(fingerprint(state)))]
+
+
 def save_checkpoint(mngr: ocp.CheckpointManager, state, step: int, meta: dict | None = None):
   """Saves ``state`` at ``step`` (asynchronously) with ``meta`` (JSON-able) beside it."""
+  meta = {**(meta or {}), "step": step, "fingerprint": _fingerprint_list(state)}
   mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({**(meta or {}),
-                                                                  "step": step})))
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
 
 def restore(mngr: ocp.CheckpointManager, target):
@@ -54,6 +91,8 @@ def restore(mngr: ocp.CheckpointManager, target):
       meta = dict(restored["meta"])
       if int(meta["step"]) != step:
         raise ValueError(f"its meta says step {meta['step']}")
+      if "fingerprint" in meta and _fingerprint_list(restored["state"]) != meta["fingerprint"]:
+        raise ValueError("its arrays do not match the fingerprint saved with them")
     except Exception as e:  # pylint: disable=broad-except
       failures.append((step, f"{type(e).__name__}: {str(e)[:300]}"))
       continue

@@ -31,18 +31,24 @@ class MetricWriter:
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if enabled:
-      self._keep_until(start_step)
+      kept = self._keep_until(start_step)
       # tensorboardX writes TensorBoard event files without TensorFlow's summary ops
       # (which need the separate tensorboard package).
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       tb_dir = os.path.join(workdir, "tensorboard")
-      purge = start_step + 1 if start_step else (0 if os.path.exists(tb_dir) else None)
-      self._tb = SummaryWriter(tb_dir, purge_step=purge)
+      # Its writer thread may not have written the last events of a killed run:
+      # TensorBoard drops every earlier event (purge_step=0) and gets the kept
+      # records again from metrics.jsonl.
+      resumed = os.path.exists(tb_dir)
+      self._tb = SummaryWriter(tb_dir, purge_step=0 if resumed else None)
+      for record in kept if resumed else []:
+        self._add_scalars(record)
 
-  def _keep_until(self, start_step: int):
+  def _keep_until(self, start_step: int) -> list[dict]:
+    """Drops the records after ``start_step``; returns those kept."""
     if not os.path.exists(self.path):
-      return
-    kept = []
+      return []
+    kept, records = [], []
     with open(self.path) as f:
       for line in f:
         try:
@@ -51,20 +57,31 @@ class MetricWriter:
           continue  # cut short by a kill
         if start_step and record.get("step", 0) <= start_step:
           kept.append(line if line.endswith("\n") else line + "\n")
+          records.append(record)
     tmp = f"{self.path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
       f.writelines(kept)
     os.replace(tmp, self.path)
+    return records
 
   def write(self, record: dict):
     if not self.enabled:
       return
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
+    self._add_scalars(record)
+    self._tb.flush()
+
+  def _add_scalars(self, record: dict):
     for k, v in record.items():
       if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
         self._tb.add_scalar(k, v, global_step=record["step"])
-    self._tb.flush()
+
+  def close(self):
+    """Writes out TensorBoard's queued events (its writer thread does not at exit)."""
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
 
 
 def measured_sparsity(params, prunable) -> float:

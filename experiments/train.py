@@ -91,44 +91,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if finished is not None and is_main:
       workdir_lib.prepare_rerun(workdir, config, finished)
     workdir_lib.check_config(workdir, config, write=is_main)
-    run = _setup(config, workdir, is_main)
-    step, pending = run.start_step, []
-    t_log, steps_at_log = time.time(), step
-    t_loop = time.time()
-    run.timings["before_loop_s"] = t_loop - run.t_segment
-    while step < run.total_steps:
-      n, mask_update = _next_dispatch(run, step)
-      inputs = run.feed.dispatch(step, n)
-      if not run.programs.started():
-        _compile_all(run, mask_update, inputs)
-      run.state, metrics = run.programs[mask_update](run.state, *inputs)
-      pending.append((metrics, n))
-      step += n
-      record = _event_record(run, step, metrics) if step in run.events else {}
-      if _eval_due(run, step):
-        run.last_eval = _evaluate(run)
-        run.best_acc = max(run.best_acc, run.last_eval["test_accuracy"])
-        record.update(run.last_eval)
-      if run.gradient_flow is not None and (step % run.gf_every == 0
-                                            or step == run.total_steps):
-        record.update(run.gradient_flow(run.state))
-      save = _checkpoint_due(run, step)
-      if step % config.log_every_steps == 0 or record or save or step == run.total_steps:
-        # Raises at a non-finite loss or gradient, before the state is checkpointed.
-        record = _train_record(run, step, steps_at_log, pending, record,
-                               time.time() - t_log)
-        pending, t_log, steps_at_log = [], time.time(), step
-        run.writer.write(record)
-        if is_main:
-          reporting.log_line(record, run.total_steps)
-      if save:
-        _save(run, step)
-      if config.halt_after_step is not None and step >= config.halt_after_step:
-        run.mngr.wait_until_finished()
-        run.programs.shutdown()
-        log.info("Halting after step %d (halt_after_step).", step)
-        return {"halted_at_step": step}
-    return _finish(run, t_loop)
+    with _setup(config, workdir, is_main) as run:  # its exit waits for checkpoints
+      step, pending = run.start_step, []
+      t_log, steps_at_log = time.time(), step
+      t_loop = time.time()
+      run.timings["before_loop_s"] = t_loop - run.t_segment
+      while step < run.total_steps:
+        n, mask_update = _next_dispatch(run, step)
+        inputs = run.feed.dispatch(step, n)
+        if not run.programs.started():
+          _compile_all(run, mask_update, inputs)
+        run.state, metrics = run.programs[mask_update](run.state, *inputs)
+        pending.append((metrics, n))
+        step += n
+        record = _event_record(run, step, metrics) if step in run.events else {}
+        if _eval_due(run, step):
+          run.last_eval = _evaluate(run)
+          run.best_acc = max(run.best_acc, run.last_eval["test_accuracy"])
+          record.update(run.last_eval)
+        if run.gradient_flow is not None and (step % run.gf_every == 0
+                                              or step == run.total_steps):
+          record.update(run.gradient_flow(run.state))
+        save = _checkpoint_due(run, step)
+        if step % config.log_every_steps == 0 or record or save or step == run.total_steps:
+          # Raises at a non-finite loss or gradient, before the state is checkpointed.
+          record = _train_record(run, step, steps_at_log, pending, record,
+                                 time.time() - t_log)
+          pending, t_log, steps_at_log = [], time.time(), step
+          run.writer.write(record)
+          if is_main:
+            reporting.log_line(record, run.total_steps)
+        if save:
+          _save(run, step)
+        if config.halt_after_step is not None and step >= config.halt_after_step:
+          log.info("Halting after step %d (halt_after_step).", step)
+          return {"halted_at_step": step}
+      return _finish(run, t_loop)
 
 
 @dataclasses.dataclass
@@ -162,6 +160,15 @@ class Run:
   keep_history: bool = False
   gf_every: int | None = None
   gradient_flow: Callable | None = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    """Also on an error: pending checkpoints (of good states) are completed."""
+    self.programs.shutdown()
+    self.mngr.wait_until_finished()
+    self.writer.close()
 
 
 def _initialize_distributed(config):
@@ -365,7 +372,6 @@ def _save(run: Run, step: int):
 def _finish(run: Run, t_loop: float) -> dict:
   """Writes ``summary.json`` (and ``export.npz``) of the finished run."""
   config, timings = run.config, run.timings
-  run.programs.shutdown()
   t = time.time()
   run.mngr.wait_until_finished()
   timings["checkpoint_s"] += time.time() - t

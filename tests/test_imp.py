@@ -54,10 +54,10 @@ def test_weight_rewinding_restores_step_k_weights_and_records_rounds(tmp_path):
   assert step == k
   # Round 1 starts from its checkpoint at step k (the trainer resumes there).
   mngr, _ = restore_round(str(tmp_path), 1, config)
-  abstract = jax.tree.map(ocp.ocp.utils.to_shape_dtype_struct, target)
-  state = mngr.restore(k, args=ocp.ocp.args.Composite(
-      state=ocp.ocp.args.StandardRestore(abstract),
-      meta=ocp.ocp.args.JsonRestore()))["state"]
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  state = mngr.restore(k, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract),
+      meta=ocp.args.JsonRestore()))["state"]
   masks = sparse_jax.get_masks(state.opt_state)
   for layer in ("Dense_0", "Dense_1", "Dense_2"):
     w, w_ref, m = (np.asarray(t[layer]["kernel"]) for t in (state.params, ref_state.params, masks))

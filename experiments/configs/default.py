@@ -97,6 +97,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 2
   config.init_from = config_dict.placeholder(str)  # an export dir or .npz to start from
   config.halt_after_step = config_dict.placeholder(int)  # simulate preemption (tests)
+  # A rerun on a workdir whose run has finished (experiments/workdir.py): "report"
+  # its summary and change nothing; "extend" it to a larger num_epochs /
+  # num_train_steps; "restart" (the old files move to <workdir>/previous/).
+  config.if_finished = "report"
   # JAX's persistent compilation cache (experiments/compilation_cache.py): None is
   # $SPARSE_JAX_COMPILATION_CACHE or ~/.cache/sparse_jax/jax_compilation_cache;
   # "off" disables it. A second run of a config then compiles nothing.
