@@ -77,7 +77,23 @@ def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformati
 
 def create_sparse_tx(config, inner: optax.GradientTransformation, steps_per_epoch: int,
                      initial_masks=None) -> optax.GradientTransformation:
-  """Wraps ``inner`` in the sparse method named by ``config.sparsity.method``."""
+  """Wraps ``inner`` in the sparse method named by ``config.sparsity.method``.
+
+  The method checks its arguments here; a mistake is reported in the config's
+  terms (epochs become steps at ``steps_per_epoch``).
+  """
+  try:
+    return _sparse_tx(config, inner, steps_per_epoch, initial_masks)
+  except (ValueError, TypeError) as e:
+    sp = config.sparsity
+    raise type(e)(
+        f"config.sparsity ({sp.method}; {num_train_steps(config, steps_per_epoch)} steps "
+        f"at {steps_per_epoch}/epoch, so start_epoch={sp.start_epoch} is step "
+        f"{int(round(sp.start_epoch * steps_per_epoch))} and end_epoch={sp.end_epoch} "
+        f"step {int(round(sp.end_epoch * steps_per_epoch))}): {e}") from None
+
+
+def _sparse_tx(config, inner, steps_per_epoch: int, initial_masks):
   sp = config.sparsity
   method = sp.method
   if method == "dense":

@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import jax
 import ml_collections
+import optax
 
 import sparse_jax
 from experiments import checkpoints
@@ -75,6 +76,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns the summary written to ``workdir/summary.json`` (or, for a run halted
   by ``halt_after_step``, ``{"halted_at_step": step}``).
   """
+  t_start = time.time()
   config_checks.validate(config)
   finished = workdir_lib.finished_summary(workdir)
   if finished is not None and config.get("if_finished", "report") == "report":
@@ -82,6 +84,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
              "nothing is run or written (--config.if_finished=extend or restart trains "
              "again).", workdir, finished.get("steps"), finished.get("final_test_accuracy"))
     return finished
+  info, spe = _dataset_and_schedule(config)  # checks what needs the data set's size
   # Before anything compiles: a second run of the config compiles nothing.
   compilation_cache.enable(config.get("compilation_cache_dir"))
   _initialize_distributed(config)
@@ -91,7 +94,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if finished is not None and is_main:
       workdir_lib.prepare_rerun(workdir, config, finished)
     workdir_lib.check_config(workdir, config, write=is_main)
-    with _setup(config, workdir, is_main) as run:  # its exit waits for checkpoints
+    with _setup(config, workdir, is_main, info, spe, t_start) as run:  # its exit waits for checkpoints
       step, pending = run.start_step, []
       t_log, steps_at_log = time.time(), step
       t_loop = time.time()
@@ -180,16 +183,26 @@ def _initialize_distributed(config):
            if config.get(k) is not None})
 
 
-def _setup(config, workdir: str, is_main: bool) -> Run:
-  """Builds the state (restored if checkpointed), programs, feed and writers."""
-  t_segment = time.time()
+def _dataset_and_schedule(config):
+  """The data set's metadata and steps per epoch; the sparse method's arguments checked.
+
+  Reads no data and compiles nothing: a mistake is reported before the workdir is
+  touched.
+  """
   info = input_pipeline.dataset_info(config.dataset, config.data_dir)
   spe = info.num_train_examples // config.batch_size
   if spe < 1:
-    raise ValueError(f"batch_size={config.batch_size} exceeds the training set.")
+    raise ValueError(f"batch_size={config.batch_size} exceeds the training set "
+                     f"({info.num_train_examples} examples): lower batch_size.")
   if config.batch_size % jax.device_count():
     raise ValueError(f"batch_size={config.batch_size} is not divisible by the "
-                     f"{jax.device_count()} devices.")
+                     f"{jax.device_count()} devices: use a multiple of them.")
+  methods.create_sparse_tx(config, optax.identity(), spe)
+  return info, spe
+
+
+def _setup(config, workdir: str, is_main: bool, info, spe: int, t_segment: float) -> Run:
+  """Builds the state (restored if checkpointed), programs, feed and writers."""
   total_steps = methods.num_train_steps(config, spe)
   model = state_lib.create_model(config, info.num_classes)
   tx_fn = methods.create_tx_fn(config, model, info, spe)

@@ -7,6 +7,8 @@ optimizer, with masks kept as pytrees parallel to the params.
 
 from sparse_jax._distributions import active_count
 from sparse_jax._distributions import erk_densities
+from sparse_jax._distributions import kernel_fans
+from sparse_jax._distributions import KernelFans
 from sparse_jax._distributions import layer_counts
 from sparse_jax._distributions import layer_densities_for
 from sparse_jax._distributions import random_masks
@@ -22,6 +24,8 @@ from sparse_jax._masks import count_prunable
 from sparse_jax._masks import density
 from sparse_jax._masks import layer_densities
 from sparse_jax._masks import leaf_names
+from sparse_jax._masks import leaf_role
+from sparse_jax._masks import ROLES
 from sparse_jax._masks import masks_from_params
 from sparse_jax._masks import pack_masks
 from sparse_jax._masks import PackedMask
@@ -92,6 +96,8 @@ METHODS = {
 __all__ = [
     "active_count",
     "erk_densities",
+    "kernel_fans",
+    "KernelFans",
     "layer_counts",
     "layer_densities_for",
     "random_masks",
@@ -107,6 +113,8 @@ __all__ = [
     "density",
     "layer_densities",
     "leaf_names",
+    "leaf_role",
+    "ROLES",
     "masks_from_params",
     "pack_masks",
     "PackedMask",

@@ -19,6 +19,7 @@ PyTree = _transform.PyTree
 def one_shot(inner: optax.GradientTransformation, *, sparsity: float, prune_step: int,
              scope: str = "global", include=None, exclude=None,
              keep_first_dense: bool = False, keep_last_dense: bool = False,
+             embeddings: bool = False,
              initial_masks: PyTree | None = None, track_union: bool = False,
              packed_masks: bool = False) -> optax.GradientTransformationExtraArgs:
   """Trains dense, prunes once by magnitude after update ``prune_step``, then fine-tunes.
@@ -36,7 +37,7 @@ def one_shot(inner: optax.GradientTransformation, *, sparsity: float, prune_step
     sparsity: the sparsity reached at ``prune_step``, in [0, 1).
     prune_step: the update (1-based) after which the weights are pruned.
     scope: ``"global"`` (one magnitude ranking over the model) or ``"layerwise"``.
-    include, exclude, keep_first_dense, keep_last_dense: which leaves are prunable
+    include, exclude, keep_first_dense, keep_last_dense, embeddings: which leaves are prunable
       (see ``select_prunable``).
     initial_masks: a bool mask tree to start from instead of dense; ``sparsity``
       must not be below its sparsity.
@@ -56,7 +57,8 @@ def one_shot(inner: optax.GradientTransformation, *, sparsity: float, prune_step
   _transform._check_initial_masks(initial_masks, final=s)  # pylint: disable=protected-access
   start = _transform._Start(  # pylint: disable=protected-access
       0.0, "erk", "exact", 0, initial_masks,
-      _transform._selector(include, exclude, keep_first_dense, keep_last_dense))  # pylint: disable=protected-access
+      _transform._selector(include, exclude, keep_first_dense, keep_last_dense,
+                           embeddings))  # pylint: disable=protected-access
   pruning = _transform._Pruning(0.0, s, 0, prune_step, prune_step, scope)  # pylint: disable=protected-access
   return _transform._sparse_wrapper(inner, start, pruning, None, track_union,  # pylint: disable=protected-access
                                     packed_masks)

@@ -374,9 +374,9 @@ def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _selector(include, exclude, keep_first_dense, keep_last_dense):
+def _selector(include, exclude, keep_first_dense, keep_last_dense, embeddings=False):
   return dict(include=include, exclude=exclude, keep_first_dense=keep_first_dense,
-              keep_last_dense=keep_last_dense)
+              keep_last_dense=keep_last_dense, embeddings=embeddings)
 
 
 def _check_common(distribution, growth, scope, sampling):
@@ -485,7 +485,8 @@ def granet(inner: optax.GradientTransformation, *, sparsity: float, total_steps:
            growth: str = "gradient", scope: str = "global", seed: int = 0,
            sampling: str = "exact", initial_masks: PyTree | None = None,
            include=None, exclude=None, keep_first_dense: bool = False,
-           keep_last_dense: bool = False, track_union: bool = False,
+           keep_last_dense: bool = False,
+           embeddings: bool = False, track_union: bool = False,
            packed_masks: bool = False) -> optax.GradientTransformationExtraArgs:
   """GraNet: gradual magnitude pruning with zero-cost neuroregeneration.
 
@@ -530,7 +531,7 @@ def granet(inner: optax.GradientTransformation, *, sparsity: float, total_steps:
       pretrained sparse model). ``initial_sparsity`` is then 0 (the schedule starts
       from 0) or the masks' sparsity (to within 1e-4), and ``sparsity`` is not below
       it; anything else is a ``ValueError``.
-    include, exclude, keep_first_dense, keep_last_dense: which leaves are prunable
+    include, exclude, keep_first_dense, keep_last_dense, embeddings: which leaves are prunable
       (see ``select_prunable``).
     track_union: keep the union of all masks so far in ``SparseState.union``
       (ITOP; every method takes this option).
@@ -553,7 +554,8 @@ def granet(inner: optax.GradientTransformation, *, sparsity: float, total_steps:
   _schedules.check_events(update_every=update_every, start_step=start_step,
                           end_step=end_step, pruning=True, total_steps=total_steps)
   start = _Start(s_i, distribution, sampling, seed, initial_masks,
-                 _selector(include, exclude, keep_first_dense, keep_last_dense))
+                 _selector(include, exclude, keep_first_dense, keep_last_dense,
+                           embeddings))
   pruning = _Pruning(s_i, s_f, start_step, end_step, update_every, scope)
   regrowth = _Regrowth(growth, rate, "cosine", min_rate, total_steps,
                        start_step, total_steps - 1, update_every)
@@ -564,6 +566,7 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
         update_every: int, initial_sparsity: float = 0.0, start_step: int = 0,
         scope: str = "global", include=None, exclude=None,
         keep_first_dense: bool = False, keep_last_dense: bool = False,
+        embeddings: bool = False,
         initial_masks: PyTree | None = None, track_union: bool = False,
         packed_masks: bool = False) -> optax.GradientTransformationExtraArgs:
   """Gradual magnitude pruning (Zhu & Gupta) from dense, no regrowth.
@@ -579,7 +582,7 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
     inner: the optimizer to wrap.
     sparsity, end_step, update_every, initial_sparsity, start_step, scope: the
       pruning schedule, as in ``granet``.
-    include, exclude, keep_first_dense, keep_last_dense: which leaves are prunable.
+    include, exclude, keep_first_dense, keep_last_dense, embeddings: which leaves are prunable.
     initial_masks: a mask tree to start from instead of dense (as in ``granet``).
     track_union: keep the union of all masks so far in ``SparseState.union``.
     packed_masks: store the masks (and the union) 1 bit per weight, as
@@ -599,7 +602,8 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
   _schedules.check_events(update_every=update_every, start_step=start_step,
                           end_step=end_step, pruning=True)
   start = _Start(0.0, "erk", "exact", 0, initial_masks,
-                 _selector(include, exclude, keep_first_dense, keep_last_dense))
+                 _selector(include, exclude, keep_first_dense, keep_last_dense,
+                           embeddings))
   return _sparse_wrapper(inner, start,
                          _Pruning(s_i, s_f, start_step, end_step, update_every, scope), None,
                          track_union, packed_masks)
@@ -631,6 +635,7 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: float, total_steps: i
          growth: str = "gradient", seed: int = 0, sampling: str = "exact",
          initial_masks: PyTree | None = None, include=None, exclude=None,
          keep_first_dense: bool = False, keep_last_dense: bool = False,
+         embeddings: bool = False,
          track_union: bool = False, packed_masks: bool = False
          ) -> optax.GradientTransformationExtraArgs:
   """RigL: sparse from the start; per layer drop the smallest, grow by |gradient|.
@@ -655,7 +660,7 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: float, total_steps: i
     initial_masks: a bool (or packed) mask tree to start from instead.
     regrowth_rate: the drop fraction, decayed by a cosine to 0 at ``end_step``.
     growth: ``"gradient"`` (default), ``"momentum"`` or ``"random"``.
-    include, exclude, keep_first_dense, keep_last_dense: which leaves are prunable.
+    include, exclude, keep_first_dense, keep_last_dense, embeddings: which leaves are prunable.
     track_union: keep the union of all masks so far in ``SparseState.union``.
     packed_masks: store the masks (and the union) 1 bit per weight, as
       ``PackedMask`` leaves, instead of a bool byte (see ``granet``).
@@ -673,7 +678,8 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: float, total_steps: i
               distribution=distribution, rate=regrowth_rate,
               rate_schedule="cosine", growth=growth, seed=seed, sampling=sampling,
               initial_masks=initial_masks,
-              selector=_selector(include, exclude, keep_first_dense, keep_last_dense),
+              selector=_selector(include, exclude, keep_first_dense, keep_last_dense,
+                                 embeddings),
               track_union=track_union, packed_masks=packed_masks)
 
 
@@ -683,7 +689,7 @@ def sparse_evolutionary_training(
     distribution: str | Mapping[str, float] = "erk", regrowth_rate: float = 0.3,
     regrowth_schedule: str = "constant", seed: int = 0, sampling: str = "exact",
     initial_masks: PyTree | None = None, include=None, exclude=None,
-    keep_first_dense: bool = False, keep_last_dense: bool = False,
+    keep_first_dense: bool = False, keep_last_dense: bool = False, embeddings: bool = False,
     track_union: bool = False, packed_masks: bool = False
     ) -> optax.GradientTransformationExtraArgs:
   """SET: sparse from the start; per layer drop the smallest, grow at random.
@@ -703,7 +709,7 @@ def sparse_evolutionary_training(
     distribution, seed, sampling, initial_masks: the start mask, as in ``rigl``.
     regrowth_rate: zeta, the fraction of each layer's active weights replaced.
     regrowth_schedule: ``"constant"`` (default) or ``"cosine"``.
-    include, exclude, keep_first_dense, keep_last_dense: which leaves are prunable.
+    include, exclude, keep_first_dense, keep_last_dense, embeddings: which leaves are prunable.
     track_union: keep the union of all masks so far in ``SparseState.union``.
     packed_masks: store the masks (and the union) 1 bit per weight, as
       ``PackedMask`` leaves, instead of a bool byte (see ``granet``).
@@ -724,7 +730,8 @@ def sparse_evolutionary_training(
               distribution=distribution, rate=regrowth_rate,
               rate_schedule=regrowth_schedule, growth="random", seed=seed,
               sampling=sampling, initial_masks=initial_masks,
-              selector=_selector(include, exclude, keep_first_dense, keep_last_dense),
+              selector=_selector(include, exclude, keep_first_dense, keep_last_dense,
+                                 embeddings),
               track_union=track_union, packed_masks=packed_masks)
 
 
@@ -732,6 +739,7 @@ def static(inner: optax.GradientTransformation, *, sparsity: float = 0.0,
            distribution: str | Mapping[str, float] = "erk", seed: int = 0,
            sampling: str = "exact", initial_masks: PyTree | None = None, include=None,
            exclude=None, keep_first_dense: bool = False, keep_last_dense: bool = False,
+           embeddings: bool = False,
            track_union: bool = False, packed_masks: bool = False
            ) -> optax.GradientTransformationExtraArgs:
   """Static sparse training: a fixed mask (random, or ``initial_masks`` e.g. SNIP).
@@ -746,7 +754,7 @@ def static(inner: optax.GradientTransformation, *, sparsity: float = 0.0,
       (``sparsity=0.0``: dense).
     initial_masks: the mask to train with instead (bool or packed); ``sparsity``
       is then 0 (the default) or the masks' sparsity, as in ``rigl``.
-    include, exclude, keep_first_dense, keep_last_dense: which leaves are prunable.
+    include, exclude, keep_first_dense, keep_last_dense, embeddings: which leaves are prunable.
     track_union: keep ``SparseState.union`` (for a fixed mask, the mask itself).
     packed_masks: store the masks (and the union) 1 bit per weight, as
       ``PackedMask`` leaves, instead of a bool byte (see ``granet``).
@@ -759,7 +767,8 @@ def static(inner: optax.GradientTransformation, *, sparsity: float = 0.0,
   _check_common(distribution, "gradient", "global", sampling)
   _check_initial_masks(initial_masks, start=s)
   start = _Start(s, distribution, sampling, seed, initial_masks,
-                 _selector(include, exclude, keep_first_dense, keep_last_dense))
+                 _selector(include, exclude, keep_first_dense, keep_last_dense,
+                           embeddings))
   return _sparse_wrapper(inner, start, None, None, track_union, packed_masks)
 
 

@@ -181,5 +181,6 @@ def test_device_union_matches_host_union_and_step_is_traced_once():
     np.testing.assert_array_equal(np.asarray(u), h)
   assert state.union["a"]["bias"] is None
   # Off by default: no union in the state.
-  plain = sparse_jax.rigl(optax.sgd(0.1), sparsity=0.6, total_steps=40).init(params)
+  plain = sparse_jax.rigl(optax.sgd(0.1), sparsity=0.6, total_steps=40, update_every=3,
+                         end_step=30).init(params)
   assert plain.union is None

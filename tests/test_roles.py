@@ -219,6 +219,23 @@ def test_embeddings_option_include_and_exclude_override_roles():
     sj.select_prunable(params, include=r".*/kernel", embeddings=True)
 
 
+@pytest.mark.parametrize("factory", ["granet", "gmp", "rigl", "set", "static", "one_shot"])
+def test_every_factory_takes_the_embeddings_option(factory):
+  params = _linen_params(LinenGPT(), jnp.zeros((2, L), jnp.int32))
+  kwargs = {"granet": dict(sparsity=0.5, total_steps=10, end_step=10, update_every=5),
+            "gmp": dict(sparsity=0.5, end_step=10, update_every=5),
+            "rigl": dict(sparsity=0.5, total_steps=10, update_every=5),
+            "set": dict(sparsity=0.5, total_steps=10, update_every=5),
+            "static": dict(sparsity=0.5), "one_shot": dict(sparsity=0.5, prune_step=5)}
+  for embeddings in (False, True):
+    tx = sj.METHODS[factory](optax.sgd(0.1), embeddings=embeddings, **kwargs[factory])
+    masks = sj.get_masks(tx.init(params))
+    masked = [n for n, m in zip(sj.leaf_names(params),
+                                jax.tree.structure(params).flatten_up_to(masks))
+              if m is not None]
+    assert sorted(masked) == _prunable_names(params, embeddings=embeddings)
+
+
 def test_unknown_names_fall_back_to_ndim():
   params = {"w": jnp.ones((3, 4)), "lora_a": jnp.ones((8, 2)), "gain": jnp.ones((4,)),
             "cls_token": jnp.ones((1, 1, 8)), "blocks": [jnp.ones((2, 2, 2))]}

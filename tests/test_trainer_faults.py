@@ -362,3 +362,15 @@ def test_config_mistake_exits_2_with_one_line_and_no_workdir(tmp_path):
   assert "error: Unknown sparse method 'grannet'" in out.stderr
   assert "Traceback" not in out.stderr
   assert not workdir.exists()
+
+
+def test_schedule_that_never_prunes_is_an_error_before_data_or_workdir(tmp_path, monkeypatch):
+  def must_not_run(*args, **kwargs):
+    raise AssertionError("training data read before the schedule was checked")
+  monkeypatch.setattr(train.input_pipeline, "load_arrays", must_not_run)
+  config = default.lenet300_mnist5k("granet", None)
+  config.num_epochs = 4
+  config.sparsity.end_epoch = 3  # step 93 at 31 steps/epoch, before the first event (100)
+  with pytest.raises(ValueError, match=r"end_epoch=3.0 step 93\).*lower update_every"):
+    train.train_and_evaluate(config, str(tmp_path / "never"))
+  assert not (tmp_path / "never").exists()
