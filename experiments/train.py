@@ -84,10 +84,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
              "nothing is run or written (--config.if_finished=extend or restart trains "
              "again).", workdir, finished.get("steps"), finished.get("final_test_accuracy"))
     return finished
-  info, spe = _dataset_and_schedule(config)  # checks what needs the data set's size
   # Before anything compiles: a second run of the config compiles nothing.
   compilation_cache.enable(config.get("compilation_cache_dir"))
-  _initialize_distributed(config)
+  _initialize_distributed(config)  # before any JAX call
+  info, spe = _dataset_and_schedule(config)  # checks what needs the data set's size
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   with workdir_lib.WorkdirLock(workdir, enabled=is_main):
