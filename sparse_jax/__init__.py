@@ -51,6 +51,9 @@ from sparse_jax._schedules import is_event
 from sparse_jax._select import get_chunk_elements
 from sparse_jax._select import set_chunk_elements
 from sparse_jax._select import top_k_masks
+from sparse_jax._structure import Block
+from sparse_jax._structure import Channels
+from sparse_jax._structure import NM
 from sparse_jax._transform import SparseState
 from sparse_jax._transform import apply_updates
 from sparse_jax._transform import get_masks
@@ -140,6 +143,9 @@ __all__ = [
     "get_chunk_elements",
     "set_chunk_elements",
     "top_k_masks",
+    "Block",
+    "Channels",
+    "NM",
     "SparseState",
     "apply_updates",
     "get_masks",

@@ -78,6 +78,7 @@ from sparse_jax import _prune
 from sparse_jax import _regrow
 from sparse_jax import _schedules
 from sparse_jax import _select
+from sparse_jax import _structure
 
 PyTree = Any
 SCOPES = ("global", "layerwise")
@@ -137,19 +138,24 @@ class _Start:
   selector: Mapping[str, Any]
 
 
-def _build_initial_masks(params, start: _Start, key):
+def _build_initial_masks(params, start: _Start, key, structure=None):
   params = _masks.unwrap_variables(params)
   if start.initial_masks is not None:
     given = _masks.unwrap_variables(start.initial_masks)
     _masks.check_mask_tree(params, given)
     given = _masks.unpack_masks(given)
+    _structure.leaf_structure(structure, params, given)  # every layer fits it
     # Bool already (checked by the factory); asarray puts NumPy masks on the device.
     return jax.tree.map(lambda p, m: None if m is None else jnp.asarray(m).astype(bool),
                         params, given)
   prunable = _masks.select_prunable(params, **start.selector)
+  _structure.leaf_structure(structure, params, prunable)  # every layer fits it
   if start.sparsity == 0.0:
     return jax.tree.map(lambda p, f: jnp.ones(np.shape(p), bool) if f else None,
                         params, prunable)
+  if structure is not None:
+    return _structure.random_masks(structure, key, params, prunable, start.sparsity,
+                                   start.distribution, start.sampling)
   layers = _masks.prunable_layers(params, prunable)
   densities = _distributions.layer_densities_for(layers, start.sparsity, start.distribution)
   total = _distributions.active_count(start.sparsity, sum(l.size for l in layers))
@@ -161,8 +167,8 @@ def _build_initial_masks(params, start: _Start, key):
 
 def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
                     pruning: _Pruning | None, regrowth: _Regrowth | None,
-                    track_union: bool = False, packed_masks: bool = False
-                    ) -> optax.GradientTransformationExtraArgs:
+                    track_union: bool = False, packed_masks: bool = False,
+                    structure=None) -> optax.GradientTransformationExtraArgs:
   inner = optax.with_extra_args_support(inner)
   # How masks are stored in the state. Both are no-ops on masks already stored that
   # way, so a state given the other kind (bool masks put in with ``_replace``) is
@@ -172,7 +178,7 @@ def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
   def init_fn(params):
     key = jax.random.PRNGKey(start.seed)
     mask_key, state_key = jax.random.split(key)
-    masks = _build_initial_masks(params, start, mask_key)
+    masks = _build_initial_masks(params, start, mask_key, structure)
     stored = store(masks)
     grad_momentum = None
     if regrowth is not None and regrowth.mode == "momentum":
@@ -203,6 +209,11 @@ def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
     # different fusions it rounded differently (XLA may contract u's arithmetic into
     # an FMA in one and not another), so it is stored once behind a barrier.
     ws = lax.optimization_barrier([w + u for w, u in zip(ws, us)])
+    # Blocks and channels: every stage below ranks units (their RMS) on unit arrays;
+    # N:M: the prune and the growth work within groups (_structure). Unstructured:
+    # the identity.
+    st = _structure.leaf_structure(structure, params, masks)
+    ws, ms = _structure.unit_scores(st, ws), _structure.unit_masks(st, ms)
     num_layers = len(ms)
     # The pruned and the dropped masks are materialised (bool): left lazy, every
     # later pass and mask re-emitted their selections' chains, and the event
@@ -220,7 +231,14 @@ def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
       prune_now = (_schedules.is_event(t, pruning.update_every, pruning.start_step)
                    & (k > k0) & (k <= kf))
       target = jnp.asarray(counts, jnp.int32)[jnp.clip(k, 0, kf)]
-      if pruning.scope == "global":
+      if st.grouped:
+        table = _structure.group_count_table(
+            structure, initial_sparsity=pruning.initial_sparsity,
+            final_sparsity=pruning.final_sparsity, start_step=pruning.start_step,
+            end_step=pruning.end_step, update_every=pruning.update_every)
+        per_group = jnp.where(prune_now, jnp.asarray(table)[jnp.clip(k, 0, kf)], structure.m)
+        m_pruned = _structure.prune_in_groups(st, ws, ms, per_group)
+      elif pruning.scope == "global":
         plan = lax.cond(prune_now, lambda: _prune.global_prune_plan(ws, ms, target),
                         lambda: _prune.keep_all_global_plan(num_layers))
         m_pruned = [m.compute() for m in _prune.apply_global_plan(ws, ms, plan)]
@@ -254,9 +272,13 @@ def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
       else:
         scores, _, _ = _prune.split_prunable(
             grads if regrowth.mode == "gradient" else grad_momentum, masks)
+        scores = _structure.unit_scores(st, scores)
         grow_plan = functools.partial(_regrow.score_grow_plan, scores)
         apply_grow = functools.partial(_regrow.apply_score_grow, scores)
         no_growth = _select.Selection.nothing(num_layers)
+      if st.grouped:
+        grow_plan, apply_grow, no_growth = _structure.group_growth(
+            st, regrowth.mode, rng, None if regrowth.mode == "random" else scores, m_pruned)
 
       def plans():
         active = jnp.stack([_select.count_true(m) for m in m_pruned])
@@ -272,8 +294,8 @@ def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
           _select.Selection.all_positive(num_layers), no_growth))
       m_new = apply_grow(_prune.apply_layerwise_plan(ws, m_pruned, drop), grow)
     keep = [_select.lazy_map(lambda index, a, b: a & b, a, b) for a, b in zip(m_new, m_pruned)]
-    return (rebuild([_select.lazy(m).compute() for m in m_new]),
-            rebuild([m.compute() for m in keep]))
+    return (rebuild(_structure.from_units(st, [_select.lazy(m).compute() for m in m_new])),
+            rebuild(_structure.from_units(st, [m.compute() for m in keep])))
 
   def update_fn(updates, state, params=None, *, mask_update: bool | None = None,
                 **extra_args):
@@ -427,7 +449,8 @@ _MASK_SPARSITY_TOLERANCE = 1e-4
 
 
 def _check_initial_masks(initial_masks, *, start: float | None = None,
-                         start_name: str = "sparsity", final: float | None = None) -> None:
+                         start_name: str = "sparsity", final: float | None = None,
+                         structure=None) -> None:
   """Checks ``initial_masks`` and the sparsities given with them, at the factory.
 
   The masks must be bool arrays or ``PackedMask`` leaves (None on dense leaves),
@@ -436,7 +459,8 @@ def _check_initial_masks(initial_masks, *, start: float | None = None,
   0 takes the masks as they are, any other value must be their sparsity (to within
   ``_MASK_SPARSITY_TOLERANCE``). ``final``, the end of a pruning schedule, must not
   be below their sparsity: pruning only removes weights. The sparsities are only
-  checked on concrete masks (not on tracers, not on arrays spread over hosts).
+  checked on concrete masks (not on tracers, not on arrays spread over hosts), and
+  so is their fit to ``structure`` (``_structure.check_initial_masks``).
   """
   if initial_masks is None:
     return
@@ -476,10 +500,12 @@ def _check_initial_masks(initial_masks, *, start: float | None = None,
         f"sparsity={final} is below the sparsity {have:.4f} of initial_masks {of}: "
         f"pruning only removes weights, so the run would end at {have:.4f}. Give a "
         "final sparsity at least that of the masks.")
+  _structure.check_initial_masks(structure, initial_masks)
 
 
-def granet(inner: optax.GradientTransformation, *, sparsity: float, total_steps: int,
-           end_step: int, update_every: int, initial_sparsity: float = 0.0,
+def granet(inner: optax.GradientTransformation, *, sparsity: float | None = None,
+           total_steps: int, end_step: int, update_every: int,
+           initial_sparsity: float = 0.0,
            start_step: int = 0, distribution: str | Mapping[str, float] = "erk",
            regrowth_rate: float = 0.5, min_regrowth_rate: float = 0.005,
            growth: str = "gradient", scope: str = "global", seed: int = 0,
@@ -487,7 +513,8 @@ def granet(inner: optax.GradientTransformation, *, sparsity: float, total_steps:
            include=None, exclude=None, keep_first_dense: bool = False,
            keep_last_dense: bool = False,
            embeddings: bool = False, track_union: bool = False,
-           packed_masks: bool = False) -> optax.GradientTransformationExtraArgs:
+           packed_masks: bool = False, structure=None
+           ) -> optax.GradientTransformationExtraArgs:
   """GraNet: gradual magnitude pruning with zero-cost neuroregeneration.
 
   Prunes globally by magnitude on Zhu & Gupta's cubic schedule from
@@ -539,10 +566,21 @@ def granet(inner: optax.GradientTransformation, *, sparsity: float, total_steps:
       ``PackedMask`` leaves, instead of a bool byte; for very large models (every
       method takes this option). ``get_masks`` still returns bool masks, and the
       results are the same either way.
+    structure: ``None`` (unstructured, the default), ``sparse_jax.NM(n, m)``,
+      ``sparse_jax.Block(rows, cols)`` or ``sparse_jax.Channels()``; every method
+      takes it (see ``sparse_jax._structure``). ``NM``: the schedule keeps
+      ``ceil((1 - s_k) m)`` weights per group at event k, ending at exactly ``n``
+      (``sparsity`` is ``1 - n/m`` and may be omitted); regeneration drops per layer
+      and regrows inside each group, so every group keeps its count. ``Block`` and
+      ``Channels``: counts, sparsities and the global ranking are in units (blocks,
+      output units), ranked by their RMS.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a ``SparseState``.
   """
+  structure, sparsity = _structure.check_arguments(structure, sparsity,
+                                                   distribution=distribution,
+                                                   sampling=sampling)
   s_f, s_i = _check_final_and_initial(sparsity, initial_sparsity)
   update_every, start_step, end_step, total_steps = _check_steps(
       update_every=update_every, start_step=start_step, end_step=end_step,
@@ -550,7 +588,8 @@ def granet(inner: optax.GradientTransformation, *, sparsity: float, total_steps:
   seed = _schedules.check_int(seed, "seed")
   rate, min_rate = _check_rates(regrowth_rate, min_regrowth_rate)
   _check_common(distribution, growth, scope, sampling)
-  _check_initial_masks(initial_masks, start=s_i, start_name="initial_sparsity", final=s_f)
+  _check_initial_masks(initial_masks, start=s_i, start_name="initial_sparsity", final=s_f,
+                       structure=structure)
   _schedules.check_events(update_every=update_every, start_step=start_step,
                           end_step=end_step, pruning=True, total_steps=total_steps)
   start = _Start(s_i, distribution, sampling, seed, initial_masks,
@@ -559,16 +598,19 @@ def granet(inner: optax.GradientTransformation, *, sparsity: float, total_steps:
   pruning = _Pruning(s_i, s_f, start_step, end_step, update_every, scope)
   regrowth = _Regrowth(growth, rate, "cosine", min_rate, total_steps,
                        start_step, total_steps - 1, update_every)
-  return _sparse_wrapper(inner, start, pruning, regrowth, track_union, packed_masks)
+  return _sparse_wrapper(inner, start, pruning, regrowth, track_union, packed_masks,
+                         structure)
 
 
-def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
-        update_every: int, initial_sparsity: float = 0.0, start_step: int = 0,
+def gmp(inner: optax.GradientTransformation, *, sparsity: float | None = None,
+        end_step: int, update_every: int, initial_sparsity: float = 0.0,
+        start_step: int = 0,
         scope: str = "global", include=None, exclude=None,
         keep_first_dense: bool = False, keep_last_dense: bool = False,
         embeddings: bool = False,
         initial_masks: PyTree | None = None, track_union: bool = False,
-        packed_masks: bool = False) -> optax.GradientTransformationExtraArgs:
+        packed_masks: bool = False, structure=None
+        ) -> optax.GradientTransformationExtraArgs:
   """Gradual magnitude pruning (Zhu & Gupta) from dense, no regrowth.
 
   The same cubic schedule and global (or layer-wise) magnitude prune as
@@ -587,10 +629,12 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
     track_union: keep the union of all masks so far in ``SparseState.union``.
     packed_masks: store the masks (and the union) 1 bit per weight, as
       ``PackedMask`` leaves, instead of a bool byte (see ``granet``).
+    structure: N:M, blocks or channels, as in ``granet`` (default unstructured).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a ``SparseState``.
   """
+  structure, sparsity = _structure.check_arguments(structure, sparsity)
   s_f, s_i = _check_final_and_initial(sparsity, initial_sparsity)
   update_every, start_step, end_step = _check_steps(
       update_every=update_every, start_step=start_step, end_step=end_step)
@@ -598,7 +642,8 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
   if s_i > 0 and initial_masks is None:
     raise ValueError("gmp starts dense: initial_sparsity > 0 needs initial_masks "
                      "(or use granet(..., initial_sparsity=...)).")
-  _check_initial_masks(initial_masks, start=s_i, start_name="initial_sparsity", final=s_f)
+  _check_initial_masks(initial_masks, start=s_i, start_name="initial_sparsity", final=s_f,
+                       structure=structure)
   _schedules.check_events(update_every=update_every, start_step=start_step,
                           end_step=end_step, pruning=True)
   start = _Start(0.0, "erk", "exact", 0, initial_masks,
@@ -606,12 +651,15 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float, end_step: int,
                            embeddings))
   return _sparse_wrapper(inner, start,
                          _Pruning(s_i, s_f, start_step, end_step, update_every, scope), None,
-                         track_union, packed_masks)
+                         track_union, packed_masks, structure)
 
 
 def _dst(inner, *, sparsity, total_steps, update_every, start_step, end_step, end_note,
          distribution, rate, rate_schedule, growth, seed, sampling, initial_masks,
-         selector, track_union=False, packed_masks=False):
+         selector, track_union=False, packed_masks=False, structure=None):
+  structure, sparsity = _structure.check_arguments(structure, sparsity,
+                                                   distribution=distribution,
+                                                   sampling=sampling)
   s = _check_sparsity(sparsity)
   update_every, start_step, end_step, total_steps = _check_steps(
       update_every=update_every, start_step=start_step, end_step=end_step,
@@ -619,24 +667,26 @@ def _dst(inner, *, sparsity, total_steps, update_every, start_step, end_step, en
   seed = _schedules.check_int(seed, "seed")
   _check_common(distribution, growth, "global", sampling)
   rate = _schedules.check_rate(rate, "regrowth_rate")
-  _check_initial_masks(initial_masks, start=s)
+  _check_initial_masks(initial_masks, start=s, structure=structure)
   _schedules.check_events(update_every=update_every, start_step=start_step,
                           end_step=end_step, pruning=False, total_steps=total_steps,
                           note="" if end_note is None else f" {end_note}")
   start = _Start(s, distribution, sampling, seed, initial_masks, selector)
   regrowth = _Regrowth(growth, rate, rate_schedule, 0.0, max(end_step, 1), start_step,
                        end_step, update_every)
-  return _sparse_wrapper(inner, start, None, regrowth, track_union, packed_masks)
+  return _sparse_wrapper(inner, start, None, regrowth, track_union, packed_masks,
+                         structure)
 
 
-def rigl(inner: optax.GradientTransformation, *, sparsity: float, total_steps: int,
+def rigl(inner: optax.GradientTransformation, *, sparsity: float | None = None,
+         total_steps: int,
          update_every: int = 100, end_step: int | None = None, start_step: int = 0,
          distribution: str | Mapping[str, float] = "erk", regrowth_rate: float = 0.3,
          growth: str = "gradient", seed: int = 0, sampling: str = "exact",
          initial_masks: PyTree | None = None, include=None, exclude=None,
          keep_first_dense: bool = False, keep_last_dense: bool = False,
          embeddings: bool = False,
-         track_union: bool = False, packed_masks: bool = False
+         track_union: bool = False, packed_masks: bool = False, structure=None
          ) -> optax.GradientTransformationExtraArgs:
   """RigL: sparse from the start; per layer drop the smallest, grow by |gradient|.
 
@@ -664,6 +714,10 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: float, total_steps: i
     track_union: keep the union of all masks so far in ``SparseState.union``.
     packed_masks: store the masks (and the union) 1 bit per weight, as
       ``PackedMask`` leaves, instead of a bool byte (see ``granet``).
+    structure: N:M, blocks or channels, as in ``granet`` (default unstructured).
+      ``NM(n, m)``: a random N:M start (``sparsity`` may be omitted); each event
+      drops the layer's smallest weights and regrows, inside every group, as many
+      as it lost (SRigL's constant fan-in), so every group keeps exactly ``n``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a ``SparseState``.
@@ -680,17 +734,17 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: float, total_steps: i
               initial_masks=initial_masks,
               selector=_selector(include, exclude, keep_first_dense, keep_last_dense,
                                  embeddings),
-              track_union=track_union, packed_masks=packed_masks)
+              track_union=track_union, packed_masks=packed_masks, structure=structure)
 
 
 def sparse_evolutionary_training(
-    inner: optax.GradientTransformation, *, sparsity: float, total_steps: int,
-    update_every: int = 100, end_step: int | None = None, start_step: int = 0,
+    inner: optax.GradientTransformation, *, sparsity: float | None = None,
+    total_steps: int, update_every: int = 100, end_step: int | None = None, start_step: int = 0,
     distribution: str | Mapping[str, float] = "erk", regrowth_rate: float = 0.3,
     regrowth_schedule: str = "constant", seed: int = 0, sampling: str = "exact",
     initial_masks: PyTree | None = None, include=None, exclude=None,
     keep_first_dense: bool = False, keep_last_dense: bool = False, embeddings: bool = False,
-    track_union: bool = False, packed_masks: bool = False
+    track_union: bool = False, packed_masks: bool = False, structure=None
     ) -> optax.GradientTransformationExtraArgs:
   """SET: sparse from the start; per layer drop the smallest, grow at random.
 
@@ -713,6 +767,8 @@ def sparse_evolutionary_training(
     track_union: keep the union of all masks so far in ``SparseState.union``.
     packed_masks: store the masks (and the union) 1 bit per weight, as
       ``PackedMask`` leaves, instead of a bool byte (see ``granet``).
+    structure: N:M, blocks or channels, as in ``rigl`` (growth at random inside
+      each group for N:M, among inactive units for blocks and channels).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a ``SparseState``.
@@ -732,15 +788,15 @@ def sparse_evolutionary_training(
               sampling=sampling, initial_masks=initial_masks,
               selector=_selector(include, exclude, keep_first_dense, keep_last_dense,
                                  embeddings),
-              track_union=track_union, packed_masks=packed_masks)
+              track_union=track_union, packed_masks=packed_masks, structure=structure)
 
 
-def static(inner: optax.GradientTransformation, *, sparsity: float = 0.0,
+def static(inner: optax.GradientTransformation, *, sparsity: float | None = None,
            distribution: str | Mapping[str, float] = "erk", seed: int = 0,
            sampling: str = "exact", initial_masks: PyTree | None = None, include=None,
            exclude=None, keep_first_dense: bool = False, keep_last_dense: bool = False,
            embeddings: bool = False,
-           track_union: bool = False, packed_masks: bool = False
+           track_union: bool = False, packed_masks: bool = False, structure=None
            ) -> optax.GradientTransformationExtraArgs:
   """Static sparse training: a fixed mask (random, or ``initial_masks`` e.g. SNIP).
 
@@ -751,25 +807,30 @@ def static(inner: optax.GradientTransformation, *, sparsity: float = 0.0,
   Args:
     inner: the optimizer to wrap.
     sparsity, distribution, seed, sampling: the random mask, as in ``granet``
-      (``sparsity=0.0``: dense).
+      (``sparsity=0.0``, the default: dense; ``1 - n/m`` with ``NM(n, m)``).
     initial_masks: the mask to train with instead (bool or packed); ``sparsity``
       is then 0 (the default) or the masks' sparsity, as in ``rigl``.
     include, exclude, keep_first_dense, keep_last_dense, embeddings: which leaves are prunable.
     track_union: keep ``SparseState.union`` (for a fixed mask, the mask itself).
     packed_masks: store the masks (and the union) 1 bit per weight, as
       ``PackedMask`` leaves, instead of a bool byte (see ``granet``).
+    structure: a random N:M, block or channel mask (see ``granet``); given
+      ``initial_masks`` must then fit it.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a ``SparseState``.
   """
+  structure, sparsity = _structure.check_arguments(structure, sparsity,
+                                                   distribution=distribution,
+                                                   sampling=sampling, default=0.0)
   s = _check_sparsity(sparsity)
   seed = _schedules.check_int(seed, "seed")
   _check_common(distribution, "gradient", "global", sampling)
-  _check_initial_masks(initial_masks, start=s)
+  _check_initial_masks(initial_masks, start=s, structure=structure)
   start = _Start(s, distribution, sampling, seed, initial_masks,
                  _selector(include, exclude, keep_first_dense, keep_last_dense,
                            embeddings))
-  return _sparse_wrapper(inner, start, None, None, track_union, packed_masks)
+  return _sparse_wrapper(inner, start, None, None, track_union, packed_masks, structure)
 
 
 def _find_states(opt_state) -> list[SparseState]:

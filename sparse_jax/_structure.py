@@ -1,0 +1,481 @@
+"""Structured sparsity: N:M groups, blocks and whole channels (issue 14).
+
+Every prunable kernel is read through its matrix view ``[*receptive, fan_in,
+fan_out]`` (``_distributions.kernel_fans``): ``[in, out]`` for Dense, the kernel
+itself for a Conv ``[h, w, in, out]``, ``[in, heads * head_dim]`` and ``[heads *
+head_dim, out]`` for attention projections. The view is a free row-major reshape.
+
+* ``NM(n, m)``: along the input axis (-2 of the view) every group of ``m``
+  consecutive weights has exactly ``n`` active ones, for every output unit and
+  spatial position. Ranked within each group by magnitude (pruning, drop) or by
+  the growth score (regrowth); no global ranking is involved, since every group
+  keeps the same count.
+* ``Block(rows, cols)``: blocks of ``rows x cols`` of ``[fan_in, fan_out]`` (per
+  spatial position for convs) are all active or all inactive.
+* ``Channels()``: whole output units (the last axis: Dense columns, conv
+  filters) are active or inactive.
+
+Blocks and channels are *units*: a layer's units form a small array (one entry per
+block or per output unit) and every stage of a mask update (global or
+layer-wise prune, drop, grow, random start masks with their layer-wise
+distribution) runs unchanged on these unit arrays, scored by the unit's RMS,
+``||x_unit||_2 / sqrt(unit size)``: of the weights when pruning or dropping, of the
+dense gradient (or its momentum) when growing. Counts, sparsities and densities are
+then in units (a 90% ``Channels()`` run removes 90% of the prunable output units).
+The RMS is the norm made independent of the unit's size: a global prune compares
+units of different layers, and a raw L2 norm grows with the square root of the
+fan-in, so it would rank every unit of a wide-input layer above those of a narrow
+one; the RMS is the unit's typical weight magnitude, the scale unstructured global
+magnitude pruning compares. Within a layer (all units of one size) it ranks
+exactly as the norm. All blocks have ``rows * cols`` weights, so for ``Block`` the
+RMS ranks as the block norm everywhere.
+
+Ties are broken as ``_select`` breaks them: lower flat index first (of the unit
+array for blocks and channels, within the group for N:M).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from sparse_jax import _distributions
+from sparse_jax import _masks
+from sparse_jax import _regrow
+from sparse_jax import _schedules
+from sparse_jax import _select
+
+PyTree = Any
+
+
+def _positive_int(value, name: str, owner: str) -> int:
+  v = _schedules.check_int(value, f"{owner} {name}")
+  if v < 1:
+    raise ValueError(f"{owner} {name}={v} must be >= 1.")
+  return v
+
+
+@dataclasses.dataclass(frozen=True)
+class NM:
+  """N:M sparsity: ``n`` active weights in every group of ``m`` consecutive inputs.
+
+  Example:
+    >>> tx = sparse_jax.rigl(optax.adam(1e-3), structure=sparse_jax.NM(2, 4),
+    ...                      total_steps=1000)   # sparsity 1 - 2/4 = 0.5
+  """
+  n: int
+  m: int
+
+  def __post_init__(self):
+    n = _positive_int(self.n, "n", "NM")
+    m = _positive_int(self.m, "m", "NM")
+    if n >= m:
+      raise ValueError(f"NM(n={n}, m={m}) needs n < m: n of every m weights stay "
+                       "active (n = m is dense).")
+    object.__setattr__(self, "n", n)
+    object.__setattr__(self, "m", m)
+
+  @property
+  def sparsity(self) -> float:
+    """``1 - n / m``, the sparsity of every prunable layer."""
+    return 1.0 - self.n / self.m
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+  """Block sparsity: ``rows x cols`` blocks of ``[fan_in, fan_out]``, all or nothing.
+
+  Example:
+    >>> tx = sparse_jax.gmp(optax.adam(1e-3), sparsity=0.75, end_step=800,
+    ...                     update_every=100, structure=sparse_jax.Block(4, 4))
+  """
+  rows: int
+  cols: int
+
+  def __post_init__(self):
+    object.__setattr__(self, "rows", _positive_int(self.rows, "rows", "Block"))
+    object.__setattr__(self, "cols", _positive_int(self.cols, "cols", "Block"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Channels:
+  """Channel sparsity: whole output units (Dense columns, conv filters), all or nothing.
+
+  ``sparsity`` then counts units: 0.75 removes 75% of the prunable output units.
+  Keep the classifier dense (``keep_last_dense=True``): its units are the classes.
+
+  Example:
+    >>> tx = sparse_jax.granet(optax.sgd(0.1, momentum=0.9), sparsity=0.5,
+    ...                        total_steps=1000, end_step=700, update_every=100,
+    ...                        structure=sparse_jax.Channels(), keep_last_dense=True)
+  """
+
+
+STRUCTURES = (NM, Block, Channels)
+
+
+class KernelView(NamedTuple):
+  """A prunable kernel and its matrix view ``(*receptive, fan_in, fan_out)``."""
+  name: str
+  shape: tuple[int, ...]
+  view: tuple[int, ...]
+
+
+def kernel_view(name: str, shape) -> KernelView:
+  """The ``KernelView`` of a kernel, its fans read by ``kernel_fans``."""
+  shape = tuple(int(n) for n in shape)
+  fans = _distributions.kernel_fans(name, shape)
+  return KernelView(name, shape, (*fans.receptive, fans.fan_in, fans.fan_out))
+
+
+def check_layer(structure, v: KernelView) -> None:
+  """Raises a ``ValueError`` naming the layer if its view does not fit ``structure``."""
+  *_, fan_in, fan_out = v.view
+  if isinstance(structure, NM) and fan_in % structure.m:
+    raise ValueError(
+        f"{structure} groups the {fan_in} inputs of layer {v.name!r} (shape {v.shape}) "
+        f"by m={structure.m}, which does not divide {fan_in}. Keep that layer dense "
+        "(exclude=its name, or keep_first_dense=True for a first conv on RGB inputs) "
+        "or choose an m that divides it.")
+  if isinstance(structure, Block) and (fan_in % structure.rows or fan_out % structure.cols):
+    raise ValueError(
+        f"{structure} does not tile layer {v.name!r} (shape {v.shape}, matrix "
+        f"[{fan_in}, {fan_out}]): rows must divide {fan_in} and cols {fan_out}. Keep "
+        "that layer dense (exclude=its name) or choose a block that tiles it.")
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafStructure:
+  """The structure and the views of a tree's prunable leaves (flattening order)."""
+  structure: Any  # NM, Block, Channels or None (unstructured)
+  views: tuple[KernelView, ...]
+
+  @property
+  def grouped(self) -> bool:
+    """N:M: ranked within groups, on the weights themselves."""
+    return isinstance(self.structure, NM)
+
+  @property
+  def units(self) -> bool:
+    """Blocks or channels: ranked as units, on unit arrays."""
+    return isinstance(self.structure, (Block, Channels))
+
+
+def _is_masked(m) -> bool:
+  return m is not None and m is not False
+
+
+def leaf_structure(structure, tree: PyTree, masks: PyTree) -> LeafStructure:
+  """The ``LeafStructure`` of the leaves of ``tree`` that have a mask in ``masks``.
+
+  ``masks`` is a mask tree (None on dense leaves) or a tree of prunable flags.
+  Every layer is checked (``check_layer``).
+  """
+  if structure is None:
+    return LeafStructure(None, ())
+  flat, treedef = jax.tree_util.tree_flatten_with_path(_masks.unwrap_variables(tree))
+  flags = treedef.flatten_up_to(_masks.unwrap_variables(masks))
+  views = tuple(kernel_view(_masks.path_to_name(p), np.shape(x))
+                for (p, x), f in zip(flat, flags) if _is_masked(f))
+  for v in views:
+    check_layer(structure, v)
+  return LeafStructure(structure, views)
+
+
+# ---------------------------------------------------------------------------
+# Units: blocks and channels
+# ---------------------------------------------------------------------------
+
+
+def _unit_split(structure, v: KernelView) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """A shape that splits the view into units, and the axes inside a unit."""
+  *rec, fan_in, fan_out = v.view
+  if isinstance(structure, Block):
+    r, c = structure.rows, structure.cols
+    n = len(rec)
+    return (*rec, fan_in // r, r, fan_out // c, c), (n + 1, n + 3)
+  return (math.prod(rec) * fan_in, fan_out), (0,)
+
+
+def unit_shape(structure, v: KernelView) -> tuple[int, ...]:
+  """Shape of a layer's unit array: ``(*receptive, fan_in/rows, fan_out/cols)`` or
+  ``(fan_out,)``."""
+  split, axes = _unit_split(structure, v)
+  return tuple(n for a, n in enumerate(split) if a not in axes)
+
+
+def _unit_rms(structure, v: KernelView, x) -> jax.Array:
+  split, axes = _unit_split(structure, v)
+  x = jnp.reshape(x, split).astype(jnp.float32)
+  return jnp.sqrt(jnp.mean(jnp.square(x), axis=axes))
+
+
+def _unit_any(structure, v: KernelView, m) -> jax.Array:
+  split, axes = _unit_split(structure, v)
+  return jnp.any(jnp.reshape(m, split), axis=axes)
+
+
+def _expand(structure, v: KernelView, u) -> jax.Array:
+  split, axes = _unit_split(structure, v)
+  return jnp.broadcast_to(jnp.expand_dims(u, axes), split).reshape(v.shape)
+
+
+def unit_scores(st: LeafStructure, xs: list) -> list:
+  """Per-unit RMS of each leaf for blocks and channels; ``xs`` itself otherwise.
+
+  Behind a barrier: every ranking pass must read the same bits (see
+  ``_transform``'s note on ``w + u``).
+  """
+  if not st.units:
+    return xs
+  return lax.optimization_barrier(
+      [_unit_rms(st.structure, v, x) for v, x in zip(st.views, xs)])
+
+
+def unit_masks(st: LeafStructure, ms: list) -> list:
+  """Each leaf's unit mask for blocks and channels (a unit is active if any of its
+  weights is: all are); ``ms`` itself otherwise."""
+  if not st.units:
+    return ms
+  return [_unit_any(st.structure, v, _select.lazy(m).compute()) for v, m in zip(st.views, ms)]
+
+
+def from_units(st: LeafStructure, ms: list) -> list:
+  """Full masks of unit masks for blocks and channels; ``ms`` itself otherwise."""
+  if not st.units:
+    return ms
+  return [_expand(st.structure, v, m) for v, m in zip(st.views, ms)]
+
+
+# ---------------------------------------------------------------------------
+# N:M groups
+# ---------------------------------------------------------------------------
+
+
+def group_count(sparsity: float, m: int) -> int:
+  """Active weights per group of ``m`` at density ``1 - sparsity``: ``ceil((1 - s) m)``.
+
+  Computed in float64 (1e-9 below an integer counts as it, so ``1 - n/m`` gives
+  ``n``), kept in ``[1, m]``.
+  """
+  c = math.ceil((1.0 - float(np.float64(sparsity))) * m - 1e-9)
+  return min(max(int(c), 1), m)
+
+
+def group_count_table(structure: NM, *, initial_sparsity: float, final_sparsity: float,
+                      start_step: int, end_step: int, update_every: int) -> np.ndarray:
+  """Per-group active count of every pruning event ``k = 0 .. kf`` (int32).
+
+  ``ceil(d_k m)`` with ``d_k = 1 - s_k`` of the cubic schedule, which ends at
+  exactly ``n`` (``s_f = 1 - n/m``).
+
+  Example:
+    >>> group_count_table(NM(1, 4), initial_sparsity=0., final_sparsity=.75,
+    ...                   start_step=0, end_step=300, update_every=100)
+    array([4, 2, 1, 1], dtype=int32)
+  """
+  k0, kf = start_step // update_every, end_step // update_every
+  return np.asarray([
+      group_count(_schedules.cubic_sparsity(k, initial_sparsity=initial_sparsity,
+                                            final_sparsity=final_sparsity, k0=k0, kf=kf),
+                  structure.m)
+      for k in range(kf + 1)], np.int32)
+
+
+def _groups(m: int, v: KernelView, x) -> jax.Array:
+  """``x`` as ``[*receptive, fan_in / m, m, fan_out]``."""
+  *rec, fan_in, fan_out = v.view
+  return jnp.reshape(x, (*rec, fan_in // m, m, fan_out))
+
+
+def _ranks_in_groups(keys: jax.Array) -> jax.Array:
+  """Rank of each key in its group (axis -2): how many beat it (larger, or equal
+  at a lower index). An ``m x m`` comparison per group; ``m`` is small."""
+  m = keys.shape[-2]
+  other, this = keys[..., None, :, :], keys[..., :, None, :]
+  earlier = (lax.broadcasted_iota(jnp.int32, (m, m, 1), 1)
+             < lax.broadcasted_iota(jnp.int32, (m, m, 1), 0))
+  beats = (other > this) | ((other == this) & earlier)
+  return jnp.sum(beats, axis=-2, dtype=jnp.int32)
+
+
+def select_in_groups(m: int, v: KernelView, keys, count) -> jax.Array:
+  """True at the ``count`` largest keys of every group (``count``: int32 scalar or
+  one per group, ``[*receptive, fan_in / m, 1, fan_out]``), in the kernel's shape."""
+  ranks = _ranks_in_groups(_groups(m, v, _select.lazy(keys).compute()))
+  return (ranks < count).reshape(v.shape)
+
+
+def count_in_groups(m: int, v: KernelView, mask) -> jax.Array:
+  """Active weights per group, int32 ``[*receptive, fan_in / m, 1, fan_out]``."""
+  return jnp.sum(_groups(m, v, _select.lazy(mask).compute()), axis=-2, keepdims=True,
+                 dtype=jnp.int32)
+
+
+def prune_in_groups(st: LeafStructure, ws: list, ms: list, count) -> list:
+  """Keeps the ``count`` largest-magnitude active weights of every group.
+
+  A group with fewer active weights keeps them all (pruning only shrinks).
+  """
+  m = st.structure.m
+  out = []
+  for v, w, mask in zip(st.views, ws, ms):
+    mask = _select.lazy(mask).compute()
+    out.append(mask & select_in_groups(m, v, _select.score_keys(w, mask), count))
+  return out
+
+
+def grow_in_groups(st: LeafStructure, keys: list, before: list, dropped: list) -> list:
+  """Regrows, in every group, as many positions as the drop took from it.
+
+  ``keys``: the growth keys per leaf (0 where not a candidate, i.e. active in
+  ``dropped``), so every group of ``dropped | grown`` has its count of ``before``.
+  """
+  m = st.structure.m
+  out = []
+  for v, k, b, d in zip(st.views, keys, before, dropped):
+    d = _select.lazy(d).compute()
+    need = count_in_groups(m, v, b) - count_in_groups(m, v, d)
+    out.append(d | (select_in_groups(m, v, k, need) & ~d))
+  return out
+
+
+def group_growth(st: LeafStructure, mode: str, rng, scores, before: list):
+  """``(plan, apply, nothing)``: the growth stage of a mask update for N:M.
+
+  ``plan(dropped, num, kept)`` returns what a ``lax.cond`` hands out (the random
+  words of ``growth="random"``, else nothing); ``apply(dropped, plan)`` the grown
+  masks. The drop is the layer-wise one of every method; growth then refills each
+  group inside it (as SRigL keeps a constant fan-in), so groups keep their count.
+  """
+  num_layers = len(before)
+  if mode == "random":
+    plan = lambda dropped, num, kept: jax.random.bits(rng, (num_layers, 2), jnp.uint32)
+    nothing = jnp.zeros((num_layers, 2), jnp.uint32)
+    keys = lambda dropped, words: _regrow._random_keys(dropped, words)  # pylint: disable=protected-access
+  else:
+    plan = lambda dropped, num, kept: jnp.zeros((), jnp.int32)
+    nothing = jnp.zeros((), jnp.int32)
+    keys = lambda dropped, _: _regrow._score_keys(scores, dropped)  # pylint: disable=protected-access
+
+  def apply(dropped, plan_value):
+    dropped = [_select.lazy(d).compute() for d in dropped]
+    return grow_in_groups(st, keys(dropped, plan_value), before, dropped)
+
+  return plan, apply, nothing
+
+
+# ---------------------------------------------------------------------------
+# Start masks, arguments, given masks
+# ---------------------------------------------------------------------------
+
+
+def random_masks(structure, key, params: PyTree, prunable: PyTree, sparsity: float,
+                 distribution, sampling: str) -> PyTree:
+  """Random structured start masks at ``sparsity`` (a tree like ``params``).
+
+  N:M: ``group_count(sparsity, m)`` random weights in every group. Blocks and
+  channels: ``_distributions.random_masks`` on the unit arrays, with the layer
+  densities of ``distribution`` (read from the kernels' shapes) turned into exact
+  unit counts that add up to ``active_count(sparsity, total units)``.
+  """
+  params = _masks.unwrap_variables(params)
+  st = leaf_structure(structure, params, prunable)
+  leaves, treedef = jax.tree.flatten(params)
+  flags = treedef.flatten_up_to(prunable)
+  if st.grouped:
+    c = group_count(sparsity, structure.m)
+    keys = jax.random.split(key, len(st.views))
+    chosen = [select_in_groups(structure.m, v,
+                               (jax.random.bits(k, v.shape, jnp.uint32) >> 1) + 1, c)
+              for k, v in zip(keys, st.views)]
+  else:
+    layers = [_masks.LayerInfo(v.name, v.shape, math.prod(v.shape)) for v in st.views]
+    densities = _distributions.layer_densities_for(layers, sparsity, distribution)
+    shapes = [unit_shape(structure, v) for v in st.views]
+    unit_layers = [_masks.LayerInfo(v.name, s, math.prod(s)) for v, s in zip(st.views, shapes)]
+    total = None if isinstance(distribution, Mapping) else _distributions.active_count(
+        sparsity, sum(l.size for l in unit_layers))
+    counts = _distributions.layer_counts(unit_layers, densities, total)
+    units = _distributions.random_masks(key, [np.zeros(s, bool) for s in shapes],
+                                        [True] * len(shapes), counts, sampling=sampling)
+    chosen = from_units(st, units)
+  it = iter(chosen)
+  return jax.tree.unflatten(treedef, [next(it) if f else None for f in flags])
+
+
+def check_arguments(structure, sparsity, *, distribution="erk", sampling="exact",
+                    default=None):
+  """Checks ``structure=`` of a factory; returns ``(structure, sparsity)``.
+
+  ``NM(n, m)`` fixes the sparsity at ``1 - n/m``: ``sparsity`` may be ``None``
+  and any other value is a ``ValueError``. Without N:M a ``None`` sparsity is
+  ``default`` (static's 0) or a ``TypeError``, as a missing argument is.
+  """
+  if structure is not None and not isinstance(structure, STRUCTURES):
+    raise TypeError(f"structure={structure!r} must be sparse_jax.NM(n, m), "
+                    "sparse_jax.Block(rows, cols), sparse_jax.Channels() or None "
+                    f"(unstructured), got {type(structure).__name__}.")
+  if not isinstance(structure, NM):
+    if sparsity is None:
+      if default is None:
+        raise TypeError("sparsity= is required (only structure=sparse_jax.NM(n, m) "
+                        "sets it, to 1 - n/m).")
+      return structure, default
+    return structure, sparsity
+  if sparsity is not None:
+    s = _schedules.check_number(sparsity, "sparsity")
+    if abs(s - structure.sparsity) > 1e-9:
+      raise ValueError(f"sparsity={sparsity!r} disagrees with structure={structure}, "
+                       f"whose sparsity is 1 - {structure.n}/{structure.m} = "
+                       f"{structure.sparsity:g}; omit sparsity with N:M.")
+  if isinstance(distribution, Mapping):
+    raise ValueError(f"A density map does not apply with structure={structure}: every "
+                     f"layer's density is {structure.n}/{structure.m}.")
+  if sampling != "exact":
+    raise ValueError(f"sampling={sampling!r} cannot keep exactly {structure.n} of every "
+                     f"{structure.m} weights; structure={structure} needs 'exact'.")
+  return structure, structure.sparsity
+
+
+def check_initial_masks(structure, initial_masks: PyTree | None) -> None:
+  """Raises a ``ValueError`` naming the layer if concrete masks do not fit ``structure``.
+
+  N:M: every group of every layer must hold the same number of active weights;
+  blocks and channels: every unit all active or all inactive. Traced masks are
+  not checked (their values are unknown).
+  """
+  if structure is None or initial_masks is None:
+    return
+  masks = _masks.unpack_masks(_masks.unwrap_variables(initial_masks))
+  flat = [(p, m) for p, m in jax.tree_util.tree_flatten_with_path(masks)[0]]
+  if any(isinstance(m, jax.core.Tracer) for _, m in flat):
+    return
+  counts = set()
+  for path, m in flat:
+    v = kernel_view(_masks.path_to_name(path), np.shape(m))
+    check_layer(structure, v)
+    m = np.asarray(m)
+    if isinstance(structure, NM):
+      *rec, fan_in, fan_out = v.view
+      per_group = m.reshape(*rec, fan_in // structure.m, structure.m, fan_out).sum(-2)
+      counts |= {int(c) for c in np.unique(per_group)}
+      if len(counts) > 1:
+        raise ValueError(
+            f"initial_masks[{v.name!r}] breaks structure={structure}: its groups of "
+            f"{structure.m} inputs hold {sorted(counts)} active weights across the "
+            "masks; every group of every layer must hold the same number.")
+    else:
+      split, axes = _unit_split(structure, v)
+      units = m.reshape(split)
+      if np.any(units.any(axis=axes) != units.all(axis=axes)):
+        raise ValueError(
+            f"initial_masks[{v.name!r}] breaks structure={structure}: some of its "
+            "units are partly active; every unit must be all active or all inactive.")
