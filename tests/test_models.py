@@ -32,7 +32,11 @@ SETUPS = {
     'resnet50_cifar': (CIFAR, 100),
     'resnet50': (IMAGENET, 1000),
     'small_cnn': (MNIST, 10),
+    'vit': (MNIST, 10),
+    'gpt': ((64,), 256),  # int32 tokens [B, 64] -> logits [B, 64, 256]
 }
+# Models of token inputs and per-position logits.
+TOKEN_MODELS = ('gpt',)
 
 
 # ---------------------------------------------------------------------------
@@ -77,6 +81,13 @@ VGG19_CONVS = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256),
                (512, 512), (512, 512), (512, 512), (512, 512), (512, 512),
                (512, 512)]
 RESNET50_IMAGENET = 25_557_032  # torchvision resnet50 parameter count
+
+
+def transformer_block_params(width, mlp):
+  """Two LayerNorms, q/k/v/out projections with biases, a 2-layer MLP."""
+  return 2 * 2 * width + 4 * _dense(width, width) + _dense(width, mlp) + _dense(mlp, width)
+
+
 EXPECTED_PARAMS = {
     'mlp': _dense(784, 300) + _dense(300, 100) + _dense(100, 10),
     'lenet300_100': 266_610,
@@ -95,6 +106,14 @@ EXPECTED_PARAMS = {
     # width 32: conv 1->32 3x3 (+bias), conv 32->64 3x3 (+bias), two 2x2 pools
     # leave 7x7x64 = 3136 features -> 10.
     'small_cnn': (9 * 1 * 32 + 32) + (9 * 32 * 64 + 64) + _dense(7 * 7 * 64, 10),
+    # patch 4 conv 1->64 (+bias), class token, 50 x 64 position embedding, 4 blocks
+    # of width 64 / MLP 128, final LayerNorm, 64 -> 10 head.
+    'vit': (16 * 64 + 64) + 64 + 50 * 64 + 4 * transformer_block_params(64, 128)
+           + 2 * 64 + _dense(64, 10),
+    # 256 x 128 token and 64 x 128 position embeddings, 2 blocks of width 128 /
+    # MLP 512, final LayerNorm, 128 -> 256 head.
+    'gpt': 256 * 128 + 64 * 128 + 2 * transformer_block_params(128, 512) + 2 * 128
+           + _dense(128, 256),
 }
 
 
@@ -102,8 +121,8 @@ def count(tree):
   return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
-def abstract_init(model, input_shape, batch=2):
-  x = jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32)
+def abstract_init(model, input_shape, batch=2, dtype=jnp.float32):
+  x = jax.ShapeDtypeStruct((batch, *input_shape), dtype)
   variables = jax.eval_shape(
       lambda x: model.init(jax.random.key(0), x, train=False), x)
   return variables, x
@@ -113,6 +132,7 @@ def test_hand_formulas_agree_with_known_values():
   assert cifar_resnet_params(3, 10) == 272_474
   assert EXPECTED_PARAMS['lenet5'] == 61_706
   assert EXPECTED_PARAMS['mlp'] == 266_610
+  assert transformer_block_params(64, 128) == 33_472
 
 
 def test_every_model_has_a_setup():
@@ -123,19 +143,21 @@ def test_every_model_has_a_setup():
 def test_shapes_and_param_counts(name):
   input_shape, num_classes = SETUPS[name]
   model = get_model(name, num_classes=num_classes)
-  variables, x = abstract_init(model, input_shape)
+  tokens = name in TOKEN_MODELS
+  variables, x = abstract_init(model, input_shape, dtype=jnp.int32 if tokens else jnp.float32)
+  out_shape = (2, *input_shape, num_classes) if tokens else (2, num_classes)
 
   assert count(variables['params']) == EXPECTED_PARAMS[name]
 
   logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
-  assert logits.shape == (2, num_classes)
+  assert logits.shape == out_shape
   assert logits.dtype == jnp.float32
 
   logits, updates = jax.eval_shape(
       lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats'],
                                rngs={'dropout': jax.random.key(1)}),
       variables, x)
-  assert logits.shape == (2, num_classes)
+  assert logits.shape == out_shape
   has_bn = 'batch_stats' in variables
   assert has_bn == name.startswith(('vgg', 'resnet'))
   if has_bn:

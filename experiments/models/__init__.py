@@ -2,7 +2,8 @@
 
 Every model is a Flax linen module called as ``model.apply(variables, x,
 train=...)`` on NHWC float images and returns float32 logits
-[B, num_classes]. Models with BatchNorm keep running statistics in the
+[B, num_classes]; the ``gpt`` takes int32 tokens [B, L] and returns next-token
+logits [B, L, num_classes]. Models with BatchNorm keep running statistics in the
 ``'batch_stats'`` collection (pass ``mutable=['batch_stats']`` when
 ``train=True``); dropout draws from the ``'dropout'`` rng.
 
@@ -19,6 +20,7 @@ import flax.linen as nn
 
 from experiments.models import lenet, mlp, resnet, vgg
 from experiments.models import small_cnn
+from experiments.models import transformer
 
 # name -> constructor(num_classes=..., **kwargs) returning an unbound module.
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -32,6 +34,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     'resnet50_cifar': resnet.ResNet50CIFAR,
     'resnet50': resnet.ResNet50,
     'small_cnn': small_cnn.SmallCNN,
+    'vit': transformer.ViT,
+    'gpt': transformer.GPT,
 }
 
 

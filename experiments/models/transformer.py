@@ -1,0 +1,151 @@
+"""Small pre-LN transformers: a ViT for 28x28 images and a causal byte-level GPT.
+
+Both are linen modules built from ``nn.MultiHeadDotProductAttention``,
+``nn.LayerNorm`` and ``nn.Dense`` with explicit names, so every leaf's role
+(``sparse_jax.leaf_role``) is plain from its name:
+
+* kernels (prunable): ``patch_embed/kernel`` (ViT, a conv),
+  ``block{i}/attn/{query,key,value}/kernel`` [width, heads, head_dim],
+  ``block{i}/attn/out/kernel`` [heads, head_dim, width],
+  ``block{i}/mlp_in/kernel``, ``block{i}/mlp_out/kernel``, ``head/kernel``;
+* dense: every ``bias`` (the attention's [heads, head_dim] ones too), the
+  LayerNorms' ``scale``/``bias`` (``block{i}/ln1``, ``ln2``, ``ln_final``),
+  ``pos_embedding``, the ViT's ``cls`` token and the GPT's ``token_embed/embedding``.
+
+The position embedding has one row per position of the input the model is
+initialised with (as Flax's ViT example does), so the context length is the
+data set's.
+
+Example:
+  model = get_model('gpt', num_classes=256)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 64), jnp.int32), train=False)
+  logits = model.apply(variables, tokens, train=False)  # float32 [B, 64, 256]
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# GPT-2's init: N(0, 0.02) for kernels and embeddings, zero biases.
+_normal = nn.initializers.normal(0.02)
+
+
+class Block(nn.Module):
+  """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x)).
+
+  Attributes:
+    num_heads: attention heads (``width`` is divisible by it).
+    mlp_dim: hidden width of the MLP (GELU).
+    dropout_rate: dropout after the attention and the MLP (and on the attention
+      weights); 0 disables it.
+    causal: mask attention to earlier positions (GPT).
+    kernel_init: initializer of every kernel.
+    dtype: computation dtype; params stay float32.
+  """
+
+  num_heads: int
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  causal: bool = False
+  kernel_init: Any = nn.initializers.xavier_uniform()
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    width = x.shape[-1]
+    mask = nn.make_causal_mask(x[..., 0]) if self.causal else None
+    h = nn.LayerNorm(dtype=self.dtype, name='ln1')(x)
+    h = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dtype=self.dtype, kernel_init=self.kernel_init,
+        dropout_rate=self.dropout_rate, deterministic=not train, name='attn')(h, mask=mask)
+    x = x + nn.Dropout(self.dropout_rate, deterministic=not train)(h)
+    h = nn.LayerNorm(dtype=self.dtype, name='ln2')(x)
+    h = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=self.kernel_init,
+                 name='mlp_in')(h)
+    h = nn.Dense(width, dtype=self.dtype, kernel_init=self.kernel_init,
+                 name='mlp_out')(nn.gelu(h))
+    return x + nn.Dropout(self.dropout_rate, deterministic=not train)(h)
+
+
+class ViT(nn.Module):
+  """Vision transformer: patches -> [cls] + position embedding -> blocks -> head.
+
+  Attributes:
+    num_classes: number of output logits.
+    patch_size: side of the square patches (4 on 28x28 MNIST: 49 patches).
+    width: token width.
+    depth: number of blocks.
+    num_heads: attention heads per block.
+    mlp_dim: hidden width of each block's MLP; None: 2 * width.
+    dropout_rate: dropout in the blocks.
+    dtype: computation dtype; params stay float32.
+  """
+
+  num_classes: int
+  patch_size: int = 4
+  width: int = 64
+  depth: int = 4
+  num_heads: int = 4
+  mlp_dim: Optional[int] = None
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    x = jnp.asarray(x, self.dtype)
+    p = self.patch_size
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
+                name='patch_embed')(x)
+    x = x.reshape((x.shape[0], -1, self.width))  # [B, patches, width]
+    cls = self.param('cls', nn.initializers.zeros, (1, 1, self.width))
+    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)).astype(x.dtype),
+                         x], axis=1)
+    x = x + self.param('pos_embedding', _normal, (1, *x.shape[1:])).astype(x.dtype)
+    for i in range(self.depth):
+      x = Block(self.num_heads, self.mlp_dim or 2 * self.width, self.dropout_rate,
+                dtype=self.dtype, name=f'block{i}')(x, train)
+    x = nn.LayerNorm(dtype=self.dtype, name='ln_final')(x[:, 0])
+    # A zero-initialised head, as in Flax's and big_vision's ViT.
+    x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                 name='head')(x)
+    return jnp.asarray(x, jnp.float32)
+
+
+class GPT(nn.Module):
+  """Causal decoder over tokens: embed + position embedding -> blocks -> head.
+
+  ``num_classes`` is the vocabulary (256 for bytes), of the inputs and of the
+  next-token logits.
+
+  Attributes:
+    num_classes: vocabulary size.
+    width: token width.
+    depth: number of blocks.
+    num_heads: attention heads per block.
+    mlp_dim: hidden width of each block's MLP; None: 4 * width.
+    dropout_rate: dropout in the blocks.
+    dtype: computation dtype; params stay float32.
+  """
+
+  num_classes: int
+  width: int = 128
+  depth: int = 2
+  num_heads: int = 4
+  mlp_dim: Optional[int] = None
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens, train: bool = True):
+    x = nn.Embed(self.num_classes, self.width, embedding_init=_normal, dtype=self.dtype,
+                 name='token_embed')(tokens)  # int [B, L] -> [B, L, width]
+    x = x + self.param('pos_embedding', _normal, x.shape[1:]).astype(x.dtype)
+    for i in range(self.depth):
+      x = Block(self.num_heads, self.mlp_dim or 4 * self.width, self.dropout_rate,
+                causal=True, kernel_init=_normal, dtype=self.dtype, name=f'block{i}')(x, train)
+    x = nn.LayerNorm(dtype=self.dtype, name='ln_final')(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=_normal, name='head')(x)
+    return jnp.asarray(x, jnp.float32)  # [B, L, num_classes]
