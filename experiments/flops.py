@@ -64,7 +64,8 @@ def dense_gradient_steps(config, steps_per_epoch: int, mask_update_steps) -> set
 
 
 def run_flops(config, model, variables, input_shape, steps_per_epoch: int, total_steps: int,
-              initial_masks, events, final_masks, mask_update_steps) -> dict[str, float]:
+              initial_masks, events, final_masks, mask_update_steps,
+              input_dtype="float32") -> dict[str, float]:
   """``train_flops_vs_dense`` and ``inference_flops_vs_dense`` of a run.
 
   Args:
@@ -78,11 +79,13 @@ def run_flops(config, model, variables, input_shape, steps_per_epoch: int, total
     events: ``(step, layer densities)`` after each mask-update event.
     final_masks: the final mask tree or its layer densities.
     mask_update_steps: the method's mask-update steps (``methods.mask_update_steps``).
+    input_dtype: the input's dtype (``"int32"`` for token ids).
 
   Returns:
     A dict of the two ratios and the dense per-example FLOPs they are relative to.
   """
-  flops = sparse_jax.model_flops(model, variables, (1, *input_shape), train=False)
+  flops = sparse_jax.model_flops(model, variables, (1, *input_shape), train=False,
+                                 input_dtype=input_dtype)
   dense_inf = sparse_jax.inference_flops(flops, {})
   if initial_masks is None:
     return {"train_flops_vs_dense": 1.0, "inference_flops_vs_dense": 1.0,
@@ -125,7 +128,7 @@ def posthoc_run_flops(workdir: str) -> dict[str, float]:
                      "init runs write their FLOPs in summary.json already.")
   state = state_lib.create_train_state(
       config, model, lambda m: methods.create_sparse_tx(config, inner, steps_per_epoch, m),
-      info.input_shape, jax.random.PRNGKey(config.seed))
+      info.input_shape, jax.random.PRNGKey(config.seed), info.input_dtype)
   sparse = config.sparsity.method != "dense"
   masks0 = sparse_jax.get_masks(state.opt_state) if sparse else None
   final = None
@@ -140,4 +143,5 @@ def posthoc_run_flops(workdir: str) -> dict[str, float]:
     variables["batch_stats"] = state.batch_stats
   return run_flops(config, model, variables, info.input_shape, steps_per_epoch, total,
                    masks0, event_densities(workdir), final,
-                   methods.mask_update_steps(config, steps_per_epoch))
+                   methods.mask_update_steps(config, steps_per_epoch),
+                   input_dtype=info.input_dtype)

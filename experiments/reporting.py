@@ -135,6 +135,8 @@ def train_metrics(fetched, first_step: int) -> dict:
 def log_line(record: dict, total_steps: int):
   """One progress line: step, epoch, loss, accuracy, sparsity, learning rate, speed."""
   test = (f" test_acc {record['test_accuracy']:.4f}" if "test_accuracy" in record else "")
+  if "test_bits_per_byte" in record:
+    test += f" test_bpb {record['test_bits_per_byte']:.4f}"
   log.info("step %d/%d epoch %.1f loss %.4f train_acc %.4f%s sparsity %.4f lr %.4g "
            "%.1f steps/s", record["step"], total_steps, record["epoch"],
            record["train_loss"], record["train_accuracy"], test, record.get("sparsity", 0.0),
@@ -159,6 +161,8 @@ def final_summary(config, final, masks, best_acc: float, last_eval: dict,
       "skipped_mask_updates": skipped,
       "best_test_accuracy": best_acc,
       "final_test_loss": last_eval.get("test_loss"),
+      **({"final_test_bits_per_byte": last_eval["test_bits_per_byte"]}
+         if "test_bits_per_byte" in last_eval else {}),
       "final_sparsity": measured_sparsity(final.params, prunable),
       # Counted on the host: the masks are numpy arrays by now.
       "mask_sparsity": None if masks is None else

@@ -45,15 +45,17 @@ def create_model(config, num_classes: int):
   return models.get_model(config.model, num_classes, dtype=dtype, **config.model_kwargs)
 
 
-def create_train_state(config, model, tx_fn, input_shape, rng) -> TrainState:
+def create_train_state(config, model, tx_fn, input_shape, rng,
+                       input_dtype="float32") -> TrainState:
   """Initialises params (or loads ``config.init_from``) and the optimizer state.
 
   ``tx_fn(initial_masks)`` builds the optimizer; masks come from ``init_from``
-  when it holds masks.
+  when it holds masks. The model is initialised on zeros of ``input_shape`` and
+  ``input_dtype`` (the data set's: ``"int32"`` for token ids).
   """
   init_rng, dropout_rng = jax.random.split(rng)
   variables = model.init({"params": init_rng, "dropout": init_rng},
-                         jnp.zeros((1, *input_shape), jnp.float32), train=False)
+                         jnp.zeros((1, *input_shape), input_dtype), train=False)
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
   initial_masks = None
@@ -99,7 +101,8 @@ def state_shardings(state: TrainState, mesh, param_sharding: str = "replicated")
 
 
 def create_sharded_train_state(config, model, tx_fn, input_shape, rng, mesh=None,
-                               param_sharding: str = "replicated") -> TrainState:
+                               param_sharding: str = "replicated",
+                               input_dtype="float32") -> TrainState:
   """``create_train_state`` as one compiled program, built in ``state_shardings``.
 
   Compiled, the init is one program instead of dozens of op-by-op ones, and on a
@@ -111,7 +114,7 @@ def create_sharded_train_state(config, model, tx_fn, input_shape, rng, mesh=None
   # The key is an argument, not a program constant (the sparse methods' own seeds
   # still are: sparse_jax builds them into the optimizer).
   def init(key):
-    return create_train_state(config, model, tx_fn, input_shape, key)
+    return create_train_state(config, model, tx_fn, input_shape, key, input_dtype)
   place = lambda state: state if mesh is None else jax.device_put(
       state, state_shardings(state, mesh, param_sharding))
   if config.init_from and param_sharding == "replicated":

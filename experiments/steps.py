@@ -145,13 +145,18 @@ def state_readouts(state: TrainState, lr_fn, sparse: bool) -> dict:
 
 def eval_step(state: TrainState, batch, *, model, num_classes: int,
               axis_name: str | None = None):
-  """Summed loss, correct count and example count of a (padded) batch."""
+  """Summed loss, correct count and prediction count of a (padded) batch.
+
+  The mask is per example [B]; a sequence model's loss is per token [B, L], so
+  the mask is broadcast over the positions and the counts are of tokens.
+  """
   variables = {"params": state.params}
   if state.batch_stats:
     variables["batch_stats"] = state.batch_stats
   logits = model.apply(variables, batch["image"], train=False)
-  mask = batch["mask"]
   loss = cross_entropy(logits, batch["label"], num_classes, 0.0)
+  mask = batch["mask"]
+  mask = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (loss.ndim - 1)), loss.shape)
   out = {"loss": jnp.sum(loss * mask),
          "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
          "count": jnp.sum(mask)}

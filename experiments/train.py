@@ -26,6 +26,7 @@ import bisect
 import collections
 import dataclasses
 import logging
+import math
 import os
 import time
 from typing import Any, Callable
@@ -218,7 +219,7 @@ def _setup(config, workdir: str, is_main: bool, info, spe: int, t_segment: float
   # Built in place on the mesh, each device holding its shards (see state_shardings).
   state = state_lib.create_sharded_train_state(config, model, tx_fn, info.input_shape,
                                                jax.random.PRNGKey(config.seed), mesh,
-                                               param_sharding)
+                                               param_sharding, info.input_dtype)
   sparse = config.sparsity.method != "dense"
   # On the host now (every process; gathered if sharded): the state's buffers are
   # donated to the first step.
@@ -344,8 +345,11 @@ def _evaluate(run: Run) -> dict:
     for k in totals:
       totals[k] += float(out[k])
   run.timings["eval_s"] += time.time() - t
-  return {"test_loss": totals["loss"] / totals["count"],
-          "test_accuracy": totals["correct"] / totals["count"]}
+  out = {"test_loss": totals["loss"] / totals["count"],
+         "test_accuracy": totals["correct"] / totals["count"]}
+  if run.info.byte_level:  # per-token (byte) loss in nats, in bits
+    out["test_bits_per_byte"] = out["test_loss"] / math.log(2)
+  return out
 
 
 def _checkpoint_due(run: Run, step: int) -> bool:
@@ -399,7 +403,7 @@ def _finish(run: Run, t_loop: float) -> dict:
   summary.update(run_flops_lib.run_flops(
       config, run.model, variables, run.info.input_shape, run.steps_per_epoch,
       run.total_steps, run.densities0, run_flops_lib.event_densities(run.workdir), masks,
-      run.events))
+      run.events, input_dtype=run.info.input_dtype))
   timings["after_loop_s"] = time.time() - t_loop - timings["loop_s"]
   summary["timings"] = dict(timings)
   if run.is_main:

@@ -134,3 +134,37 @@ def lenet300_mnist5k(method: str, arg: str | None, **sparsity_overrides):
   for k, v in sparsity_overrides.items():
     setattr(config.sparsity, k, v)
   return config
+
+
+TRANSFORMER_METHODS = ("dense", "granet", "gmp", "rigl", "set", "static")
+
+
+def transformer_family(arg: str | None, *, method: str = "granet", sparsity: float = 0.9):
+  """The base of the transformer recipes: adamw with a cosine schedule, a method.
+
+  ``arg`` sets ``method`` (one of ``TRANSFORMER_METHODS``), ``sparsity`` and
+  ``seed``. Decoupled weight decay is on the trainer's ``ndim >= 2`` leaves: the
+  kernels, the embeddings and (being 2-d) the attention's [heads, head_dim] q/k/v
+  biases; not on the other biases and the LayerNorms. The model, data and
+  schedule lengths are the caller's.
+  """
+  args = parse_args(arg)
+  unknown = set(args) - {"method", "sparsity", "seed"}
+  if unknown:
+    raise ValueError(f"Unknown config arguments {sorted(unknown)}; use method, sparsity "
+                     "and seed.")
+  config = get_base_config()
+  config.seed = int(args.get("seed", 0))
+  config.sparsity.method = args.get("method", method)
+  if config.sparsity.method not in TRANSFORMER_METHODS:
+    raise ValueError(f"Unknown method {config.sparsity.method!r}; use one of "
+                     f"{TRANSFORMER_METHODS}.")
+  config.sparsity.final = float(args.get("sparsity", sparsity))
+  config.optimizer = "adamw"
+  config.lr_schedule = "cosine"
+  config.learning_rate = 1e-3
+  config.weight_decay = 0.05
+  config.weight_decay_on_norm_and_bias = False
+  # The drop fraction of RigL's and SET's papers (GraNet's default 0.5 is its own).
+  config.sparsity.regrowth_rate = 0.3 if config.sparsity.method in ("rigl", "set") else 0.5
+  return config
