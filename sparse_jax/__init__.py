@@ -51,6 +51,11 @@ from sparse_jax._schedules import is_event
 from sparse_jax._select import get_chunk_elements
 from sparse_jax._select import set_chunk_elements
 from sparse_jax._select import top_k_masks
+from sparse_jax._straight_through import StraightThroughState
+from sparse_jax._straight_through import get_straight_through_state
+from sparse_jax._straight_through import magnitude_masks
+from sparse_jax._straight_through import masked_params
+from sparse_jax._straight_through import ste
 from sparse_jax._structure import Block
 from sparse_jax._structure import Channels
 from sparse_jax._structure import NM
@@ -143,6 +148,11 @@ __all__ = [
     "get_chunk_elements",
     "set_chunk_elements",
     "top_k_masks",
+    "StraightThroughState",
+    "get_straight_through_state",
+    "magnitude_masks",
+    "masked_params",
+    "ste",
     "Block",
     "Channels",
     "NM",

@@ -678,3 +678,120 @@ def test_linen_cnn_granet_2_4_and_nnx_channels_rigl():
   assert len(kernel_masks) == 1  # the last layer stays dense
   units = np_unit_mask(sj.Channels(), np.asarray(kernel_masks[0]))
   assert int(units.sum()) == 8  # 8 of 16 output units
+
+
+# ---------------------------------------------------------------------------
+# Straight-through training (STE, SR-STE)
+# ---------------------------------------------------------------------------
+
+
+def test_masked_params_value_and_straight_through_gradient():
+  params = make_params("conv")
+  tx = sj.ste(SGD, structure=sj.NM(2, 4))
+  state = tx.init(params)
+  masks = sj.get_straight_through_state(state).masks
+  mp = sj.masked_params(params, state)
+  for n in TREES["conv"]:
+    p, m = np.asarray(params[n]["kernel"]), np.asarray(masks[n]["kernel"])
+    np.testing.assert_array_equal(np.asarray(mp[n]["kernel"]), np.where(m, p, 0))
+    assert np.all(np_group_counts(m) == 2)
+    np.testing.assert_array_equal(mp[n]["bias"], params[n]["bias"])
+  # f(w~) = sum(c w~ + w~^2): df/dw~ = c + 2 w~, passed to every dense weight, the
+  # masked ones included (there w~ = 0 and the gradient is c).
+  c = jax.tree.map(lambda p: jnp.full(p.shape, 0.25), params)
+  f = lambda p: sum(jnp.sum(ci * x + x * x) for ci, x in zip(
+      jax.tree.leaves(c), jax.tree.leaves(sj.masked_params(p, state))))
+  g = jax.jit(jax.grad(f))(params)
+  for n in TREES["conv"]:
+    want = 0.25 + 2 * np.asarray(mp[n]["kernel"])
+    np.testing.assert_allclose(np.asarray(g[n]["kernel"]), want, rtol=1e-6)
+
+
+def _np_magnitude_global(ws, k):
+  return np_global_prune([np.abs(w).astype(np.float64) for w in ws],
+                         [np.ones(w.shape, bool) for w in ws], k)
+
+
+@pytest.mark.parametrize("case", ["sr_ste_2_4", "ste_unstructured_every_3"])
+def test_ste_matches_numpy_replica(case):
+  lam = 1.0 / 8  # a power of two: g + lam * w is one rounding, in NumPy too
+  if case == "sr_ste_2_4":
+    tx, every = sj.ste(SGD, structure=sj.NM(2, 4), decay=lam), 1
+    new_masks = lambda ws: [np_group_top(np.abs(w).astype(np.float64), 2) for w in ws]
+  else:
+    tx, every = sj.ste(SGD, sparsity=0.7, update_every=3, decay=lam), 3
+    # round(0.3 * (96 + 96 + 32)) = 67 of 224, one ranking over the model.
+    new_masks = lambda ws: _np_magnitude_global(ws, 67)
+  params = make_params("mlp")
+  names = list(TREES["mlp"])
+  step = jax.jit(lambda p, s, g: tx.update(g, s, p))
+  state = tx.init(params)
+  m = [np.asarray(sj.get_straight_through_state(state).masks[n]["kernel"]) for n in names]
+  p = [np.asarray(params[n]["kernel"]) for n in names]
+  for mw, mg in zip(new_masks(p), m):
+    np.testing.assert_array_equal(mg, mw)
+  flips = 0
+  for t in range(1, 10):
+    g = grads_at(params, t)
+    updates, state = step(params, state, g)
+    params = optax.apply_updates(params, updates)
+    gk = [np.asarray(g[n]["kernel"]) for n in names]
+    p = [x + np.float32(-LR) * (gg + np.float32(lam) * np.where(mm, np.float32(0), x))
+         for x, gg, mm in zip(p, gk, m)]
+    m_next = new_masks(p) if t % every == 0 else m
+    got = [np.asarray(sj.get_straight_through_state(state).masks[n]["kernel"]) for n in names]
+    for n, x, mw, mg in zip(names, p, m_next, got):
+      np.testing.assert_array_equal(np.asarray(params[n]["kernel"]), x)  # dense, kept
+      np.testing.assert_array_equal(mg, mw, err_msg=f"{n} after update {t}")
+    if case != "sr_ste_2_4":
+      assert sum(int(x.sum()) for x in got) == 67
+    flips += sum(int((a != b).sum()) for a, b in zip(m, m_next))
+    m = m_next
+  assert flips > 0  # weights come back: the masks do change
+
+
+def test_ste_decay_shrinks_pruned_weights_only():
+  # With zero gradients SR-STE's update is -lr * lam * w on pruned weights only.
+  params = make_params("mlp")
+  tx = sj.ste(optax.sgd(1.0), structure=sj.NM(1, 4), decay=0.5)
+  state = tx.init(params)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero, state, params)
+  for n in TREES["mlp"]:
+    m = np.asarray(sj.get_straight_through_state(state).masks[n]["kernel"])
+    p, u = np.asarray(params[n]["kernel"]), np.asarray(updates[n]["kernel"])
+    np.testing.assert_array_equal(u, np.where(m, 0, -0.5 * p))
+
+
+def test_ste_channels_layerwise_keeps_each_layers_fraction():
+  params = make_params("conv")
+  tx = sj.ste(SGD, sparsity=0.5, structure=sj.Channels(), scope="layerwise",
+              keep_last_dense=True)
+  masks = sj.get_straight_through_state(tx.init(params)).masks
+  for n in ("conv1", "conv2"):
+    units = np_unit_mask(sj.Channels(), np.asarray(masks[n]["kernel"]))
+    norms = np_rms(sj.Channels(), np.asarray(params[n]["kernel"]))
+    assert int(units.sum()) == 4
+    np.testing.assert_array_equal(units, norms >= np.sort(norms)[-4])
+  assert masks["head"]["kernel"] is None
+
+
+def test_ste_argument_errors():
+  with pytest.raises(ValueError, match=r"^decay=-0.1 must be >= 0"):
+    sj.ste(SGD, sparsity=0.5, decay=-0.1)
+  with pytest.raises(TypeError, match=r"^decay='0.1' must be a real number"):
+    sj.ste(SGD, sparsity=0.5, decay="0.1")
+  with pytest.raises(ValueError, match=r"^update_every=0 must be >= 1"):
+    sj.ste(SGD, sparsity=0.5, update_every=0)
+  with pytest.raises(TypeError, match=r"^update_every=1.5 must be an int"):
+    sj.ste(SGD, sparsity=0.5, update_every=1.5)
+  with pytest.raises(TypeError, match=r"^sparsity= is required"):
+    sj.ste(SGD)
+  with pytest.raises(ValueError, match=r"^sparsity=0.9 disagrees with structure=NM"):
+    sj.ste(SGD, sparsity=0.9, structure=sj.NM(2, 4))
+  with pytest.raises(ValueError, match=r"^sparsity=1.0 is outside \[0, 1\)"):
+    sj.ste(SGD, sparsity=1.0)
+  with pytest.raises(ValueError, match=r"^Unknown pruning scope 'uniform'"):
+    sj.ste(SGD, sparsity=0.5, scope="uniform")
+  with pytest.raises(ValueError, match=r"found 0\. Build the optimizer with sparse_jax.ste"):
+    sj.get_straight_through_state(SGD.init(make_params("mlp")))
