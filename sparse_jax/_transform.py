@@ -61,8 +61,10 @@ params that were non-finite there to begin with. So:
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
+import weakref
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -82,6 +84,11 @@ from sparse_jax import _structure
 
 PyTree = Any
 SCOPES = ("global", "layerwise")
+# ``mask_update`` for updates traced without one (``scheduled_jit`` sets it while it
+# traces each of its two programs); None: decide in the graph.
+MASK_UPDATE: contextvars.ContextVar = contextvars.ContextVar("mask_update", default=None)
+# Each wrapper's host-side schedule: update_fn -> (1-based t -> is t an event).
+_EVENT_SCHEDULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class SparseState(NamedTuple):
@@ -308,6 +315,8 @@ def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
           f"{type(mask_update).__name__}. Compute it on the host, e.g. "
           "mask_update=(step + 1) % update_every == 0, and jit one step for each value "
           "(static_argnames); None decides inside the graph with a lax.cond.")
+    if mask_update is None:
+      mask_update = MASK_UPDATE.get()
     if mask_update is not None:
       mask_update = bool(mask_update)
     params = _masks.unwrap_variables(params)
@@ -393,7 +402,26 @@ def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
                             grad_momentum=grad_momentum, union=union,
                             skipped_events=skipped)
 
+  def host_is_event(t: int) -> bool:
+    """Whether update ``t`` (1-based) may change the masks, decided on the host."""
+    return any(bool(_schedules.is_event(t, s.update_every, s.start_step, s.end_step))
+               for s in (pruning, regrowth) if s is not None)
+
+  _EVENT_SCHEDULES[update_fn] = host_is_event
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def event_schedule(tx):
+  """``t -> bool``: whether update ``t`` (1-based) of ``tx`` is a mask-update event.
+
+  ``tx`` is a transformation returned by a sparse_jax factory.
+  """
+  schedule = _EVENT_SCHEDULES.get(getattr(tx, "update", None))
+  if schedule is None:
+    raise TypeError(f"{type(tx).__name__} is not a sparse_jax transformation: pass the "
+                    "one a factory returned (sparse_jax.granet(...), rigl(...), ...), "
+                    "not a chain or wrapper around it.")
+  return schedule
 
 
 def _selector(include, exclude, keep_first_dense, keep_last_dense, embeddings=False):
