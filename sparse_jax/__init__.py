@@ -59,7 +59,10 @@ from sparse_jax._straight_through import ste
 from sparse_jax._structure import Block
 from sparse_jax._structure import Channels
 from sparse_jax._structure import NM
+from sparse_jax._scheduled_jit import ScheduledStep
+from sparse_jax._scheduled_jit import scheduled_jit
 from sparse_jax._transform import SparseState
+from sparse_jax._transform import event_schedule
 from sparse_jax._transform import apply_updates
 from sparse_jax._transform import get_masks
 from sparse_jax._transform import get_sparse_state
@@ -102,6 +105,9 @@ METHODS = {
 # The public API for ``from sparse_jax import *``: every name above except ``set``,
 # which would replace the builtin (``sparse_jax.set`` stays available).
 __all__ = [
+    "ScheduledStep",
+    "event_schedule",
+    "scheduled_jit",
     "active_count",
     "erk_densities",
     "kernel_fans",

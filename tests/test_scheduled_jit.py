@@ -1,0 +1,131 @@
+"""sparse_jax.scheduled_jit: the README's step as two programs, chosen on the host."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from flax.training import train_state
+
+import sparse_jax
+
+
+def _params():
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  return {"Dense_0": {"kernel": jax.random.normal(k1, (12, 8)), "bias": jnp.zeros(8)},
+          "Dense_1": {"kernel": jax.random.normal(k2, (8, 3)), "bias": jnp.zeros(3)}}
+
+
+def _apply(variables, x):
+  p = variables["params"]
+  h = jax.nn.relu(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+  return h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+
+
+def _step(state, x, y):
+  def loss_fn(p):
+    logits = state.apply_fn({"params": p}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  return state.apply_gradients(grads=jax.grad(loss_fn)(state.params))
+
+
+def _batches(n):
+  keys = jax.random.split(jax.random.PRNGKey(1), n)
+  return [(jax.random.normal(k, (16, 12)), jax.random.randint(k, (16,), 0, 3)) for k in keys]
+
+
+METHODS = {
+    "granet": lambda: sparse_jax.granet(optax.sgd(0.1, momentum=0.9), sparsity=0.8,
+                                        total_steps=20, end_step=12, update_every=4),
+    "rigl": lambda: sparse_jax.rigl(optax.adam(1e-2), sparsity=0.7, total_steps=20,
+                                    update_every=3),
+    "set": lambda: sparse_jax.set(optax.sgd(0.1), sparsity=0.7, total_steps=20,
+                                  update_every=5, start_step=4),
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_same_bits_as_the_in_graph_decision(method):
+  runs = {}
+  for kind in ("jit", "scheduled"):
+    tx = METHODS[method]()
+    state = train_state.TrainState.create(apply_fn=_apply, params=_params(), tx=tx)
+    step = jax.jit(_step) if kind == "jit" else sparse_jax.scheduled_jit(tx)(_step)
+    for x, y in _batches(20):
+      state = step(state, x, y)
+    runs[kind] = state
+  a, b = runs["jit"], runs["scheduled"]
+  assert int(sparse_jax.get_sparse_state(b.opt_state).skipped_events) == 0
+  for u, v in zip(jax.tree.leaves((a.params, a.opt_state)),
+                  jax.tree.leaves((b.params, b.opt_state))):
+    np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+def test_programs_and_count():
+  tx = METHODS["granet"]()
+  state = train_state.TrainState.create(apply_fn=_apply, params=_params(), tx=tx)
+  traced = []
+
+  def step(state, x, y):
+    traced.append(sparse_jax._transform.MASK_UPDATE.get())  # pylint: disable=protected-access
+    return _step(state, x, y)
+
+  scheduled = sparse_jax.scheduled_jit(tx)(step)
+  for x, y in _batches(9):
+    state = scheduled(state, x, y)
+  # One trace per program: ordinary (False) first, the event (True) at update 4.
+  assert traced == [False, True]
+  assert scheduled.count == 9 == int(state.step)
+  assert sparse_jax._transform.MASK_UPDATE.get() is None  # pylint: disable=protected-access
+
+
+def test_resume_count_picks_the_right_program():
+  tx = METHODS["granet"]()
+  batches = _batches(8)
+  full = train_state.TrainState.create(apply_fn=_apply, params=_params(), tx=tx)
+  step = sparse_jax.scheduled_jit(tx)(_step)
+  for x, y in batches:
+    full = step(full, x, y)
+  part = train_state.TrainState.create(apply_fn=_apply, params=_params(), tx=tx)
+  first = sparse_jax.scheduled_jit(tx)(_step)
+  for x, y in batches[:3]:
+    part = first(part, x, y)
+  resumed = sparse_jax.scheduled_jit(tx, count=int(part.step))(_step)
+  for x, y in batches[3:]:
+    part = resumed(part, x, y)
+  assert int(sparse_jax.get_sparse_state(part.opt_state).skipped_events) == 0
+  for u, v in zip(jax.tree.leaves(full.params), jax.tree.leaves(part.params)):
+    np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+def test_nnx_step():
+  def make():
+    model = nnx.Sequential(nnx.Linear(12, 8, rngs=nnx.Rngs(0)), nnx.relu,
+                           nnx.Linear(8, 3, rngs=nnx.Rngs(1)))
+    tx = sparse_jax.rigl(optax.adam(1e-2), sparsity=0.7, total_steps=20, update_every=3)
+    return model, tx, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  def nnx_step(model, optimizer, x, y):
+    loss_fn = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+    optimizer.update(model, nnx.grad(loss_fn)(model))
+
+  (m1, _, o1), (m2, tx2, o2) = make(), make()
+  plain = nnx.jit(nnx_step)
+  scheduled = sparse_jax.scheduled_jit(tx2, jit=nnx.jit)(nnx_step)
+  for x, y in _batches(10):
+    plain(m1, o1, x, y)
+    scheduled(m2, o2, x, y)
+  assert int(sparse_jax.get_sparse_state(o2).skipped_events) == 0
+  for u, v in zip(jax.tree.leaves(nnx.state(m1)), jax.tree.leaves(nnx.state(m2))):
+    np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+def test_mistakes_are_clear_errors():
+  tx = METHODS["granet"]()
+  with pytest.raises(TypeError, match="remove the @jax.jit"):
+    sparse_jax.scheduled_jit(tx)(jax.jit(_step))
+  with pytest.raises(TypeError, match="not a sparse_jax transformation"):
+    sparse_jax.scheduled_jit(optax.chain(tx, optax.identity()))(_step)
+  with pytest.raises(TypeError, match="not a sparse_jax transformation"):
+    sparse_jax.scheduled_jit(optax.sgd(0.1))(_step)
