@@ -17,6 +17,12 @@ from sparse_jax._gradient_flow import gradient_flow_measures
 from sparse_jax._gradient_flow import gradient_hessian_gradient
 from sparse_jax._gradient_flow import gradient_norm
 from sparse_jax._gradient_flow import layer_gradient_flow
+from sparse_jax._export import Condensed
+from sparse_jax._export import condense_channels
+from sparse_jax._export import NMKernel
+from sparse_jax._export import nm_compress
+from sparse_jax._export import nm_decompress
+from sparse_jax._export import nm_dense
 from sparse_jax._masks import apply_masks
 from sparse_jax._masks import check_mask_tree
 from sparse_jax._masks import count_active
@@ -120,6 +126,12 @@ __all__ = [
     "gradient_hessian_gradient",
     "gradient_norm",
     "layer_gradient_flow",
+    "Condensed",
+    "condense_channels",
+    "NMKernel",
+    "nm_compress",
+    "nm_decompress",
+    "nm_dense",
     "apply_masks",
     "check_mask_tree",
     "count_active",

@@ -795,3 +795,126 @@ def test_ste_argument_errors():
     sj.ste(SGD, sparsity=0.5, scope="uniform")
   with pytest.raises(ValueError, match=r"found 0\. Build the optimizer with sparse_jax.ste"):
     sj.get_straight_through_state(SGD.init(make_params("mlp")))
+
+
+# ---------------------------------------------------------------------------
+# Export: condensed channel models, N:M storage
+# ---------------------------------------------------------------------------
+
+
+def _mlp_and_cnn():
+  import flax.linen as nn
+
+  class MLP(nn.Module):
+    features: tuple
+
+    @nn.compact
+    def __call__(self, x):
+      for i, f in enumerate(self.features):
+        x = nn.Dense(f)(x)
+        if i < len(self.features) - 1:
+          x = nn.relu(x)
+      return x
+
+  class CNN(nn.Module):
+    features: tuple  # conv, conv, classes
+
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.Conv(self.features[0], (3, 3))(x))
+      x = nn.max_pool(x, (2, 2), (2, 2))
+      x = nn.relu(nn.Conv(self.features[1], (3, 3))(x))
+      return nn.Dense(self.features[2])(x.reshape(x.shape[0], -1))
+
+  return MLP, CNN
+
+
+def _with_random_biases(params, seed, scale=0.5):
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [
+      jax.random.normal(k, x.shape) * scale if sj.path_to_name(p).endswith("bias") else x
+      for k, (p, x) in zip(keys, leaves)])
+
+
+def test_condensed_mlp_gives_the_masked_models_logits():
+  MLP, _ = _mlp_and_cnn()
+  x = jax.random.normal(jax.random.PRNGKey(0), (16, 20))
+  model = MLP((32, 24, 10))
+  params = _with_random_biases(model.init(jax.random.PRNGKey(1), x)["params"], 2)
+  tx = sj.static(SGD, sparsity=0.75, structure=sj.Channels(), keep_last_dense=True)
+  state = tx.init(params)
+  params = sj.sparsify_params(params, state)
+  masks = sj.get_masks(state)
+  small = sj.condense_channels(params, masks, ["Dense_0", "Dense_1", "Dense_2"])
+  widths = [int(np_unit_mask(sj.Channels(), np.asarray(masks[n]["kernel"])).sum())
+            for n in ("Dense_0", "Dense_1")]
+  assert small.features == (widths[0], widths[1], 10) and sum(widths) == 14  # of 56
+  assert small.params["Dense_1"]["kernel"].shape == (widths[0], widths[1])
+  want = model.apply({"params": params}, x)
+  got = MLP(small.features).apply({"params": small.params}, x)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  # Dead units output relu(bias) != 0 here: without the fold into the next bias
+  # the logits would differ.
+  unfolded = jax.tree.map(lambda a: a, small.params)
+  unfolded["Dense_1"] = {**small.params["Dense_1"], "bias": params["Dense_1"]["bias"]
+                         [np_unit_mask(sj.Channels(), np.asarray(masks["Dense_1"]["kernel"]))]}
+  off = MLP(small.features).apply({"params": unfolded}, x)
+  assert not np.allclose(np.asarray(off), np.asarray(want), atol=1e-3)
+
+
+def test_condensed_cnn_and_what_cannot_be_condensed():
+  _, CNN = _mlp_and_cnn()
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 3))
+  model = CNN((8, 8, 5))
+  params = model.init(jax.random.PRNGKey(1), x)["params"]
+  # conv biases 0 before the second conv (zero padding), random before the Dense.
+  params["Conv_1"]["bias"] = jax.random.normal(jax.random.PRNGKey(3), (8,))
+  tx = sj.static(SGD, sparsity=0.5, structure=sj.Channels(), keep_last_dense=True)
+  state = tx.init(params)
+  params = sj.sparsify_params(params, state)
+  masks = sj.get_masks(state)
+  chain = ["Conv_0", "Conv_1", "Dense_0"]
+  small = sj.condense_channels(params, masks, chain)
+  widths = tuple(int(np_unit_mask(sj.Channels(), np.asarray(masks[n]["kernel"])).sum())
+                 for n in ("Conv_0", "Conv_1"))
+  assert small.features == widths + (5,) and sum(widths) == 8  # of 16 conv filters
+  assert 0 < min(widths) and max(widths) < 8
+  assert small.params["Conv_1"]["kernel"].shape == (3, 3, widths[0], widths[1])
+  assert small.params["Dense_0"]["kernel"].shape == (16 * widths[1], 5)  # 4x4 positions
+  want = model.apply({"params": params}, x)
+  got = CNN(small.features).apply({"params": small.params}, x)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  dead = ~np_unit_mask(sj.Channels(), np.asarray(masks["Conv_0"]["kernel"]))
+  bad = jax.tree.map(lambda a: a, params)
+  bad["Conv_0"] = {**params["Conv_0"], "bias": jnp.where(jnp.asarray(dead), 0.1, 0.0)}
+  with pytest.raises(ValueError, match=r"dead units of 'Conv_0' output activation\(bias\) "
+                                       r"!= 0 into the conv 'Conv_1'"):
+    sj.condense_channels(bad, masks, chain)
+  with pytest.raises(ValueError, match=r"layer 'Conv_0' takes 3 inputs, which do not follow "
+                                       r"the 5 outputs of 'Dense_0'.*residual connections"):
+    sj.condense_channels(params, masks, ["Dense_0", "Conv_0"])
+  with pytest.raises(ValueError, match=r"no layer 'Conv_9'"):
+    sj.condense_channels(params, masks, ["Conv_9"])
+
+
+def test_nm_storage_round_trip_and_reference_forward():
+  params = make_params("mlp")
+  state = sj.static(SGD, structure=sj.NM(2, 4)).init(params)
+  params = sj.sparsify_params(params, state)
+  masks = sj.get_masks(state)
+  x = jax.random.normal(jax.random.PRNGKey(5), (3, 8))
+  for n in TREES["mlp"]:
+    w, m = params[n]["kernel"], masks[n]["kernel"]
+    k = sj.nm_compress(w, m, sj.NM(2, 4), name=n)
+    assert k.values.shape == (w.shape[0] // 2, w.shape[1]) and k.indices.dtype == jnp.uint8
+    assert k.nbytes == w.size // 2 * 4 + w.size // 2  # 2.5 of 4 bytes per weight
+    np.testing.assert_array_equal(np.asarray(sj.nm_decompress(k)), np.asarray(w))
+    # Group g's values are its active weights in input order.
+    g0 = np.asarray(w)[:4, 0]
+    assert np.asarray(k.values)[:2, 0].tolist() == g0[np.asarray(m)[:4, 0]].tolist()
+    h = x if n == "l1" else jax.random.normal(jax.random.PRNGKey(6), (3, w.shape[0]))
+    np.testing.assert_allclose(np.asarray(jax.jit(sj.nm_dense)(h, k)), np.asarray(h @ w),
+                               rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match=r"nm_compress: 'l1' has groups with \[4\] active"):
+    sj.nm_compress(params["l1"]["kernel"], np.ones((8, 12), bool), sj.NM(2, 4), name="l1")

@@ -1,0 +1,240 @@
+"""Export of structured-sparse models to smaller or compressed dense forms (issue 14).
+
+* ``condense_channels``: a chain of Dense/Conv layers trained with
+  ``structure=Channels()`` becomes the params of a smaller dense model of the same
+  family: each dead output unit is removed from its layer (kernel column or conv
+  filter, bias entry) together with the matching input rows of the next layer. A
+  dead unit still outputs the constant ``activation(bias)``; its contribution to
+  the next Dense layer is folded into that layer's bias, so the logits are the
+  masked model's (up to float rounding). This runs faster on any hardware: the
+  kernels are physically smaller.
+* ``nm_compress`` / ``nm_decompress`` / ``nm_dense``: N:M storage, the ``n`` kept
+  values of every group and their (uint8) positions in the group, and a reference
+  Dense forward from it. Smaller in memory; the reference forward is a gather, not
+  a fast kernel (XLA has no N:M sparse matmul on CPU).
+
+Host-side, one-time functions on concrete arrays (NumPy inside), not for jit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparse_jax import _masks
+from sparse_jax import _structure
+
+PyTree = Any
+
+
+class Condensed(NamedTuple):
+  """The params of the smaller dense model and its layers' output widths."""
+  params: PyTree
+  features: tuple[int, ...]  # output units of each layer of the chain, in order
+
+
+def _get(tree, name: str):
+  for key in name.split("/"):
+    if not isinstance(tree, Mapping) or key not in tree:
+      raise ValueError(f"condense_channels: no layer {name!r} in the params "
+                       "(give module paths like 'Dense_0' or 'block/Conv_1').")
+    tree = tree[key]
+  return tree
+
+
+def _set(tree, name: str, value):
+  keys = name.split("/")
+  out = dict(tree)
+  out[keys[0]] = value if len(keys) == 1 else _set(tree[keys[0]], "/".join(keys[1:]), value)
+  return out
+
+
+def _alive_units(mask, kernel) -> np.ndarray:
+  fan_out = kernel.shape[-1]
+  if mask is None:
+    return np.ones(fan_out, bool)
+  return np.asarray(mask).reshape(-1, fan_out).any(axis=0)
+
+
+def condense_channels(params: PyTree, masks: PyTree, layers: Sequence[str], *,
+                      activation: Callable = jax.nn.relu) -> Condensed:
+  """Removes the dead output units of a chain of layers (a ``Channels()`` model).
+
+  ``layers`` are the module paths of the chain in forward order (``"Dense_0"``,
+  ``"Conv_1"``, ...), each holding a ``kernel`` (``[in, out]`` or ``[*spatial, in,
+  out]``) and optionally a ``bias``. Between two of them the model may apply
+  ``activation``, pooling and a row-major flatten (a conv followed by a Dense
+  whose inputs are ``positions * channels``), nothing else: no normalisation layer
+  (its entries are not condensed) and no residual connection (a skip would need
+  the same units alive on both of its ends). The last layer's outputs are the
+  model's outputs and are all kept.
+
+  A unit is dead when its mask has no active weight. Its constant output
+  ``activation(bias)`` is folded into the next layer's bias when that layer is a
+  Dense; before a conv it must be 0 (e.g. ReLU of a non-positive bias), since a
+  zero-padded conv turns a constant channel into a border pattern, not a bias.
+
+  Example:
+    >>> small = sparse_jax.condense_channels(params, sparse_jax.get_masks(opt_state),
+    ...                                      ["Dense_0", "Dense_1", "Dense_2"])
+    >>> MLP(features=small.features).apply({"params": small.params}, x)
+
+  Args:
+    params: linen-style params (nested dicts), exactly masked.
+    masks: their mask tree (``get_masks``); ``None`` marks a dense layer.
+    layers: the chain's module paths, in forward order.
+    activation: the elementwise function applied after each layer but the last.
+
+  Returns:
+    A ``Condensed``: the params with the chain's layers shrunk (every other leaf
+    as it was) and the output width of each layer.
+
+  Raises:
+    ValueError: for an unknown layer, layers that do not chain, or a dead unit
+      whose constant output cannot be folded.
+  """
+  params = _masks.unwrap_variables(params)
+  masks = _masks.unpack_masks(_masks.unwrap_variables(masks))
+  if len(layers) < 1:
+    raise ValueError("condense_channels needs at least one layer.")
+  layer = {n: {k: np.asarray(v) for k, v in _get(params, n).items()} for n in layers}
+  alive = []
+  for i, name in enumerate(layers):
+    kernel = layer[name]["kernel"]
+    mask = _get(masks, name).get("kernel") if isinstance(_get(masks, name), Mapping) else None
+    alive.append(_alive_units(mask, kernel) if i < len(layers) - 1
+                 else np.ones(kernel.shape[-1], bool))
+  for i, (name, nxt) in enumerate(zip(layers[:-1], layers[1:])):
+    keep, out = alive[i], layer[name]
+    kernel, nkernel = out["kernel"], layer[nxt]["kernel"]
+    channels, rows = kernel.shape[-1], nkernel.shape[-2]
+    if rows == channels:
+      positions = 1
+    elif nkernel.ndim == 2 and rows % channels == 0:
+      positions = rows // channels  # a flatten of [*spatial, channels]
+    else:
+      raise ValueError(
+          f"condense_channels: layer {nxt!r} takes {rows} inputs, which do not follow "
+          f"the {channels} outputs of {name!r} (nor a flatten of them): the layers must "
+          "form a chain, each feeding the next (residual connections are not "
+          "supported: a skip would need the same units alive on both of its ends).")
+    bias = out.get("bias")
+    const = (np.asarray(activation(jnp.asarray(bias[~keep])), np.float64)
+             if bias is not None else np.zeros(int((~keep).sum())))
+    if nkernel.ndim == 2:
+      w = nkernel.reshape(positions, channels, -1)
+      if np.any(const != 0):
+        shift = np.einsum("c,pco->o", const, w[:, ~keep].astype(np.float64))
+        if "bias" not in layer[nxt]:
+          raise ValueError(f"condense_channels: dead units of {name!r} output "
+                           f"activation(bias) != 0, but {nxt!r} has no bias to fold it into.")
+        nb = layer[nxt]["bias"]
+        layer[nxt]["bias"] = (nb.astype(np.float64) + shift).astype(nb.dtype)
+      layer[nxt]["kernel"] = w[:, keep].reshape(positions * int(keep.sum()), -1)
+    else:
+      if np.any(const != 0):
+        raise ValueError(
+            f"condense_channels: dead units of {name!r} output activation(bias) != 0 "
+            f"into the conv {nxt!r}; a zero-padded conv does not turn a constant "
+            "channel into a bias. Zero those biases (or train with non-positive ones).")
+      layer[nxt]["kernel"] = nkernel[..., keep, :]
+    out["kernel"] = kernel[..., keep]
+    if bias is not None:
+      out["bias"] = bias[keep]
+  new = params
+  for name in layers:
+    new = _set(new, name, {**_get(params, name),
+                           **{k: jnp.asarray(v) for k, v in layer[name].items()}})
+  return Condensed(new, tuple(int(a.sum()) for a in alive))
+
+
+# ---------------------------------------------------------------------------
+# N:M storage
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class NMKernel:
+  """An N:M-sparse kernel stored as its kept values and their positions.
+
+  ``values`` and ``indices`` have the shape ``[*receptive, fan_in * n / m,
+  fan_out]`` of the matrix view: group ``g``'s ``n`` kept weights (in input order)
+  at rows ``g n .. g n + n - 1``, and their positions ``0 .. m - 1`` in the group.
+  """
+  values: jax.Array
+  indices: jax.Array  # uint8
+  shape: tuple[int, ...]  # the dense kernel's shape
+  n: int
+  m: int
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of ``values`` and ``indices``."""
+    return int(self.values.nbytes + self.indices.nbytes)
+
+
+jax.tree_util.register_dataclass(NMKernel, data_fields=["values", "indices"],
+                                 meta_fields=["shape", "n", "m"])
+
+
+def nm_compress(kernel, mask, structure: _structure.NM, name: str = "kernel") -> NMKernel:
+  """The ``NMKernel`` of a masked kernel whose every group has exactly ``n`` active.
+
+  Example:
+    >>> k = sparse_jax.nm_compress(params["Dense_0"]["kernel"],
+    ...                            masks["Dense_0"]["kernel"], sparse_jax.NM(2, 4))
+    >>> k.nbytes   # 0.5 * 4 + 0.5 * 1 bytes per weight of a float32 kernel
+
+  Raises:
+    ValueError: if the kernel does not fit ``structure`` or a group's count is not n.
+  """
+  v = _structure.kernel_view(name, np.shape(kernel))
+  _structure.check_layer(structure, v)
+  n, m = structure.n, structure.m
+  *rec, fan_in, fan_out = v.view
+  groups = (*rec, fan_in // m, m, fan_out)
+  w = np.asarray(kernel).reshape(groups)
+  mk = np.asarray(mask, bool).reshape(groups)
+  counts = mk.sum(axis=-2)
+  if np.any(counts != n):
+    raise ValueError(f"nm_compress: {name!r} has groups with {sorted(set(counts.ravel().tolist()))} "
+                     f"active weights; {structure} needs exactly {n} in each.")
+  idx = np.argsort(~mk, axis=-2, kind="stable")[..., :n, :]  # active positions, in order
+  values = np.take_along_axis(w, idx, axis=-2)
+  shape = (*rec, fan_in // m * n, fan_out)
+  return NMKernel(jnp.asarray(values.reshape(shape)),
+                  jnp.asarray(idx.astype(np.uint8).reshape(shape)), v.shape, n, m)
+
+
+def nm_decompress(k: NMKernel) -> jax.Array:
+  """The dense (masked) kernel of an ``NMKernel``."""
+  *rec, rows, fan_out = k.values.shape
+  g = rows // k.n
+  values = k.values.reshape(*rec, g, k.n, fan_out)
+  idx = k.indices.reshape(*rec, g, k.n, fan_out).astype(jnp.int32)
+  onehot = idx[..., None, :] == jnp.arange(k.m).reshape(k.m, 1)  # [..., g, n, m, out]
+  dense = jnp.sum(jnp.where(onehot, values[..., None, :], 0), axis=-3)
+  return dense.astype(k.values.dtype).reshape(k.shape)
+
+
+def nm_dense(x: jax.Array, k: NMKernel) -> jax.Array:
+  """``x @ kernel`` for a 2-D ``[in, out]`` ``NMKernel``, reading only the kept weights.
+
+  A reference (a gather of ``x`` per kept weight, then a contraction), equal to the
+  dense masked product up to float rounding; not faster than it on CPU.
+  """
+  if len(k.shape) != 2:
+    raise ValueError(f"nm_dense takes a 2-D [in, out] kernel, got shape {k.shape}.")
+  fan_in, fan_out = k.shape
+  g = fan_in // k.m
+  idx = k.indices.reshape(g, k.n, fan_out).astype(jnp.int32)
+  # One gather per (group, kept slot, output): x[..., g, idx[g, j, o]].
+  flat_idx = (jnp.arange(g).reshape(g, 1, 1) * k.m + idx).reshape(-1)  # into x's inputs
+  xs = jnp.take(x, flat_idx, axis=-1).reshape(*x.shape[:-1], g, k.n, fan_out)
+  values = k.values.reshape(g, k.n, fan_out)
+  return jnp.einsum("...gno,gno->...o", xs, values)
