@@ -918,3 +918,28 @@ def test_nm_storage_round_trip_and_reference_forward():
                                rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match=r"nm_compress: 'l1' has groups with \[4\] active"):
     sj.nm_compress(params["l1"]["kernel"], np.ones((8, 12), bool), sj.NM(2, 4), name="l1")
+
+
+def test_readme_structured_sparsity_example_runs():
+  import os
+  import re
+  readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "README.md")
+  section = open(readme).read().split("## Structured sparsity", 1)[1].split("\n## ", 1)[0]
+  blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+  assert len(blocks) == 1
+  ns = {}
+  exec(compile(blocks[0], "README.md", "exec"), ns)  # pylint: disable=exec-used
+  masks = sj.get_masks(ns["state"].opt_state)
+  for n in ("Dense_0", "Dense_1", "Dense_2"):
+    assert np.all(np_group_counts(np.asarray(masks[n]["kernel"])) == 2), n
+  ste_masks = sj.get_straight_through_state(ns["opt_state"]).masks
+  for n in ("Dense_0", "Dense_1", "Dense_2"):
+    m = np.asarray(ste_masks[n]["kernel"])
+    assert np.all(np_group_counts(m) == 2)
+    assert np.all(np.asarray(ns["ste_model"][n]["kernel"])[~m] == 0)
+    assert np.any(np.asarray(ns["params"][n]["kernel"])[~m] != 0)  # dense weights kept
+  assert ns["small"].features == (75, 25, 10)
+  want = ns["Net"]().apply({"params": ns["channel_state"].params}, ns["x"])
+  np.testing.assert_allclose(np.asarray(ns["logits"]), np.asarray(want), rtol=1e-5,
+                             atol=1e-5)
