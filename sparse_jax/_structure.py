@@ -66,6 +66,10 @@ def _positive_int(value, name: str, owner: str) -> int:
 class NM:
   """N:M sparsity: ``n`` active weights in every group of ``m`` consecutive inputs.
 
+  Every layer's density is then ``n / m``: a named ``distribution=`` and ``scope=``
+  have no effect (every group keeps the same count), a density map or
+  ``sampling="bernoulli"`` is a ``ValueError``.
+
   Example:
     >>> tx = sparse_jax.rigl(optax.adam(1e-3), structure=sparse_jax.NM(2, 4),
     ...                      total_steps=1000)   # sparsity 1 - 2/4 = 0.5
