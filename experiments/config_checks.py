@@ -42,6 +42,20 @@ def validate(config):
                      "runs through experiments.main or experiments.imp.run_imp).")
   if method != "dense" and not 0.0 <= config.sparsity.final < 1.0:
     raise ValueError(f"sparsity.final={config.sparsity.final} must be in [0, 1).")
+  structure = methods.parse_structure(config.sparsity.get("structure", "unstructured"))
+  if structure is not None and method in baselines.PRUNING_AT_INIT:
+    raise ValueError(f"config.sparsity.structure={config.sparsity.structure!r} does not "
+                     f"apply to {method}, whose scored masks are unstructured; use "
+                     "'unstructured'.")
+  if isinstance(structure, sparse_jax.NM) and method != "dense":
+    if abs(config.sparsity.final - structure.sparsity) > 1e-9:
+      raise ValueError(f"config.sparsity.structure={config.sparsity.structure!r} fixes "
+                       f"the sparsity at 1 - {structure.n}/{structure.m} = "
+                       f"{structure.sparsity:g}; set sparsity.final={structure.sparsity:g} "
+                       f"(got {config.sparsity.final}).")
+    if config.sparsity.sampling != "exact":
+      raise ValueError(f"config.sparsity.structure={config.sparsity.structure!r} needs "
+                       f"sparsity.sampling='exact' (got {config.sparsity.sampling!r}).")
   if config.optimizer not in methods.OPTIMIZERS:
     raise ValueError(f"Unknown optimizer {config.optimizer!r}; use one of {methods.OPTIMIZERS}.")
   if config.lr_schedule not in methods.LR_SCHEDULES:

@@ -75,6 +75,35 @@ def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformati
   raise ValueError(f"Unknown optimizer {name!r}; use one of {OPTIMIZERS}.")
 
 
+STRUCTURE_FORMS = ("unstructured", "N:M (e.g. 2:4)", "block:RxC (e.g. block:4x4)",
+                   "channels")
+
+
+def parse_structure(text: str):
+  """``config.sparsity.structure`` as ``sparse_jax.NM/Block/Channels`` (or None).
+
+  ``"unstructured"`` is None; ``"2:4"`` is ``NM(2, 4)``; ``"block:4x4"`` is
+  ``Block(4, 4)``; ``"channels"`` is ``Channels()``.
+  """
+  text = str(text).strip().lower()
+  try:
+    if text == "unstructured":
+      return None
+    if text == "channels":
+      return sparse_jax.Channels()
+    if text.startswith("block:"):
+      rows, cols = text[len("block:"):].split("x")
+      return sparse_jax.Block(int(rows), int(cols))
+    if text.count(":") == 1:
+      n, m = text.split(":")
+      return sparse_jax.NM(int(n), int(m))
+  except ValueError as e:
+    raise ValueError(f"config.sparsity.structure={text!r}: {e} (use one of "
+                     f"{', '.join(STRUCTURE_FORMS)}).") from None
+  raise ValueError(f"config.sparsity.structure={text!r} is not one of "
+                   f"{', '.join(STRUCTURE_FORMS)}.")
+
+
 def create_sparse_tx(config, inner: optax.GradientTransformation, steps_per_epoch: int,
                      initial_masks=None) -> optax.GradientTransformation:
   """Wraps ``inner`` in the sparse method named by ``config.sparsity.method``.
@@ -111,7 +140,8 @@ def _sparse_tx(config, inner, steps_per_epoch: int, initial_masks):
                   initial_masks=initial_masks,
                   # The union of all masks (ITOP) for the mask history, kept on the device.
                   track_union=bool(config.get("record_mask_history", False)),
-                  packed_masks=bool(sp.get("packed_masks", False)))
+                  packed_masks=bool(sp.get("packed_masks", False)),
+                  structure=parse_structure(sp.get("structure", "unstructured")))
   if method == "granet":
     return sparse_jax.granet(
         inner, sparsity=sp.final, total_steps=total, end_step=epoch(sp.end_epoch),

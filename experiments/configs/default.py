@@ -62,6 +62,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.sparsity.keep_first_dense = False
   config.sparsity.keep_last_dense = False
   config.sparsity.mask_end_epoch = config_dict.placeholder(float)  # rigl/set: stop updates
+  # Structure of the masks (sparse_jax.NM/Block/Channels): "unstructured", "N:M"
+  # (e.g. "2:4"; sparsity.final must then be 1 - N/M), "block:RxC" (e.g. "block:4x4")
+  # or "channels" (whole output units; with keep_last_dense=True).
+  config.sparsity.structure = "unstructured"
   # Store the masks 1 bit per weight in the optimizer state (very large models);
   # results are identical to the bool (1 byte) masks.
   config.sparsity.packed_masks = False

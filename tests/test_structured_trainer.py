@@ -1,0 +1,80 @@
+"""``config.sparsity.structure`` in the trainer: N:M and channel runs end to end."""
+
+import numpy as np
+import pytest
+
+import sparse_jax
+from experiments import config_checks
+from experiments import methods
+from experiments import train
+from tests.test_trainer import read_export
+from tests.test_trainer import small_config
+
+LAYERS = ("Dense_0/kernel", "Dense_1/kernel", "Dense_2/kernel")
+
+
+def test_parse_structure_forms():
+  assert methods.parse_structure("unstructured") is None
+  assert methods.parse_structure("2:4") == sparse_jax.NM(2, 4)
+  assert methods.parse_structure("1:4") == sparse_jax.NM(1, 4)
+  assert methods.parse_structure("block:4x2") == sparse_jax.Block(4, 2)
+  assert methods.parse_structure("channels") == sparse_jax.Channels()
+
+
+@pytest.mark.parametrize("text", ["2-4", "nm", "block:4", "4:2", "channel", "a:b"])
+def test_bad_structure_is_rejected_before_any_data(text, monkeypatch):
+  config = small_config()
+  config.sparsity.structure = text
+  monkeypatch.setattr(train.input_pipeline, "load_arrays",
+                      lambda *a, **k: pytest.fail("data read before the check"))
+  with pytest.raises(ValueError, match=r"config\.sparsity\.structure.*unstructured.*"
+                     r"N:M.*block:RxC.*channels"):
+    config_checks.validate(config)
+
+
+def test_nm_needs_its_own_sparsity():
+  config = small_config()  # sparsity.final = 0.9
+  config.sparsity.structure = "2:4"
+  with pytest.raises(ValueError, match=r"sparsity\.final=0\.5"):
+    config_checks.validate(config)
+  config.sparsity.final = 0.5
+  config_checks.validate(config)
+  config.sparsity.method = "snip"
+  with pytest.raises(ValueError, match="does not apply to snip"):
+    config_checks.validate(config)
+
+
+def test_trainer_2_4_granet_exports_exact_groups(tmp_path):
+  config = small_config("granet")  # events at 10, 20, 30; the last one prunes to 2:4
+  config.sparsity.structure = "2:4"
+  config.sparsity.final = 0.5
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary["mask_sparsity"] == pytest.approx(0.5, abs=1e-12)
+  assert summary["final_test_accuracy"] > 0.5
+  exported = read_export(tmp_path)
+  for name in LAYERS:
+    mask = exported[f"masks/{name}"]
+    fan_in, fan_out = mask.shape
+    counts = mask.reshape(fan_in // 4, 4, fan_out).sum(axis=1)
+    np.testing.assert_array_equal(counts, 2)
+    assert not np.any(exported[f"params/{name}"][~mask])
+
+
+def test_trainer_channels_gmp_exports_whole_units(tmp_path):
+  # Layer-wise: each hidden layer keeps 25% of its units. (A global prune by unit RMS
+  # keeps 1 of Dense_0's 300 units here: its 784-input units have the smaller RMS.)
+  config = small_config("gmp", keep_last_dense=True, scope="layerwise")
+  config.sparsity.structure = "channels"
+  config.sparsity.final = 0.75
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary["final_test_accuracy"] > 0.5
+  exported = read_export(tmp_path)
+  alive = []
+  for name in LAYERS[:2]:
+    mask = exported[f"masks/{name}"]
+    units = mask.any(axis=0)
+    np.testing.assert_array_equal(mask, np.broadcast_to(units, mask.shape))  # all or none
+    alive.append(int(units.sum()))
+    assert not np.any(exported[f"params/{name}"][~mask])
+  assert alive == [75, 25]  # exact in units
+  assert f"masks/{LAYERS[2]}" not in exported or exported[f"masks/{LAYERS[2]}"].all()
