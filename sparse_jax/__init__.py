@@ -17,6 +17,10 @@ from sparse_jax._gradient_flow import gradient_flow_measures
 from sparse_jax._gradient_flow import gradient_hessian_gradient
 from sparse_jax._gradient_flow import gradient_norm
 from sparse_jax._gradient_flow import layer_gradient_flow
+from sparse_jax._export import bcoo_compress
+from sparse_jax._export import bcoo_dense
+from sparse_jax._export import bcoo_kernels
+from sparse_jax._export import bcoo_nbytes
 from sparse_jax._export import Condensed
 from sparse_jax._export import condense_channels
 from sparse_jax._export import NMKernel
@@ -126,6 +130,10 @@ __all__ = [
     "gradient_hessian_gradient",
     "gradient_norm",
     "layer_gradient_flow",
+    "bcoo_compress",
+    "bcoo_dense",
+    "bcoo_kernels",
+    "bcoo_nbytes",
     "Condensed",
     "condense_channels",
     "NMKernel",

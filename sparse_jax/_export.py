@@ -12,6 +12,8 @@
   values of every group and their (uint8) positions in the group, and a reference
   Dense forward from it. Smaller in memory; the reference forward is a gather, not
   a fast kernel (XLA has no N:M sparse matmul on CPU).
+* ``bcoo_compress`` / ``bcoo_dense`` / ``bcoo_kernels``: unstructured masked Dense
+  kernels as ``jax.experimental.sparse.BCOO`` and the Dense forward from them.
 
 Host-side, one-time functions on concrete arrays (NumPy inside), not for jit.
 """
@@ -25,6 +27,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import sparse as jsparse
 
 from sparse_jax import _masks
 from sparse_jax import _structure
@@ -238,3 +241,72 @@ def nm_dense(x: jax.Array, k: NMKernel) -> jax.Array:
   xs = jnp.take(x, flat_idx, axis=-1).reshape(*x.shape[:-1], g, k.n, fan_out)
   values = k.values.reshape(g, k.n, fan_out)
   return jnp.einsum("...gno,gno->...o", xs, values)
+
+
+# ---------------------------------------------------------------------------
+# BCOO storage (unstructured masks)
+# ---------------------------------------------------------------------------
+
+
+def bcoo_compress(kernel, mask, name: str = "kernel") -> jsparse.BCOO:
+  """A masked 2-D ``[in, out]`` kernel as ``jax.experimental.sparse.BCOO``.
+
+  Stored transposed, ``[out, in]``: ``bcoo_dense`` then multiplies the sparse
+  matrix from the left, the product JAX's BCOO implements directly. Only the
+  active weights are kept (``nse`` = the mask's count); indices are int32.
+
+  Example:
+    >>> k = sparse_jax.bcoo_compress(params["Dense_0"]["kernel"],
+    ...                              masks["Dense_0"]["kernel"])
+    >>> y = sparse_jax.bcoo_dense(x, k) + params["Dense_0"]["bias"]
+
+  Raises:
+    ValueError: for a kernel that is not 2-D or a mask of another shape.
+  """
+  kernel, mask = np.asarray(kernel), np.asarray(mask, bool)
+  if kernel.ndim != 2 or mask.shape != kernel.shape:
+    raise ValueError(f"bcoo_compress: {name!r} must be a 2-D [in, out] kernel with a "
+                     f"mask of its shape, got {kernel.shape} and {mask.shape} (conv "
+                     "kernels are not supported: JAX's BCOO convolution is 1-D only).")
+  rows, cols = np.nonzero(mask.T)  # row-major order of [out, in]
+  indices = np.stack([rows, cols], axis=1).astype(np.int32)
+  data = kernel.T[rows, cols]
+  return jsparse.BCOO((jnp.asarray(data), jnp.asarray(indices)),
+                      shape=kernel.T.shape, indices_sorted=True, unique_indices=True)
+
+
+def bcoo_nbytes(k: jsparse.BCOO) -> int:
+  """Bytes of a ``BCOO``'s ``data`` and ``indices``."""
+  return int(k.data.nbytes + k.indices.nbytes)
+
+
+def bcoo_dense(x: jax.Array, k: jsparse.BCOO) -> jax.Array:
+  """``x @ kernel`` for a ``bcoo_compress``-ed kernel, ``x`` of shape ``[..., in]``.
+
+  A sparse-dense product of JAX's BCOO (a reference implementation, not tuned for
+  speed: on CPU it beats the dense product only at high sparsity, see
+  experiments/benchmarks/README.md). Equal to the dense masked product up to float
+  rounding.
+  """
+  batch = x.shape[:-1]
+  xt = x.reshape(-1, x.shape[-1]).T  # [in, batch]
+  y = jsparse.bcoo_dot_general(k, xt, dimension_numbers=(([1], [0]), ([], [])))
+  return y.T.reshape(*batch, k.shape[0])
+
+
+def bcoo_kernels(params: PyTree, masks: PyTree) -> PyTree:
+  """``params`` with every masked 2-D kernel replaced by its ``bcoo_compress``.
+
+  Leaves without a mask (``None``) and masked leaves that are not 2-D (biases are
+  never masked; conv kernels are left as they are) keep their dense values.
+  """
+  params = _masks.unwrap_variables(params)
+  masks = _masks.unpack_masks(_masks.unwrap_variables(masks))
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  flags = treedef.flatten_up_to(masks)
+  out = []
+  for (path, p), m in zip(flat, flags):
+    name = _masks.path_to_name(path)
+    is_mask = m is not None and m is not False
+    out.append(bcoo_compress(p, m, name) if is_mask and np.ndim(p) == 2 else p)
+  return jax.tree.unflatten(treedef, out)
