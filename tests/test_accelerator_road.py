@@ -18,13 +18,20 @@ import subprocess
 import sys
 import textwrap
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
+import sparse_jax
 from experiments import input_pipeline
+from experiments import methods
+from experiments import state as state_lib
+from experiments import steps as steps_lib
 from experiments import train
+from experiments.configs import default
 from experiments.datasets import synthetic
 from experiments.models import vgg
 from tests import multidevice
@@ -333,3 +340,94 @@ def test_resnet50_halts_resumes_and_exports(data_dir, tmp_path, config_file):
   assert len([k for k in exported if k.startswith("masks/")]) == 54
   assert exported["params/head/kernel"].shape[-1] == {"cifar100": 100, "imagenet2012": 1000}[dataset]
 
+
+# bfloat16 (--config.dtype=bfloat16): the compute dtype of every model family. Params,
+# batch statistics, gradients, optimizer state and masks stay float32 / bool (Flax's
+# param_dtype); each model casts its input to bfloat16, so every matmul and conv runs in
+# bfloat16 forward and backward, and returns float32 logits for the loss.
+
+BF16_RUNS = {
+    "mlp": ("lenet300_100", "mnist5k", {}),
+    "conv": ("lenet5", "mnist5k", {}),
+    "vgg": ("vgg19", "cifar10", {"cfg": NARROW_VGG19}),
+    "resnet": ("resnet20", "cifar10", {"num_filters": 4}),
+}
+
+
+def bf16_config(family: str, data_dir: str):
+  model, dataset, model_kwargs = BF16_RUNS[family]
+  if dataset == "mnist5k":
+    config = default.lenet300_mnist5k("rigl", "sparsity=0.9")
+    config.model_kwargs.update(model_kwargs)
+  else:
+    config = command_config("cifar_vgg19.py", data_dir, "--config.sparsity.method=rigl",
+                            "--config.sparsity.final=0.9", "--config.batch_size=16",
+                            "--config.eval_batch_size=50", **model_kwargs)
+  config.model, config.dtype = model, "bfloat16"
+  # RigL at 90%: events (drop and regrow, counts kept per layer) at 3 and 6; one
+  # program deciding events in the graph (a single trace of the mask update).
+  config.num_train_steps, config.steps_per_dispatch = 8, 4
+  config.sparsity.update_every, config.host_mask_updates = 3, False
+  config.log_every_steps = config.checkpoint_every_steps = 4
+  return config
+
+
+def matmul_dtypes(fn, *args) -> set:
+  """The operand dtypes of every dot_general and conv in ``fn``'s jaxpr (nested too)."""
+  from jax.extend import core  # pylint: disable=g-import-not-at-top
+  found = set()
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+        found.add(tuple(str(v.aval.dtype) for v in eqn.invars))
+      for sub in core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+# VGG and ResNet: ~100 s each with a cold compilation cache (bfloat16 convs compile
+# slowly on XLA:CPU), ~10-30 s warm.
+@pytest.mark.parametrize("family", ["mlp", "conv", pytest.param("vgg", marks=pytest.mark.slow),
+                                    pytest.param("resnet", marks=pytest.mark.slow)])
+def test_bfloat16_computes_in_bf16_and_keeps_exact_masks(data_dir, tmp_path, family):
+  config = bf16_config(family, data_dir)
+  info = input_pipeline.dataset_info(config.dataset, config.data_dir)
+  model = state_lib.create_model(config, info.num_classes)
+  tx_fn = methods.create_tx_fn(config, model, info, info.num_train_examples // config.batch_size)
+  # The trainer's initial state (the same program: the same initial masks).
+  init = state_lib.create_sharded_train_state(config, model, tx_fn, info.input_shape,
+                                              jax.random.PRNGKey(config.seed))
+  f32 = np.dtype("float32")
+  assert {x.dtype for x in jax.tree.leaves((init.params, init.batch_stats))} == {f32}
+  images = jnp.zeros((2, *info.input_shape), jnp.float32)
+
+  def loss(params):
+    logits, _ = steps_lib.apply_train_mode(model, params, init.batch_stats, images,
+                                           init.rng)
+    assert logits.dtype == np.dtype("float32")
+    return logits.sum()
+
+  # Forward and backward: every matmul and conv on bfloat16 operands; float32 gradients.
+  assert matmul_dtypes(jax.grad(loss), init.params) == {("bfloat16", "bfloat16")}
+  grads = jax.eval_shape(jax.grad(loss), init.params)
+  assert {g.dtype for g in jax.tree.leaves(grads)} == {f32}
+
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary["steps"] == 8 and np.isfinite(summary["final_test_loss"])
+  records = read_metrics(tmp_path)
+  assert [r["step"] for r in records if r.get("mask_update")] == [3, 6]
+  exported = read_export(tmp_path)
+  assert_sparse_export(exported, 0.9)
+  masks0 = {sparse_jax.path_to_name(p): np.asarray(m) for p, m in
+            jax.tree_util.tree_flatten_with_path(sparse_jax.get_masks(init.opt_state))[0]}
+  assert sorted(masks0) == sorted(k[len("masks/"):] for k in exported if k.startswith("masks/"))
+  changed = 0
+  for name, mask0 in masks0.items():
+    mask = exported[f"masks/{name}"]
+    assert mask.sum() == mask0.sum(), name  # RigL keeps each layer's count
+    changed += int(np.sum(mask != mask0))
+  assert changed > 0  # the events dropped and regrew weights
+  assert {v.dtype for k, v in exported.items() if not k.startswith("masks/")} == {f32}
