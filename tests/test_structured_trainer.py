@@ -78,3 +78,10 @@ def test_trainer_channels_gmp_exports_whole_units(tmp_path):
     assert not np.any(exported[f"params/{name}"][~mask])
   assert alive == [75, 25]  # exact in units
   assert f"masks/{LAYERS[2]}" not in exported or exported[f"masks/{LAYERS[2]}"].all()
+  # The export condenses to a 75-25-10 dense MLP with the masked model's logits
+  # (checked inside), as experiments/sweep_structured.py times it.
+  from experiments.benchmarks import inference  # pylint: disable=g-import-not-at-top
+  latency = inference.exported_mlp_latency(str(tmp_path / "export.npz"), rounds=1)
+  assert latency["units_kept"] == 100
+  assert set(latency) == {"units_kept", "masked_b1_us", "condensed_b1_us",
+                          "masked_b128_us", "condensed_b128_us"}
