@@ -26,7 +26,9 @@ Latency: jitted, warm, the median over interleaved rounds (every variant once pe
 round) of the mean time of a few back-to-back calls, batch 1 and 128. Memory: the
 bytes of the stored format (values, indices, biases; a masked model stores its
 zeros, like dense). Every format's logits are checked against the masked dense
-forward first. The load average before and after is printed.
+forward first (VGG-16 at batch 1 only: seconds per call at 128, where its masked
+model is timed at 90% only, the same program at every sparsity). The load average
+before and after is printed.
 
   python -m experiments.benchmarks.inference --out=experiments/benchmarks/inference.json
 """
