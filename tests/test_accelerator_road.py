@@ -431,3 +431,42 @@ def test_bfloat16_computes_in_bf16_and_keeps_exact_masks(data_dir, tmp_path, fam
     changed += int(np.sum(mask != mask0))
   assert changed > 0  # the events dropped and regrew weights
   assert {v.dtype for k, v in exported.items() if not k.startswith("masks/")} == {f32}
+
+
+# The device check (experiments/benchmarks/device_check.py).
+
+
+def run_device_check(tmp_path, *args):
+  out = tmp_path / "device_check.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.benchmarks.device_check", f"--out={out}", *args],
+      env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO), cwd=REPO,
+      capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc.stdout, json.loads(out.read_text())
+
+
+def test_device_check_skips_cleanly_without_an_accelerator(tmp_path):
+  stdout, result = run_device_check(tmp_path)
+  assert "Device check skipped: no GPU or TPU" in stdout
+  assert result["backend"] == "cpu" and "skipped" in result and "rows" not in result
+
+
+@pytest.mark.slow
+def test_device_check_smoke_runs_every_part_on_cpu(tmp_path):
+  stdout, result = run_device_check(tmp_path, "--smoke", "--budget_s=900")
+  assert result["smoke"] and result["skipped_parts"] == []
+  rows = result["rows"]
+  assert [(r["model"], r["variant"]) for r in rows] == [
+      (m, v) for m in ("resnet50_imagenet", "vgg19_cifar10")
+      for v in ("dense", "granet/ordinary", "granet/event", "rigl/ordinary", "rigl/event")]
+  for r in rows:
+    assert r["steps_per_s"] > 0 and r["compile_s"] > 0 and r["xla_peak_bytes"] > 0
+    if r["variant"] == "dense":
+      assert r["time_vs_dense"] == r["peak_vs_dense"] == r["compile_vs_dense"] == 1.0
+  # An event program holds the scores and selection buffers: more memory than dense.
+  assert all(r["peak_vs_dense"] > 1 for r in rows if r["variant"].endswith("/event"))
+  run = result["real_recipe_run"]
+  assert run["steps"] == 20 and run["mask_updates"] == [5, 10, 15]
+  assert run["mask_sparsity"] == pytest.approx(0.95, abs=1e-3)
+  assert "Real recipe" in stdout and "Device check done" in stdout

@@ -1,0 +1,273 @@
+r"""Device check: the accelerator road measured on one GPU or TPU chip, in ~5 minutes.
+
+Prints the device, then for ResNet-50 (ImageNet shapes, 224x224, 1000 classes) and
+VGG-19 (CIFAR shapes, 32x32, 10 classes), each on synthetic data with its config's
+recipe (``imagenet_resnet50.py``, ``cifar_vgg19.py``): steps/s of the trainer's train
+step for dense, GraNet and RigL, ordinary steps (compiled without the mask-update
+branch) and event steps (with it, each call a mask update inside the pruning window),
+their ratios to dense, each program's XLA peak memory (arguments + outputs +
+temporaries - donated) and compile seconds (the event programs' too). Then one short
+run of the real recipe (``cifar_vgg19.py``, the whole trainer: tf.data, evaluation,
+checkpoints, export) on a synthetic CIFAR-10 prepared by TFDS's builder
+(experiments/datasets/synthetic.py). Everything goes to ``--out`` as JSON, written
+after each part so a cut-off run keeps what it measured.
+
+  python -m experiments.benchmarks.device_check --out=device_check.json
+
+On a machine without a GPU or TPU it prints why it skips and exits 0. ``--smoke`` runs
+every part anyway, on tiny models and shapes (a test of the script on CPU; its numbers
+mean nothing). The persistent compilation cache is left off so compile times are real.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import functools
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+
+from experiments import input_pipeline
+from experiments import methods as methods_lib
+from experiments import state as state_lib
+from experiments import steps as steps_lib
+from experiments.benchmarks import step_overhead
+from experiments.configs import cifar_vgg19
+from experiments.configs import imagenet_resnet50
+from experiments.models import vgg
+
+# name -> (config module, input shape, classes, training set size, model kwargs).
+BENCHMARKS = {
+    "resnet50_imagenet": (imagenet_resnet50, (224, 224, 3), 1000, 1_281_167, {}),
+    "vgg19_cifar10": (cifar_vgg19, (32, 32, 3), 10, 50_000, {}),
+}
+# --smoke: the same code on models a 2-core CPU runs in seconds.
+SMOKE = {
+    "resnet50_imagenet": (imagenet_resnet50, (16, 16, 3), 1000, 1_281_167,
+                          {"model": "small_cnn", "width": 4}),
+    "vgg19_cifar10": (cifar_vgg19, (16, 16, 3), 10, 50_000,
+                      {"model": "small_cnn", "width": 4}),
+}
+VARIANTS = ("dense", "granet/ordinary", "granet/event", "rigl/ordinary", "rigl/event")
+
+
+def _config(module, method: str, batch: int, model_kwargs: dict):
+  config = module.get_config(f"method={method}")
+  config.batch_size = batch
+  model_kwargs = dict(model_kwargs)
+  config.model = model_kwargs.pop("model", config.model)
+  config.model_kwargs.update(model_kwargs)
+  return config
+
+
+def build_method(bench, method: str, batch: int):
+  """The trainer's train step of ``method`` as ``fn(mask_update)``, its state and a batch."""
+  module, shape, classes, n_train, model_kwargs = bench
+  config = _config(module, method, batch, model_kwargs)
+  info = input_pipeline.DatasetInfo(num_train_examples=n_train, num_eval_examples=0,
+                                    num_classes=classes, input_shape=shape,
+                                    eval_split="test")
+  model = state_lib.create_model(config, classes)
+  tx_fn = methods_lib.create_tx_fn(config, model, info, n_train // batch)
+  state = state_lib.create_sharded_train_state(config, model, tx_fn, shape,
+                                               jax.random.PRNGKey(0))
+  step = lambda mask_update: jax.jit(functools.partial(
+      steps_lib.train_step, model=model, tx=tx_fn(None), config=config,
+      num_classes=classes, mask_update=mask_update), donate_argnums=0)
+  keys = jax.random.split(jax.random.PRNGKey(1))
+  data = {"image": jax.random.normal(keys[0], (batch, *shape), jnp.float32),
+          "label": jax.random.randint(keys[1], (batch,), 0, classes)}
+  return step, state, data, config
+
+
+def build_variants(bench, batch: int) -> dict:
+  """``variant -> (jitted step, state, batch, count)`` of every entry of ``VARIANTS``.
+
+  ``count`` is the sparse wrapper's step count set before each event call (so each is
+  the first mask update, inside the pruning window), or None. A method's ordinary and
+  event steps start from copies of one initial state.
+  """
+  built = {}
+  for method in ("dense", "granet", "rigl"):
+    step, state, data, config = build_method(bench, method, batch)
+    if method == "dense":
+      built["dense"] = (step(None), state, data, None)
+      continue
+    built[f"{method}/ordinary"] = (step(False), state, data, None)
+    built[f"{method}/event"] = (step(True), jax.tree.map(jnp.copy, state), data,
+                                config.sparsity.update_every - 1)
+  return built
+
+
+def compile_variant(step, state, data) -> dict:
+  """The compiled program, its compile seconds (lowering included) and XLA peak bytes."""
+  t = time.perf_counter()
+  compiled = step.lower(state, data).compile()
+  seconds = time.perf_counter() - t
+  m = compiled.memory_analysis()
+  peak = None if m is None else (m.argument_size_in_bytes + m.output_size_in_bytes
+                                 + m.temp_size_in_bytes - m.alias_size_in_bytes)
+  return {"compiled": compiled, "compile_s": seconds, "xla_peak_bytes": peak}
+
+
+def time_variants(built: dict, programs: dict, rounds: int, reps: int) -> dict:
+  """Median seconds per step of each variant, rounds interleaved over the variants."""
+  states = {v: b[1] for v, b in built.items()}
+
+  def run(v):
+    _, _, data, count = built[v]
+    state = states[v]
+    for _ in range(reps):
+      if count is not None:
+        state = state.replace(opt_state=step_overhead.with_count(state.opt_state, count))
+      state, metrics = programs[v]["compiled"](state, data)
+    jax.block_until_ready(metrics["train_loss"])
+    states[v] = state
+
+  for v in built:  # warm up
+    run(v)
+  times = {v: [] for v in built}
+  for _ in range(rounds):
+    for v in built:
+      t = time.perf_counter()
+      run(v)
+      times[v].append((time.perf_counter() - t) / reps)
+  return {v: statistics.median(ts) for v, ts in times.items()}
+
+
+def bench_model(name: str, bench, batch: int, rounds: int, reps: int) -> list[dict]:
+  built = build_variants(bench, batch)
+  # Compiled side by side, as the trainer compiles its programs (each program's compile
+  # seconds are then its wall time alongside the others).
+  with concurrent.futures.ThreadPoolExecutor(len(built)) as pool:
+    futures = {v: pool.submit(compile_variant, b[0], b[1], b[2]) for v, b in built.items()}
+    programs = {v: f.result() for v, f in futures.items()}
+  seconds = time_variants(built, programs, rounds, reps)
+  dense, rows = programs["dense"], []
+  for v in VARIANTS:
+    p = programs[v]
+    rows.append({
+        "model": name, "batch": batch, "variant": v, "steps_per_s": 1 / seconds[v],
+        "ms_per_step": 1e3 * seconds[v], "time_vs_dense": seconds[v] / seconds["dense"],
+        "xla_peak_bytes": p["xla_peak_bytes"],
+        "peak_vs_dense": (None if p["xla_peak_bytes"] is None
+                          else p["xla_peak_bytes"] / dense["xla_peak_bytes"]),
+        "compile_s": p["compile_s"], "compile_vs_dense": p["compile_s"] / dense["compile_s"]})
+  return rows
+
+
+def real_recipe_run(smoke: bool) -> dict:
+  """``cifar_vgg19.py`` (GraNet, 95%) through the whole trainer on a synthetic CIFAR-10."""
+  from experiments import train  # pylint: disable=g-import-not-at-top
+  from experiments.datasets import synthetic  # pylint: disable=g-import-not-at-top
+  root = tempfile.mkdtemp(prefix="device_check_")
+  num_train, num_eval, batch = (64, 32, 16) if smoke else (5120, 1000, 128)
+  synthetic.prepare("cifar10", os.path.join(root, "tfds"), num_train=num_train,
+                    num_eval=num_eval)
+  config = cifar_vgg19.get_config("dataset=cifar10,sparsity=0.95")
+  config.data_dir = os.path.join(root, "tfds")
+  config.batch_size, config.eval_batch_size = batch, 500 if not smoke else 32
+  # 5 epochs (40 steps each; 4 with --smoke); GraNet's events at 1.25, 2.5 and 3.75
+  # epochs, the last reaching 95%; evaluations after every epoch.
+  spe = num_train // batch
+  config.num_train_steps = 5 * spe
+  config.sparsity.update_every = spe + spe // 4
+  config.sparsity.end_epoch = 3 * config.sparsity.update_every / spe
+  config.log_every_steps, config.checkpoint_every_steps = spe, 2 * spe
+  config.compilation_cache_dir = "off"
+  if smoke:
+    config.model, config.model_kwargs.width = "small_cnn", 4
+  t = time.perf_counter()
+  summary = train.train_and_evaluate(config, os.path.join(root, "workdir"))
+  records = [json.loads(line) for line in open(os.path.join(root, "workdir", "metrics.jsonl"))]
+  return {"config": "cifar_vgg19.py:dataset=cifar10,sparsity=0.95", "model": config.model,
+          "batch": batch, "train_examples": num_train, "steps": summary["steps"],
+          "wall_s": time.perf_counter() - t,
+          "steps_per_s": [r["steps_per_s"] for r in records if "steps_per_s" in r],
+          "mask_updates": [r["step"] for r in records if r.get("mask_update")],
+          "final_test_accuracy": summary["final_test_accuracy"],
+          "mask_sparsity": summary["mask_sparsity"], "timings": summary["timings"],
+          "workdir": os.path.join(root, "workdir")}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--batch", type=int, default=128, help="64-256 on a GPU or TPU")
+  parser.add_argument("--models", default=",".join(BENCHMARKS))
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--reps", type=int, default=10, help="steps per timed round")
+  parser.add_argument("--skip_run", action="store_true", help="no real-recipe run")
+  parser.add_argument("--budget_s", type=float, default=270.0,
+                      help="parts not started by then are skipped (and said so)")
+  parser.add_argument("--smoke", action="store_true",
+                      help="run on any backend with tiny models (tests the script)")
+  parser.add_argument("--out", default=None, help="write the results as JSON here")
+  args = parser.parse_args()
+  backend = jax.default_backend()
+  device = jax.devices()[0]
+  result = {"backend": backend, "device": str(device),
+            "device_kind": getattr(device, "device_kind", None),
+            "device_count": jax.device_count(), "jax": jax.__version__,
+            "smoke": args.smoke}
+
+  def write():
+    if args.out:
+      with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+  if backend == "cpu" and not args.smoke:
+    result["skipped"] = "no GPU or TPU: jax.default_backend() is 'cpu'"
+    print(f"Device check skipped: {result['skipped']} (--smoke runs it on CPU anyway).")
+    write()
+    return
+  benches = SMOKE if args.smoke else BENCHMARKS
+  batch, rounds, reps = (8, 2, 2) if args.smoke else (args.batch, args.rounds, args.reps)
+  print(f"Device: {device} ({result['device_kind']}, backend {backend}, "
+        f"{jax.device_count()} devices); jax {jax.__version__}", flush=True)
+  result["rows"], result["skipped_parts"] = [], []
+  t_start = time.perf_counter()
+
+  def over_budget(part: str) -> bool:
+    if time.perf_counter() - t_start < args.budget_s:
+      return False
+    result["skipped_parts"].append(part)
+    print(f"\n{part}: skipped, {args.budget_s:.0f} s budget spent.", flush=True)
+    write()
+    return True
+
+  for name in args.models.split(","):
+    if over_budget(name):
+      continue
+    t = time.perf_counter()
+    rows = bench_model(name, benches[name], batch, rounds, reps)
+    result["rows"] += rows
+    print(f"\n{name}, batch {batch} ({time.perf_counter() - t:.0f} s)\n"
+          f"{'variant':16s} {'steps/s':>8s} {'x dense':>8s} {'XLA peak MB':>12s} "
+          f"{'x dense':>8s} {'compile s':>10s} {'x dense':>8s}")
+    for r in rows:
+      peak = "n/a" if r["xla_peak_bytes"] is None else f"{r['xla_peak_bytes'] / 2**20:.0f}"
+      ratio = "n/a" if r["peak_vs_dense"] is None else f"{r['peak_vs_dense']:.2f}"
+      print(f"{r['variant']:16s} {r['steps_per_s']:8.2f} {r['time_vs_dense']:8.2f} "
+            f"{peak:>12s} {ratio:>8s} {r['compile_s']:10.1f} {r['compile_vs_dense']:8.2f}",
+            flush=True)
+    write()
+  if not args.skip_run and not over_budget("real_recipe_run"):
+    run = real_recipe_run(args.smoke)
+    result["real_recipe_run"] = run
+    print(f"\nReal recipe ({run['config']}, {run['model']}, synthetic CIFAR-10): "
+          f"{run['steps']} steps in {run['wall_s']:.0f} s, steps/s per log "
+          f"{[round(s, 1) for s in run['steps_per_s']]}, mask updates at "
+          f"{run['mask_updates']}, test accuracy {run['final_test_accuracy']:.3f}, "
+          f"sparsity {run['mask_sparsity']:.4f}", flush=True)
+    write()
+  print(f"\nDevice check done in {time.perf_counter() - t_start:.0f} s.")
+
+
+if __name__ == "__main__":
+  main()
