@@ -470,3 +470,50 @@ def test_device_check_smoke_runs_every_part_on_cpu(tmp_path):
   assert run["steps"] == 20 and run["mask_updates"] == [5, 10, 15]
   assert run["mask_sparsity"] == pytest.approx(0.95, abs=1e-3)
   assert "Real recipe" in stdout and "Device check done" in stdout
+
+
+# IMP on VGG-19 / CIFAR-10 (imp_cifar_vgg19.py's command): two rounds, dense then 95%.
+# Slow: ~55 s with a cold compilation cache.
+
+
+@pytest.mark.slow
+def test_imp_vgg19_cifar10_runs_its_rounds(data_dir, tmp_path):
+  from experiments import imp  # pylint: disable=g-import-not-at-top
+  config = command_config(
+      "imp_cifar_vgg19.py", data_dir, "--config.batch_size=16", "--config.eval_batch_size=50",
+      "--config.num_train_steps=8", "--config.imp.num_rounds=2",
+      "--config.imp.prune_fraction=0.95", "--config.imp.rewind_step=3",
+      "--config.log_every_steps=4", "--config.checkpoint_every_steps=4", cfg=NARROW_VGG19)
+  assert (config.sparsity.method, config.dataset, config.data_on_device) == (
+      "imp", "cifar10", False)
+  summary = imp.run_imp(config, str(tmp_path))
+  assert [r["round"] for r in summary["rounds"]] == [0, 1]
+  assert [r["steps"] for r in summary["rounds"]] == [8, 5]  # round 1 rewinds to step 3
+  assert summary["rounds"][0]["mask_sparsity"] == 0.0  # round 0: dense (a full mask)
+  assert_sparse_export(read_export(tmp_path / "round_1"), 0.95)
+
+
+# The README's accelerator section: its commands are the configs' docstring commands,
+# which the tests above run.
+
+
+def test_readme_accelerator_section_shows_the_tested_commands():
+  text = open(os.path.join(REPO, "README.md")).read()
+  section = text.split("## On GPUs and TPUs: CIFAR and ImageNet", 1)[1].split("\n## ", 1)[0]
+  blocks = "\n".join(re.findall(r"```bash\n(.*?)```", section, re.S)).replace("\\\n", " ")
+  commands = [shlex.split(line.split("python -m experiments.main ", 1)[1])
+              for line in blocks.splitlines() if "python -m experiments.main" in line]
+  by_file = {os.path.basename(c[0].split("=", 1)[1].split(":")[0]): c for c in commands}
+  assert sorted(by_file) == ["cifar_resnet50.py", "cifar_vgg19.py", "imagenet_resnet50.py",
+                             "imp_cifar_vgg19.py"]
+  for config_file, args in by_file.items():
+    assert args == docstring_command(config_file), config_file
+    config, _ = parse_command(args)
+    # What to prepare, for the data set each command reads.
+    row = next(l for l in section.splitlines() if l.startswith(f"| `{config_file}"))
+    if config.dataset == "imagenet2012":
+      assert "manual download" in row and "--manual_dir" in section
+    else:
+      assert f"tfds build {config.dataset} --data_dir=" in row
+  # The tests that run them: VGG-19 in make test; IMP and the ResNet-50s slow-marked.
+  assert {"cifar_vgg19.py", "imp_cifar_vgg19.py", *RESNET_RUNS} == set(by_file)
