@@ -40,6 +40,12 @@ from experiments.configs import vit_mnist5k
 CONFIGS = {"vit": vit_mnist5k.get_config, "gpt": gpt_bytes.get_config}
 METHODS = ("dense", "granet", "gmp", "rigl", "set", "static")
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
+# Each finished run's result fields, committed: the report reads a run from its workdir
+# or, when the workdir is gone (workdirs are not in git), from here.
+RECORDS = os.path.join(RESULTS, "transformers_runs")
+RECORD_FIELDS = ("final_test_accuracy", "best_test_accuracy", "final_test_loss",
+                 "final_test_bits_per_byte", "final_sparsity", "train_flops_vs_dense",
+                 "inference_flops_vs_dense", "wall_time_s", "steps", "method")
 CALIBRATION_WINDOWS = 128
 FINETUNE_STEPS = 101  # half an epoch of the GPT recipe (202 steps/epoch)
 FINETUNE_LR = 5e-4
@@ -144,31 +150,58 @@ def post_training_all(workdir, sparsities, seeds):
           json.dump(result, f, indent=1)
 
 
-def load_runs(workdir, model, methods, sparsities, seeds):
+def _write_json(path, record):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(record, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _read_run(path, record_path, fields=None):
+  """A run's result from its workdir (recording it), else from its committed record."""
+  if os.path.exists(path):
+    with open(path) as f:
+      result = json.load(f)
+    if fields is not None:
+      result = {k: result[k] for k in fields if k in result}
+    if not os.path.exists(record_path):
+      _write_json(record_path, result)
+    return result
+  if os.path.exists(record_path):
+    with open(record_path) as f:
+      return json.load(f)
+  return None
+
+
+def load_runs(workdir, model, methods, sparsities, seeds, records=RECORDS):
   rows = {}
   for method in methods:
     for s in ([None] if method == "dense" else sparsities):
       runs = []
       for seed in seeds:
-        path = os.path.join(run_dir(workdir, model, method, s, seed), "summary.json")
-        if os.path.exists(path):
-          with open(path) as f:
-            runs.append(json.load(f))
+        d = run_dir(workdir, model, method, s, seed)
+        run = _read_run(os.path.join(d, "summary.json"),
+                        os.path.join(run_dir(records, model, method, s, seed) + ".json"),
+                        RECORD_FIELDS)
+        if run is not None:
+          runs.append(run)
       if runs:
         rows[(method, s)] = runs
   return rows
 
 
-def load_post(workdir, sparsities, seeds):
+def load_post(workdir, sparsities, seeds, records=RECORDS):
   rows = {}
   for name in ("magnitude", "wanda"):
     for s in sparsities:
       runs = []
       for seed in seeds:
-        path = os.path.join(workdir, "gpt_post", f"{name}_s{s}_seed{seed}", "result.json")
-        if os.path.exists(path):
-          with open(path) as f:
-            runs.append(json.load(f))
+        tag = f"{name}_s{s}_seed{seed}"
+        run = _read_run(os.path.join(workdir, "gpt_post", tag, "result.json"),
+                        os.path.join(records, "gpt_post", f"{tag}.json"))
+        if run is not None:
+          runs.append(run)
       if runs:
         rows[(name, s)] = runs
   return rows
@@ -188,6 +221,8 @@ def write_report(workdir, methods, sparsities, seeds, command, out_md):
   post = load_post(workdir, sparsities, seeds)
   all_runs = [r for rows in (vit, gpt) for runs in rows.values() for r in runs]
   n_seeds = sorted({len(runs) for rows in (vit, gpt, post) for runs in rows.values()})
+  sources = sum("source" in r for rows in (vit, gpt, post) for runs in rows.values()
+                for r in runs)
   seeds_note = (f"**1 seed (seed {seeds[0]}) per cell**: the seed-to-seed spread is not "
                 "measured here, so small differences between rows are not rankings."
                 if n_seeds == [1] else
@@ -201,9 +236,14 @@ def write_report(workdir, methods, sparsities, seeds, command, out_md):
       "",
       f"Sum of the training runs' wall times: "
       f"{sum(r['wall_time_s'] for r in all_runs) / 60:.1f} min, plus "
-      f"{sum(r['wall_time_s'] for runs in post.values() for r in runs) / 60:.1f} min of "
-      "post-training pruning and fine-tuning, on a 2-core CPU shared with other work "
-      "(wall times are noisy).",
+      f"{sum(r.get('wall_time_s', 0) for runs in post.values() for r in runs) / 60:.1f} "
+      "min of post-training pruning and fine-tuning (where recorded), on a 2-core CPU "
+      "shared with other work (wall times are noisy).",
+      "",
+      "Each run's result is also kept in `experiments/results/transformers_runs/` (the "
+      "report reads a run from its workdir, else from there). "
+      + (f"{sources} runs come from an earlier table, rounded as it printed them "
+         "(their 'source' field says which)." if sources else ""),
       "",
       "Masks are on every kernel (attention q/k/v/out, MLP, the ViT's patch projection, "
       "the heads); embeddings (token, position, class token), biases (the attention's "
@@ -300,6 +340,8 @@ def main():
   parser.add_argument("--sparsities", default="0.5,0.75,0.9")
   parser.add_argument("--seeds", default="0")
   parser.add_argument("--skip_post_training", action="store_true")
+  parser.add_argument("--report_only", action="store_true",
+                      help="write the report from the runs done (workdirs or records)")
   parser.add_argument("--out", default=os.path.join(RESULTS, "transformers.md"))
   args = parser.parse_args()
   logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
@@ -307,8 +349,9 @@ def main():
   methods = args.methods.split(",")
   sparsities = [float(s) for s in args.sparsities.split(",")]
   seeds = [int(s) for s in args.seeds.split(",")]
-  run_all(args.workdir, args.models.split(","), methods, sparsities, seeds)
-  if not args.skip_post_training and "gpt" in args.models.split(","):
+  if not args.report_only:
+    run_all(args.workdir, args.models.split(","), methods, sparsities, seeds)
+  if not args.report_only and not args.skip_post_training and "gpt" in args.models.split(","):
     post_training_all(args.workdir, sparsities, seeds)
   command = "python -m experiments.sweep_transformers " + " ".join(sys.argv[1:])
   write_report(args.workdir, methods, sparsities, seeds, command.strip(), args.out)

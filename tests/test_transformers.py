@@ -242,3 +242,23 @@ def test_wanda_scores_and_masks_by_hand():
   np.testing.assert_array_equal(magnitude["out"]["kernel"][..., 0], [[False, True],
                                                                      [False, False]])
   assert int(sj.count_active(magnitude)) == 5
+
+
+def test_sweep_results_outlive_their_workdirs(tmp_path):
+  """A finished run is recorded (result fields only) and read back once its workdir is gone."""
+  from experiments import sweep_transformers as sweep
+  workdir, records = tmp_path / "workdirs", tmp_path / "records"
+  summary = {"final_test_accuracy": 0.9, "best_test_accuracy": 0.91, "final_sparsity": 0.75,
+             "train_flops_vs_dense": 0.5, "inference_flops_vs_dense": 0.4,
+             "wall_time_s": 12.0, "steps": 620, "method": "rigl", "config": {"big": 1}}
+  run = sweep.run_dir(str(workdir), "vit", "rigl", 0.75, 1)
+  os.makedirs(run)
+  with open(os.path.join(run, "summary.json"), "w") as f:
+    json.dump(summary, f)
+  first = sweep.load_runs(str(workdir), "vit", ["rigl"], [0.75], [0, 1], records=str(records))
+  expected = {k: v for k, v in summary.items() if k != "config"}
+  assert first == {("rigl", 0.75): [expected]}
+  os.remove(os.path.join(run, "summary.json"))
+  again = sweep.load_runs(str(workdir), "vit", ["rigl"], [0.75], [0, 1], records=str(records))
+  assert again == first
+  assert sweep.load_runs(str(workdir), "vit", ["set"], [0.75], [1], records=str(records)) == {}
