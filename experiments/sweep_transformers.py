@@ -220,6 +220,7 @@ def write_report(workdir, methods, sparsities, seeds, command, out_md):
   gpt = load_runs(workdir, "gpt", methods, sparsities, seeds)
   post = load_post(workdir, sparsities, seeds)
   all_runs = [r for rows in (vit, gpt) for runs in rows.values() for r in runs]
+  post_runs = [r for runs in post.values() for r in runs]
   n_seeds = sorted({len(runs) for rows in (vit, gpt, post) for runs in rows.values()})
   sources = sum("source" in r for rows in (vit, gpt, post) for runs in rows.values()
                 for r in runs)
@@ -236,8 +237,9 @@ def write_report(workdir, methods, sparsities, seeds, command, out_md):
       "",
       f"Sum of the training runs' wall times: "
       f"{sum(r['wall_time_s'] for r in all_runs) / 60:.1f} min, plus "
-      f"{sum(r.get('wall_time_s', 0) for runs in post.values() for r in runs) / 60:.1f} "
-      "min of post-training pruning and fine-tuning (where recorded), on a 2-core CPU "
+      f"{sum(r.get('wall_time_s', 0) for r in post_runs) / 60:.1f} min of post-training "
+      f"pruning and fine-tuning ({sum('wall_time_s' in r for r in post_runs)} of the "
+      f"{len(post_runs)} post-training runs have a recorded wall time), on a 2-core CPU "
       "shared with other work (wall times are noisy).",
       "",
       "Each run's result is also kept in `experiments/results/transformers_runs/` (the "
