@@ -36,9 +36,10 @@ PyTree = Any
 
 
 class Condensed(NamedTuple):
-  """The params of the smaller dense model and its layers' output widths."""
+  """The params (and batch statistics) of the smaller dense model, its layers' widths."""
   params: PyTree
   features: tuple[int, ...]  # output units of each layer of the chain, in order
+  batch_stats: PyTree = None  # the shrunk batch statistics; None when none were given
 
 
 def _get(tree, name: str):
@@ -57,6 +58,16 @@ def _set(tree, name: str, value):
   return out
 
 
+def _kernel_mask(masks, name: str):
+  """The kernel mask of the layer ``name``; None (dense) where the tree has none."""
+  node = masks
+  for key in (*name.split("/"), "kernel"):
+    if not isinstance(node, Mapping) or key not in node:
+      return None
+    node = node[key]
+  return node
+
+
 def _alive_units(mask, kernel) -> np.ndarray:
   fan_out = kernel.shape[-1]
   if mask is None:
@@ -64,52 +75,98 @@ def _alive_units(mask, kernel) -> np.ndarray:
   return np.asarray(mask).reshape(-1, fan_out).any(axis=0)
 
 
+def _norm_constants(name: str, norm: str, norm_params, norm_stats, y, epsilon):
+  """``BatchNorm(y)`` (eval mode) of a dead unit's constant pre-norm output ``y``."""
+  if not isinstance(norm_stats, Mapping) or not {"mean", "var"} <= set(norm_stats):
+    raise ValueError(f"condense_channels: the batch norm {norm!r} after {name!r} has no "
+                     "'mean' and 'var' in batch_stats (pass the 'batch_stats' collection).")
+  mean, var = np.asarray(norm_stats["mean"]), np.asarray(norm_stats["var"])
+  z = (y - mean) / np.sqrt(var + np.float32(epsilon))
+  if "scale" in norm_params:
+    z = z * np.asarray(norm_params["scale"])
+  if "bias" in norm_params:
+    z = z + np.asarray(norm_params["bias"])
+  return z
+
+
+def _shrink_entries(tree, name: str, keep: np.ndarray):
+  """``tree`` with the per-unit entries of the module ``name`` cut to ``keep``."""
+  return _set(tree, name, {k: jnp.asarray(np.asarray(v)[..., keep])
+                           for k, v in _get(tree, name).items()})
+
+
 def condense_channels(params: PyTree, masks: PyTree, layers: Sequence[str], *,
-                      activation: Callable = jax.nn.relu) -> Condensed:
+                      activation: Callable = jax.nn.relu,
+                      batch_stats: PyTree | None = None,
+                      norms: Mapping[str, str] | None = None,
+                      epsilon: float = 1e-5) -> Condensed:
   """Removes the dead output units of a chain of layers (a ``Channels()`` model).
 
   ``layers`` are the module paths of the chain in forward order (``"Dense_0"``,
   ``"Conv_1"``, ...), each holding a ``kernel`` (``[in, out]`` or ``[*spatial, in,
   out]``) and optionally a ``bias``. Between two of them the model may apply
-  ``activation``, pooling and a row-major flatten (a conv followed by a Dense
-  whose inputs are ``positions * channels``), nothing else: no normalisation layer
-  (its entries are not condensed) and no residual connection (a skip would need
-  the same units alive on both of its ends). The last layer's outputs are the
-  model's outputs and are all kept.
+  ``activation``, pooling (max or average), a global average pool, a row-major
+  flatten (a conv followed by a Dense whose inputs are ``positions * channels``)
+  and a batch norm named in ``norms``, nothing else: no residual connection (a
+  skip would need the same units alive on both of its ends). The last layer's
+  outputs are the model's outputs and are all kept.
 
   A unit is dead when its mask has no active weight. Its constant output
-  ``activation(bias)`` is folded into the next layer's bias when that layer is a
-  Dense; before a conv it must be 0 (e.g. ReLU of a non-positive bias), since a
-  zero-padded conv turns a constant channel into a border pattern, not a bias.
+  ``activation(bias)`` -- ``activation(BatchNorm(bias))`` with a norm, where a
+  bias-free layer's dead unit outputs 0 -- is folded into the next layer's bias
+  when that layer is a Dense; before a conv it must be 0 (e.g. ReLU of a
+  non-positive value), since a zero-padded conv turns a constant channel into a
+  border pattern, not a bias.
 
   Example:
     >>> small = sparse_jax.condense_channels(params, sparse_jax.get_masks(opt_state),
     ...                                      ["Dense_0", "Dense_1", "Dense_2"])
     >>> MLP(features=small.features).apply({"params": small.params}, x)
+    >>> # conv -> BatchNorm -> ReLU, as in VGG:
+    >>> small = sparse_jax.condense_channels(
+    ...     params, masks, ["Conv_0", "Conv_1", "Dense_0"], batch_stats=batch_stats,
+    ...     norms={"Conv_0": "BatchNorm_0", "Conv_1": "BatchNorm_1"})
+    >>> net.apply({"params": small.params, "batch_stats": small.batch_stats}, x,
+    ...           train=False)
 
   Args:
     params: linen-style params (nested dicts), exactly masked.
     masks: their mask tree (``get_masks``); ``None`` marks a dense layer.
     layers: the chain's module paths, in forward order.
-    activation: the elementwise function applied after each layer but the last.
+    activation: the elementwise function applied after each layer (and its norm)
+      but the last.
+    batch_stats: the ``'batch_stats'`` collection (nested like ``params``);
+      needed with ``norms``.
+    norms: ``{layer: batch norm module path}`` for the layers followed by an
+      eval-mode batch norm (``params[norm]`` holds ``scale``/``bias``,
+      ``batch_stats[norm]`` holds ``mean``/``var``). A norm after the last layer
+      is left as it is.
+    epsilon: the batch norms' epsilon (Flax's and PyTorch's default 1e-5).
 
   Returns:
-    A ``Condensed``: the params with the chain's layers shrunk (every other leaf
-    as it was) and the output width of each layer.
+    A ``Condensed``: the params (and ``batch_stats``) with the chain's layers and
+    their norms shrunk (every other leaf as it was) and the output width of each
+    layer.
 
   Raises:
-    ValueError: for an unknown layer, layers that do not chain, or a dead unit
-      whose constant output cannot be folded.
+    ValueError: for an unknown layer or norm, layers that do not chain, or a dead
+      unit whose constant output cannot be folded.
   """
   params = _masks.unwrap_variables(params)
   masks = _masks.unpack_masks(_masks.unwrap_variables(masks))
+  norms = dict(norms or {})
   if len(layers) < 1:
     raise ValueError("condense_channels needs at least one layer.")
+  if set(norms) - set(layers):
+    raise ValueError(f"condense_channels: norms name layers {sorted(set(norms) - set(layers))} "
+                     "that are not in the chain.")
+  if norms and batch_stats is None:
+    raise ValueError("condense_channels: norms need batch_stats (their mean and var).")
   layer = {n: {k: np.asarray(v) for k, v in _get(params, n).items()} for n in layers}
   alive = []
   for i, name in enumerate(layers):
     kernel = layer[name]["kernel"]
-    mask = _get(masks, name).get("kernel") if isinstance(_get(masks, name), Mapping) else None
+    mask = _kernel_mask(masks, name)
     alive.append(_alive_units(mask, kernel) if i < len(layers) - 1
                  else np.ones(kernel.shape[-1], bool))
   for i, (name, nxt) in enumerate(zip(layers[:-1], layers[1:])):
@@ -127,33 +184,40 @@ def condense_channels(params: PyTree, masks: PyTree, layers: Sequence[str], *,
           "form a chain, each feeding the next (residual connections are not "
           "supported: a skip would need the same units alive on both of its ends).")
     bias = out.get("bias")
-    const = (np.asarray(activation(jnp.asarray(bias[~keep])), np.float64)
-             if bias is not None else np.zeros(int((~keep).sum())))
+    y = bias if bias is not None else np.zeros(channels, kernel.dtype)  # a dead unit's output
+    if name in norms:
+      y = _norm_constants(name, norms[name], _get(params, norms[name]),
+                          _get(batch_stats, norms[name]), y, epsilon)
+    const = np.asarray(activation(jnp.asarray(y[~keep])), np.float64)
+    what = "activation(BatchNorm(bias))" if name in norms else "activation(bias)"
     if nkernel.ndim == 2:
       w = nkernel.reshape(positions, channels, -1)
       if np.any(const != 0):
         shift = np.einsum("c,pco->o", const, w[:, ~keep].astype(np.float64))
         if "bias" not in layer[nxt]:
           raise ValueError(f"condense_channels: dead units of {name!r} output "
-                           f"activation(bias) != 0, but {nxt!r} has no bias to fold it into.")
+                           f"{what} != 0, but {nxt!r} has no bias to fold it into.")
         nb = layer[nxt]["bias"]
         layer[nxt]["bias"] = (nb.astype(np.float64) + shift).astype(nb.dtype)
       layer[nxt]["kernel"] = w[:, keep].reshape(positions * int(keep.sum()), -1)
     else:
       if np.any(const != 0):
         raise ValueError(
-            f"condense_channels: dead units of {name!r} output activation(bias) != 0 "
+            f"condense_channels: dead units of {name!r} output {what} != 0 "
             f"into the conv {nxt!r}; a zero-padded conv does not turn a constant "
             "channel into a bias. Zero those biases (or train with non-positive ones).")
       layer[nxt]["kernel"] = nkernel[..., keep, :]
     out["kernel"] = kernel[..., keep]
     if bias is not None:
       out["bias"] = bias[keep]
-  new = params
-  for name in layers:
+  new, new_stats = params, batch_stats
+  for i, name in enumerate(layers):
     new = _set(new, name, {**_get(params, name),
                            **{k: jnp.asarray(v) for k, v in layer[name].items()}})
-  return Condensed(new, tuple(int(a.sum()) for a in alive))
+    if name in norms and i < len(layers) - 1:
+      new = _shrink_entries(new, norms[name], alive[i])
+      new_stats = _shrink_entries(new_stats, norms[name], alive[i])
+  return Condensed(new, tuple(int(a.sum()) for a in alive), new_stats)
 
 
 # ---------------------------------------------------------------------------

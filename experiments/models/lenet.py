@@ -20,7 +20,7 @@ NHWC order, so ``Dense_0`` rows are not in PyTorch's NCHW order.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -35,10 +35,13 @@ class LeNet5(nn.Module):
 
   Attributes:
     num_classes: Number of output logits.
+    features: Widths of the two convs and two hidden Dense layers (LeNet-5's
+      6, 16, 120, 84; smaller ones for a channel-condensed model).
     dtype: Computation dtype (e.g. ``jnp.bfloat16``); params stay float32.
   """
 
   num_classes: int
+  features: Sequence[int] = (6, 16, 120, 84)
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -48,12 +51,13 @@ class LeNet5(nn.Module):
     conv = functools.partial(
         nn.Conv, kernel_size=(5, 5), dtype=self.dtype, kernel_init=torch_default_init
     )
-    x = nn.relu(conv(6, padding='SAME')(x))
+    c0, c1, *hidden = self.features
+    x = nn.relu(conv(c0, padding='SAME')(x))
     x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    x = nn.relu(conv(16, padding='VALID')(x))
+    x = nn.relu(conv(c1, padding='VALID')(x))
     x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
-    for width in (120, 84):
+    for width in hidden:
       x = nn.relu(nn.Dense(width, dtype=self.dtype, kernel_init=torch_default_init)(x))
     x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=torch_default_init)(x)
     return jnp.asarray(x, jnp.float32)

@@ -1,0 +1,175 @@
+"""A ``Channels()``-trained model as a smaller dense model of its own family.
+
+``condense_model`` names the chain of a registered model (its layers in forward
+order and the batch norm after each), runs ``sparse_jax.condense_channels`` on it
+and builds the same family at the condensed widths: ``mlp`` / ``lenet300_100``
+(hidden ``features``), ``lenet5`` (its four widths) and ``vgg16`` / ``vgg19`` (the
+``cfg`` widths, pools where they were). ``condense_export`` does the same from a
+run's ``export.npz``. Residual models (the ResNets) raise: their skips add a
+block's input to its output, which no chain export can shrink.
+
+Example:
+  >>> small = condense.condense_export(config, os.path.join(workdir, "export.npz"))
+  >>> small.model.apply(small.variables, x, train=False)  # the masked model's logits
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import numpy as np
+
+import sparse_jax
+from experiments import exports
+from experiments import models
+from experiments.models import mlp
+from experiments.models import vgg
+
+PyTree = Any
+
+RESIDUAL_MODELS = ("resnet20", "resnet32", "resnet50_cifar", "resnet50")
+
+
+class CondensedModel(NamedTuple):
+  """A smaller dense model of the trained one's family and its variables."""
+  model: nn.Module
+  variables: dict  # {"params": ...} and, for models with batch norm, "batch_stats"
+  features: tuple[int, ...]  # output units of each layer of the chain, in order
+
+
+def _indexed(params, prefix: str) -> list[str]:
+  """The module names ``prefix_0, prefix_1, ...`` at the top of ``params``, in order."""
+  names = [k for k in params if k.startswith(prefix + "_") and k[len(prefix) + 1:].isdigit()]
+  return sorted(names, key=lambda n: int(n[len(prefix) + 1:]))
+
+
+def _mlp_chain(params, kwargs):
+  dense = _indexed(params, "Dense")
+  norms = ({d: f"BatchNorm_{i}" for i, d in enumerate(dense[:-1])}
+           if kwargs.get("batch_norm") else {})
+  return dense, norms
+
+
+def _lenet5_chain(params, kwargs):
+  del kwargs
+  return [*_indexed(params, "Conv"), *_indexed(params, "Dense")], {}
+
+
+def _vgg_chain(params, kwargs):
+  del kwargs
+  convs = _indexed(params, "Conv")
+  return [*convs, "Dense_0"], {c: f"BatchNorm_{i}" for i, c in enumerate(convs)}
+
+
+def _mlp_widths(name, kwargs, features):
+  del name
+  kwargs = {k: v for k, v in kwargs.items() if k not in ("width", "depth")}
+  return {**kwargs, "features": tuple(features[:-1])}
+
+
+def _lenet5_widths(name, kwargs, features):
+  del name
+  return {**kwargs, "features": tuple(features[:-1])}
+
+
+def _vgg_widths(name, kwargs, features):
+  widths = iter(features)
+  cfg = kwargs.get("cfg", vgg.CFGS[int(name[3:])])
+  return {**kwargs, "cfg": tuple(v if v == "M" else next(widths) for v in cfg)}
+
+
+# model name -> (its chain: (layers, {layer: norm}), the constructor kwargs at new widths,
+# the registry name of the family's model that takes those widths).
+_FAMILIES = {
+    "mlp": (_mlp_chain, _mlp_widths, "mlp"),
+    "lenet300_100": (_mlp_chain, _mlp_widths, "mlp"),
+    "lenet5": (_lenet5_chain, _lenet5_widths, "lenet5"),
+    "vgg16": (_vgg_chain, _vgg_widths, "vgg16"),
+    "vgg19": (_vgg_chain, _vgg_widths, "vgg19"),
+}
+
+
+def _activation(name: str, kwargs):
+  act = kwargs.get("activation", "relu") if name in ("mlp", "lenet300_100") else "relu"
+  if act == "prelu":
+    raise ValueError("condense_model: an MLP with 'prelu' has a learned slope per layer; "
+                     "only stateless activations can be folded.")
+  return mlp._ACTIVATIONS[act]  # pylint: disable=protected-access
+
+
+def check_condensable(model_name: str):
+  """Raises a ``ValueError`` naming why ``model_name`` cannot be channel-condensed."""
+  if model_name in RESIDUAL_MODELS:
+    raise ValueError(
+        f"condense_model: {model_name!r} has residual connections; a skip adds a block's "
+        "input to its output, so a channel could only be removed where it is dead on both "
+        "ends of every skip it joins. Only chain models are condensed: "
+        f"{', '.join(sorted(_FAMILIES))}.")
+  if model_name not in _FAMILIES:
+    raise ValueError(f"condense_model: no channel condensation for {model_name!r}; "
+                     f"supported: {', '.join(sorted(_FAMILIES))}.")
+
+
+def condense_model(model_name: str, num_classes: int, params: PyTree, masks: PyTree, *,
+                   batch_stats: PyTree = None, model_kwargs: dict | None = None
+                   ) -> CondensedModel:
+  """The model of ``model_name``'s family at the condensed widths, and its variables.
+
+  Args:
+    model_name: the registry name (``config.model``).
+    num_classes: the number of logits.
+    params: the trained params, exactly masked (``sparse_jax.sparsify_params``).
+    masks: their ``Channels()`` masks (``sparse_jax.get_masks``).
+    batch_stats: the ``'batch_stats'`` collection, for models with batch norm.
+    model_kwargs: the model's constructor kwargs (``config.model_kwargs``).
+
+  Returns:
+    A ``CondensedModel`` whose ``model.apply(variables, x, train=False)`` gives the
+    masked model's logits (up to float rounding).
+
+  Raises:
+    ValueError: for a residual or unsupported model, or what
+      ``sparse_jax.condense_channels`` cannot fold.
+  """
+  check_condensable(model_name)
+  kwargs = dict(model_kwargs or {})
+  chain, widths, family = _FAMILIES[model_name]
+  layers, norms = chain(params, kwargs)
+  small = sparse_jax.condense_channels(
+      params, masks, layers, activation=_activation(model_name, kwargs),
+      batch_stats=batch_stats if norms else None, norms=norms)
+  model = models.get_model(family, num_classes, **widths(model_name, kwargs, small.features))
+  variables = {"params": small.params}
+  if batch_stats is not None:
+    variables["batch_stats"] = small.batch_stats if norms else batch_stats
+  return CondensedModel(model, variables, small.features)
+
+
+def _nested(exported: dict[str, np.ndarray], prefix: str) -> dict:
+  """The ``prefix/<a>/<b>`` arrays of an export as nested dicts ``{a: {b: ...}}``."""
+  tree: dict = {}
+  for key, value in exported.items():
+    if key.startswith(prefix + "/"):
+      *path, leaf = key[len(prefix) + 1:].split("/")
+      node = tree
+      for k in path:
+        node = node.setdefault(k, {})
+      node[leaf] = value
+  return tree
+
+
+def condense_export(config, export_path: str, num_classes: int | None = None
+                    ) -> CondensedModel:
+  """``condense_model`` of a run's ``export.npz`` (or its directory) and its config."""
+  check_condensable(config.model)
+  e = exports.load_exported(export_path)
+  if num_classes is None:
+    num_classes = int(e[f"params/{_last_dense(e)}/bias"].shape[0])
+  return condense_model(config.model, num_classes, _nested(e, "params"),
+                        _nested(e, "masks"), batch_stats=_nested(e, "batch_stats") or None,
+                        model_kwargs=dict(config.model_kwargs))
+
+
+def _last_dense(exported) -> str:
+  return _indexed(_nested(exported, "params"), "Dense")[-1]
