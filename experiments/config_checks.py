@@ -36,9 +36,10 @@ def validate(config):
     raise ValueError(f"Unknown model {config.model!r}; known models: "
                      f"{', '.join(sorted(models.MODELS))}.")
   method = config.sparsity.method
-  if method != "dense" and method not in (*sparse_jax.METHODS, *baselines.PRUNING_AT_INIT):
+  known = (*sparse_jax.METHODS, *methods.STRAIGHT_THROUGH, *baselines.PRUNING_AT_INIT)
+  if method != "dense" and method not in known:
     raise ValueError(f"Unknown sparse method {method!r}; use dense or one of "
-                     f"{sorted([*sparse_jax.METHODS, *baselines.PRUNING_AT_INIT])} (imp "
+                     f"{sorted(known)} (imp "
                      "runs through experiments.main or experiments.imp.run_imp).")
   if method != "dense" and not 0.0 <= config.sparsity.final < 1.0:
     raise ValueError(f"sparsity.final={config.sparsity.final} must be in [0, 1).")
@@ -56,6 +57,8 @@ def validate(config):
     if config.sparsity.sampling != "exact":
       raise ValueError(f"config.sparsity.structure={config.sparsity.structure!r} needs "
                        f"sparsity.sampling='exact' (got {config.sparsity.sampling!r}).")
+  if method in methods.STRAIGHT_THROUGH:
+    methods.check_straight_through(config)
   if config.optimizer not in methods.OPTIMIZERS:
     raise ValueError(f"Unknown optimizer {config.optimizer!r}; use one of {methods.OPTIMIZERS}.")
   if config.lr_schedule not in methods.LR_SCHEDULES:

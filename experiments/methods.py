@@ -122,16 +122,54 @@ def create_sparse_tx(config, inner: optax.GradientTransformation, steps_per_epoc
         f"step {int(round(sp.end_epoch * steps_per_epoch))}): {e}") from None
 
 
+# Straight-through methods (sparse_jax.ste): the optimizer keeps dense weights and
+# the forward pass sees the masked ones (experiments/steps.py forward_params).
+# Two names rather than one method and a decay switch: "srste" (Zhou et al. 2021,
+# lambda_w = config.sparsity.srste_decay, their 2e-4) and "ste" (no decay) are
+# the names of the literature, and each run's summary then says which one it was.
+STRAIGHT_THROUGH = ("ste", "srste")
+SRSTE_DECAY = 2e-4  # Zhou et al. 2021's lambda_w
+
+
+def check_straight_through(config):
+  """Raises on a config ``ste``/``srste`` cannot run (no data read, nothing built)."""
+  _straight_through_tx(config, optax.identity())
+
+
+def _straight_through_tx(config, inner):
+  """``sparse_jax.ste`` from the config: masks recomputed every step, as in SR-STE.
+
+  ``sparsity.update_every`` (the dynamic methods' interval) is not used.
+  """
+  sp = config.sparsity
+  structure = parse_structure(sp.get("structure", "unstructured"))
+  if structure is None and not sp.final > 0.0:
+    raise ValueError(f"{sp.method} needs sparsity.final > 0 or an N:M / block / "
+                     f"channels structure (got final={sp.final}, unstructured).")
+  for field in ("packed_masks",):
+    if sp.get(field, False):
+      raise ValueError(f"sparsity.{field}=True is not supported by {sp.method}.")
+  if config.get("record_mask_history", False):
+    raise ValueError(f"record_mask_history=True is not supported by {sp.method}.")
+  decay = float(sp.get("srste_decay", SRSTE_DECAY)) if sp.method == "srste" else 0.0
+  return sparse_jax.ste(
+      inner, sparsity=sp.final, structure=structure, update_every=1, decay=decay,
+      scope=sp.scope, include=sp.include, exclude=sp.exclude,
+      keep_first_dense=sp.keep_first_dense, keep_last_dense=sp.keep_last_dense)
+
+
 def _sparse_tx(config, inner, steps_per_epoch: int, initial_masks):
   sp = config.sparsity
   method = sp.method
   if method == "dense":
     return inner
+  if method in STRAIGHT_THROUGH:
+    return _straight_through_tx(config, inner)
   if method in baselines.PRUNING_AT_INIT:
     method = "static"  # on the scored masks (baselines.pruning_at_init_tx_fn)
   if method not in sparse_jax.METHODS:
     raise ValueError(f"Unknown sparse method {method!r}; use dense or one of "
-                     f"{sorted([*sparse_jax.METHODS, *baselines.PRUNING_AT_INIT])} (imp "
+                     f"{sorted([*sparse_jax.METHODS, *STRAIGHT_THROUGH, *baselines.PRUNING_AT_INIT])} (imp "
                      "runs through experiments.main or experiments.imp.run_imp).")
   total = num_train_steps(config, steps_per_epoch)
   epoch = lambda e: int(round(e * steps_per_epoch))
@@ -179,8 +217,8 @@ def mask_update_steps(config, steps_per_epoch: int) -> set[int]:
   """The 1-based steps after which the method may update its masks (host side)."""
   sp = config.sparsity
   total = num_train_steps(config, steps_per_epoch)
-  if sp.method in ("dense", "static", *baselines.PRUNING_AT_INIT):
-    return set()
+  if sp.method in ("dense", "static", *STRAIGHT_THROUGH, *baselines.PRUNING_AT_INIT):
+    return set()  # straight-through: the masks follow the weights at every step
   if sp.method == "one_shot":
     return {int(round(sp.end_epoch * steps_per_epoch))}
   start = int(round(sp.start_epoch * steps_per_epoch))

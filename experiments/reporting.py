@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 import sparse_jax
+from experiments import steps as steps_lib
 
 log = logging.getLogger("sparse_jax.train")
 
@@ -150,7 +151,7 @@ def final_summary(config, final, masks, best_acc: float, last_eval: dict,
   prunable = (jax.tree.map(lambda p, m: m is not None, final.params, masks) if sparse
               else sparse_jax.select_prunable(final.params))
   skipped = None
-  if sparse:
+  if sparse and not steps_lib.is_straight_through(final.opt_state):  # ste: no events
     skipped = sparse_jax.get_sparse_state(final.opt_state).skipped_events
     skipped = None if skipped is None else int(skipped)
     if skipped:

@@ -72,10 +72,16 @@ def create_train_state(config, model, tx_fn, input_shape, rng,
            for n in names])
   tx = tx_fn(initial_masks)
   opt_state = tx.init(params)
-  if config.sparsity.method != "dense":
-    params = sparse_jax.sparsify_params(params, opt_state)
+  if config.sparsity.method != "dense" and not is_straight_through(opt_state):
+    params = sparse_jax.sparsify_params(params, opt_state)  # ste keeps dense weights
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                     opt_state=opt_state, rng=dropout_rng)
+
+
+def is_straight_through(opt_state) -> bool:
+  """Whether ``opt_state`` is of ``sparse_jax.ste`` (dense weights, masked forward)."""
+  is_st = lambda x: isinstance(x, sparse_jax.StraightThroughState)
+  return any(is_st(x) for x in jax.tree.leaves(opt_state, is_leaf=is_st))
 
 
 PARAM_SHARDINGS = ("replicated", "fsdp")

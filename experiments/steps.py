@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 import sparse_jax
+from experiments import state as state_lib
 from experiments.state import TrainState
 
 
@@ -19,6 +20,24 @@ def cross_entropy(logits, labels, num_classes: int, label_smoothing: float):
   if label_smoothing:
     onehot = optax.smooth_labels(onehot, label_smoothing)
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot)
+
+
+is_straight_through = state_lib.is_straight_through
+
+
+def get_masks(opt_state):
+  """The masks of any sparse method's state, ``sparse_jax.ste``'s included."""
+  if is_straight_through(opt_state):
+    return sparse_jax.get_straight_through_state(opt_state).masks
+  return sparse_jax.get_masks(opt_state)
+
+
+def forward_params(params, opt_state):
+  """The params the model computes with: masked for ``ste`` (straight-through
+  gradient), ``params`` itself for every other method (masked already)."""
+  if is_straight_through(opt_state):
+    return sparse_jax.masked_params(params, opt_state)
+  return params
 
 
 def apply_train_mode(model, params, batch_stats, images, dropout_rng):
@@ -42,6 +61,7 @@ def train_step(state: TrainState, batch, *, model, tx, config, num_classes: int,
   dropout_rng = jax.random.fold_in(state.rng, state.step)
 
   def loss_fn(params):
+    params = forward_params(params, state.opt_state)
     logits, new_vars = apply_train_mode(model, params, state.batch_stats, batch["image"],
                                         dropout_rng)
     loss = cross_entropy(logits, batch["label"], num_classes, config.label_smoothing).mean()
@@ -137,7 +157,7 @@ def state_readouts(state: TrainState, lr_fn, sparse: bool) -> dict:
   """
   out = {"learning_rate": lr_fn(state.step - 1)}
   if sparse:
-    masks = sparse_jax.get_masks(state.opt_state)
+    masks = get_masks(state.opt_state)
     out.update(density=sparse_jax.density(masks),
                layer_density=sparse_jax.layer_densities(masks))
   return out
@@ -150,7 +170,7 @@ def eval_step(state: TrainState, batch, *, model, num_classes: int,
   The mask is per example [B]; a sequence model's loss is per token [B, L], so
   the mask is broadcast over the positions and the counts are of tokens.
   """
-  variables = {"params": state.params}
+  variables = {"params": forward_params(state.params, state.opt_state)}
   if state.batch_stats:
     variables["batch_stats"] = state.batch_stats
   logits = model.apply(variables, batch["image"], train=False)
@@ -171,14 +191,14 @@ def gradient_flow_step(state: TrainState, batch, *, model, config, num_classes: 
   The loss is the training-mode loss (batch statistics, a fixed dropout key);
   running statistics are not updated. Dense runs measure every kernel as a layer.
   """
-  masks = (sparse_jax.get_masks(state.opt_state) if config.sparsity.method != "dense"
-           else None)
+  masks = get_masks(state.opt_state) if config.sparsity.method != "dense" else None
 
   def loss_fn(params):
     logits, _ = apply_train_mode(model, params, state.batch_stats, batch["image"], state.rng)
     return cross_entropy(logits, batch["label"], num_classes, config.label_smoothing).mean()
 
-  return sparse_jax.gradient_flow_measures(loss_fn, state.params, masks)
+  params = forward_params(state.params, state.opt_state)
+  return sparse_jax.gradient_flow_measures(loss_fn, params, masks)
 
 
 def gradient_flow_record(measures) -> dict:

@@ -45,7 +45,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # Sparse training (sparse_jax): the method and its schedule.
   config.sparsity = ml_collections.ConfigDict()
-  config.sparsity.method = "granet"  # dense | granet | gmp | rigl | set | static
+  config.sparsity.method = "granet"  # dense | granet | gmp | rigl | set | static | ste | srste
   config.sparsity.final = 0.98
   config.sparsity.initial = 0.0  # > 0 with granet gives GraNet-ST
   config.sparsity.distribution = "erk"  # uniform | er | erk
@@ -66,6 +66,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # (e.g. "2:4"; sparsity.final must then be 1 - N/M), "block:RxC" (e.g. "block:4x4")
   # or "channels" (whole output units; with keep_last_dense=True).
   config.sparsity.structure = "unstructured"
+  # srste: SR-STE's lambda_w (Zhou et al. 2021), the decay of the pruned dense weights.
+  config.sparsity.srste_decay = 2e-4
   # Store the masks 1 bit per weight in the optimizer state (very large models);
   # results are identical to the bool (1 byte) masks.
   config.sparsity.packed_masks = False
