@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import flax.linen as nn
-import numpy as np
 
 import sparse_jax
 from experiments import exports
@@ -146,30 +145,15 @@ def condense_model(model_name: str, num_classes: int, params: PyTree, masks: PyT
   return CondensedModel(model, variables, small.features)
 
 
-def _nested(exported: dict[str, np.ndarray], prefix: str) -> dict:
-  """The ``prefix/<a>/<b>`` arrays of an export as nested dicts ``{a: {b: ...}}``."""
-  tree: dict = {}
-  for key, value in exported.items():
-    if key.startswith(prefix + "/"):
-      *path, leaf = key[len(prefix) + 1:].split("/")
-      node = tree
-      for k in path:
-        node = node.setdefault(k, {})
-      node[leaf] = value
-  return tree
+def condense_export(config, export_path: str) -> CondensedModel:
+  """``condense_model`` of a run's ``export.npz`` (or its directory) and its config.
 
-
-def condense_export(config, export_path: str, num_classes: int | None = None
-                    ) -> CondensedModel:
-  """``condense_model`` of a run's ``export.npz`` (or its directory) and its config."""
+  The number of classes is read from the export (the classifier's bias).
+  """
   check_condensable(config.model)
   e = exports.load_exported(export_path)
-  if num_classes is None:
-    num_classes = int(e[f"params/{_last_dense(e)}/bias"].shape[0])
-  return condense_model(config.model, num_classes, _nested(e, "params"),
-                        _nested(e, "masks"), batch_stats=_nested(e, "batch_stats") or None,
+  params = exports.exported_tree(e, "params")
+  num_classes = int(params[_indexed(params, "Dense")[-1]]["bias"].shape[0])
+  return condense_model(config.model, num_classes, params, exports.exported_tree(e, "masks"),
+                        batch_stats=exports.exported_tree(e, "batch_stats") or None,
                         model_kwargs=dict(config.model_kwargs))
-
-
-def _last_dense(exported) -> str:
-  return _indexed(_nested(exported, "params"), "Dense")[-1]

@@ -26,6 +26,23 @@ def load_exported(path: str) -> dict[str, np.ndarray]:
     return dict(f)
 
 
+def exported_tree(exported: dict[str, np.ndarray], prefix: str) -> dict:
+  """The ``prefix/<a>/<b>`` arrays of an export as nested dicts ``{a: {b: ...}}``.
+
+  Example:
+    >>> params = exported_tree(load_exported(workdir), "params")
+  """
+  tree: dict = {}
+  for key, value in exported.items():
+    if key.startswith(prefix + "/"):
+      *path, leaf = key[len(prefix) + 1:].split("/")
+      node = tree
+      for k in path:
+        node = node.setdefault(k, {})
+      node[leaf] = value
+  return tree
+
+
 def fill_from_export(tree, exported: dict[str, np.ndarray], prefix: str):
   """``tree`` with every leaf replaced by ``exported[prefix/<leaf name>]``, checked."""
   names = sparse_jax.leaf_names(tree)

@@ -182,3 +182,21 @@ def test_residual_models_raise_naming_the_skip(name):
 def test_unsupported_model_raises():
   with pytest.raises(ValueError, match=r"no channel condensation for 'vit'"):
     condense.condense_model("vit", 10, {}, {})
+
+
+def test_trainer_channels_run_condenses_from_its_export(tmp_path):
+  from experiments import train  # pylint: disable=g-import-not-at-top
+  from tests.test_trainer import small_config  # pylint: disable=g-import-not-at-top
+  # As tests/test_structured_trainer.py: 40 steps, each hidden layer keeps 25% of its units.
+  config = small_config("gmp", keep_last_dense=True, scope="layerwise")
+  config.sparsity.structure = "channels"
+  config.sparsity.final = 0.75
+  train.train_and_evaluate(config, str(tmp_path))
+  e = exports.load_exported(str(tmp_path))
+  small = condense.condense_export(config, str(tmp_path))
+  assert small.features == (75, 25, 10)
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 28, 28, 1))
+  model = models.get_model(config.model, 10, **config.model_kwargs)
+  want = model.apply({"params": exports.exported_tree(e, "params")}, x, train=False)
+  got = small.model.apply(small.variables, x, train=False)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)

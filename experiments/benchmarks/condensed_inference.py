@@ -14,10 +14,18 @@ float32 values + uint8 indices) at 2:4 and 1:4 against the dense kernels, and th
 latency of the reference N:M forward (``nm_dense``, a gather) against the dense
 masked matmul of the first layer at batch 8, which it does not beat on CPU.
 
+VGG-16 at CIFAR shapes (32x32x3, batch norm after every conv, eval mode) is opt-in
+(``--models=vgg16``): its masked forward takes a quarter of a second at batch 1 on
+a 2-core CPU, so it is timed at batches 1 and 16 with ``--conv_reps`` calls per
+sample, and condensed by ``experiments.condense.condense_model`` (the same family
+at the condensed ``cfg`` widths, batch-norm entries removed).
+
 The load average before and after is printed: other jobs on the machine move the
 absolute times; the ratios, taken within one round, move less.
 
   python -m experiments.benchmarks.condensed_inference --rounds=15 --out=condensed_inference.json
+  python -m experiments.benchmarks.condensed_inference --models=vgg16 --rounds=5 \
+      --out=condensed_inference_vgg16.json
 """
 
 import argparse
@@ -33,13 +41,18 @@ import optax
 
 import sparse_jax
 from experiments import compilation_cache
+from experiments import condense
+from experiments import models
 
 MODELS = {
     "lenet300_100": (784, 300, 100, 10),
     "mlp_2048": (784, 2048, 2048, 10),
 }
+# Conv models by registry name: their input shape (opt-in, slow on CPU).
+CONV_MODELS = {"vgg16": (32, 32, 3)}
 UNIT_SPARSITIES = (0.5, 0.75, 0.9)
 BATCHES = (1, 128)
+CONV_BATCHES = (1, 16)
 # The reference N:M forward gathers one input per kept weight and batch row
 # (128 x 784/4 x 2 x 2048 floats, 400 MB, for the wide MLP's first layer at batch
 # 128): it is timed at a small batch.
@@ -115,31 +128,62 @@ def variants(sizes, key):
   return out, memory
 
 
+def conv_variants(name, key):
+  """``variants`` of a registered conv model (10 classes), eval mode, no N:M table."""
+  model = models.get_model(name, 10)
+  variables = model.init(key, jnp.zeros((1, *CONV_MODELS[name])), train=False)
+  fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  out = {}
+  for s in UNIT_SPARSITIES:
+    tx = sparse_jax.static(optax.sgd(0.1), sparsity=s, structure=sparse_jax.Channels(),
+                           distribution="uniform", keep_last_dense=True)
+    state = tx.init(variables["params"])
+    masked = {**variables, "params": sparse_jax.sparsify_params(variables["params"], state)}
+    small = condense.condense_model(name, 10, masked["params"], sparse_jax.get_masks(state),
+                                    batch_stats=variables["batch_stats"])
+    small_fwd = jax.jit(lambda v, x, m=small.model: m.apply(v, x, train=False))
+    for batch in CONV_BATCHES:
+      x = jax.random.normal(jax.random.PRNGKey(batch), (batch, *CONV_MODELS[name]))
+      np.testing.assert_allclose(np.asarray(small_fwd(small.variables, x)),
+                                 np.asarray(fwd(masked, x)), rtol=1e-3, atol=1e-3)
+      out[(s, batch, "masked")] = (fwd, (masked, x))
+      out[(s, batch, "condensed")] = (small_fwd, (small.variables, x))
+      out[(s, batch, "widths")] = small.features
+  return out, {}
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--rounds", type=int, default=15)
   parser.add_argument("--reps", type=int, default=20, help="calls per timing sample")
-  parser.add_argument("--models", default=",".join(MODELS))
+  parser.add_argument("--conv_reps", type=int, default=2,
+                      help="calls per timing sample of a conv model")
+  parser.add_argument("--models", default=",".join(MODELS),
+                      help=f"of {', '.join([*MODELS, *CONV_MODELS])}")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   compilation_cache.enable()
   load_before = os.getloadavg()
   results = {"load_before": load_before, "cores": os.cpu_count(), "models": {}}
   for model in args.models.split(","):
-    sizes = MODELS[model]
-    table, memory = variants(sizes, jax.random.PRNGKey(0))
+    if model in CONV_MODELS:
+      sizes, batches, reps = CONV_MODELS[model], CONV_BATCHES, args.conv_reps
+      table, memory = conv_variants(model, jax.random.PRNGKey(0))
+    else:
+      sizes, batches, reps = MODELS[model], BATCHES, args.reps
+      table, memory = variants(sizes, jax.random.PRNGKey(0))
     timed = {k: v for k, v in table.items() if k[2] != "widths"}
     samples = {k: [] for k in timed}
     for _ in range(args.rounds):  # interleaved: every variant once per round
       for k, (fn, fargs) in timed.items():
-        samples[k].append(time_call(fn, *fargs, reps=args.reps))
+        samples[k].append(time_call(fn, *fargs, reps=reps))
     med = {k: statistics.median(v) for k, v in samples.items()}
     rows = []
     print(f"\n{model} {sizes}: median ms per call over {args.rounds} interleaved rounds")
-    print("| hidden units removed | widths | batch | masked | condensed | masked / condensed |")
+    print("| units removed | widths | batch | masked | condensed | masked / condensed |")
     print("|---|---|---|---|---|---|")
     for s in UNIT_SPARSITIES:
-      for b in BATCHES:
+      for b in batches:
         a, c = med[(s, b, "masked")], med[(s, b, "condensed")]
         ratios = [x / y for x, y in zip(samples[(s, b, "masked")],
                                         samples[(s, b, "condensed")])]
@@ -149,7 +193,8 @@ def main():
         rows.append(row)
         print(f"| {s:.0%} | {'-'.join(map(str, row['widths']))} | {b} | {1e3 * a:.4f} | "
               f"{1e3 * c:.4f} | {a / c:.2f} |")
-    print("\nN:M storage of the hidden kernels (float32 values + uint8 indices):")
+    if memory:
+      print("\nN:M storage of the hidden kernels (float32 values + uint8 indices):")
     for nm, mem in memory.items():
       d, q = med[(nm, NM_BATCH, "dense_matmul")], med[(nm, NM_BATCH, "nm_dense")]
       mem.update(dense_matmul_ms=1e3 * d, nm_dense_ms=1e3 * q)
