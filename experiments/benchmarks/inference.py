@@ -46,6 +46,7 @@ import optax
 
 import sparse_jax
 from experiments import compilation_cache
+from experiments import exports
 from experiments.benchmarks.condensed_inference import forward as mlp_forward
 from experiments.benchmarks.condensed_inference import init_mlp
 
@@ -254,14 +255,11 @@ def main():
 def exported_mlp_latency(export_path, rounds=15, reps=20):
   """Masked vs condensed forward (µs, batch 1 and 128) of a Channels() MLP's export.npz."""
   del reps  # calibrated per variant
-  with np.load(export_path) as f:
-    e = dict(f)
-  layers = sorted({k.split("/")[1] for k in e if k.startswith("params/Dense_")},
-                  key=lambda n: int(n.split("_")[1]))
-  params = {l: {"kernel": jnp.asarray(e[f"params/{l}/kernel"]),
-                "bias": jnp.asarray(e[f"params/{l}/bias"])} for l in layers}
-  masks = {l: {"kernel": e.get(f"masks/{l}/kernel"), "bias": None} for l in layers}
-  small = sparse_jax.condense_channels(params, masks, layers)
+  e = exports.load_exported(export_path)
+  tree = exports.exported_tree(e, "params")
+  layers = sorted((n for n in tree if n.startswith("Dense_")), key=lambda n: int(n[6:]))
+  params = {l: jax.tree.map(jnp.asarray, tree[l]) for l in layers}
+  small = sparse_jax.condense_channels(params, exports.exported_tree(e, "masks"), layers)
   fwd = jax.jit(mlp_forward)
   table = {}
   for b in BATCHES:
