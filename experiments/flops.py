@@ -57,6 +57,8 @@ def dense_gradient_steps(config, steps_per_epoch: int, mask_update_steps) -> set
   sp = config.sparsity
   total = (int(config.num_train_steps) if config.get("num_train_steps") is not None
            else int(config.num_epochs * steps_per_epoch))
+  if sp.method in methods.STRAIGHT_THROUGH:
+    return set(range(1, total + 1))  # every update's weight gradient is dense
   if sp.method in _DENSE_GRADIENT_AT_EVENTS and sp.growth == "momentum":
     return set(range(1, total + 1))
   if sp.method in _DENSE_GRADIENT_AT_EVENTS and sp.growth == "gradient":

@@ -11,8 +11,11 @@ the channel rows the exported model is condensed (``sparse_jax.condense_channels
 and its forward timed against the masked dense forward (cached per run in
 ``latency.json``).
 
-SR-STE is not in the table: ``sparse_jax.ste`` is not a trainer method
-(``sparse_jax.METHODS``), so the trainer cannot run it.
+SR-STE and STE (trainer methods ``srste``, ``ste``: ``sparse_jax.ste``) at 2:4
+and 1:4 too. Each finished run's result fields are recorded in
+``experiments/results/structured_runs/<row>_seed<k>.json`` (committed) and read
+back when its workdir is gone; the report has every row with a workdir or a
+record, and keeps (marked †) the rows of the committed table that have neither.
 
   python -m experiments.sweep_structured --workdir=workdirs/sweep_structured \
       [--seeds=0,1,2] [--rows=granet_2:4,gmp_channels_0.5]
@@ -40,7 +43,7 @@ def _rows():
   rows = {}
   for structure in ("2:4", "1:4"):
     n, m = (int(v) for v in structure.split(":"))
-    for method in ("granet", "gmp", "rigl"):
+    for method in ("granet", "gmp", "rigl", "srste", "ste"):
       rows[f"{method}_{structure}"] = (method, structure, 1 - n / m, {})
   for scope in ("global", "layerwise"):
     for method in ("granet", "gmp"):
@@ -89,27 +92,74 @@ def condensed_latency(run_workdir, rounds=15, reps=20):
   return out
 
 
-def load(workdir, names, seeds):
+RUNS = os.path.join(RESULTS, "structured_runs")  # one committed record per run
+FIELDS = ("method", "steps", "final_test_accuracy", "best_test_accuracy",
+          "final_sparsity", "mask_sparsity", "train_flops_vs_dense",
+          "inference_flops_vs_dense", "widths", "masked_b1_us", "condensed_b1_us",
+          "masked_b128_us", "condensed_b128_us")
+
+
+def record_path(name, seed, runs_dir=RUNS):
+  return os.path.join(runs_dir, f"{name.replace(':', '-')}_seed{seed}.json")
+
+
+def load_run(workdir, name, seed, runs_dir=RUNS):
+  """A run's result fields: from its workdir (and recorded), else from its record.
+
+  The record (``experiments/results/structured_runs/``, committed) keeps a run's
+  result when its workdir (git-ignored) is gone; None if neither exists.
+  """
+  d = os.path.join(workdir, f"{name.replace(':', '-')}_seed{seed}")
+  path = os.path.join(d, "summary.json")
+  if not os.path.exists(path):
+    rec = record_path(name, seed, runs_dir)
+    if not os.path.exists(rec):
+      return None
+    with open(rec) as f:
+      return json.load(f)
+  with open(path) as f:
+    summary = with_flops(json.load(f), d)
+  if ROWS[name][1] == "channels":
+    with np.load(os.path.join(d, "export.npz")) as e:
+      widths = [int(e[f"masks/Dense_{i}/kernel"].any(axis=0).sum()) for i in (0, 1)]
+    summary = {**summary, **condensed_latency(d), "widths": widths}
+  out = {k: summary[k] for k in FIELDS if k in summary}
+  os.makedirs(runs_dir, exist_ok=True)
+  with open(record_path(name, seed, runs_dir), "w") as f:
+    json.dump({"row": name, "seed": seed, **out}, f, indent=1, sort_keys=True)
+  return out
+
+
+def load(workdir, names, seeds, runs_dir=RUNS):
   rows = {}
   for name in names:
-    runs = []
-    for seed in seeds:
-      d = os.path.join(workdir, f"{name.replace(':', '-')}_seed{seed}")
-      path = os.path.join(d, "summary.json")
-      if os.path.exists(path):
-        with open(path) as f:
-          summary = with_flops(json.load(f), d)
-        if ROWS[name][1] == "channels":
-          with np.load(os.path.join(d, "export.npz")) as e:
-            widths = [int(e[f"masks/Dense_{i}/kernel"].any(axis=0).sum()) for i in (0, 1)]
-          summary = {**summary, **condensed_latency(d), "widths": widths}
-        runs.append(summary)
+    runs = [r for r in (load_run(workdir, name, s, runs_dir) for s in seeds) if r]
     if runs:
       rows[name] = runs
   return rows
 
 
-def write_report(rows, command, out_md):
+def previous_lines(out_md):
+  """The table lines of the report as committed, by (method, structure, scope, target).
+
+  Rows run before the per-run records existed (their workdirs are gone) are
+  kept from here as printed.
+  """
+  if not os.path.exists(out_md):
+    return {}
+  out = {}
+  with open(out_md) as f:
+    for line in f:
+      cells = [c.strip() for c in line.strip().strip("|").split("|")]
+      if len(cells) == 13 and cells[0] in {r[0] for r in ROWS.values()}:
+        out[tuple(cells[:4])] = cells
+  return out
+
+
+def write_report(rows, command, out_md, previous=None):
+  """Writes the table of ``rows`` (name -> runs); rows without runs are taken from
+  ``previous`` (``previous_lines``), marked † in the seeds column."""
+  previous = previous or {}
   stat = lambda runs, k: (100 * np.mean([r[k] for r in runs]),
                           100 * np.std([r[k] for r in runs]))
   mean = lambda runs, k: float(np.mean([r[k] for r in runs]))
@@ -136,8 +186,18 @@ def write_report(rows, command, out_md):
       "the run's export), jitted and warm, on the shared 2-core CPU (not quiet: other "
       "engineers ran tests meanwhile), batch 1 / 128.",
       "",
-      "SR-STE (`sparse_jax.ste`) is not here: it is not a trainer method "
-      "(`sparse_jax.METHODS`), so the trainer cannot run it yet.",
+      "SR-STE and STE (`sparse_jax.ste`; trainer methods `srste`, `ste`): the "
+      "optimizer keeps dense weights, the forward pass sees the N:M magnitude masks "
+      "of them, recomputed every step (so at the target structure from step 0); their "
+      "train FLOPs count every step's masked forward and input gradient and its "
+      "dense weight gradient (the dense weights are updated); SR-STE adds lambda_w = "
+      "2e-4 times every pruned weight to its gradient (Zhou et al. 2021). The "
+      "exported model is the masked one.",
+      "",
+      "† Copied as printed from the previous version of this table: those runs' "
+      "workdirs are gone and no per-run record was kept then. Every run since is "
+      "recorded in `experiments/results/structured_runs/` (read back when its "
+      "workdir is gone).",
       "",
       f"Command: `{command}`",
       "",
@@ -147,8 +207,14 @@ def write_report(rows, command, out_md):
       "| masked / condensed latency, batch 1 (µs) | batch 128 (µs) | seeds |",
       "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
-  for name, runs in rows.items():
-    method, structure, s, overrides = ROWS[name]
+  for name, (method, structure, s, overrides) in ROWS.items():
+    runs = rows.get(name)
+    if not runs:
+      key = (method, structure, overrides.get("scope", "-"), f"{s:g}")
+      if key in previous:
+        cells = [*previous[key][:-1], previous[key][-1].rstrip("†").strip() + " †"]
+        lines.append("| " + " | ".join(cells) + " |")
+      continue
     acc, acc_sd = stat(runs, "final_test_accuracy")
     if structure == "channels":
       units = "-".join(f"{np.mean([r['widths'][i] for r in runs]):.0f}" for i in (0, 1))
@@ -179,9 +245,10 @@ def main():
   names = args.rows.split(",")
   seeds = [int(s) for s in args.seeds.split(",")]
   run_all(args.workdir, names, seeds)
-  rows = load(args.workdir, names, seeds)
+  previous = previous_lines(args.out + ".md")
+  rows = load(args.workdir, list(ROWS), seeds)  # every row with a workdir or record
   command = "python -m experiments.sweep_structured " + " ".join(sys.argv[1:])
-  write_report(rows, command.strip(), args.out + ".md")
+  write_report(rows, command.strip(), args.out + ".md", previous)
   print(open(args.out + ".md").read())
 
 

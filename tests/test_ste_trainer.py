@@ -161,3 +161,24 @@ def test_trainer_exports_exact_nm_model_and_resumes(method, structure, tmp_path)
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_sweep_structured_report_from_records_and_previous_table(tmp_path):
+  from experiments import sweep_structured as sweep
+  runs_dir, out_md = str(tmp_path / "runs"), str(tmp_path / "table.md")
+  record = {"row": "srste_2:4", "seed": 0, "method": "srste", "final_test_accuracy": 0.9,
+            "final_sparsity": 0.5, "mask_sparsity": 0.5, "train_flops_vs_dense": 0.8,
+            "inference_flops_vs_dense": 0.5}
+  (tmp_path / "runs").mkdir()
+  with open(sweep.record_path("srste_2:4", 0, runs_dir), "w") as f:
+    f.write(__import__("json").dumps(record))
+  old = "| gmp | 1:4 | - | 0.75 | 93.87 ± 0.09 | 0.7500 | 0.7500 | 0.493 | 0.251 | 300-100 | - | - | 3 |"
+  with open(out_md, "w") as f:
+    f.write("# t\n\n| method | ...\n|---|\n" + old + "\n")
+  rows = sweep.load(str(tmp_path / "no_workdirs"), list(sweep.ROWS), [0, 1], runs_dir)
+  assert list(rows) == ["srste_2:4"]
+  sweep.write_report(rows, "cmd", out_md, sweep.previous_lines(out_md))
+  table = [l for l in open(out_md) if l.startswith("| ") and "---" not in l][1:]
+  assert table == [
+      "| srste | 2:4 | - | 0.5 | 90.00 ± 0.00 | 0.5000 | 0.5000 | 0.800 | 0.500 | 300-100 "
+      "| - | - | 1 |\n", old[:-4] + " 3 † |\n"]
