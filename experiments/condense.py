@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -61,14 +62,10 @@ def _vgg_chain(params, kwargs):
   return [*convs, "Dense_0"], {c: f"BatchNorm_{i}" for i, c in enumerate(convs)}
 
 
-def _mlp_widths(name, kwargs, features):
+def _features_widths(name, kwargs, features):
+  """MLP / LeNet-5 kwargs at the condensed widths: the chain's outputs but the logits."""
   del name
   kwargs = {k: v for k, v in kwargs.items() if k not in ("width", "depth")}
-  return {**kwargs, "features": tuple(features[:-1])}
-
-
-def _lenet5_widths(name, kwargs, features):
-  del name
   return {**kwargs, "features": tuple(features[:-1])}
 
 
@@ -81,9 +78,9 @@ def _vgg_widths(name, kwargs, features):
 # model name -> (its chain: (layers, {layer: norm}), the constructor kwargs at new widths,
 # the registry name of the family's model that takes those widths).
 _FAMILIES = {
-    "mlp": (_mlp_chain, _mlp_widths, "mlp"),
-    "lenet300_100": (_mlp_chain, _mlp_widths, "mlp"),
-    "lenet5": (_lenet5_chain, _lenet5_widths, "lenet5"),
+    "mlp": (_mlp_chain, _features_widths, "mlp"),
+    "lenet300_100": (_mlp_chain, _features_widths, "mlp"),
+    "lenet5": (_lenet5_chain, _features_widths, "lenet5"),
     "vgg16": (_vgg_chain, _vgg_widths, "vgg16"),
     "vgg19": (_vgg_chain, _vgg_widths, "vgg19"),
 }
@@ -94,7 +91,7 @@ def _activation(name: str, kwargs):
   if act == "prelu":
     raise ValueError("condense_model: an MLP with 'prelu' has a learned slope per layer; "
                      "only stateless activations can be folded.")
-  return mlp._ACTIVATIONS[act]  # pylint: disable=protected-access
+  return functools.partial(mlp.activate, act)  # stateless: callable outside a module
 
 
 def check_condensable(model_name: str):
@@ -111,8 +108,8 @@ def check_condensable(model_name: str):
 
 
 def condense_model(model_name: str, num_classes: int, params: PyTree, masks: PyTree, *,
-                   batch_stats: PyTree = None, model_kwargs: dict | None = None
-                   ) -> CondensedModel:
+                   batch_stats: PyTree = None, model_kwargs: dict | None = None,
+                   keep_constant_channels: bool = True) -> CondensedModel:
   """The model of ``model_name``'s family at the condensed widths, and its variables.
 
   Args:
@@ -122,6 +119,9 @@ def condense_model(model_name: str, num_classes: int, params: PyTree, masks: PyT
     masks: their ``Channels()`` masks (``sparse_jax.get_masks``).
     batch_stats: the ``'batch_stats'`` collection, for models with batch norm.
     model_kwargs: the model's constructor kwargs (``config.model_kwargs``).
+    keep_constant_channels: keep a dead channel that outputs a nonzero constant
+      into a conv (``condense_channels``'s flag); trained VGGs have them (a dead
+      channel's batch norm keeps its bias). False raises instead.
 
   Returns:
     A ``CondensedModel`` whose ``model.apply(variables, x, train=False)`` gives the
@@ -137,7 +137,8 @@ def condense_model(model_name: str, num_classes: int, params: PyTree, masks: PyT
   layers, norms = chain(params, kwargs)
   small = sparse_jax.condense_channels(
       params, masks, layers, activation=_activation(model_name, kwargs),
-      batch_stats=batch_stats if norms else None, norms=norms)
+      batch_stats=batch_stats if norms else None, norms=norms,
+      keep_constant_channels=keep_constant_channels)
   model = models.get_model(family, num_classes, **widths(model_name, kwargs, small.features))
   variables = {"params": small.params}
   if batch_stats is not None:

@@ -99,7 +99,8 @@ def condense_channels(params: PyTree, masks: PyTree, layers: Sequence[str], *,
                       activation: Callable = jax.nn.relu,
                       batch_stats: PyTree | None = None,
                       norms: Mapping[str, str] | None = None,
-                      epsilon: float = 1e-5) -> Condensed:
+                      epsilon: float = 1e-5,
+                      keep_constant_channels: bool = False) -> Condensed:
   """Removes the dead output units of a chain of layers (a ``Channels()`` model).
 
   ``layers`` are the module paths of the chain in forward order (``"Dense_0"``,
@@ -142,6 +143,10 @@ def condense_channels(params: PyTree, masks: PyTree, layers: Sequence[str], *,
       ``batch_stats[norm]`` holds ``mean``/``var``). A norm after the last layer
       is left as it is.
     epsilon: the batch norms' epsilon (Flax's and PyTorch's default 1e-5).
+    keep_constant_channels: keep the dead units whose constant output is not 0
+      before a conv (their zero filters and the conv's input rows stay), instead
+      of raising: exact, less condensed. In a ``Channels()``-trained VGG a dead
+      channel's batch norm usually keeps a positive bias, so it outputs one.
 
   Returns:
     A ``Condensed``: the params (and ``batch_stats``) with the chain's layers and
@@ -188,7 +193,10 @@ def condense_channels(params: PyTree, masks: PyTree, layers: Sequence[str], *,
     if name in norms:
       y = _norm_constants(name, norms[name], _get(params, norms[name]),
                           _get(batch_stats, norms[name]), y, epsilon)
-    const = np.asarray(activation(jnp.asarray(y[~keep])), np.float64)
+    constant = np.asarray(activation(jnp.asarray(y)), np.float64)  # each unit's, if dead
+    if keep_constant_channels and nkernel.ndim != 2:
+      keep = alive[i] = keep | (constant != 0)  # their zero filters stay: exact
+    const = constant[~keep]
     what = "activation(BatchNorm(bias))" if name in norms else "activation(bias)"
     if nkernel.ndim == 2:
       w = nkernel.reshape(positions, channels, -1)
@@ -205,7 +213,8 @@ def condense_channels(params: PyTree, masks: PyTree, layers: Sequence[str], *,
         raise ValueError(
             f"condense_channels: dead units of {name!r} output {what} != 0 "
             f"into the conv {nxt!r}; a zero-padded conv does not turn a constant "
-            "channel into a bias. Zero those biases (or train with non-positive ones).")
+            "channel into a bias. Zero those biases (or train with non-positive ones), "
+            "or pass keep_constant_channels=True to keep these channels.")
       layer[nxt]["kernel"] = nkernel[..., keep, :]
     out["kernel"] = kernel[..., keep]
     if bias is not None:

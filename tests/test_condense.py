@@ -107,14 +107,21 @@ def test_vgg_condenses_to_a_narrower_vgg_with_the_masked_logits():
   assert not np.allclose(v["params"]["Dense_0"]["bias"], params["Dense_0"]["bias"], atol=1e-3)
 
 
-def test_vgg_constant_channel_before_a_conv_is_a_clear_error():
+def test_vgg_constant_channel_before_a_conv_is_kept_or_a_clear_error():
   rng = np.random.default_rng(1)
-  _, _, params, stats, masks, _ = _vgg(rng, positive_before_conv=True)
+  model, x, params, stats, masks, dead = _vgg(rng, positive_before_conv=True)
   with pytest.raises(ValueError, match=r"dead units of 'Conv_1' output "
                                        r"activation\(BatchNorm\(bias\)\) != 0 into the conv "
-                                       r"'Conv_2'"):
+                                       r"'Conv_2'.*keep_constant_channels=True"):
     condense.condense_model("vgg16", 10, params, masks, batch_stats=stats,
-                            model_kwargs={"cfg": NARROW_VGG16})
+                            model_kwargs={"cfg": NARROW_VGG16}, keep_constant_channels=False)
+  # By default such channels stay (zero filters, constant output): exact, Conv_1 unshrunk.
+  small = condense.condense_model("vgg16", 10, params, masks, batch_stats=stats,
+                                  model_kwargs={"cfg": NARROW_VGG16})
+  assert small.features[:3] == (3, 4, 6) and dead["Conv_1"].sum() == 1
+  want = model.apply({"params": params, "batch_stats": stats}, x, train=False)
+  got = small.model.apply(small.variables, x, train=False)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
 def test_condense_export_of_a_vgg(tmp_path):
