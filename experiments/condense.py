@@ -8,6 +8,12 @@ and builds the same family at the condensed widths: ``mlp`` / ``lenet300_100``
 run's ``export.npz``. Residual models (the ResNets) raise: their skips add a
 block's input to its output, which no chain export can shrink.
 
+A dead VGG channel whose batch norm still outputs a positive constant into the
+next conv is kept (exact; a zero-padded conv turns a constant into a border
+pattern, not a bias). Training does not zero those biases: in an 18-step GMP
+``Channels()`` run of VGG-19 at 1/16 width (50%, ERK), convs 8-14 kept 8-13 of 32
+units alive but condensed only to 17-24 of 32.
+
 Example:
   >>> small = condense.condense_export(config, os.path.join(workdir, "export.npz"))
   >>> small.model.apply(small.variables, x, train=False)  # the masked model's logits
