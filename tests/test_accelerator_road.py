@@ -8,12 +8,17 @@ with small overrides on the command line (steps, batch, schedule) and narrow mod
 widths set in Python (the model's own attributes: VGG's ``cfg`` at 1/16 of each width,
 ResNet's ``num_filters``); the training set is fed by the augmented ``tf.data`` path
 (the configs' ``data_on_device=False``).
+
+Also here: bfloat16 on every model family, the device check's skip on CPU (and its
+``--smoke`` run), the README's accelerator commands, and (slow) the full-width VGG-19
+and ResNet-50 training through two mask updates with exact counts.
 """
 
 import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import textwrap
@@ -253,6 +258,49 @@ def test_vgg19_cifar10_halt_and_resume_equal_the_uninterrupted_run(vgg19_runs):
       assert x.get(key) == y.get(key), (x["step"], key)
   for key in ("final_test_accuracy", "best_test_accuracy", "mask_sparsity", "final_sparsity"):
     assert vgg19_runs["summary"][key] == vgg19_runs["resumed"][key], key
+
+
+# A real SIGKILL on the tf.data path: the process dies after step 14 is logged (past the
+# step-12 checkpoint and evaluation, mid-epoch 2); the resumed run restores the
+# checkpoint and the input pipeline's position, and ends as the uninterrupted run does.
+KILL_WORKER = textwrap.dedent(r"""
+    import os, signal, sys
+    from experiments import reporting, train
+    from tests.test_accelerator_road import vgg19_cifar10_config
+
+    data_dir, workdir = sys.argv[1:3]
+    write = reporting.MetricWriter.write
+    def write_then_kill(self, record):
+      write(self, record)
+      if record["step"] == 14:
+        os.kill(os.getpid(), signal.SIGKILL)
+    reporting.MetricWriter.write = write_then_kill
+    train.train_and_evaluate(vgg19_cifar10_config(data_dir), workdir)
+""")
+
+
+def test_vgg19_cifar10_sigkill_then_resume_equals_the_uninterrupted_run(
+    data_dir, vgg19_runs, tmp_path):
+  workdir = str(tmp_path / "killed")
+  out = subprocess.run([sys.executable, "-c", KILL_WORKER, data_dir, workdir],
+                       env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO,
+                       capture_output=True, text=True, timeout=900)
+  assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
+  assert not os.path.exists(os.path.join(workdir, "summary.json"))
+  assert "12" in os.listdir(os.path.join(workdir, "checkpoints"))
+  resumed = train.train_and_evaluate(vgg19_cifar10_config(data_dir), workdir)
+  assert resumed["steps"] == 18
+  full, parts = read_export(vgg19_runs["full"]), read_export(workdir)
+  assert full.keys() == parts.keys()
+  for k in full:
+    np.testing.assert_array_equal(full[k], parts[k], err_msg=k)
+  a, b = read_metrics(vgg19_runs["full"]), read_metrics(workdir)
+  assert [r["step"] for r in b] == list(range(1, 19))
+  for x, y in zip(a, b):
+    for key in ("train_loss", "test_accuracy", "sparsity"):
+      assert x.get(key) == y.get(key), (x["step"], key)
+  for key in ("final_test_accuracy", "best_test_accuracy", "mask_sparsity"):
+    assert vgg19_runs["summary"][key] == resumed[key], key
 
 
 # The same run on the mesh path: jax.jit over 8 CPU devices, 2 examples a device.
@@ -517,3 +565,66 @@ def test_readme_accelerator_section_shows_the_tested_commands():
       assert f"tfds build {config.dataset} --data_dir=" in row
   # The tests that run them: VGG-19 in make test; IMP and the ResNet-50s slow-marked.
   assert {"cifar_vgg19.py", "imp_cifar_vgg19.py", *RESNET_RUNS} == set(by_file)
+
+
+# The big models train (full width): VGG-19 and ResNet-50 (CIFAR stem) with GraNet and
+# RigL on the learnable synthetic CIFAR-10 (a colour per class), 24 steps of 16
+# examples. Mask updates every 4 steps: GraNet prunes at 4 and 8, reaching 90% by its
+# end step 9, then drops and regrows up to the end; RigL up to 75% of training. The
+# recipe's learning rate scaled linearly to the batch (0.1 x 16 / 128) and held
+# constant (its decays at 50% and 75% of 24 steps would stop the learning to be seen).
+# Slow: ~5-10 min each on a loaded 2-core CPU.
+BIG_EVENTS = {"granet": [4, 8, 12, 16, 20], "rigl": [4, 8, 12, 16]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config_file,method", [
+    ("cifar_vgg19.py", "granet"), ("cifar_vgg19.py", "rigl"),
+    ("cifar_resnet50.py", "granet"), ("cifar_resnet50.py", "rigl")])
+def test_big_models_train_with_exact_mask_counts(data_dir, tmp_path, config_file, method):
+  config, _ = parse_command([
+      f"--config=experiments/configs/{config_file}:dataset=cifar10,method={method},"
+      "sparsity=0.9", "--workdir=unused", f"--config.data_dir={data_dir}",
+      "--config.batch_size=16", "--config.learning_rate=0.0125",
+      "--config.lr_schedule=constant", "--config.eval_batch_size=50",
+      "--config.num_train_steps=24", "--config.sparsity.update_every=4",
+      "--config.sparsity.end_epoch=0.75", "--config.log_every_steps=1",
+      "--config.checkpoint_every_steps=24"])
+  info = input_pipeline.dataset_info(config.dataset, config.data_dir)
+  model = state_lib.create_model(config, info.num_classes)
+  tx_fn = methods.create_tx_fn(config, model, info, info.num_train_examples // 16)
+  init = state_lib.create_sharded_train_state(config, model, tx_fn, info.input_shape,
+                                              jax.random.PRNGKey(config.seed))
+  masks0 = {sparse_jax.path_to_name(p): np.asarray(m) for p, m in
+            jax.tree_util.tree_flatten_with_path(sparse_jax.get_masks(init.opt_state))[0]}
+  sizes = {name: m.size for name, m in masks0.items()}
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  records = read_metrics(tmp_path)
+  events = [r for r in records if r.get("mask_update")]
+  assert [r["step"] for r in events] == BIG_EVENTS[method]
+  exported = read_export(tmp_path)
+  assert_sparse_export(exported, 0.9)
+  counts = {name: int(exported[f"masks/{name}"].sum()) for name in masks0}
+  convs = [n for n in masks0 if exported[f"masks/{n}"].ndim == 4]
+  assert len(convs) == (16 if config.model == "vgg19" else 53)
+  if method == "rigl":  # drops and regrows the same number in every layer
+    assert counts == {name: int(m.sum()) for name, m in masks0.items()}
+    assert any(np.any(exported[f"masks/{n}"] != masks0[n]) for n in convs)
+  else:  # GraNet starts dense and prunes globally to the schedule's exact counts
+    total = sum(sizes.values())
+    schedule = sparse_jax.gradual_active_counts(
+        total, initial_sparsity=0.0, final_sparsity=0.9, start_step=0, end_step=9,
+        update_every=4)
+    assert all(m.all() for m in masks0.values())
+    for k, event in enumerate(events, start=1):  # after the end step: the final count
+      active = sum(round(event["layer_density"][n] * sizes[n]) for n in sizes)
+      assert active == schedule[min(k, len(schedule) - 1)], (event["step"], active, schedule)
+    assert sum(counts.values()) == schedule[-1] == sparse_jax.active_count(0.9, total)
+  # Batch norm's running statistics moved from their initial 0 / 1.
+  stats = {k: v for k, v in exported.items() if k.startswith("batch_stats/")}
+  assert stats and all(np.any(v != (0.0 if k.endswith("mean") else 1.0))
+                       for k, v in stats.items())
+  # The loss falls on the learnable task.
+  losses = [r["train_loss"] for r in records]
+  assert np.mean(losses[-4:]) < np.mean(losses[:4]), losses
+  assert np.isfinite(summary["final_test_loss"])
