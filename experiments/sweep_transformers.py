@@ -2,7 +2,8 @@ r"""Sparse training of the transformers: ViT on the MNIST subset, byte-level GPT
 
 Runs dense, GraNet, GMP, RigL, SET and static at 50/75/90% sparsity on both models
 (``experiments/configs/vit_mnist5k.py``, ``gpt_bytes.py``), one workdir per run,
-skipping runs that already have a ``summary.json`` (an interrupted sweep resumes).
+skipping runs that already have a ``summary.json`` or a committed record in
+``experiments/results/transformers_runs/`` (an interrupted sweep resumes).
 Then, for each trained dense GPT, the post-training one-shot baselines at the same
 sparsities (``experiments/post_training.py``): global magnitude and Wanda
 (|w| * ||x|| of the layer input on 128 training windows, per output), evaluated as
@@ -62,8 +63,9 @@ def run_all(workdir, models, methods, sparsities, seeds):
       for method in methods:
         for s in ([sparsities[0]] if method == "dense" else sparsities):
           d = run_dir(workdir, model, method, s, seed)
-          if os.path.exists(os.path.join(d, "summary.json")):
-            continue
+          if (os.path.exists(os.path.join(d, "summary.json"))
+              or os.path.exists(run_dir(RECORDS, model, method, s, seed) + ".json")):
+            continue  # done: in its workdir, or recorded (its workdir gone)
           print(f"{time.strftime('%H:%M:%S')} running {d}", flush=True)
           config = CONFIGS[model](f"method={method},sparsity={s},seed={seed}")
           train.train_and_evaluate(config, d)

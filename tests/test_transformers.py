@@ -262,3 +262,17 @@ def test_sweep_results_outlive_their_workdirs(tmp_path):
   again = sweep.load_runs(str(workdir), "vit", ["rigl"], [0.75], [0, 1], records=str(records))
   assert again == first
   assert sweep.load_runs(str(workdir), "vit", ["set"], [0.75], [1], records=str(records)) == {}
+
+
+def test_sweep_skips_recorded_runs(tmp_path, monkeypatch):
+  """A run whose workdir is gone but whose record is committed is not trained again."""
+  from experiments import sweep_transformers as sweep
+  records, workdir = str(tmp_path / "records"), str(tmp_path / "workdirs")
+  monkeypatch.setattr(sweep, "RECORDS", records)
+  sweep._write_json(sweep.run_dir(records, "vit", "rigl", 0.75, 0) + ".json",
+                    {"method": "rigl"})
+  trained = []
+  monkeypatch.setattr(sweep.train, "train_and_evaluate",
+                      lambda config, d: trained.append((config.seed, d)))
+  sweep.run_all(workdir, ["vit"], ["rigl"], [0.75], [0, 1])
+  assert trained == [(1, sweep.run_dir(workdir, "vit", "rigl", 0.75, 1))]
