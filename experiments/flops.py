@@ -30,7 +30,6 @@ from experiments import exports
 from experiments import input_pipeline
 from experiments import methods
 from experiments import state as state_lib
-from experiments import steps as steps_lib
 
 # Methods that rank the dense gradient at their mask-update steps.
 _DENSE_GRADIENT_AT_EVENTS = ("granet", "rigl")
@@ -133,7 +132,7 @@ def posthoc_run_flops(workdir: str) -> dict[str, float]:
       config, model, lambda m: methods.create_sparse_tx(config, inner, steps_per_epoch, m),
       info.input_shape, jax.random.PRNGKey(config.seed), info.input_dtype)
   sparse = config.sparsity.method != "dense"
-  masks0 = steps_lib.get_masks(state.opt_state) if sparse else None
+  masks0 = sparse_jax.get_masks(state.opt_state) if sparse else None
   final = None
   if sparse:
     exported = exports.load_exported(workdir)

@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import sparse_jax
+from sparse_jax._straight_through import is_straight_through
 from experiments import exports
 from experiments import models
 from experiments import sharding as sharding_lib
@@ -78,10 +79,6 @@ def create_train_state(config, model, tx_fn, input_shape, rng,
                     opt_state=opt_state, rng=dropout_rng)
 
 
-def is_straight_through(opt_state) -> bool:
-  """Whether ``opt_state`` is of ``sparse_jax.ste`` (dense weights, masked forward)."""
-  is_st = lambda x: isinstance(x, sparse_jax.StraightThroughState)
-  return any(is_st(x) for x in jax.tree.leaves(opt_state, is_leaf=is_st))
 
 
 PARAM_SHARDINGS = ("replicated", "fsdp")

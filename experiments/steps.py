@@ -25,13 +25,6 @@ def cross_entropy(logits, labels, num_classes: int, label_smoothing: float):
 is_straight_through = state_lib.is_straight_through
 
 
-def get_masks(opt_state):
-  """The masks of any sparse method's state, ``sparse_jax.ste``'s included."""
-  if is_straight_through(opt_state):
-    return sparse_jax.get_straight_through_state(opt_state).masks
-  return sparse_jax.get_masks(opt_state)
-
-
 def forward_params(params, opt_state):
   """The params the model computes with: masked for ``ste`` (straight-through
   gradient), ``params`` itself for every other method (masked already)."""
@@ -157,7 +150,7 @@ def state_readouts(state: TrainState, lr_fn, sparse: bool) -> dict:
   """
   out = {"learning_rate": lr_fn(state.step - 1)}
   if sparse:
-    masks = get_masks(state.opt_state)
+    masks = sparse_jax.get_masks(state.opt_state)
     out.update(density=sparse_jax.density(masks),
                layer_density=sparse_jax.layer_densities(masks))
   return out
@@ -191,7 +184,7 @@ def gradient_flow_step(state: TrainState, batch, *, model, config, num_classes: 
   The loss is the training-mode loss (batch statistics, a fixed dropout key);
   running statistics are not updated. Dense runs measure every kernel as a layer.
   """
-  masks = get_masks(state.opt_state) if config.sparsity.method != "dense" else None
+  masks = sparse_jax.get_masks(state.opt_state) if config.sparsity.method != "dense" else None
 
   def loss_fn(params):
     logits, _ = apply_train_mode(model, params, state.batch_stats, batch["image"], state.rng)

@@ -223,7 +223,7 @@ def _setup(config, workdir: str, is_main: bool, info, spe: int, t_segment: float
   sparse = config.sparsity.method != "dense"
   # On the host now (every process; gathered if sharded): the state's buffers are
   # donated to the first step.
-  masks0 = state_lib.to_host(steps_lib.get_masks(state.opt_state)) if sparse else None
+  masks0 = state_lib.to_host(sparse_jax.get_masks(state.opt_state)) if sparse else None
   if is_main:
     log.info("Model %s on %s: %d steps (%d/epoch), %d devices, method %s, %s state.\n%s",
              config.model, config.dataset, total_steps, spe, jax.device_count(),
@@ -400,7 +400,7 @@ def _finish(run: Run, t_loop: float) -> dict:
     final = final.replace(params=state_lib.to_host(
         steps_lib.forward_params(final.params, final.opt_state)))
   sparse = config.sparsity.method != "dense"
-  masks = steps_lib.get_masks(final.opt_state) if sparse else None
+  masks = sparse_jax.get_masks(final.opt_state) if sparse else None
   summary = reporting.final_summary(config, final, masks, run.best_acc, run.last_eval,
                                     time.time() - run.t_start)
   variables = {"params": final.params, **({"batch_stats": final.batch_stats}

@@ -159,6 +159,11 @@ def _find_states(opt_state) -> list[StraightThroughState]:
   return [x for x in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(x)]
 
 
+def is_straight_through(opt_state) -> bool:
+  """Whether ``opt_state`` holds a ``sparse_jax.ste`` state (dense weights, masked forward)."""
+  return bool(_find_states(opt_state))
+
+
 def get_straight_through_state(opt_state) -> StraightThroughState:
   """The ``StraightThroughState`` inside any optimizer state (chains, NNX).
 

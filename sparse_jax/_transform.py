@@ -888,10 +888,15 @@ def get_sparse_state(opt_state) -> SparseState:
 def get_masks(opt_state) -> PyTree:
   """The current (bool) mask tree of an optimizer state built by any sparse_jax method.
 
+  ``sparse_jax.ste``'s state included (its masks of the dense weights).
+
   Example:
     >>> masks = sparse_jax.get_masks(opt_state)   # also an nnx.Optimizer
     >>> sparse_jax.density(masks)
   """
+  from sparse_jax import _straight_through  # it imports this module
+  if _straight_through.is_straight_through(opt_state):
+    return _straight_through.get_straight_through_state(opt_state).masks
   return get_sparse_state(opt_state).masks
 
 

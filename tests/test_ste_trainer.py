@@ -8,6 +8,8 @@ import jax
 import numpy as np
 import pytest
 
+import sparse_jax
+
 from experiments import config_checks
 from experiments import input_pipeline
 from experiments import methods
@@ -108,7 +110,7 @@ def test_forward_is_the_masked_model_and_srste_decays_the_pruned_weights():
   state, new_ste, metrics, ev = runs["ste"]
   params = jax.tree.map(lambda x: np.asarray(x, np.float64), state.params)
   masks = {n: hand_nm_masks(params[n.split("/")[0]]["kernel"], 2, 4) for n in LAYERS}
-  got = steps.get_masks(state.opt_state)
+  got = sparse_jax.get_masks(state.opt_state)
   for name in LAYERS:
     np.testing.assert_array_equal(got[name.split("/")[0]]["kernel"], masks[name])
   # The loss and the eval are those of the masked weights, by numpy.
