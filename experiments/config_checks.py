@@ -32,6 +32,7 @@ def validate(config):
   if gf_every is not None and gf_every < 1:
     raise ValueError(f"gradient_flow_every_steps={gf_every} must be >= 1 (or None: off).")
   input_pipeline.augmentation(config.dataset)  # raises on an unknown data set
+  _check_study_options(config)
   if config.model not in models.MODELS:
     raise ValueError(f"Unknown model {config.model!r}; known models: "
                      f"{', '.join(sorted(models.MODELS))}.")
@@ -69,3 +70,27 @@ def validate(config):
   if config.get("if_finished", "report") not in workdir_lib.FINISHED_MODES:
     raise ValueError(f"Unknown if_finished {config.if_finished!r}; use one of "
                      f"{workdir_lib.FINISHED_MODES}.")
+
+
+INIT_SCALINGS = ("dense_fan_in", "active_fan_in")
+
+
+def _check_study_options(config):
+  """The gradient-flow study's trainer options (absent: off, as every other run)."""
+  fraction = config.get("validation_fraction", 0.0)
+  if not 0.0 <= fraction < 1.0:
+    raise ValueError(f"validation_fraction={fraction} must be in [0, 1): the part of the "
+                     "training set held out for evaluation (0: evaluate on the test set).")
+  if fraction and not (config.data_on_device
+                       and input_pipeline.augmentation(config.dataset) == "none"):
+    raise ValueError(f"validation_fraction={fraction} needs the training set on the device "
+                     f"(data_on_device=True and a data set without tf.data augmentation; "
+                     f"{config.dataset!r}, data_on_device={config.data_on_device}); set "
+                     "validation_fraction=0.")
+  shift = config.get("augment_shift", 0)
+  if not isinstance(shift, int) or shift < 0:
+    raise ValueError(f"augment_shift={shift!r} must be an integer >= 0 (pixels of the "
+                     "random shift of each training image; 0: off).")
+  scaling = config.get("init_scaling", "dense_fan_in")
+  if scaling not in INIT_SCALINGS:
+    raise ValueError(f"Unknown init_scaling {scaling!r}; use one of {INIT_SCALINGS}.")

@@ -72,8 +72,13 @@ class Feed:
     self.n_local = jax.local_device_count()
     self.on_device = uses_device_data(config)
     self._eval = []
+    self.validation = None  # the held-out part of the training set, if any
     if self.on_device:
       arrays = input_pipeline.load_arrays(config.dataset, "train", config.data_dir)
+      if config.get("validation_fraction", 0.0):
+        arrays, self.validation = input_pipeline.split_for_validation(
+            arrays, config.validation_fraction)
+        self.train_arrays = arrays  # on the host: the gradient-flow batch is read here
       put = (lambda x: replicate(x, jax.local_devices())) if mesh is None else (
           lambda x: jax.device_put(x, NamedSharding(mesh, P())))
       self.data = DeviceData(arrays, put, config.seed, config.batch_size)
@@ -107,15 +112,22 @@ class Feed:
     return batches, num
 
   def eval_batches(self) -> list:
-    """The test set in batches (kept after the first call when data is on device)."""
+    """The test set in batches (kept after the first call when data is on device).
+
+    With ``config.validation_fraction`` > 0 the held-out part of the training set
+    instead (the trainer's "test" metrics are then validation metrics).
+    """
     if self._eval:
       return self._eval
     n_dev, config = jax.device_count(), self.config
     # Rounded up to a multiple of the devices; the padding is masked out.
     batch_size = -(-config.eval_batch_size // n_dev) * n_dev
     batches = []
-    for b in input_pipeline.eval_batches(config.dataset, batch_size=batch_size,
-                                         data_dir=config.data_dir):
+    source = (input_pipeline.padded_batches(self.validation, batch_size)
+              if self.validation is not None else
+              input_pipeline.eval_batches(config.dataset, batch_size=batch_size,
+                                          data_dir=config.data_dir))
+    for b in source:
       if self.mesh is None:
         b = jax.tree.map(lambda x: x.reshape(self.n_local, -1, *x.shape[1:]), b)
       elif jax.process_count() > 1:

@@ -749,6 +749,41 @@ def _read_split(builder, spec: _Spec, split: str) -> Batch:
   return next(ds.batch(num_examples).as_numpy_iterator())
 
 
+# The permutation that picks the held-out examples: fixed, so every run with the
+# same validation_fraction (whatever its seed) holds out the same examples.
+VALIDATION_SEED = 0
+
+
+def validation_count(num_examples: int, fraction: float) -> int:
+  """Examples held out of a training set of ``num_examples`` (``round(fraction * n)``)."""
+  return int(round(fraction * num_examples)) if fraction else 0
+
+
+def split_for_validation(arrays: Batch, fraction: float) -> tuple[Batch, Batch]:
+  """``(train, validation)`` parts of a training set's arrays (``fraction`` held out).
+
+  The held-out examples are the first ``validation_count`` of a permutation drawn
+  with ``VALIDATION_SEED``; both parts keep file order. The test set is never used.
+
+  Example:
+    >>> train, val = split_for_validation({'image': x, 'label': y}, 0.1)
+  """
+  n = len(arrays['label'])
+  k = validation_count(n, fraction)
+  if not 0 < k < n:
+    raise ValueError(f'validation_fraction={fraction} holds out {k} of {n} training '
+                     'examples; use a fraction that leaves both parts non-empty.')
+  held_out = np.zeros(n, bool)
+  held_out[np.random.default_rng(VALIDATION_SEED).permutation(n)[:k]] = True
+  return ({key: v[~held_out] for key, v in arrays.items()},
+          {key: v[held_out] for key, v in arrays.items()})
+
+
+def padded_batches(arrays: Batch, batch_size: int) -> Iterator[Batch]:
+  """In-memory arrays as `eval_batches` yields them (masked, zero-padded last batch)."""
+  return _padded_batches(arrays, batch_size)
+
+
 def _padded_batches(arrays: Batch, batch_size: int,
                     num_batches: Optional[int] = None) -> Iterator[Batch]:
   """`eval_batches` of in-memory arrays: zero images, label 0 and mask 0 pad the last.

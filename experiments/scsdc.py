@@ -22,7 +22,9 @@ weights, e.g. +2.6% of ``A`` for a 784-256-256-10 MLP at density 0.05 and under
 Both networks use the same initialisation scheme (the family's PyTorch-default
 ``U(+-1/sqrt(fan_in))``; fan-in is the dense fan-in also for the sparse net, as
 in the sparse-training code bases) and the same training recipe: the config only
-differs in the width and in ``sparsity.method`` (``static`` vs ``dense``).
+differs in the width and in ``sparsity.method`` (``static`` vs ``dense``). The
+trainer's ``init_scaling="active_fan_in"`` instead rescales each sparse unit by its
+active fan-in (``scale_by_active_fan_in``), the study's initialisation factor.
 
   python -m experiments.scsdc --family=mlp --width=256 --depth=2 \
       --densities=0.05,0.2,0.5
@@ -68,6 +70,40 @@ def family_model(family: str, width: int, depth: int = 2, **kwargs) -> tuple[str
                        "leave depth at 2.")
     return "small_cnn", {"width": int(width), **kwargs}
   raise ValueError(f"Unknown family {family!r}; use one of {FAMILIES}.")
+
+
+def scale_by_active_fan_in(params, masks):
+  """Each unit's initial weights scaled from its dense to its active fan-in.
+
+  A unit (the last axis of a kernel: an output feature or channel) with ``k`` of
+  its ``n`` incoming weights active (``n`` = the product of the other axes) is
+  multiplied by ``sqrt(n / k)``, so a ``U(+-1/sqrt(n))`` init becomes
+  ``U(+-1/sqrt(k))``: the variance the unit would have as a dense unit of fan-in
+  ``k``. Units without an active weight, leaves without a mask (``None``: biases,
+  norms) and dense runs (``masks=None``) are unchanged.
+
+  Example:
+    >>> params = scale_by_active_fan_in(params, sparse_jax.get_masks(opt_state))
+
+  Args:
+    params: a pytree of arrays.
+    masks: the same tree with bool masks, ``None`` leaves for unmasked ones; or None.
+
+  Returns:
+    The scaled params (same structure and dtypes).
+  """
+  if masks is None:
+    return params
+
+  def scale(mask, p):
+    if mask is None or jnp.ndim(p) < 2:
+      return p
+    fan_in = math.prod(p.shape[:-1])
+    active = jnp.sum(mask, axis=tuple(range(p.ndim - 1)), dtype=jnp.float32)  # [units]
+    factor = jnp.where(active > 0, jnp.sqrt(fan_in / jnp.maximum(active, 1.0)), 1.0)
+    return p * factor.astype(p.dtype)
+
+  return jax.tree.map(scale, masks, params, is_leaf=lambda x: x is None)
 
 
 def weight_count(family: str, width: int, depth: int, input_shape, num_classes: int) -> int:

@@ -23,6 +23,7 @@ import sparse_jax
 from sparse_jax._straight_through import is_straight_through
 from experiments import exports
 from experiments import models
+from experiments import scsdc
 from experiments import sharding as sharding_lib
 
 PyTree = Any
@@ -75,6 +76,8 @@ def create_train_state(config, model, tx_fn, input_shape, rng,
   opt_state = tx.init(params)
   if config.sparsity.method != "dense" and not is_straight_through(opt_state):
     params = sparse_jax.sparsify_params(params, opt_state)  # ste keeps dense weights
+    if config.get("init_scaling", "dense_fan_in") == "active_fan_in":
+      params = scsdc.scale_by_active_fan_in(params, sparse_jax.get_masks(opt_state))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                     opt_state=opt_state, rng=dropout_rng)
 

@@ -52,10 +52,13 @@ def train_step(state: TrainState, batch, *, model, tx, config, num_classes: int,
   optimizer decide in the graph (see sparse_jax/_transform.py).
   """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
+  images = batch["image"]
+  if config.get("augment_shift", 0):  # off: the step is the same program as before
+    images = random_shift(images, jax.random.fold_in(dropout_rng, 1), config.augment_shift)
 
   def loss_fn(params):
     params = forward_params(params, state.opt_state)
-    logits, new_vars = apply_train_mode(model, params, state.batch_stats, batch["image"],
+    logits, new_vars = apply_train_mode(model, params, state.batch_stats, images,
                                         dropout_rng)
     loss = cross_entropy(logits, batch["label"], num_classes, config.label_smoothing).mean()
     acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
@@ -73,6 +76,24 @@ def train_step(state: TrainState, batch, *, model, tx, config, num_classes: int,
                             opt_state=opt_state)
   return new_state, {"train_loss": loss, "train_accuracy": acc,
                      "finite": all_finite((loss, grads))}
+
+
+def random_shift(images, key, max_shift: int):
+  """Each image [B, H, W, C] shifted by its own random (dy, dx) in [-max_shift, max_shift].
+
+  ``out[b, i, j] = images[b, i - dy_b, j - dx_b]``; pixels shifted in from outside
+  repeat the nearest edge pixel (MNIST's background, whatever the normalisation).
+  ``(dy, dx) = jax.random.randint(key, (B, 2), -max_shift, max_shift + 1)``.
+
+  Example:
+    >>> x = random_shift(batch["image"], jax.random.key(0), 2)
+  """
+  b, h, w, c = images.shape
+  offsets = jax.random.randint(key, (b, 2), -max_shift, max_shift + 1)
+  s = max_shift
+  padded = jnp.pad(images, ((0, 0), (s, s), (s, s), (0, 0)), mode="edge")
+  crop = lambda img, off: jax.lax.dynamic_slice(img, (s - off[0], s - off[1], 0), (h, w, c))
+  return jax.vmap(crop)(padded, offsets)
 
 
 def all_finite(tree) -> jax.Array:

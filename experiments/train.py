@@ -191,10 +191,13 @@ def _dataset_and_schedule(config):
   touched.
   """
   info = input_pipeline.dataset_info(config.dataset, config.data_dir)
-  spe = info.num_train_examples // config.batch_size
+  # The examples trained on: the training set less the validation part, if any.
+  num_train = info.num_train_examples - input_pipeline.validation_count(
+      info.num_train_examples, config.get("validation_fraction", 0.0))
+  spe = num_train // config.batch_size
   if spe < 1:
     raise ValueError(f"batch_size={config.batch_size} exceeds the training set "
-                     f"({info.num_train_examples} examples): lower batch_size.")
+                     f"({num_train} examples): lower batch_size.")
   if config.batch_size % jax.device_count():
     raise ValueError(f"batch_size={config.batch_size} is not divisible by the "
                      f"{jax.device_count()} devices: use a multiple of them.")
@@ -286,8 +289,11 @@ def _setup_gradient_flow(run: Run):
   One extra dispatch and host sync every ``gradient_flow_every_steps``, plus step 0.
   """
   config = run.config
-  batch = input_pipeline.load_arrays(config.dataset, f"train[:{config.batch_size}]",
-                                     config.data_dir)
+  if run.feed.validation is not None:  # a batch of the examples trained on
+    batch = {k: v[:config.batch_size] for k, v in run.feed.train_arrays.items()}
+  else:
+    batch = input_pipeline.load_arrays(config.dataset, f"train[:{config.batch_size}]",
+                                       config.data_dir)
   fn = jax.jit(lambda s, b: steps_lib.gradient_flow_step(
       s, b, model=run.model, config=config, num_classes=run.info.num_classes))
   run.gradient_flow = lambda state: steps_lib.gradient_flow_record(
@@ -411,6 +417,8 @@ def _finish(run: Run, t_loop: float) -> dict:
       run.events, input_dtype=run.info.input_dtype))
   timings["after_loop_s"] = time.time() - t_loop - timings["loop_s"]
   summary["timings"] = dict(timings)
+  if run.feed.validation is not None:  # the "test" metrics are of the held-out part
+    summary["evaluated_on"] = "validation"
   if run.is_main:
     export_model(os.path.join(run.workdir, "export.npz"), final.params, final.batch_stats,
                  masks)

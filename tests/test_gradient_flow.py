@@ -154,3 +154,74 @@ def test_trainer_logs_measures_at_step_zero_and_every_interval(tmp_path):
   config.gradient_flow_every_steps = 0
   with pytest.raises(ValueError, match="gradient_flow_every_steps"):
     train.train_and_evaluate(config, str(tmp_path / "bad"))
+
+
+# ----------------------------------------------------------------------------
+# The study's trainer options (default off): random shifts, a validation split.
+# ----------------------------------------------------------------------------
+
+
+def _numpy_shift(image, dy, dx):
+  """out[i, j] = image[i - dy, j - dx], indices clipped to the image (edge pixels)."""
+  h, w = image.shape[:2]
+  out = np.empty_like(image)
+  for i in range(h):
+    for j in range(w):
+      out[i, j] = image[min(max(i - dy, 0), h - 1), min(max(j - dx, 0), w - 1)]
+  return out
+
+
+def test_random_shift_matches_a_hand_worked_shift():
+  from experiments import steps
+  image = np.arange(16, dtype=np.float32).reshape(4, 4, 1)
+  # By hand: shifted down 1 and left 2, edges repeated:
+  #   row -1 -> row 0 (0 1 2 3); columns j + 2 clipped to 3.
+  want = np.array([[2, 3, 3, 3], [2, 3, 3, 3], [6, 7, 7, 7], [10, 11, 11, 11]],
+                  np.float32)[..., None]
+  np.testing.assert_array_equal(_numpy_shift(image, 1, -2), want)
+  images = np.stack([image, image + 100, image * 2])
+  key = jax.random.PRNGKey(3)
+  got = np.asarray(jax.jit(steps.random_shift, static_argnums=2)(images, key, 2))
+  offsets = np.asarray(jax.random.randint(key, (3, 2), -2, 3))
+  assert np.abs(offsets).max() <= 2
+  for b in range(3):
+    np.testing.assert_array_equal(got[b], _numpy_shift(images[b], *offsets[b]))
+  # Deterministic in the key; a shift of 0 is the identity.
+  np.testing.assert_array_equal(got, steps.random_shift(images, key, 2))
+  np.testing.assert_array_equal(steps.random_shift(images, key, 0), images)
+
+
+def test_validation_split_is_fixed_disjoint_and_in_file_order():
+  from experiments import input_pipeline
+  arrays = {"image": np.arange(20.0)[:, None], "label": np.arange(20)}
+  train_part, val = input_pipeline.split_for_validation(arrays, 0.25)
+  assert len(val["label"]) == 5 == input_pipeline.validation_count(20, 0.25)
+  assert sorted([*train_part["label"], *val["label"]]) == list(range(20))
+  assert list(val["label"]) == sorted(val["label"])  # file order kept
+  np.testing.assert_array_equal(val["image"][:, 0], val["label"])
+  again = input_pipeline.split_for_validation(arrays, 0.25)[1]
+  np.testing.assert_array_equal(again["label"], val["label"])
+  assert input_pipeline.validation_count(4000, 0.0) == 0
+  with pytest.raises(ValueError, match="validation_fraction"):
+    input_pipeline.split_for_validation(arrays, 0.01)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("validation_fraction", 1.0, "validation_fraction"),
+    ("validation_fraction", -0.1, "validation_fraction"),
+    ("augment_shift", -1, "augment_shift"),
+    ("augment_shift", 1.5, "augment_shift"),
+    ("init_scaling", "fan_out", "init_scaling"),
+])
+def test_bad_study_options_fail_before_any_data(tmp_path, field, value, match):
+  config = default.lenet300_mnist5k("static", "sparsity=0.9,seed=0")
+  config[field] = value
+  with pytest.raises(ValueError, match=match):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+  config[field] = {"validation_fraction": 0.1, "augment_shift": 0,
+                   "init_scaling": "dense_fan_in"}[field]
+  config.data_on_device = False
+  if field == "validation_fraction":
+    with pytest.raises(ValueError, match="data_on_device"):
+      train.train_and_evaluate(config, str(tmp_path / "run"))

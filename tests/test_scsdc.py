@@ -90,3 +90,23 @@ def test_small_cnn_variants_run_and_name_their_params():
   with pytest.raises(ValueError, match="Unknown activation"):
     jax.eval_shape(lambda: models.get_model("small_cnn", 10, activation="cube").init(
         jax.random.PRNGKey(0), x, train=False))
+
+
+def test_scale_by_active_fan_in_by_hand():
+  # Dense kernel [3 inputs, 2 units]: unit 0 has 1 of 3 active -> x sqrt(3);
+  # unit 1 has 3 of 3 -> x 1. A conv [1, 2, 2, 2]: fan-in 4; unit 0 has 2 active
+  # -> x sqrt(2); unit 1 none -> unchanged (zeros anyway). The bias has no mask.
+  params = {"d": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones((2,))},
+            "c": {"kernel": jnp.ones((1, 2, 2, 2))}}
+  conv_mask = np.zeros((1, 2, 2, 2), bool)
+  conv_mask[0, 0, :, 0] = True
+  masks = {"d": {"kernel": jnp.array([[True, True], [False, True], [False, True]]),
+                 "bias": None},
+           "c": {"kernel": jnp.asarray(conv_mask)}}
+  out = jax.jit(scsdc.scale_by_active_fan_in)(params, masks)
+  np.testing.assert_allclose(out["d"]["kernel"], [[3 ** 0.5, 1.0]] * 3, rtol=1e-6)
+  np.testing.assert_array_equal(out["d"]["bias"], params["d"]["bias"])
+  np.testing.assert_allclose(out["c"]["kernel"][..., 0], np.full((1, 2, 2), 2 ** 0.5),
+                             rtol=1e-6)
+  np.testing.assert_array_equal(out["c"]["kernel"][..., 1], 1.0)
+  assert scsdc.scale_by_active_fan_in(params, None) is params
