@@ -89,7 +89,7 @@ def test_sweep_skips_finished_runs_and_resumes(tmp_path):
   config = small_study()
   fake = FakeTrainer(fail={"momentum_relu_none_d1_dense_seed0"})
   counts = sweep.run_sweep(config, str(tmp_path), train_fn=fake)
-  assert counts == {"total": 12, "skipped": 0, "trained": 11, "failed": 1}
+  assert counts == {"total": 12, "skipped": 0, "trained": 11, "failed": 1, "pending": 0}
   run_json = json.load(open(tmp_path / "momentum_relu_none_d0.1_dense_seed0" / "run.json"))
   assert run_json["width"] == run_json["dense_width"] < run_json["sparse_width"] == 64
   assert run_json["leftover"] == run_json["dense_weights"] - run_json["active_weights"]
@@ -114,6 +114,140 @@ def test_sweep_slice_trains_only_its_runs(tmp_path):
   expected = [r.name for r in sweep.grid_runs(config.study)[1::4]]
   assert [n for n, _ in fake.calls] == expected and counts["trained"] == 3
   assert sorted(os.listdir(tmp_path)) == sorted(expected)
+
+
+# ----------------------------------------------------------------------------
+# Learning-rate tuning, the augment regularisation and the init factor.
+# ----------------------------------------------------------------------------
+
+
+def tuning_study():
+  config = small_study()
+  study = config.study
+  study.densities = (0.1,)
+  study.regularisations = ("none", "augment")
+  study.seeds = (0, 1)
+  study.learning_rates = dict(momentum=(0.1, 0.01, 0.03))
+  study.validation_fraction = 0.1
+  study.tuning_seed = 7
+  study.augment_shift = 2
+  study.inits = ("dense_fan_in", "active_fan_in")
+  return config
+
+
+class FakeTuner(FakeTrainer):
+  """Validation accuracy by rate (dense runs prefer 0.03, sparse 0.1); 0.01 diverges
+  for the augmented sparse setting; final runs get 0.5 + seed / 100."""
+
+  def __call__(self, config, run_dir):
+    name = os.path.basename(run_dir)
+    self.calls.append((name, config))
+    if "validation_fraction" not in config:
+      acc = 0.5 + config.seed / 100
+    elif config.learning_rate == 0.01 and "augment" in name and "sparse" in name:
+      raise FloatingPointError("Step 3: the loss is NaN")
+    else:
+      best = 0.1 if "sparse" in name else 0.03
+      acc = 0.9 if config.learning_rate == best else 0.8
+      if "active_fan_in" in name:  # a tie between 0.03 and 0.1: the smaller wins
+        acc = 0.8 if config.learning_rate == 0.01 else 0.85
+    summary = {"final_test_accuracy": acc}
+    json.dump(summary, open(os.path.join(run_dir, "summary.json"), "w"))
+    return summary
+
+
+def test_grid_with_inits_and_augment_names_and_configs():
+  config = tuning_study()
+  runs = sweep.grid_runs(config.study)
+  # Per seed and regularisation: sparse + dense (dense fan-in) + sparse (active).
+  assert len(runs) == 2 * 2 * 3
+  names = {r.name for r in runs}
+  assert "momentum_relu_augment_d0.1_sparse_active_fan_in_seed1" in names
+  assert "momentum_relu_none_d0.1_dense_seed0" in names  # as in the earlier grids
+  assert not any("dense_active" in n for n in names)
+  tunes = sweep.tuning_runs(config.study, runs)
+  assert len(tunes) == 2 * 3 * 3 and {t.seed for t in tunes} == {7}
+  assert tunes[0].name == "tune/momentum_relu_none_d0.1_sparse_lr0.01_seed7"
+  cap = sweep.scsdc.same_capacity("mlp", 64, 0.1)
+  tune = sweep.run_config(config, tunes[0], cap)
+  assert (tune.learning_rate, tune.validation_fraction) == (0.01, 0.1)
+  assert "augment_shift" not in tune and "init_scaling" not in tune
+  aug = next(r for r in runs if r.regularisation == "augment" and r.init != "dense_fan_in")
+  c = sweep.run_config(config, aug, cap, learning_rate=0.03)
+  assert (c.learning_rate, c.augment_shift, c.init_scaling) == (0.03, 2, "active_fan_in")
+  assert "validation_fraction" not in c and c.weight_decay == 0.0
+  with pytest.raises(ValueError, match="tuned learning_rate"):
+    sweep.run_config(config, aug, cap)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("regularisations", ("none", "mixup"), "Unknown regularisation"),
+    ("inits", ("lecun",), "Unknown init"),
+    ("validation_fraction", 0.0, "validation_fraction"),
+    ("augment_shift", 0, "augment_shift"),
+    ("densities", (0.0,), "outside"),
+])
+def test_bad_study_fields_are_clear_errors_before_any_data(tmp_path, field, value, match):
+  config = tuning_study()
+  config.study[field] = value
+  with pytest.raises(ValueError, match=match):
+    sweep.run_sweep(config, str(tmp_path), train_fn=FakeTuner())
+  assert not os.listdir(tmp_path)
+  config = tuning_study()
+  config.study.learning_rates = dict(momentum=(0.1, 0.1))
+  with pytest.raises(ValueError, match="learning_rates.momentum"):
+    sweep.grid_runs(config.study)
+
+
+def test_choose_learning_rate_best_then_smaller_diverged_last():
+  assert sweep.choose_learning_rate({0.1: 0.8, 0.03: 0.9, 0.01: 0.7}) == 0.03
+  assert sweep.choose_learning_rate({0.1: 0.9, 0.03: 0.9, 0.01: 0.7}) == 0.03  # tie
+  assert sweep.choose_learning_rate({0.1: None, 0.03: 0.1}) == 0.03
+  assert sweep.choose_learning_rate({0.1: None, 0.03: None}) == 0.03
+  with pytest.raises(ValueError, match="at least one"):
+    sweep.choose_learning_rate({})
+
+
+def test_tuning_then_final_runs_at_the_chosen_rates(tmp_path):
+  config = tuning_study()
+  fake = FakeTuner()
+  counts = sweep.run_sweep(config, str(tmp_path), train_fn=fake)
+  assert counts == {"total": 18 + 12, "skipped": 0, "trained": 30, "failed": 0, "pending": 0}
+  # Tuning first, then the final runs.
+  phases = ["validation_fraction" in c for _, c in fake.calls]
+  assert phases == [True] * 18 + [False] * 12
+  tuning = json.load(open(tmp_path / "tuning.json"))
+  settings = tuning["settings"]
+  assert tuning["tuning_seed"] == 7 and "smaller" in tuning["rule"]
+  assert settings["momentum_relu_none_d0.1_sparse"]["chosen"] == 0.1
+  assert settings["momentum_relu_none_d0.1_dense"]["chosen"] == 0.03
+  assert settings["momentum_relu_none_d0.1_sparse_active_fan_in"]["chosen"] == 0.03  # tie
+  aug = settings["momentum_relu_augment_d0.1_sparse"]
+  assert aug["grid"] == {"0.01": None, "0.03": 0.8, "0.1": 0.9} and aug["chosen"] == 0.1
+  assert (tmp_path / "tune" / "momentum_relu_augment_d0.1_sparse_lr0.01_seed7" /
+          "diverged.json").exists()
+  final = {n: c for n, c in fake.calls if "validation_fraction" not in c}
+  assert final["momentum_relu_none_d0.1_dense_seed1"].learning_rate == 0.03
+  assert final["momentum_relu_augment_d0.1_sparse_seed0"].learning_rate == 0.1
+  run_json = json.load(open(tmp_path / "momentum_relu_none_d0.1_dense_seed1" / "run.json"))
+  assert (run_json["learning_rate"], run_json["tuned"], run_json["phase"]) == (0.03, True,
+                                                                            "final")
+  # Everything is finished: a rerun trains nothing (the diverged rate included).
+  fake2 = FakeTuner()
+  assert sweep.run_sweep(config, str(tmp_path), train_fn=fake2)["skipped"] == 30
+  assert not fake2.calls
+
+
+def test_final_runs_wait_for_another_slices_tuning(tmp_path):
+  config = tuning_study()
+  fake = FakeTuner()
+  counts = sweep.run_sweep(config, str(tmp_path), index=0, count=2, train_fn=fake)
+  # Slice 0 of 2: 9 tuning runs, 6 final runs; every setting has a rate in slice 1.
+  assert counts["total"] == 15 and counts["pending"] == 6 and counts["trained"] == 9
+  sweep.run_sweep(config, str(tmp_path), index=1, count=2, train_fn=fake)
+  again = sweep.run_sweep(config, str(tmp_path), index=0, count=2, train_fn=fake)
+  assert again == {"total": 15, "skipped": 9, "trained": 6, "failed": 0, "pending": 0}
+  assert len(fake.calls) == 30 and len({n for n, _ in fake.calls}) == 30
 
 
 # ----------------------------------------------------------------------------
