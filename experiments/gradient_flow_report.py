@@ -23,6 +23,7 @@ import json
 import math
 import os
 import sys
+import warnings
 
 import numpy as np
 
@@ -61,12 +62,24 @@ def load_run(run_dir: str) -> dict | None:
       for m in MEASURES:
         if m in row:
           series[m][row["step"]] = row[m]  # a resumed run may log a step twice
+  # run.json's "init" is the init scheme (study.inits); "init" below is step 0.
+  scheme = record.pop("init", None)
+  record["init_scheme"] = scheme if isinstance(scheme, str) else "dense_fan_in"
   record["accuracy"] = summary["final_test_accuracy"]
   record["wall_time_s"] = summary.get("wall_time_s")
   record["measures"] = {m: float(np.mean(list(s.values()))) for m, s in series.items()}
   record["init"] = {m: s[0] for m, s in series.items() if 0 in s}
   record["series"] = {m: sorted(s.items()) for m, s in series.items()}
   return record
+
+
+def load_tuning(workdir: str) -> dict | None:
+  """The sweep's ``tuning.json`` (grids, validation accuracies, chosen rates), if any."""
+  path = os.path.join(workdir, "tuning.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
 
 
 def load_runs(workdir: str) -> list[dict]:
@@ -122,15 +135,6 @@ def _mean_se(diffs):
   return float(np.mean(d)), se, len(d)
 
 
-def _verdict(diff, se, n):
-  """'supported' if diff > 2 s.e., 'weakly supported' if 0 < diff, else 'not supported'."""
-  if n == 0 or math.isnan(diff):
-    return "not tested (no paired runs in this sweep)"
-  if n > 1 and diff > 2 * se:
-    return "supported"
-  return "weakly supported (difference within 2 s.e.)" if diff > 0 else "not supported"
-
-
 def _setting(r):
   return (r["optimizer"], r["activation"], r["regularisation"])
 
@@ -174,19 +178,188 @@ def correlations(records, key="measures") -> dict[str, dict[str, tuple[float, in
 
 
 # ----------------------------------------------------------------------------
+# Confidence intervals (bootstrap, fixed seed).
+# ----------------------------------------------------------------------------
+
+BOOTSTRAP_SEED = 0
+N_BOOTSTRAP = 2000
+LEVEL = 0.95
+VERDICT_RULE = (
+    "The effect is the mean over cells (grid points but the seed) of each cell's mean "
+    "paired difference; its 95% CI is the percentile bootstrap "
+    f"({N_BOOTSTRAP} resamples of the seeds within each cell, seed {BOOTSTRAP_SEED}). "
+    "**supported**: the CI lies above 0 and no slice's CI lies below 0; **not "
+    "supported**: the CI does not lie above 0 and no slice's CI does; **mixed**: "
+    "otherwise (it holds overall but is reversed in a slice, or holds in some slices "
+    "only). Fewer than 2 pairs: not tested.")
+
+
+def bootstrap_mean_ci(groups, n_boot: int = N_BOOTSTRAP, level: float = LEVEL,
+                      seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+  """Percentile CI of the mean over ``groups`` of each group's mean.
+
+  Each resample draws every group's values with replacement within the group (a
+  group is a cell; its values are its seeds' paired differences), so the CI is of
+  seed-to-seed noise on this grid. ``(nan, nan)`` without values.
+
+  Example:
+    >>> bootstrap_mean_ci([[0.0, 1.0]])   # resample means 0, .5, 1 w.p. 1/4, 1/2, 1/4
+    (0.0, 1.0)
+  """
+  groups = [np.asarray(g, np.float64) for g in groups if len(g)]
+  if not groups:
+    return float("nan"), float("nan")
+  rng = np.random.default_rng(seed)
+  total = np.zeros(n_boot)
+  for g in groups:
+    total += g[rng.integers(0, len(g), (n_boot, len(g)))].mean(axis=1)
+  lo, hi = np.quantile(total / len(groups), [(1 - level) / 2, (1 + level) / 2])
+  return float(lo), float(hi)
+
+
+def paired_effect(pairs, slice_names=(), n_boot: int = N_BOOTSTRAP) -> dict:
+  """The effect, CI and verdict of paired differences, overall and per slice.
+
+  Args:
+    pairs: ``(cell, slices, diff)`` per paired unit: ``cell`` a hashable grid point
+      (seeds of one cell are resampled together), ``slices`` a dict of slice
+      values (e.g. ``{"density": 0.05}``), ``diff`` the paired difference.
+    slice_names: the slice dimensions to break the effect down by.
+    n_boot: bootstrap resamples.
+
+  Returns:
+    ``{"effect", "ci", "n" (pairs), "cells", "verdict", "slices": {name: {value:
+    {"effect", "ci", "n", "holds"}}}, "holds_in": [...], "reversed_in": [...]}``.
+  """
+  def summarise(ps):
+    cells = collections.defaultdict(list)
+    for cell, _, d in ps:
+      cells[cell].append(d)
+    effect = float(np.mean([np.mean(v) for v in cells.values()])) if cells else float("nan")
+    ci = bootstrap_mean_ci(list(cells.values()), n_boot)
+    return {"effect": effect, "ci": ci, "n": len(ps), "cells": len(cells),
+            "holds": len(ps) >= 2 and ci[0] > 0, "reversed": len(ps) >= 2 and ci[1] < 0}
+
+  out = summarise(pairs)
+  out["slices"], holds_in, reversed_in = {}, [], []
+  for name in slice_names:
+    values = sorted({sl[name] for _, sl, _ in pairs}, key=str)
+    out["slices"][name] = {}
+    for v in values:
+      stats = summarise([p for p in pairs if p[1][name] == v])
+      out["slices"][name][v] = stats
+      (holds_in if stats["holds"] else reversed_in if stats["reversed"] else []).append(
+          f"{name}={_value(v)}")
+  out["holds_in"], out["reversed_in"] = holds_in, reversed_in
+  out["verdict"] = verdict(out, holds_in, reversed_in)
+  return out
+
+
+def verdict(stats, holds_in=(), reversed_in=()) -> str:
+  """``VERDICT_RULE`` applied to ``paired_effect``'s overall and slice results."""
+  if stats["n"] < 2:
+    return "not tested (no paired runs in this sweep)" if not stats["n"] else (
+        "not tested (one paired run)")
+  if stats["holds"]:
+    return "mixed" if reversed_in else "supported"
+  return "mixed" if holds_in else "not supported"
+
+
+def _tau_rows(x, y) -> np.ndarray:
+  """Kendall's tau-b of each row pair of ``x``, ``y`` [B, m] (NaN where undefined)."""
+  i, j = np.triu_indices(x.shape[1], 1)
+  sx, sy = np.sign(x[:, i] - x[:, j]), np.sign(y[:, i] - y[:, j])
+  n0 = len(i)
+  denom = np.sqrt((n0 - np.sum(sx == 0, 1)) * (n0 - np.sum(sy == 0, 1)).astype(np.float64))
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(denom > 0, np.sum(sx * sy, 1) / denom, np.nan)
+
+
+def _bootstrap_taus(x, y, idx) -> np.ndarray:
+  """tau-b of ``x[idx[b]]`` vs ``y[idx[b]]`` for every resample ``b`` [B]."""
+  m = idx.shape[1]
+  if m <= 200:  # all pairs of every resample at once: at most ~20k pairs a row
+    return _tau_rows(x[idx], y[idx])
+  try:
+    from scipy import stats  # pylint: disable=g-import-not-at-top
+    return np.array([stats.kendalltau(x[r], y[r])[0] for r in idx])  # O(m log m) each
+  except ImportError:
+    return np.array([kendall_tau(x[r], y[r]) for r in idx])
+
+
+def tau_with_ci(records, measures=MEASURES, key: str = "measures", within: bool = False,
+                n_boot: int = 1000, seed: int = BOOTSTRAP_SEED) -> dict:
+  """Kendall's tau of each measure vs accuracy with percentile bootstrap CIs.
+
+  Runs are resampled with replacement (within each (optimizer, activation,
+  regularisation) setting if ``within``, whose taus are then averaged); the same
+  resamples serve every measure, so differences of |tau| get CIs too.
+
+  Returns:
+    ``{"tau": {m: tau}, "ci": {m: (lo, hi)}, "n": runs, "settings": k,
+    "abs_diff": {m: (d, lo, hi)}}`` with ``abs_diff[m]`` the CI of
+    ``|tau(egf_p2)| - |tau(m)|``. Runs without every measure are left out.
+  """
+  rs = [r for r in records if all(m in r.get(key, {}) for m in measures)]
+  groups = collections.defaultdict(list)
+  for r in rs:
+    groups[_setting(r) if within else ()].append(r)
+  groups = {g: v for g, v in groups.items() if len(v) >= 2}
+  rng = np.random.default_rng(seed)
+  point = {m: [] for m in measures}
+  boots = {m: [] for m in measures}
+  for g in groups.values():
+    acc = np.array([r["accuracy"] for r in g], np.float64)
+    idx = rng.integers(0, len(g), (n_boot, len(g)))
+    for m in measures:
+      x = np.array([r[key][m] for r in g], np.float64)
+      point[m].append(kendall_tau(x, acc))
+      boots[m].append(_bootstrap_taus(x, acc, idx))
+  q = [(1 - LEVEL) / 2, (1 + LEVEL) / 2]
+  out = {"tau": {}, "ci": {}, "n": sum(len(v) for v in groups.values()),
+         "settings": len(groups), "abs_diff": {}}
+  dist = {}
+  for m in measures:
+    if not point[m]:
+      out["tau"][m], out["ci"][m], dist[m] = float("nan"), (float("nan"),) * 2, None
+      continue
+    with warnings.catch_warnings():  # an all-NaN resample (constant measure) is NaN
+      warnings.simplefilter("ignore", RuntimeWarning)
+      out["tau"][m] = float(np.nanmean(point[m]))
+      dist[m] = np.nanmean(np.stack(boots[m]), axis=0)
+      dist[m] = None if np.all(np.isnan(dist[m])) else dist[m]
+    out["ci"][m] = (tuple(float(v) for v in np.nanquantile(dist[m], q))
+                    if dist[m] is not None else (float("nan"),) * 2)
+  if "egf_p2" in measures:
+    for m in measures:
+      if m == "egf_p2" or dist["egf_p2"] is None or dist[m] is None:
+        continue
+      d = np.abs(dist["egf_p2"]) - np.abs(dist[m])
+      lo, hi = np.nanquantile(d, q)
+      out["abs_diff"][m] = (abs(out["tau"]["egf_p2"]) - abs(out["tau"][m]), float(lo),
+                            float(hi))
+  return out
+
+
+# ----------------------------------------------------------------------------
 # The paper's findings (SPEC §8).
 # ----------------------------------------------------------------------------
 
 
-def finding_batch_norm(records) -> dict:
+def _main_grid(records):
+  """The runs of the main grid (dense fan-in init; the init factor is a slice)."""
+  return [r for r in records if r.get("init_scheme", "dense_fan_in") == "dense_fan_in"]
+
+
+def finding_batch_norm(records, n_boot: int = N_BOOTSTRAP) -> dict:
   """Batch norm matters more for sparse than for dense nets.
 
   Paired over (optimizer, activation, density < 1, seed): the accuracy gain of
   batch norm (batch_norm - none) for the sparse net minus that for its
-  same-capacity dense net.
+  same-capacity dense net. Cells: (optimizer, activation, density).
   """
-  acc = _index(records)
-  diffs, sparse_gain, dense_gain = [], [], []
+  acc = _index(_main_grid(records))
+  pairs, sparse_gain, dense_gain = [], [], []
   for (o, a, reg, d, s, kind), v in acc.items():
     if reg != "batch_norm" or kind != "sparse":
       continue
@@ -197,70 +370,181 @@ def finding_batch_norm(records) -> dict:
     dg = acc[(o, a, "batch_norm", d, s, "dense")] - acc[(o, a, "none", d, s, "dense")]
     sparse_gain.append(sg)
     dense_gain.append(dg)
-    diffs.append(sg - dg)
-  diff, se, n = _mean_se(diffs)
-  return {"claim": "batch normalisation matters more for sparse than for dense networks",
-          "sparse_gain": _mean_se(sparse_gain)[0], "dense_gain": _mean_se(dense_gain)[0],
-          "diff": diff, "se": se, "n": n, "verdict": _verdict(diff, se, n)}
+    pairs.append(((o, a, d), {"optimizer": o, "activation": a, "density": d}, sg - dg))
+  out = paired_effect(pairs, ("optimizer", "activation", "density"), n_boot)
+  out.update(claim="batch normalisation matters more for sparse than for dense networks",
+             measure="(sparse BN gain) − (same-capacity dense BN gain)",
+             sparse_gain=_mean_se(sparse_gain)[0], dense_gain=_mean_se(dense_gain)[0],
+             diff=out["effect"], se=_mean_se([p[2] for p in pairs])[1])
+  return out
 
 
-def finding_adaptive(records) -> dict:
-  """Adam/RMSProp hurt sparse nets more than SGD/momentum/Adagrad do.
-
-  The sparse-minus-same-capacity-dense gap, per optimizer family; the claim holds
-  when the gap of the SGD-like optimizers exceeds that of the adaptive ones
-  (paired over activation, regularisation, density < 1, seed). Also Kendall tau of
-  EGF (p=2) vs accuracy among sparse runs per optimizer ("react badly to high
-  gradient flow" predicts a negative tau for the adaptive optimizers).
-  """
-  acc = _index(records)
-  gaps = collections.defaultdict(dict)  # optimizer -> (a, reg, d, seed) -> gap
+def _gaps(acc):
+  """optimizer -> (activation, regularisation, density, seed) -> sparse - dense."""
+  gaps = collections.defaultdict(dict)
   for (o, a, reg, d, s, kind), v in acc.items():
     if kind == "sparse" and (o, a, reg, d, s, "dense") in acc:
       gaps[o][(a, reg, d, s)] = v - acc[(o, a, reg, d, s, "dense")]
-  diffs, by_reg = [], collections.defaultdict(list)
+  return gaps
+
+
+def finding_adaptive(records, n_boot: int = N_BOOTSTRAP) -> dict:
+  """Adam/RMSProp hurt sparse nets more than SGD/momentum/Adagrad do.
+
+  The sparse-minus-same-capacity-dense gap, per optimizer; the claim holds when
+  the gap of an SGD-like optimizer exceeds that of an adaptive one (paired over
+  activation, regularisation, density < 1, seed; every SGD-like x adaptive pair
+  of optimizers). Also Kendall tau of EGF (p=2) vs accuracy among sparse runs per
+  optimizer ("react badly to high gradient flow" predicts a negative tau for the
+  adaptive optimizers).
+  """
+  main = _main_grid(records)
+  gaps = _gaps(_index(main))
+  pairs = []
   for o_sgd, o_ad in itertools.product(SGD_LIKE, ADAPTIVE):
-    for k in set(gaps.get(o_sgd, {})) & set(gaps.get(o_ad, {})):
-      diffs.append(gaps[o_sgd][k] - gaps[o_ad][k])
-      by_reg[k[1]].append(diffs[-1])
-  diff, se, n = _mean_se(diffs)
+    for k in sorted(set(gaps.get(o_sgd, {})) & set(gaps.get(o_ad, {})), key=str):
+      a, reg, d, _ = k
+      pairs.append(((o_sgd, o_ad, a, reg, d),
+                    {"pair": f"{o_sgd}-{o_ad}", "regularisation": reg, "density": d,
+                     "activation": a}, gaps[o_sgd][k] - gaps[o_ad][k]))
+  out = paired_effect(pairs, ("pair", "regularisation", "density", "activation"), n_boot)
   taus = {}
-  for o in gaps:
-    rs = [r for r in records if is_sparse_run(r) and r["optimizer"] == o
+  for o in sorted(gaps):
+    rs = [r for r in main if is_sparse_run(r) and r["optimizer"] == o
           and "egf_p2" in r.get("measures", {})]
-    taus[o] = (kendall_tau([r["measures"]["egf_p2"] for r in rs],
-                           [r["accuracy"] for r in rs]), len(rs))
-  return {"claim": "optimizers with a running average of squared gradients (Adam, "
+    t = tau_with_ci(rs, ("egf_p2",), n_boot=min(n_boot, 1000))
+    taus[o] = (t["tau"]["egf_p2"], t["n"], t["ci"]["egf_p2"])
+  by_reg = collections.defaultdict(list)
+  for _, sl, d in pairs:
+    by_reg[sl["regularisation"]].append(d)
+  out.update(claim="optimizers with a running average of squared gradients (Adam, "
                    "RMSProp) do worse on sparse nets than SGD/momentum/Adagrad",
-          "gap_by_optimizer": {o: _mean_se(list(g.values()))[0] for o, g in gaps.items()},
-          "egf_tau_by_optimizer": taus, "diff": diff, "se": se, "n": n,
-          "by_regularisation": {r: _mean_se(v) for r, v in sorted(by_reg.items())},
-          "verdict": _verdict(diff, se, n)}
+             measure="(sparse − dense gap, SGD-like) − (gap, adaptive)",
+             gap_by_optimizer={o: _mean_se(list(g.values()))[0] for o, g in gaps.items()},
+             egf_tau_by_optimizer=taus, diff=out["effect"],
+             se=_mean_se([p[2] for p in pairs])[1],
+             by_regularisation={r: _mean_se(v) for r, v in sorted(by_reg.items())})
+  return out
 
 
-def finding_activation(records) -> dict:
+def finding_adaptive_regularisation(records, n_boot: int = N_BOOTSTRAP) -> dict:
+  """Adaptive optimizers' sparse nets are hurt more by L2 / augmentation.
+
+  Paired over (activation, density < 1, seed) and every SGD-like x adaptive pair:
+  the sparse net's accuracy change from the regularisation (l2 or augment minus
+  none) with the SGD-like optimizer minus that with the adaptive one.
+  """
+  acc = _index(_main_grid(records))
+  pairs = []
+  for (o, a, reg, d, s, kind), v in acc.items():
+    if kind != "sparse" or reg not in ("l2", "augment") or o not in SGD_LIKE:
+      continue
+    for o_ad in ADAPTIVE:
+      keys = [(o, a, "none", d, s, kind), (o_ad, a, reg, d, s, kind),
+              (o_ad, a, "none", d, s, kind)]
+      if all(k in acc for k in keys):
+        change_sgd = v - acc[keys[0]]
+        change_ad = acc[keys[1]] - acc[keys[2]]
+        pairs.append(((o, o_ad, a, reg, d), {"regularisation": reg, "pair": f"{o}-{o_ad}",
+                                             "density": d}, change_sgd - change_ad))
+  out = paired_effect(pairs, ("regularisation", "pair", "density"), n_boot)
+  out.update(claim="with Adam/RMSProp, L2 and data augmentation hurt sparse nets more "
+                   "than with SGD/momentum/Adagrad",
+             measure="(sparse change from the regularisation, SGD-like) − (adaptive)")
+  return out
+
+
+def finding_activation(records, n_boot: int = N_BOOTSTRAP) -> dict:
   """Swish and PReLU with SGD(-momentum) are good activations for sparse nets.
 
-  Paired over (SGD-like optimizer, regularisation, density < 1, seed): sparse
-  accuracy with Swish (or PReLU) minus with ReLU.
+  Paired over (SGD or momentum, regularisation, density < 1, seed): sparse
+  accuracy with Swish (or PReLU) minus with ReLU. Cells: (optimizer,
+  regularisation, density).
   """
-  acc = _index(records)
+  main = _main_grid(records)
+  acc = _index(main)
   out = {"claim": "Swish and PReLU with SGD are promising activations for sparse networks",
+         "measure": "sparse accuracy (activation − ReLU), SGD and momentum",
          "by_activation": {}}
   for act in ("swish", "prelu"):
-    pairs = [(reg, v - acc[(o, "relu", reg, d, s, kind)])
+    pairs = [((o, reg, d), {"optimizer": o, "regularisation": reg, "density": d},
+              v - acc[(o, "relu", reg, d, s, kind)])
              for (o, a, reg, d, s, kind), v in acc.items()
              if a == act and kind == "sparse" and o in ("sgd", "momentum")
              and (o, "relu", reg, d, s, kind) in acc]
-    diff, se, n = _mean_se([x for _, x in pairs])
-    out["by_activation"][act] = {
-        "diff": diff, "se": se, "n": n, "verdict": _verdict(diff, se, n),
-        "by_regularisation": {r: _mean_se([x for q, x in pairs if q == r])
-                              for r in sorted({q for q, _ in pairs})}}
-  sparse_sgd = [r for r in records if is_sparse_run(r) and r["optimizer"] in ("sgd", "momentum")]
+    stats = paired_effect(pairs, ("optimizer", "regularisation", "density"), n_boot)
+    diff, se, _ = _mean_se([p[2] for p in pairs])
+    stats.update(diff=stats["effect"], se=se, by_regularisation={
+        r: _mean_se([p[2] for p in pairs if p[1]["regularisation"] == r])
+        for r in sorted({p[1]["regularisation"] for p in pairs})})
+    out["by_activation"][act] = stats
+  sparse_sgd = [r for r in main if is_sparse_run(r) and r["optimizer"] in ("sgd", "momentum")]
   out["mean_accuracy"] = {a: _mean_sd([r["accuracy"] for r in sparse_sgd
                                        if r["activation"] == a])[0]
                           for a in sorted({r["activation"] for r in sparse_sgd})}
+  return out
+
+
+def finding_egf(records, n_boot: int = 1000) -> dict:
+  """EGF (p=2) predicts final accuracy better than ||g||_2 and g^T H g.
+
+  The effect is ``|tau(egf_p2)| - |tau(other)|`` for other in (gradient_norm,
+  ghg), on the measures averaged over training, with CIs from shared bootstrap
+  resamples of the runs; overall and within settings, also at initialisation.
+  Supported when both differences' CIs lie above 0 (overall or within), mixed
+  when one of the four (all/within x norm/ghg) does.
+  """
+  measures = ("egf_p2", "gradient_norm", "ghg")
+  results = {}
+  for key in ("measures", "init"):
+    for within in (False, True):
+      results[(key, "within" if within else "all")] = tau_with_ci(
+          records, measures, key, within, n_boot)
+  main = [results[("measures", g)]["abs_diff"] for g in ("all", "within")]
+  held = [d[m][1] > 0 for d in main for m in ("gradient_norm", "ghg") if m in d]
+  if not held:
+    v = "not tested (too few runs with every measure)"
+  else:
+    v = "supported" if all(held) else "mixed" if any(held) else "not supported"
+  return {"claim": "EGF correlates with final accuracy better than the gradient norm "
+                   "or g^T H g", "results": results, "verdict": v,
+          "rule": "|tau(EGF p=2)| − |tau(other)| with a 95% bootstrap CI (runs "
+                  f"resampled, {n_boot} resamples, seed {BOOTSTRAP_SEED}) for other = "
+                  "gradient_norm and ghg, measures averaged over training, across all "
+                  "runs and within settings: supported if all four CIs lie above 0, "
+                  "mixed if some do, not supported if none does."}
+
+
+def finding_init(records, n_boot: int = N_BOOTSTRAP) -> dict:
+  """The init factor: sparse accuracy with active-fan-in init minus dense fan-in."""
+  acc = {(*_setting(r), r["density"], r["seed"], r.get("init_scheme", "dense_fan_in")):
+         r["accuracy"] for r in records if is_sparse_run(r)}
+  pairs = [((o, a, reg, d), {"optimizer": o, "regularisation": reg, "density": d},
+            v - acc[(o, a, reg, d, s, "dense_fan_in")])
+           for (o, a, reg, d, s, init), v in acc.items()
+           if init == "active_fan_in" and (o, a, reg, d, s, "dense_fan_in") in acc]
+  out = paired_effect(pairs, ("optimizer", "regularisation", "density"), n_boot)
+  out.update(claim="scaling each sparse unit's init by its active fan-in improves sparse "
+                   "accuracy (not a claim of the paper: the factor the first study found "
+                   "dominant)", measure="sparse accuracy (active fan-in − dense fan-in)")
+  return out
+
+
+def sparse_minus_dense_table(records, n_boot: int = N_BOOTSTRAP) -> dict:
+  """``{(optimizer, regularisation): paired_effect}`` of sparse − dense, density < 1.
+
+  Every optimizer x regularisation seen in the runs is a key; one without pairs
+  has ``n == 0`` (missing).
+  """
+  main = _main_grid(records)
+  gaps = _gaps(_index(main))
+  opts = sorted({r["optimizer"] for r in main})
+  regs = sorted({r["regularisation"] for r in main})
+  out = {}
+  for o, reg in itertools.product(opts, regs):
+    pairs = [((a, d), {"density": d}, g) for (a, r, d, s), g in gaps.get(o, {}).items()
+             if r == reg]
+    out[(o, reg)] = paired_effect(pairs, ("density",), n_boot)
   return out
 
 
@@ -281,12 +565,89 @@ def _by_reg(stats) -> str:
   return ", ".join(f"{r} {_pct(m)} ± {_pct(se)} (n = {n})" for r, (m, se, n) in stats.items())
 
 
-def write_report(records, out_dir, command: str = "", note: str = "") -> str:
-  """Writes ``README.md`` and the plots into ``out_dir``; returns the markdown."""
+def _ci(stats) -> str:
+  """``effect [lo, hi]`` in accuracy points, or ``missing``."""
+  if not stats["n"]:
+    return "missing"
+  lo, hi = stats["ci"]
+  return f"{_pct(stats['effect'])} [{_pct(lo)}, {_pct(hi)}]"
+
+
+def _tau_ci(t, lo, hi) -> str:
+  return "n/a" if math.isnan(t) else f"{t:+.3f} [{_tau(lo)}, {_tau(hi)}]"
+
+
+def _finding_lines(number, f: dict, label: str = "") -> list[str]:
+  """One finding: claim, verdict, effect with CI, slices where it holds (or reverses)."""
+  head = f"{number}. *{f['claim']}*{label}: **{f['verdict']}**."
+  if not f["n"]:
+    return [head + " No paired runs in this sweep (missing cells).", ""]
+  lines = [head + f" Effect {f['measure']}: {_ci(f)} points (95% CI; n = {f['n']} pairs "
+           f"in {f['cells']} cells). Holds in: {', '.join(f['holds_in']) or 'no slice'}; "
+           f"reversed in: {', '.join(f['reversed_in']) or 'no slice'}.", ""]
+  for name, values in f["slices"].items():
+    lines.append(f"   - by {name}: " + "; ".join(
+        f"{_value(v)} {_ci(st)} (n={st['n']})" for v, st in values.items()))
+  return lines + [""]
+
+
+def _value(v) -> str:
+  return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _tuning_lines(tuning, records) -> list[str]:
+  """The learning-rate grid and chosen rate of every setting (or the fixed rates)."""
+  lines = ["## Learning rates", ""]
+  if not tuning:
+    rates = collections.defaultdict(set)
+    for r in records:
+      if r.get("learning_rate") is not None:
+        rates[r["optimizer"]].add(r["learning_rate"])
+    lines += ["No tuning (`study.learning_rates` one rate per optimizer): " + (", ".join(
+        f"{o} {', '.join(f'{v:g}' for v in sorted(v))}" for o, v in sorted(rates.items()))
+        or "rates not recorded in these runs' run.json") + ".", ""]
+    return lines
+  lines += [f"Tuned per setting on a validation split of the training set (fraction "
+            f"{tuning['validation_fraction']}, seed {tuning['tuning_seed']}; the test set "
+            f"is not used): {tuning['rule']}. Validation accuracy (%) by rate; the chosen "
+            "rate in bold; 'pending' rates have not finished.", "",
+            "| setting | validation accuracy by rate | chosen | final runs |",
+            "|---|---|---|---|"]
+  finals = collections.Counter(r.get("setting") for r in records)
+  for setting, e in sorted(tuning["settings"].items()):
+    cells = []
+    for lr, acc in e["grid"].items():
+      text = "diverged" if acc is None else _pct(acc)
+      chosen = e["chosen"] is not None and float(lr) == e["chosen"]
+      cells.append(f"**{lr}: {text}**" if chosen else f"{lr}: {text}")
+    cells += [f"{lr}: pending" for lr in e.get("pending", [])]
+    chosen = "pending" if e["chosen"] is None else f"{e['chosen']:g}"
+    lines.append(f"| {setting} | {', '.join(cells)} | {chosen} | "
+                 f"{finals.get(setting, 0) or 'missing'} |")
+  chosen = collections.Counter()
+  for setting, e in tuning["settings"].items():
+    if e["chosen"] is not None:
+      grid = sorted(float(x) for x in [*e["grid"], *e.get("pending", [])])
+      chosen[("smallest" if e["chosen"] == grid[0] else "largest"
+              if e["chosen"] == grid[-1] else "inside")] += 1
+  lines += ["", "Chosen rate at the edge of its grid: "
+            f"{chosen['smallest']} settings at the smallest, {chosen['largest']} at the "
+            f"largest, {chosen['inside']} inside (an edge suggests widening the grid).", ""]
+  return lines
+
+
+def write_report(records, out_dir, command: str = "", note: str = "", tuning=None,
+                 n_boot: int = N_BOOTSTRAP) -> str:
+  """Writes ``README.md``, ``findings.json`` and the plots into ``out_dir``.
+
+  Works on a partial grid: cells without runs are reported as missing. Returns
+  the markdown.
+  """
   if not records:
     raise ValueError("No finished run to report on: run gradient_flow_sweep first (a run "
                      "is finished when its summary.json has final_test_accuracy).")
   os.makedirs(out_dir, exist_ok=True)
+  main_grid = _main_grid(records)
   lines = ["# Gradient flow in sparse networks: EGF and the same-capacity comparison", ""]
   datasets = sorted({r.get("dataset", "?") for r in records})
   family = sorted({r.get("family", "?") for r in records})
@@ -315,23 +676,37 @@ def write_report(records, out_dir, command: str = "", note: str = "") -> str:
                    f"{r['active_weights']} | {r['dense_width']} | {r['dense_weights']} | "
                    f"{r['leftover']:+d} ({100 * r['leftover'] / r['active_weights']:+.2f}%) |")
   lines.append("")
+  lines += _tuning_lines(tuning, records)
 
   # Sparse vs dense per setting.
   lines += ["## Sparse vs same-capacity dense test accuracy (%)", "",
-            "Mean ± std over seeds. At density 1 both are the full-width dense net.", "",
+            "Mean ± std over seeds. At density 1 both are the full-width dense net; "
+            "'missing' marks a side without finished runs.", "",
             "| optimizer | activation | regularisation | density | sparse | dense | "
             "sparse − dense | seeds |", "|---|---|---|---|---|---|---|---|"]
   by = collections.defaultdict(list)
-  for r in records:
+  for r in main_grid:
     by[(*_setting(r), r["density"], r["kind"])].append(r["accuracy"])
   for key in sorted({k[:4] for k in by}):
     dense = by.get((*key, "dense"), [])
     sparse = dense if key[3] == 1.0 else by.get((*key, "sparse"), [])
     sm, ss, sn = _mean_sd(sparse)
     dm, ds, dn = _mean_sd(dense)
-    lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]:g} | {_pct(sm)} ± {_pct(ss)} | "
-                 f"{_pct(dm)} ± {_pct(ds)} | {_pct(sm - dm)} | {min(sn, dn)} |")
-  lines += ["", "![sparse vs dense](sparse_vs_dense.png)", ""]
+    side = lambda m, sd, n: f"{_pct(m)} ± {_pct(sd)}" if n else "missing"
+    lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]:g} | {side(sm, ss, sn)} | "
+                 f"{side(dm, ds, dn)} | {_pct(sm - dm) if sn and dn else 'missing'} | "
+                 f"{min(sn, dn)} |")
+  table = sparse_minus_dense_table(records, n_boot)
+  opts = sorted({o for o, _ in table})
+  regs = sorted({g for _, g in table})
+  lines += ["", "![sparse vs dense](sparse_vs_dense.png)", "",
+            "Sparse − same-capacity dense accuracy (points) by optimizer × "
+            "regularisation, densities below 1 and activations pooled: effect [95% CI] "
+            "(paired over seeds, bootstrap as for the findings).", "",
+            "| optimizer | " + " | ".join(regs) + " |", "|---|" + "---|" * len(regs)]
+  for o in opts:
+    lines.append(f"| {o} | " + " | ".join(_ci(table[(o, g)]) for g in regs) + " |")
+  lines += ["", "![sparse minus dense](sparse_minus_dense.png)", ""]
 
   # Measures vs accuracy.
   corr_mean, corr_init = correlations(records, "measures"), correlations(records, "init")
@@ -355,47 +730,143 @@ def write_report(records, out_dir, command: str = "", note: str = "") -> str:
     return max(MEASURES, key=lambda m: -1 if math.isnan(corr_mean[m][group][0])
                else abs(corr_mean[m][group][0]))
 
+  taus = {(key, g): tau_with_ci(records, MEASURES, key, g == "within",
+                                n_boot=min(n_boot, 1000))
+          for key in ("measures", "init") for g in ("all", "within")}
   lines += ["", "Largest |tau| (measure averaged over training): over all runs **"
             f"{best('all')}** (tau = {_tau(corr_mean[best('all')]['all'][0])}); within "
             f"settings **{best('within')}** "
             f"(tau = {_tau(corr_mean[best('within')]['within'][0])}).", "",
+            "With 95% bootstrap CIs (runs resampled with replacement, within each setting "
+            f"for 'within'; {min(n_boot, 1000)} resamples, seed {BOOTSTRAP_SEED}; runs with "
+            "every measure):", "",
+            "| measure | mean: all | mean: within | init: all | init: within |",
+            "|---|---|---|---|---|"]
+  for m in MEASURES:
+    lines.append(f"| {m} | " + " | ".join(
+        _tau_ci(taus[k]["tau"][m], *taus[k]["ci"][m]) for k in (
+            ("measures", "all"), ("measures", "within"), ("init", "all"),
+            ("init", "within"))) + " |")
+  lines += ["", "![tau with CIs](tau_ci.png)", "",
             "![measures vs accuracy](measures_vs_accuracy.png)", "",
             "EGF (p=2) during training, mean over the runs of each group:", "",
             "![EGF over training](egf_over_training.png)", ""]
 
   # Findings.
-  bn, ad, act = finding_batch_norm(records), finding_adaptive(records), finding_activation(records)
-  lines += ["## The paper's findings (SPEC §8) in these runs", "",
-            f"1. *{bn['claim']}*: **{bn['verdict']}**. Gain from batch norm: sparse "
-            f"{_pct(bn['sparse_gain'])} points, same-capacity dense {_pct(bn['dense_gain'])} "
-            f"points; sparse − dense gain {_pct(bn['diff'])} ± {_pct(bn['se'])} (s.e., "
-            f"n = {bn['n']} pairs).",
-            f"2. *{ad['claim']}*: **{ad['verdict']}**. Sparse − dense accuracy gap by "
-            "optimizer: " + ", ".join(f"{o} {_pct(g)}" for o, g in
-                                      sorted(ad["gap_by_optimizer"].items())) +
-            f" points; SGD-like gap − adaptive gap {_pct(ad['diff'])} ± {_pct(ad['se'])} "
-            f"(n = {ad['n']} pairs); by regularisation: " + _by_reg(ad["by_regularisation"])
-            + ". Kendall tau of EGF (p=2) vs accuracy among sparse "
-            "runs: " + ", ".join(f"{o} {_tau(t)} (n={k})" for o, (t, k) in
-                                 sorted(ad["egf_tau_by_optimizer"].items())) + "."
-            + ("" if any(r["regularisation"] == "l2" for r in records) else
-               " (The L2 / data-augmentation part is not tested: no L2 runs in this sweep.)"),
-            f"3. *{act['claim']}*: " + "; ".join(
-                f"{a} − relu (sparse, SGD/momentum) {_pct(v['diff'])} ± {_pct(v['se'])} "
-                f"points, n = {v['n']}: **{v['verdict']}** (by regularisation: "
-                f"{_by_reg(v['by_regularisation'])})"
-                for a, v in act["by_activation"].items() if v["n"]) +
-            "".join(f"; {a}: not tested (no runs)" for a, v in act["by_activation"].items()
-                    if not v["n"]) +
-            ". Mean sparse accuracy with SGD/momentum by activation: " +
-            ", ".join(f"{a} {_pct(v)}" for a, v in act["mean_accuracy"].items()) + ".", ""]
+  bn = finding_batch_norm(records, n_boot)
+  ad = finding_adaptive(records, n_boot)
+  ad_reg = finding_adaptive_regularisation(records, n_boot)
+  act = finding_activation(records, n_boot)
+  egf = finding_egf(records, n_boot=min(n_boot, 1000))
+  init = finding_init(records, n_boot)
+  lines += ["## The paper's findings (SPEC §8) in these runs", "", VERDICT_RULE, ""]
+  lines += _finding_lines(1, bn)
+  lines[-1:] = [f"   Gain from batch norm: sparse {_pct(bn['sparse_gain'])} points, "
+                f"same-capacity dense {_pct(bn['dense_gain'])} points.", ""]
+  lines += _finding_lines(2, ad)
+  lines[-1:] = ["   Sparse − dense gap by optimizer: " + ", ".join(
+      f"{o} {_pct(g)}" for o, g in sorted(ad["gap_by_optimizer"].items())) +
+      " points. Kendall tau of EGF (p=2) vs accuracy among sparse runs: " + ", ".join(
+          f"{o} {_tau_ci(t, *ci)} (n={k})" for o, (t, k, ci) in
+          sorted(ad["egf_tau_by_optimizer"].items())) + ".", ""]
+  lines += _finding_lines(3, ad_reg, " (the L2 / data-augmentation part of 2)")
+  for letter, (a, v) in zip("ab", act["by_activation"].items()):
+    lines += _finding_lines(f"4{letter}", {**v, "claim": act["claim"],
+                                           "measure": act["measure"]}, f" ({a})")
+  lines[-1:] = ["   Mean sparse accuracy with SGD/momentum by activation: " + ", ".join(
+      f"{a} {_pct(v)}" for a, v in act["mean_accuracy"].items()) + ".", ""]
+  lines += [f"5. *{egf['claim']}*: **{egf['verdict']}**. {egf['rule']}", ""]
+  for (key, g), res in egf["results"].items():
+    diffs = "; ".join(f"vs {m} {d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+                      for m, (d, lo, hi) in res["abs_diff"].items())
+    lines.append(f"   - {'averaged over training' if key == 'measures' else 'at init'}, "
+                 f"{g} (n = {res['n']} runs, {res['settings']} settings): |tau| difference "
+                 f"{diffs or 'n/a'}")
+  lines += ["", "## The initialisation factor", ""]
+  lines += _finding_lines(6, init)
   text = "\n".join(lines)
   with open(os.path.join(out_dir, "README.md"), "w") as f:
     f.write(text)
-  plot_sparse_vs_dense(records, os.path.join(out_dir, "sparse_vs_dense.png"))
+  _write_findings(os.path.join(out_dir, "findings.json"), {
+      "batch_norm": bn, "adaptive": ad, "adaptive_regularisation": ad_reg,
+      "activation": act, "egf": egf, "init": init,
+      "sparse_minus_dense": {f"{o}/{g}": v for (o, g), v in table.items()},
+      "tau": {f"{k}/{g}": v for (k, g), v in taus.items()}})
+  plot_sparse_vs_dense(main_grid, os.path.join(out_dir, "sparse_vs_dense.png"))
+  plot_sparse_minus_dense(table, os.path.join(out_dir, "sparse_minus_dense.png"))
+  plot_tau_ci(taus, os.path.join(out_dir, "tau_ci.png"))
   plot_measures(records, corr_mean, os.path.join(out_dir, "measures_vs_accuracy.png"))
-  plot_egf_over_training(records, os.path.join(out_dir, "egf_over_training.png"))
+  plot_egf_over_training(main_grid, os.path.join(out_dir, "egf_over_training.png"))
   return text
+
+
+def _write_findings(path, findings):
+  """The findings' numbers as JSON (tuple keys joined; NaN as null)."""
+  def clean(x):
+    if isinstance(x, dict):
+      return {(k if isinstance(k, str) else "/".join(map(str, k)) if isinstance(k, tuple)
+               else str(k)): clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+      return [clean(v) for v in x]
+    if isinstance(x, float) and math.isnan(x):
+      return None
+    if isinstance(x, (np.floating, np.integer)):
+      return clean(x.item())
+    return x
+  with open(path, "w") as f:
+    json.dump(clean(findings), f, indent=1)
+
+
+def plot_sparse_minus_dense(table, path):
+  """Heat map of sparse − dense accuracy by optimizer x regularisation (CI as text)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  opts = sorted({o for o, _ in table})
+  regs = sorted({g for _, g in table})
+  values = np.array([[100 * table[(o, g)]["effect"] if table[(o, g)]["n"] else np.nan
+                      for g in regs] for o in opts])
+  fig, ax = plt.subplots(figsize=(1.8 * len(regs) + 2, 0.8 * len(opts) + 1.5))
+  bound = np.nanmax(np.abs(values)) if np.isfinite(values).any() else 1.0
+  im = ax.imshow(values, cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
+  for (i, o), (j, g) in itertools.product(enumerate(opts), enumerate(regs)):
+    st = table[(o, g)]
+    text = "missing" if not st["n"] else (
+        f"{100 * st['effect']:+.1f}\n[{100 * st['ci'][0]:+.1f}, {100 * st['ci'][1]:+.1f}]")
+    ax.text(j, i, text, ha="center", va="center", fontsize=7)
+  ax.set_xticks(range(len(regs)), regs)
+  ax.set_yticks(range(len(opts)), opts)
+  ax.set_title("sparse − same-capacity dense accuracy (points), density < 1", fontsize=9)
+  fig.colorbar(im, ax=ax)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_tau_ci(taus, path):
+  """Kendall's tau of each measure vs accuracy with its 95% CI (all / within)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, ax = plt.subplots(figsize=(7, 3.4))
+  keys = list(taus)
+  width = 0.8 / len(keys)
+  for k, key in enumerate(keys):
+    res = taus[key]
+    xs = np.arange(len(MEASURES)) + (k - (len(keys) - 1) / 2) * width
+    t = np.array([res["tau"][m] for m in MEASURES])
+    lo = np.array([res["ci"][m][0] for m in MEASURES])
+    hi = np.array([res["ci"][m][1] for m in MEASURES])
+    ax.errorbar(xs, t, yerr=[t - lo, hi - t], fmt="o", capsize=3, label="/".join(key))
+  ax.axhline(0, color="gray", lw=0.5)
+  ax.set_xticks(range(len(MEASURES)), MEASURES, fontsize=8)
+  ax.set_ylabel("Kendall's tau vs final accuracy")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def plot_sparse_vs_dense(records, path):
@@ -487,6 +958,8 @@ def main():
   parser.add_argument("--out", default=RESULTS)
   parser.add_argument("--command", default="", help="The sweep command, for the report.")
   parser.add_argument("--note", default="", help="Free text for the report (e.g. timing).")
+  parser.add_argument("--bootstrap", type=int, default=N_BOOTSTRAP,
+                      help="Bootstrap resamples of the CIs (taus: at most 1000).")
   args = parser.parse_args()
   records = load_runs(args.workdir)
   command, note = args.command, args.note
@@ -498,7 +971,8 @@ def main():
     note = note or ("Sweep wall time: " + ", ".join(
         f"slice {e['slice']}: {e['wall_time_s'] / 60:.1f} min ({e['trained']} trained, "
         f"{e['skipped']} skipped)" for e in entries) + ".")
-  print(write_report(records, args.out, command, note))
+  print(write_report(records, args.out, command, note, tuning=load_tuning(args.workdir),
+                     n_boot=args.bootstrap))
 
 
 if __name__ == "__main__":
