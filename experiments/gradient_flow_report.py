@@ -946,7 +946,8 @@ def plot_egf_over_training(records, path, measure="egf_p2"):
     ax.set_xlabel("step")
     ax.set_title(f"regularisation: {reg}", fontsize=9)
   axes[0][0].set_ylabel(f"{measure} (fixed batch)")
-  axes[0][0].legend(fontsize=7)
+  if axes[0][0].get_legend_handles_labels()[0]:
+    axes[0][0].legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

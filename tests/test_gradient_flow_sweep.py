@@ -335,3 +335,47 @@ def test_report_on_synthetic_runs(tmp_path):
     assert (tmp_path / "out" / name).stat().st_size > 0
   with pytest.raises(ValueError, match="No finished run"):
     report.write_report([], str(tmp_path / "empty"))
+
+
+def test_tiny_converged_sweep_end_to_end_through_the_report(tmp_path):
+  """The real trainer: 2 rates tuned on a validation split, augment, both inits."""
+  from experiments.configs import gradient_flow_converged_mnist5k
+  config = gradient_flow_converged_mnist5k.get_config()
+  config.num_train_steps = 4
+  config.batch_size = 64
+  config.gradient_flow_every_steps = 2
+  config.log_every_steps = 2
+  study = config.study
+  study.width = 16
+  study.densities = (0.2,)
+  study.optimizers = ("momentum",)
+  study.activations = ("relu",)
+  study.regularisations = ("augment",)
+  study.seeds = (1,)
+  study.inits = ("dense_fan_in", "active_fan_in")
+  study.learning_rates = dict(momentum=(0.01, 0.1))
+  workdir = tmp_path / "sweep"
+  counts = sweep.run_sweep(config, str(workdir))
+  # 3 settings (sparse, dense, sparse with active fan-in) x (2 rates + 1 seed).
+  assert counts == {"total": 9, "skipped": 0, "trained": 9, "failed": 0, "pending": 0}
+  tuning = json.load(open(workdir / "tuning.json"))["settings"]
+  assert set(tuning) == {"momentum_relu_augment_d0.2_sparse", "momentum_relu_augment_d0.2_dense",
+                         "momentum_relu_augment_d0.2_sparse_active_fan_in"}
+  for setting, e in tuning.items():
+    assert e["complete"] and set(e["grid"]) == {"0.01", "0.1"}
+    final = json.load(open(workdir / f"{setting}_seed1" / "config.json"))
+    assert final["learning_rate"] == e["chosen"] and final["augment_shift"] == 2
+    assert "validation_fraction" not in final
+  tune_dir = workdir / "tune" / "momentum_relu_augment_d0.2_dense_lr0.1_seed0"
+  assert json.load(open(tune_dir / "summary.json"))["evaluated_on"] == "validation"
+  assert json.load(open(tune_dir / "config.json"))["validation_fraction"] == 0.1
+  # The active fan-in run starts from larger weights than its dense-fan-in twin.
+  egf = lambda name: json.loads(open(workdir / name / "metrics.jsonl").readline())["egf_p2"]
+  assert egf("momentum_relu_augment_d0.2_sparse_active_fan_in_seed1") > egf(
+      "momentum_relu_augment_d0.2_sparse_seed1")
+  records = report.load_runs(str(workdir))
+  assert len(records) == 3 and {r["init_scheme"] for r in records} == {
+      "dense_fan_in", "active_fan_in"}
+  text = report.write_report(records, str(tmp_path / "out"),
+                             tuning=report.load_tuning(str(workdir)), n_boot=100)
+  assert "| momentum_relu_augment_d0.2_dense | " in text and "## The initialisation factor" in text
