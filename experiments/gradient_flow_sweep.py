@@ -1,7 +1,7 @@
 r"""The gradient-flow sweep (SPEC §8): sparse vs same-capacity dense over a grid.
 
 Grid: ``config.study`` densities x optimizers x activations x regularisations x
-seeds; at every density below 1 a sparse run (``static`` masks of the config's
+inits x seeds; at every density below 1 a sparse run (``static`` masks of the config's
 distribution at width ``study.width``) and its same-capacity dense run
 (``experiments/scsdc.py``); at density 1 the single dense run of full width. Each
 run trains in its own workdir ``<workdir>/<run name>`` with the gradient-flow
@@ -35,6 +35,8 @@ units have their whole fan-in), named ``..._sparse_active_fan_in_seed<s>``.
       --workdir=workdirs/gradient_flow --slice=0/1 [--dry_run]
 
 Then ``python -m experiments.gradient_flow_report --workdir=workdirs/gradient_flow``.
+The converged study (tuned rates, the paper's grid, 30 epochs) and its commands:
+``experiments/configs/gradient_flow_converged_mnist5k.py``.
 """
 
 from __future__ import annotations
@@ -345,8 +347,9 @@ def run_sweep(config, workdir: str, index: int = 0, count: int = 1, train_fn=Non
       learning_rate = tuning["settings"][run.setting]["chosen"]
       if learning_rate is None:
         counts["pending"] += 1
-        log.info("%s: pending (its setting's tuning runs %s are unfinished).", tag,
-                 tuning["settings"][run.setting]["pending"])
+        log.info("%s: pending (its setting's tuning runs %s are unfinished%s).", tag,
+                 tuning["settings"][run.setting]["pending"],
+                 "; a real run trains this slice's share of them first" if dry_run else "")
         continue
     if dry_run:
       log.info("%s: to run.", tag)

@@ -158,3 +158,12 @@ def test_tuning_table_and_report_on_a_partial_grid(tmp_path):
       "effect"] is None
   for name in ("sparse_minus_dense.png", "tau_ci.png", "sparse_vs_dense.png"):
     assert (tmp_path / name).stat().st_size > 0
+
+
+def test_loss_drop_over_the_last_fifth_by_hand():
+  assert report.loss_drop([(10, 2.0), (80, 1.0), (100, 0.9)]) == pytest.approx(0.1)
+  # t0 is the last logged step at or before 0.8 * 100 = 80: step 62 here.
+  assert report.loss_drop([(31, 2.0), (62, 0.5), (93, 0.4), (100, 0.45)]) == pytest.approx(
+      0.1)
+  assert report.loss_drop([(100, 1.0)]) is None
+  assert report.loss_drop([(90, 1.0), (100, 0.5)]) is None  # nothing before 80
