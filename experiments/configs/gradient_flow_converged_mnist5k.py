@@ -39,8 +39,8 @@ shared 2-core CPU under nice -n 19 beside other jobs (load 5): one final MLP run
 (momentum, augment, density 0.05) 12.8 s sparse / 10.6 s dense with a warm
 compilation cache (~140 steps/s, ~5 s of setup), so ~6 h for the 1,800 runs and
 ~11 h for all 3,240 in one process. The small CNN at width 32 is ~100x slower per
-sparse step there (1.7 s/step with the measures; 93 steps took 172 s): its grid
-needs an accelerator or a smaller slice. Not run yet: no expected numbers.
+sparse step there (3 epochs took 172 s: ~1.2 s/step with the measures plus 46 s
+of evaluation): its grid needs an accelerator or a smaller slice. Not run yet: no expected numbers.
 """
 
 import ml_collections
