@@ -1004,6 +1004,20 @@ def plot_egf_over_training(records, path, measure="egf_p2"):
   plt.close(fig)
 
 
+def check_out(workdir: str, out: str) -> None:
+  """Refuses to write a tuned (converged) study's report over the 3-epoch study's.
+
+  The default ``--out`` holds the earlier study's committed report; a workdir with a
+  ``tuning.json`` is a tuned study, whose report needs its own ``--out``.
+  """
+  if (os.path.exists(os.path.join(workdir, "tuning.json"))
+      and os.path.abspath(out) == os.path.abspath(RESULTS)):
+    raise ValueError(
+        f"{workdir} holds a tuned study (tuning.json), but --out is the 3-epoch study's "
+        f"report ({RESULTS}), which would be overwritten: pass "
+        "--out=experiments/results/gradient_flow/converged.")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", default="workdirs/gradient_flow")
@@ -1013,6 +1027,7 @@ def main():
   parser.add_argument("--bootstrap", type=int, default=N_BOOTSTRAP,
                       help="Bootstrap resamples of the CIs (taus: at most 1000).")
   args = parser.parse_args()
+  check_out(args.workdir, args.out)
   records = load_runs(args.workdir)
   command, note = args.command, args.note
   log_path = os.path.join(args.workdir, "sweep_log.jsonl")

@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -167,3 +169,16 @@ def test_loss_drop_over_the_last_fifth_by_hand():
       0.1)
   assert report.loss_drop([(100, 1.0)]) is None
   assert report.loss_drop([(90, 1.0), (100, 0.5)]) is None  # nothing before 80
+
+
+def test_a_tuned_study_never_overwrites_the_earlier_report(tmp_path, monkeypatch):
+  workdir = tmp_path / "converged"
+  workdir.mkdir()
+  report.check_out(str(workdir), report.RESULTS)  # no tuning.json: the 3-epoch study
+  (workdir / "tuning.json").write_text("{}")
+  report.check_out(str(workdir), str(tmp_path / "out"))  # its own --out is fine
+  before = open(os.path.join(report.RESULTS, "README.md")).read()
+  monkeypatch.setattr(sys, "argv", ["gradient_flow_report", f"--workdir={workdir}"])
+  with pytest.raises(ValueError, match="--out=experiments/results/gradient_flow/converged"):
+    report.main()
+  assert open(os.path.join(report.RESULTS, "README.md")).read() == before
