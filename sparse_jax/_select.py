@@ -282,16 +282,16 @@ def count_true(mask) -> jax.Array:
   return map_reduce_lazy(lambda index, m: jnp.sum(m, dtype=jnp.int32), lazy(mask))
 
 
-# Each histogram is kept as _COPIES interleaved copies (position ``i`` counts in
-# copy ``i % _COPIES``), summed once at the end. XLA:CPU's scatter is a serial loop
-# of read-add-writes, and runs of positions with one digit (the non-candidates'
-# key 0, or the positions outside the bin a later pass looks at) chain each update
-# on the store before it: 2.7 ns an element, against 1.4 ns with four copies.
+# A group's histogram is kept in _COPIES interleaved copies (position ``i`` counts
+# in copy ``i % _COPIES``) when the group has at least _COPIES_FROM elements, and
+# the copies are summed once at the end. XLA:CPU's scatter is a serial loop of
+# read-add-writes, and runs of positions with one digit (the non-candidates' key
+# 0) chain each update on the store before it: 2.6 ns an element, against 1.4 ns
+# with four copies (a 2**20-element chunk, 90% of it one digit). Smaller groups
+# keep one copy: their histograms' memory (1 MB each with four) would outweigh
+# the gain (models with many small layers have one group per layer).
 _COPIES = 4
-# Positions outside a pass's bin scatter to this index, beyond every copy, and
-# are dropped (``mode="drop"``): a skipped update costs about 1 ns, a counted one
-# in a shared overflow bin 2.7 ns.
-_DROPPED = np.uint32(_COPIES * _BINS)
+_COPIES_FROM = 1 << 18
 
 
 def _chunk_ones(shape) -> jax.Array:
@@ -308,22 +308,27 @@ def _chunk_ones(shape) -> jax.Array:
 
 
 def _add_to_histogram(hist, lk: Lazy, digits_fn) -> jax.Array:
-  """``hist`` (int32 [_COPIES * 2**16]) plus the counts of ``digits_fn(keys, index)``.
+  """``hist`` (int32 [copies * 2**16]) plus the counts of ``digits_fn(keys, index)``.
 
   ``digits_fn`` returns ``(digits, valid)``; ``valid`` (bool or None) drops the
-  other positions. A scatter-add histogram reads each key once and settles 16
-  bits of the answer per pass, where a counting pass settles one (bisection) and
-  costs about half as much on CPU (measured: 115 ms per 2**16-bin histogram vs
-  ~45 ms per count of 16.7M keys). The leaves of a group scatter into one
-  buffer, one after another.
+  other positions: they scatter beyond the histogram (``mode="drop"``), where a
+  skipped update costs about 1 ns and one counted in a shared overflow bin 2.7
+  ns. A scatter-add histogram reads each key once and settles 16 bits of the
+  answer per pass, where a counting pass settles one (bisection) and costs about
+  half as much on CPU (measured: 115 ms per 2**16-bin histogram vs ~45 ms per
+  count of 16.7M keys). The leaves of a group scatter into one buffer, one after
+  another.
   """
+  copies = hist.shape[0] // _BINS
   ones = _chunk_ones(lk.shape)
 
   def scatter(hist, index, keys):
     digits, valid = digits_fn(keys, index)
-    idx = digits.astype(jnp.uint32) + (index % _COPIES) * jnp.uint32(_BINS)
+    idx = digits.astype(jnp.uint32)
+    if copies > 1:
+      idx = idx + (index % copies) * jnp.uint32(_BINS)
     if valid is not None:
-      idx = jnp.where(valid, idx, _DROPPED)
+      idx = jnp.where(valid, idx, np.uint32(copies * _BINS))
     # Indices keep the leaf's shape: reshape(-1) of an array sharded on a later
     # axis would all-gather it, while an n-d scatter-add into a replicated
     # histogram is partitioned into per-shard histograms and one all-reduce.
@@ -335,10 +340,15 @@ def _add_to_histogram(hist, lk: Lazy, digits_fn) -> jax.Array:
 
 def _histograms(leaves, groups, num_groups, digits_fns):
   """Per-group histograms (int32 [G, 2**16]) of the digits of each group's leaves."""
-  hist = [jnp.zeros((_COPIES * _BINS,), jnp.int32) for _ in range(num_groups)]
+  sizes = [0] * num_groups
+  for lk, g in zip(leaves, groups):
+    sizes[g] += lk.size
+  copies = [_COPIES if n >= _COPIES_FROM else 1 for n in sizes]
+  hist = [jnp.zeros((c * _BINS,), jnp.int32) for c in copies]
   for lk, g, fn in zip(leaves, groups, digits_fns):
     hist[g] = _add_to_histogram(hist[g], lk, fn)
-  return jnp.stack(hist).reshape(num_groups, _COPIES, _BINS).sum(1, dtype=jnp.int32)
+  return jnp.stack([h.reshape(c, _BINS).sum(0, dtype=jnp.int32)
+                    for h, c in zip(hist, copies)])
 
 
 def leaf_numbers(values, dtype=jnp.int32) -> tuple[jax.Array, ...]:
