@@ -232,9 +232,13 @@ CHUNKED_CASES = [
 ]
 
 
+@pytest.mark.parametrize("copies_from", [2**18, 1], ids=["one_copy", "interleaved_copies"])
 @pytest.mark.parametrize("shapes,groups,bound", CHUNKED_CASES)
-def test_chunked_top_k_matches_brute_force(monkeypatch, shapes, groups, bound):
+def test_chunked_top_k_matches_brute_force(monkeypatch, shapes, groups, bound, copies_from):
+  # copies_from=1: every group's histogram in _COPIES interleaved copies (as groups
+  # of >= 2**18 elements are), summed at the end: the counts must not change.
   monkeypatch.setattr(_select, "CHUNK_ELEMENTS", bound)
+  monkeypatch.setattr(_select, "_COPIES_FROM", copies_from)
   assert all(_select.chunk_plan(s) is not None for s in shapes if np.prod(s) > bound)
   rng = np.random.default_rng(1)
   keys = [rng.integers(0, 4, size=s).astype(np.uint32) for s in shapes]  # many ties
