@@ -343,7 +343,7 @@ def run_sweep(config, workdir: str, index: int = 0, count: int = 1, train_fn=Non
       if tuning is None:  # once the slice's tuning runs are done
         tuning = tuning_results(study, workdir, finals)
         if not dry_run:
-          _write_json(os.path.join(workdir, "tuning.json"), tuning)
+          write_tuning(workdir, tuning)
       learning_rate = tuning["settings"][run.setting]["chosen"]
       if learning_rate is None:
         counts["pending"] += 1
@@ -395,9 +395,24 @@ def run_sweep(config, workdir: str, index: int = 0, count: int = 1, train_fn=Non
              summary.get("final_test_accuracy"), durations[-1], left, eta / 60,
              (time.time() - t0) / 60)
   if tunes and not dry_run:
-    _write_json(os.path.join(workdir, "tuning.json"), tuning_results(study, workdir, finals))
+    write_tuning(workdir, tuning_results(study, workdir, finals))
   log.info("Slice %d/%d: %s", index, count, counts)
   return counts
+
+
+def write_tuning(workdir: str, tuning: dict):
+  """Writes ``<workdir>/tuning.json``, keeping the settings of earlier sweeps' grids.
+
+  A workdir can hold several grids (the converged study's init factor is a second
+  sweep on a sub-grid); each sweep recomputes its own settings from the run
+  directories and leaves the others' entries as they are.
+  """
+  path = os.path.join(workdir, "tuning.json")
+  settings = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      settings = json.load(f).get("settings", {})
+  _write_json(path, {**tuning, "settings": {**settings, **tuning["settings"]}})
 
 
 def _write_json(path: str, value):

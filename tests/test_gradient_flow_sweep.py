@@ -238,6 +238,24 @@ def test_tuning_then_final_runs_at_the_chosen_rates(tmp_path):
   assert not fake2.calls
 
 
+def test_a_sweep_of_another_grid_keeps_the_tuning_of_earlier_ones(tmp_path):
+  # The converged study runs its init factor as a second sweep into the same
+  # workdir, on a sub-grid: its tuning.json must add to the first grid's, not replace it.
+  config = tuning_study()
+  config.study.inits = ("dense_fan_in",)
+  sweep.run_sweep(config, str(tmp_path), train_fn=FakeTuner())
+  first = json.load(open(tmp_path / "tuning.json"))["settings"]
+  assert "momentum_relu_augment_d0.1_sparse" in first
+  sub = tuning_study()
+  sub.study.regularisations = ("none",)
+  sweep.run_sweep(sub, str(tmp_path), train_fn=FakeTuner())
+  merged = json.load(open(tmp_path / "tuning.json"))["settings"]
+  assert set(merged) == set(first) | {"momentum_relu_none_d0.1_sparse_active_fan_in"}
+  for setting, entry in first.items():
+    assert merged[setting] == entry
+  assert merged["momentum_relu_none_d0.1_sparse_active_fan_in"]["chosen"] == 0.03
+
+
 def test_final_runs_wait_for_another_slices_tuning(tmp_path):
   config = tuning_study()
   fake = FakeTuner()
