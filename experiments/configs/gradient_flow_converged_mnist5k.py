@@ -34,13 +34,22 @@ Report (a new directory: the 3-epoch study's README stays as it is):
 
 Size, MLP family: 540 settings x (3 tuning rates + 3 seeds) = 3,240 runs of 30
 epochs (840 steps for a tuning run, 930 for a final one); with densities {0.05,
-0.2, 1.0} 300 settings, 1,800 runs (``--dry_run`` lists them). Measured on the
-shared 2-core CPU under nice -n 19 beside other jobs (load 5): one final MLP run
-(momentum, augment, density 0.05) 12.8 s sparse / 10.6 s dense with a warm
-compilation cache (~140 steps/s, ~5 s of setup), so ~6 h for the 1,800 runs and
-~11 h for all 3,240 in one process. The small CNN at width 32 is ~100x slower per
-sparse step there (3 epochs took 172 s: ~1.2 s/step with the measures plus 46 s
-of evaluation): its grid needs an accelerator or a smaller slice. Not run yet: no expected numbers.
+0.2, 1.0} 300 settings, 1,800 runs (``--dry_run`` lists them). Run on 2026-12-03 on
+the idle 2-core CPU as two slices in parallel (``--slice=0/2`` and ``1/2``, one per
+core), warm compilation cache: 3-5 s a run, the 1,800 runs plus the 48 of the init
+factor in 65 min of wall time. Its report is
+``experiments/results/gradient_flow/converged/``, and its run records (run.json,
+summary.json, metrics.jsonl, config.json, tuning.json; no checkpoints or exports) are
+``records.tar.gz`` there. Restore them before adding densities 0.1 and 0.5, so the
+1,848 finished runs are skipped:
+
+  mkdir -p workdirs/gradient_flow_converged && tar xzf \
+      experiments/results/gradient_flow/converged/records.tar.gz \
+      -C workdirs/gradient_flow_converged
+
+The small CNN at width 32 is ~100x slower per sparse step on that CPU (3 epochs took
+172 s: ~1.2 s/step with the measures plus 46 s of evaluation), so its grid needs an
+accelerator or a smaller slice.
 """
 
 import ml_collections
