@@ -9,7 +9,9 @@ measures logged to ``metrics.jsonl``; ``run.json`` records the grid point and th
 SC-SDC widths and counts.
 
 Resumable: a run whose ``summary.json`` exists is skipped, and an interrupted run
-resumes from its checkpoint. Sliceable: ``--slice=i/n`` runs every n-th run
+resumes from its checkpoint. The exception: a final run trained at a rate other
+than its setting's tuned rate now (a widened grid chose another) is trained again,
+its old directory moved to ``<workdir>/previous/<name>_<time>``. Sliceable: ``--slice=i/n`` runs every n-th run
 starting at the i-th (0-based), so n machines with i = 0..n-1 cover the grid once.
 
 Learning-rate tuning (``study.learning_rates[optimizer]`` a tuple of 2 or more
@@ -334,10 +336,6 @@ def run_sweep(config, workdir: str, index: int = 0, count: int = 1, train_fn=Non
   for k, run in enumerate(runs, 1):
     run_dir = os.path.join(workdir, run.name)
     tag = f"[{k}/{len(runs)}] {run.name}"
-    if is_finished(run_dir):
-      counts["skipped"] += 1
-      log.info("%s: finished, skipped.", tag)
-      continue
     learning_rate = None
     if not run.is_tuning and run.setting in tuned_settings:
       if tuning is None:  # once the slice's tuning runs are done
@@ -345,6 +343,21 @@ def run_sweep(config, workdir: str, index: int = 0, count: int = 1, train_fn=Non
         if not dry_run:
           write_tuning(workdir, tuning)
       learning_rate = tuning["settings"][run.setting]["chosen"]
+    if is_finished(run_dir):
+      trained_at = recorded_rate(run_dir)
+      if learning_rate is None or trained_at is None or math.isclose(trained_at,
+                                                                   learning_rate):
+        counts["skipped"] += 1
+        log.info("%s: finished, skipped.", tag)
+        continue
+      # The setting's tuned rate changed (a wider grid): train again at the new
+      # rate; the old run is kept, never deleted.
+      log.info("%s: trained at rate %g, the setting's tuned rate is now %g: %s.", tag,
+               trained_at, learning_rate, "to rerun" if dry_run else "rerunning")
+      if dry_run:
+        continue
+      keep_previous(workdir, run)
+    if not run.is_tuning and run.setting in tuned_settings:
       if learning_rate is None:
         counts["pending"] += 1
         log.info("%s: pending (its setting's tuning runs %s are unfinished%s).", tag,
@@ -398,6 +411,23 @@ def run_sweep(config, workdir: str, index: int = 0, count: int = 1, train_fn=Non
     write_tuning(workdir, tuning_results(study, workdir, finals))
   log.info("Slice %d/%d: %s", index, count, counts)
   return counts
+
+
+def recorded_rate(run_dir: str) -> float | None:
+  """The learning rate in a run's ``run.json`` (None without one)."""
+  path = os.path.join(run_dir, "run.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f).get("learning_rate")
+
+
+def keep_previous(workdir: str, run: Run):
+  """Moves a run's directory to ``<workdir>/previous/<name>_<time>`` (kept whole)."""
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  dest = os.path.join(workdir, "previous", f"{run.name}_{stamp}")
+  os.makedirs(os.path.dirname(dest), exist_ok=True)
+  os.rename(os.path.join(workdir, run.name), dest)
 
 
 def write_tuning(workdir: str, tuning: dict):

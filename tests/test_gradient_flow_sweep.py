@@ -256,6 +256,31 @@ def test_a_sweep_of_another_grid_keeps_the_tuning_of_earlier_ones(tmp_path):
   assert merged["momentum_relu_none_d0.1_sparse_active_fan_in"]["chosen"] == 0.03
 
 
+def test_a_final_run_at_an_outdated_rate_is_retrained_and_the_old_one_kept(tmp_path):
+  # Widening a grid can change a setting's chosen rate; a final run trained at the
+  # old rate must not be skipped as finished (its name carries no rate).
+  config = tuning_study()
+  config.study.inits = ("dense_fan_in",)
+  config.study.regularisations = ("none",)
+  config.study.learning_rates = dict(momentum=(0.01, 0.03))  # sparse: a tie, 0.01
+  sweep.run_sweep(config, str(tmp_path), train_fn=FakeTuner())
+  run_dir = tmp_path / "momentum_relu_none_d0.1_sparse_seed0"
+  assert json.load(open(run_dir / "run.json"))["learning_rate"] == 0.01
+  config.study.learning_rates = dict(momentum=(0.01, 0.03, 0.1))  # sparse best: 0.1
+  fake = FakeTuner()
+  counts = sweep.run_sweep(config, str(tmp_path), train_fn=fake)
+  retrained = sorted(n for n, c in fake.calls if "validation_fraction" not in c)
+  # The sparse runs move to 0.1; the dense ones keep 0.03 and are skipped.
+  assert retrained == ["momentum_relu_none_d0.1_sparse_seed0",
+                       "momentum_relu_none_d0.1_sparse_seed1"]
+  assert counts["trained"] == 2 + 2  # two new tuning runs (rate 0.1), two finals
+  assert json.load(open(run_dir / "run.json"))["learning_rate"] == 0.1
+  kept = list((tmp_path / "previous").glob("momentum_relu_none_d0.1_sparse_seed0_*"))
+  assert len(kept) == 1
+  assert json.load(open(kept[0] / "run.json"))["learning_rate"] == 0.01
+  assert (kept[0] / "summary.json").exists()
+
+
 def test_final_runs_wait_for_another_slices_tuning(tmp_path):
   config = tuning_study()
   fake = FakeTuner()
