@@ -343,7 +343,8 @@ def run_sweep(config, workdir: str, index: int = 0, count: int = 1, train_fn=Non
         if not dry_run:
           write_tuning(workdir, tuning)
       learning_rate = tuning["settings"][run.setting]["chosen"]
-    if is_finished(run_dir):
+    waiting = not run.is_tuning and run.setting in tuned_settings and learning_rate is None
+    if is_finished(run_dir) and not waiting:
       trained_at = recorded_rate(run_dir)
       if learning_rate is None or trained_at is None or math.isclose(trained_at,
                                                                    learning_rate):
@@ -357,13 +358,12 @@ def run_sweep(config, workdir: str, index: int = 0, count: int = 1, train_fn=Non
       if dry_run:
         continue
       keep_previous(workdir, run)
-    if not run.is_tuning and run.setting in tuned_settings:
-      if learning_rate is None:
-        counts["pending"] += 1
-        log.info("%s: pending (its setting's tuning runs %s are unfinished%s).", tag,
-                 tuning["settings"][run.setting]["pending"],
-                 "; a real run trains this slice's share of them first" if dry_run else "")
-        continue
+    if waiting:  # finished or not: its rate is known only when the tuning is done
+      counts["pending"] += 1
+      log.info("%s: pending (its setting's tuning runs %s are unfinished%s).", tag,
+               tuning["settings"][run.setting]["pending"],
+               "; a real run trains this slice's share of them first" if dry_run else "")
+      continue
     if dry_run:
       log.info("%s: to run.", tag)
       continue

@@ -281,6 +281,30 @@ def test_a_final_run_at_an_outdated_rate_is_retrained_and_the_old_one_kept(tmp_p
   assert (kept[0] / "summary.json").exists()
 
 
+def test_a_finished_final_run_waits_while_its_widened_grid_is_unfinished(tmp_path):
+  # A wider grid's new tuning runs of a setting may lie in another slice: until
+  # they are done the finished final run is pending (not skipped as finished).
+  config = tuning_study()
+  config.study.inits = ("dense_fan_in",)
+  config.study.regularisations = ("none",)
+  config.study.learning_rates = dict(momentum=(0.01, 0.03))
+  sweep.run_sweep(config, str(tmp_path), train_fn=FakeTuner())
+  config.study.learning_rates = dict(momentum=(0.01, 0.03, 0.1))
+  fake = FakeTuner()
+  # Slice 0 of 3: the old rates' tuning runs (finished) and two finished final
+  # runs; both settings' new rate (0.1) is in slice 2.
+  counts = sweep.run_sweep(config, str(tmp_path), index=0, count=3, train_fn=fake)
+  assert counts == {"total": 4, "skipped": 2, "trained": 0, "failed": 0, "pending": 2}
+  assert not fake.calls
+  counts = sweep.run_sweep(config, str(tmp_path), index=2, count=3, train_fn=fake)
+  assert counts["trained"] == 2 + 1  # the new tuning runs; sparse seed 1 at 0.1
+  counts = sweep.run_sweep(config, str(tmp_path), index=0, count=3, train_fn=fake)
+  assert counts == {"total": 4, "skipped": 3, "trained": 1, "failed": 0, "pending": 0}
+  assert fake.calls[-1][0] == "momentum_relu_none_d0.1_sparse_seed0"
+  run_dir = tmp_path / "momentum_relu_none_d0.1_sparse_seed0"
+  assert json.load(open(run_dir / "run.json"))["learning_rate"] == 0.1
+
+
 def test_final_runs_wait_for_another_slices_tuning(tmp_path):
   config = tuning_study()
   fake = FakeTuner()
