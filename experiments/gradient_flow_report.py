@@ -77,6 +77,8 @@ def load_run(run_dir: str) -> dict | None:
   record["init_scheme"] = scheme if isinstance(scheme, str) else "dense_fan_in"
   record["accuracy"] = summary["final_test_accuracy"]
   record["wall_time_s"] = summary.get("wall_time_s")
+  record["num_epochs"] = summary.get("config", {}).get("num_epochs")
+  record["steps"] = summary.get("steps")
   record["measures"] = {m: float(np.mean(list(s.values()))) for m, s in series.items()}
   record["init"] = {m: s[0] for m, s in series.items() if 0 in s}
   record["series"] = {m: sorted(s.items()) for m, s in series.items()}
@@ -645,6 +647,59 @@ def _convergence_lines(records) -> list[str]:
       "rate is near 0 at the end, so read this with the loss curves.", ""]
 
 
+def budget_check(records, longer, n_boot: int = N_BOOTSTRAP) -> dict:
+  """Is the recipe's budget enough? The same runs trained longer, paired by name.
+
+  ``longer`` are runs of a second sweep (``study.rates_from`` = this sweep's
+  ``tuning.json``, more epochs): each is paired with the run of the same name here
+  (same setting, seed and rate). Returns the test-accuracy change (longer − this
+  budget) overall and by sparse/dense, with bootstrap CIs over the pairs, and the
+  change of the sparse − dense gap of each (setting, seed) with both sides.
+  """
+  by_name = {r["name"]: r for r in records}
+  pairs = [(by_name[r["name"]], r) for r in longer
+           if r["name"] in by_name and r.get("learning_rate") is not None
+           and math.isclose(r["learning_rate"], by_name[r["name"]]["learning_rate"])]
+  def stats(diffs):
+    mean = float(np.mean(diffs)) if diffs else float("nan")
+    return {"effect": mean, "ci": bootstrap_mean_ci([diffs], n_boot), "n": len(diffs),
+            "largest": float(max(diffs, key=abs)) if diffs else float("nan")}
+  diffs = {k: [b["accuracy"] - a["accuracy"] for a, b in pairs
+               if k == "all" or b["kind"] == k] for k in ("all", "sparse", "dense")}
+  acc = {name: (a["accuracy"], b["accuracy"]) for a, b in pairs for name in [b["name"]]}
+  gap = []
+  for a, b in pairs:
+    if b["kind"] == "sparse" and b.get("init_scheme", "dense_fan_in") == "dense_fan_in":
+      dense = b["name"].replace("_sparse_", "_dense_")
+      if dense in acc:
+        gap.append((b["accuracy"] - acc[dense][1]) - (a["accuracy"] - acc[dense][0]))
+  epochs = lambda rs: sorted({r.get("num_epochs") for r in rs if r.get("num_epochs")})
+  return {"n": len(pairs), "epochs": epochs([a for a, _ in pairs]),
+          "longer_epochs": epochs([b for _, b in pairs]),
+          "accuracy_change": {k: stats(v) for k, v in diffs.items()},
+          "gap_change": stats(gap),
+          "loss_drop_median": float(np.median([b["loss_drop_last_fifth"] for _, b in pairs
+                                               if b.get("loss_drop_last_fifth") is not None]
+                                              or [float("nan")]))}
+
+
+def _budget_lines(check) -> list[str]:
+  """The budget check's paragraph (under "Convergence")."""
+  if not check or not check["n"]:
+    return []
+  ch, gap = check["accuracy_change"], check["gap_change"]
+  ep = lambda e: "/".join(str(x) for x in e) or "?"
+  return [f"**Budget check**: {check['n']} final runs trained again for "
+          f"{ep(check['longer_epochs'])} instead of {ep(check['epochs'])} epochs (same "
+          "setting, seed and tuned rate; cosine over the longer run). Test accuracy, "
+          f"longer − this budget: {_ci(ch['all'])} points overall (largest change "
+          f"{_pct(ch['all']['largest'])}), sparse {_ci(ch['sparse'])} (n={ch['sparse']['n']}), "
+          f"dense {_ci(ch['dense'])} (n={ch['dense']['n']}); the sparse − dense gap "
+          f"changes by {_ci(gap)} points (n={gap['n']} pairs of pairs). Median fall of the "
+          "training loss over the last fifth of the longer runs: "
+          f"{100 * check['loss_drop_median']:.1f}%. 95% CIs: bootstrap over the runs.", ""]
+
+
 def _tuning_lines(tuning, records) -> list[str]:
   """The learning-rate grid and chosen rate of every setting (or the fixed rates)."""
   lines = ["## Learning rates", ""]
@@ -687,11 +742,11 @@ def _tuning_lines(tuning, records) -> list[str]:
 
 
 def write_report(records, out_dir, command: str = "", note: str = "", tuning=None,
-                 n_boot: int = N_BOOTSTRAP) -> str:
+                 n_boot: int = N_BOOTSTRAP, longer=None) -> str:
   """Writes ``README.md``, ``findings.json`` and the plots into ``out_dir``.
 
-  Works on a partial grid: cells without runs are reported as missing. Returns
-  the markdown.
+  Works on a partial grid: cells without runs are reported as missing. ``longer``:
+  the budget check's runs (``budget_check``). Returns the markdown.
   """
   if not records:
     raise ValueError("No finished run to report on: run gradient_flow_sweep first (a run "
@@ -727,6 +782,8 @@ def write_report(records, out_dir, command: str = "", note: str = "", tuning=Non
                    f"{r['leftover']:+d} ({100 * r['leftover'] / r['active_weights']:+.2f}%) |")
   lines.append("")
   lines += _convergence_lines(records)
+  budget = budget_check(records, longer, n_boot) if longer else None
+  lines += _budget_lines(budget)
   lines += _tuning_lines(tuning, records)
 
   # Sparse vs dense per setting.
@@ -842,7 +899,7 @@ def write_report(records, out_dir, command: str = "", note: str = "", tuning=Non
       "batch_norm": bn, "adaptive": ad, "adaptive_regularisation": ad_reg,
       "activation": act, "egf": egf, "init": init,
       "sparse_minus_dense": {f"{o}/{g}": v for (o, g), v in table.items()},
-      "tau": {f"{k}/{g}": v for (k, g), v in taus.items()}})
+      "tau": {f"{k}/{g}": v for (k, g), v in taus.items()}, "budget_check": budget})
   plot_sparse_vs_dense(main_grid, os.path.join(out_dir, "sparse_vs_dense.png"))
   plot_sparse_minus_dense(table, os.path.join(out_dir, "sparse_minus_dense.png"))
   plot_tau_ci(taus, os.path.join(out_dir, "tau_ci.png"))
@@ -1024,6 +1081,9 @@ def main():
   parser.add_argument("--out", default=RESULTS)
   parser.add_argument("--command", default="", help="The sweep command, for the report.")
   parser.add_argument("--note", default="", help="Free text for the report (e.g. timing).")
+  parser.add_argument("--budget_workdir", default="",
+                      help="A sweep of some of these runs at more epochs (study.rates_from "
+                           "= this workdir's tuning.json): the budget check.")
   parser.add_argument("--bootstrap", type=int, default=N_BOOTSTRAP,
                       help="Bootstrap resamples of the CIs (taus: at most 1000).")
   args = parser.parse_args()
@@ -1038,8 +1098,9 @@ def main():
     note = note or ("Sweep wall time: " + ", ".join(
         f"slice {e['slice']}: {e['wall_time_s'] / 60:.1f} min ({e['trained']} trained, "
         f"{e['skipped']} skipped)" for e in entries) + ".")
+  longer = load_runs(args.budget_workdir) if args.budget_workdir else None
   print(write_report(records, args.out, command, note, tuning=load_tuning(args.workdir),
-                     n_boot=args.bootstrap))
+                     n_boot=args.bootstrap, longer=longer))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ SC-SDC widths and counts.
 Resumable: a run whose ``summary.json`` exists is skipped, and an interrupted run
 resumes from its checkpoint. The exception: a final run trained at a rate other
 than its setting's tuned rate now (a widened grid chose another) is trained again,
-its old directory moved to ``<workdir>/previous/<name>_<time>``. Sliceable: ``--slice=i/n`` runs every n-th run
+its old directory moved to ``<workdir>/previous/<name>_<time>``. With
+``study.rates_from`` (a finished sweep's ``tuning.json``) no tuning runs: each
+final run trains at its setting's chosen rate there. Sliceable: ``--slice=i/n`` runs every n-th run
 starting at the i-th (0-based), so n machines with i = 0..n-1 cover the grid once.
 
 Learning-rate tuning (``study.learning_rates[optimizer]`` a tuple of 2 or more
@@ -223,6 +225,29 @@ def tuning_outcome(run_dir: str) -> dict | None:
   return None if acc is None else {"accuracy": acc}
 
 
+def rates_from(study, runs: list[Run]) -> dict[str, float] | None:
+  """``{setting: chosen rate}`` of ``study.rates_from`` (a ``tuning.json``), or None.
+
+  Every setting of ``runs`` must have a chosen rate there; checked before any data
+  is read, so a wrong path or a setting outside the tuned grid fails at once.
+  """
+  path = study.get("rates_from", "")
+  if not path:
+    return None
+  if not os.path.isfile(path):
+    raise ValueError(f"study.rates_from={path!r} is not a file: give the tuning.json of "
+                     "a finished sweep (e.g. workdirs/gradient_flow_converged/tuning.json).")
+  with open(path) as f:
+    settings = json.load(f).get("settings", {})
+  rates = {s: e["chosen"] for s, e in settings.items() if e.get("chosen") is not None}
+  missing = sorted({r.setting for r in runs} - set(rates))
+  if missing:
+    raise ValueError(f"study.rates_from={path!r} has no chosen rate for {len(missing)} "
+                     f"settings of this grid (e.g. {missing[0]}): tune them first, or "
+                     "narrow the grid to the tuned settings.")
+  return rates
+
+
 def parse_slice(text: str) -> tuple[int, int]:
   """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``."""
   try:
@@ -326,7 +351,8 @@ def run_sweep(config, workdir: str, index: int = 0, count: int = 1, train_fn=Non
   log = logging.getLogger("sparse_jax.gradient_flow_sweep")
   study = config.study
   finals = grid_runs(study)  # checks the grid before any data is read
-  tunes = tuning_runs(study, finals)
+  fixed = rates_from(study, finals)
+  tunes = tuning_runs(study, finals) if fixed is None else []
   tuned_settings = {t.setting for t in tunes}
   info = input_pipeline.dataset_info(config.dataset, config.data_dir)
   runs = slice_runs(tunes, index, count) + slice_runs(finals, index, count)
@@ -343,6 +369,8 @@ def run_sweep(config, workdir: str, index: int = 0, count: int = 1, train_fn=Non
         if not dry_run:
           write_tuning(workdir, tuning)
       learning_rate = tuning["settings"][run.setting]["chosen"]
+    elif fixed is not None:
+      learning_rate = fixed[run.setting]
     waiting = not run.is_tuning and run.setting in tuned_settings and learning_rate is None
     if is_finished(run_dir) and not waiting:
       trained_at = recorded_rate(run_dir)
@@ -378,6 +406,7 @@ def run_sweep(config, workdir: str, index: int = 0, count: int = 1, train_fn=Non
         **dataclasses.asdict(run), "name": run.name, "setting": run.setting,
         "family": study.family, "learning_rate": c.learning_rate,
         "tuned": learning_rate is not None, "phase": "tune" if run.is_tuning else "final",
+        "rates_from": study.get("rates_from", ""),
         "width": cap.sparse_width if run.kind == "sparse" else cap.dense_width,
         "sparse_width": cap.sparse_width, "dense_width": cap.dense_width,
         "total_weights": cap.total_weights, "active_weights": cap.active_weights,

@@ -305,6 +305,46 @@ def test_a_finished_final_run_waits_while_its_widened_grid_is_unfinished(tmp_pat
   assert json.load(open(run_dir / "run.json"))["learning_rate"] == 0.1
 
 
+def test_rates_from_trains_the_finals_at_another_sweeps_chosen_rates(tmp_path):
+  # The budget check: the tuned sweep's settings again at twice the epochs, at the
+  # rates that sweep chose, with no tuning runs.
+  config = tuning_study()
+  sweep.run_sweep(config, str(tmp_path / "tuned"), train_fn=FakeTuner())
+  check = tuning_study()
+  check.num_epochs = 2 * config.num_epochs
+  check.study.seeds = (0,)
+  check.study.rates_from = str(tmp_path / "tuned" / "tuning.json")
+  fake = FakeTuner()
+  counts = sweep.run_sweep(check, str(tmp_path / "budget"), train_fn=fake)
+  assert counts == {"total": 6, "skipped": 0, "trained": 6, "failed": 0, "pending": 0}
+  rates = {n: c.learning_rate for n, c in fake.calls}
+  assert all("validation_fraction" not in c and c.num_epochs == 2 * config.num_epochs
+             for _, c in fake.calls)
+  assert rates == {"momentum_relu_none_d0.1_sparse_seed0": 0.1,
+                   "momentum_relu_none_d0.1_dense_seed0": 0.03,
+                   "momentum_relu_none_d0.1_sparse_active_fan_in_seed0": 0.03,
+                   "momentum_relu_augment_d0.1_sparse_seed0": 0.1,
+                   "momentum_relu_augment_d0.1_dense_seed0": 0.03,
+                   "momentum_relu_augment_d0.1_sparse_active_fan_in_seed0": 0.03}
+  assert not (tmp_path / "budget" / "tune").exists()
+  assert not (tmp_path / "budget" / "tuning.json").exists()
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda p: str(p / "nowhere.json"), "is not a file"),
+    (lambda p: p.joinpath("t.json").write_text(json.dumps({"settings": {
+        "momentum_relu_none_d0.1_sparse": {"chosen": 0.1}}})) and str(p / "t.json"),
+     "no chosen rate for 5 settings"),
+])
+def test_bad_rates_from_is_a_clear_error_before_any_training(tmp_path, make, match):
+  config = tuning_study()
+  config.study.rates_from = make(tmp_path)
+  fake = FakeTuner()
+  with pytest.raises(ValueError, match=match):
+    sweep.run_sweep(config, str(tmp_path / "w"), train_fn=fake)
+  assert not fake.calls and not (tmp_path / "w").exists()
+
+
 def test_final_runs_wait_for_another_slices_tuning(tmp_path):
   config = tuning_study()
   fake = FakeTuner()
@@ -446,3 +486,31 @@ def test_tiny_converged_sweep_end_to_end_through_the_report(tmp_path):
   text = report.write_report(records, str(tmp_path / "out"),
                              tuning=report.load_tuning(str(workdir)), n_boot=100)
   assert "| momentum_relu_augment_d0.2_dense | " in text and "## The initialisation factor" in text
+
+
+def test_budget_check_pairs_runs_by_name_and_rate():
+  def rec(kind, seed, acc, lr=0.1, epochs=30):
+    name = f"adam_relu_none_d0.05_{kind}_seed{seed}"
+    return {"name": name, "kind": kind, "accuracy": acc, "learning_rate": lr,
+            "num_epochs": epochs, "loss_drop_last_fifth": 0.02}
+  short = [rec("sparse", 0, 0.80), rec("dense", 0, 0.85), rec("sparse", 1, 0.70),
+           rec("dense", 1, 0.90), rec("sparse", 2, 0.5)]
+  longer = [rec("sparse", 0, 0.82, epochs=60), rec("dense", 0, 0.86, epochs=60),
+            rec("sparse", 1, 0.71, epochs=60), rec("dense", 1, 0.90, epochs=60),
+            rec("sparse", 2, 0.9, lr=0.3, epochs=60),  # another rate: not a pair
+            rec("dense", 5, 0.9, epochs=60)]  # no run of that name: not a pair
+  check = report.budget_check(short, longer, n_boot=200)
+  assert check["n"] == 4 and check["epochs"] == [30] and check["longer_epochs"] == [60]
+  change = check["accuracy_change"]
+  np.testing.assert_allclose([change[k]["effect"] for k in ("all", "sparse", "dense")],
+                             [0.01, 0.015, 0.005], atol=1e-12)
+  assert change["all"]["largest"] == pytest.approx(0.02)
+  lo, hi = change["all"]["ci"]
+  assert 0.0 <= lo <= 0.01 <= hi <= 0.02
+  # Gap change: seed 0 (0.82 - 0.86) - (0.80 - 0.85) = 0.01; seed 1 the same.
+  assert check["gap_change"]["n"] == 2
+  np.testing.assert_allclose([check["gap_change"]["effect"], *check["gap_change"]["ci"]],
+                             0.01, atol=1e-12)
+  text = "\n".join(report._budget_lines(check))
+  assert "4 final runs trained again for 60 instead of 30 epochs" in text
+  assert "1.00 [" in text and "largest change 2.00" in text and "sparse 1.50 [" in text

@@ -56,4 +56,7 @@ def get_config():
       sgd=0.1, momentum=0.02, adam=1e-3, rmsprop=1e-3, adagrad=0.02))
   study.l2 = 5e-4  # weight decay of the "l2" regularisation
   study.dropout_rate = 0.2  # of the "dropout" regularisation
+  # A finished sweep's tuning.json: train at its chosen rates, no tuning runs (e.g.
+  # the converged study's budget check at twice the epochs).
+  study.rates_from = ""
   return config
