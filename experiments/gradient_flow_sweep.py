@@ -62,6 +62,7 @@ from experiments import compilation_cache
 from experiments import config_checks
 from experiments import input_pipeline
 from experiments import scsdc
+from experiments import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Root directory; one subdirectory per run.")
@@ -476,8 +477,7 @@ def write_tuning(workdir: str, tuning: dict):
 
 def _write_json(path: str, value):
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(value, f, indent=1)
+  workdir_lib.write_json(path, value)  # a complete file or the old one, never half
 
 
 def main(argv):

@@ -35,6 +35,7 @@ from experiments import post_training
 from experiments import state as state_lib
 from experiments import steps as steps_lib
 from experiments import train
+from experiments import workdir as workdir_lib
 from experiments.configs import gpt_bytes
 from experiments.configs import vit_mnist5k
 
@@ -154,10 +155,7 @@ def post_training_all(workdir, sparsities, seeds):
 
 def _write_json(path, record):
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(record, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
+  workdir_lib.write_json(path, record)
 
 
 def _read_run(path, record_path, fields=None):

@@ -514,3 +514,19 @@ def test_budget_check_pairs_runs_by_name_and_rate():
   text = "\n".join(report._budget_lines(check))
   assert "4 final runs trained again for 60 instead of 30 epochs" in text
   assert "1.00 [" in text and "largest change 2.00" in text and "sparse 1.50 [" in text
+
+
+def test_tuning_json_survives_a_write_that_fails_midway(tmp_path):
+  # json.dump streams into the file: a value it cannot encode (a circular list),
+  # deep in the dict, fails after part of the file is written. The last complete
+  # tuning.json must stay.
+  config = tuning_study()
+  sweep.run_sweep(config, str(tmp_path), train_fn=FakeTuner())
+  before = (tmp_path / "tuning.json").read_text()
+  circular = []
+  circular.append(circular)
+  with pytest.raises(ValueError, match="Circular"):
+    sweep.write_tuning(str(tmp_path), {"rule": "x" * 10_000, "settings": {
+        "zz_last": {"chosen": circular}}})
+  assert (tmp_path / "tuning.json").read_text() == before
+  assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
