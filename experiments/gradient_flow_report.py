@@ -675,6 +675,9 @@ def budget_check(records, longer, n_boot: int = N_BOOTSTRAP) -> dict:
         gap.append((b["accuracy"] - acc[dense][1]) - (a["accuracy"] - acc[dense][0]))
   epochs = lambda rs: sorted({r.get("num_epochs") for r in rs if r.get("num_epochs")})
   return {"n": len(pairs), "epochs": epochs([a for a, _ in pairs]),
+          "pairs": [{"name": b["name"], "kind": b["kind"], "optimizer": b.get("optimizer"),
+                     "accuracy": a["accuracy"], "longer_accuracy": b["accuracy"]}
+                    for a, b in pairs],
           "longer_epochs": epochs([b for _, b in pairs]),
           "accuracy_change": {k: stats(v) for k, v in diffs.items()},
           "gap_change": stats(gap),
@@ -697,7 +700,8 @@ def _budget_lines(check) -> list[str]:
           f"dense {_ci(ch['dense'])} (n={ch['dense']['n']}); the sparse − dense gap "
           f"changes by {_ci(gap)} points (n={gap['n']} pairs of pairs). Median fall of the "
           "training loss over the last fifth of the longer runs: "
-          f"{100 * check['loss_drop_median']:.1f}%. 95% CIs: bootstrap over the runs.", ""]
+          f"{100 * check['loss_drop_median']:.1f}%. 95% CIs: bootstrap over the runs.", "",
+          "![budget check](budget_check.png)", ""]
 
 
 def _tuning_lines(tuning, records) -> list[str]:
@@ -900,6 +904,8 @@ def write_report(records, out_dir, command: str = "", note: str = "", tuning=Non
       "activation": act, "egf": egf, "init": init,
       "sparse_minus_dense": {f"{o}/{g}": v for (o, g), v in table.items()},
       "tau": {f"{k}/{g}": v for (k, g), v in taus.items()}, "budget_check": budget})
+  if budget and budget["n"]:
+    plot_budget_check(budget, os.path.join(out_dir, "budget_check.png"))
   plot_sparse_vs_dense(main_grid, os.path.join(out_dir, "sparse_vs_dense.png"))
   plot_sparse_minus_dense(table, os.path.join(out_dir, "sparse_minus_dense.png"))
   plot_tau_ci(taus, os.path.join(out_dir, "tau_ci.png"))
@@ -972,6 +978,31 @@ def plot_tau_ci(taus, path):
   ax.set_xticks(range(len(MEASURES)), MEASURES, fontsize=8)
   ax.set_ylabel("Kendall's tau vs final accuracy")
   ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_budget_check(check, path):
+  """Test accuracy at the recipe's budget vs the same run trained longer."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, ax = plt.subplots(figsize=(4.5, 4.5))
+  opts = sorted({p["optimizer"] for p in check["pairs"]})
+  colors = dict(zip(opts, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+  for p in check["pairs"]:
+    ax.scatter(100 * p["accuracy"], 100 * p["longer_accuracy"], s=18,
+               color=colors[p["optimizer"]], marker="o" if p["kind"] == "sparse" else "s")
+  lo = 100 * min(min(p["accuracy"], p["longer_accuracy"]) for p in check["pairs"]) - 0.5
+  ax.plot([lo, 100], [lo, 100], "k:", lw=1)
+  for o in opts:
+    ax.scatter([], [], color=colors[o], label=o)
+  ax.legend(fontsize=7, title="o sparse, s dense", title_fontsize=7)
+  ep = lambda e: "/".join(str(x) for x in e)
+  ax.set_xlabel(f"test accuracy (%), {ep(check['epochs'])} epochs")
+  ax.set_ylabel(f"test accuracy (%), {ep(check['longer_epochs'])} epochs")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

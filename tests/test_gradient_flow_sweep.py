@@ -514,6 +514,18 @@ def test_budget_check_pairs_runs_by_name_and_rate():
   text = "\n".join(report._budget_lines(check))
   assert "4 final runs trained again for 60 instead of 30 epochs" in text
   assert "1.00 [" in text and "largest change 2.00" in text and "sparse 1.50 [" in text
+  assert [(p["accuracy"], p["longer_accuracy"]) for p in check["pairs"]] == [
+      (0.80, 0.82), (0.85, 0.86), (0.70, 0.71), (0.90, 0.90)]
+
+
+def test_budget_check_plot(tmp_path):
+  check = {"epochs": [30], "longer_epochs": [60], "pairs": [
+      {"name": "a", "kind": "sparse", "optimizer": "adam", "accuracy": 0.9,
+       "longer_accuracy": 0.91},
+      {"name": "b", "kind": "dense", "optimizer": "sgd", "accuracy": 0.95,
+       "longer_accuracy": 0.94}]}
+  report.plot_budget_check(check, str(tmp_path / "b.png"))
+  assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_tuning_json_survives_a_write_that_fails_midway(tmp_path):
