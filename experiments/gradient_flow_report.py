@@ -657,9 +657,23 @@ def budget_check(records, longer, n_boot: int = N_BOOTSTRAP) -> dict:
   change of the sparse − dense gap of each (setting, seed) with both sides.
   """
   by_name = {r["name"]: r for r in records}
-  pairs = [(by_name[r["name"]], r) for r in longer
-           if r["name"] in by_name and r.get("learning_rate") is not None
-           and math.isclose(r["learning_rate"], by_name[r["name"]]["learning_rate"])]
+  pairs, unpaired, other_rate = [], 0, 0
+  for r in longer:
+    base = by_name.get(r["name"])
+    if base is None:
+      unpaired += 1
+    elif (r.get("learning_rate") is None or base.get("learning_rate") is None
+          or not math.isclose(r["learning_rate"], base["learning_rate"])):
+      other_rate += 1
+    else:
+      pairs.append((base, r))
+  epochs = lambda rs: sorted({r.get("num_epochs") for r in rs if r.get("num_epochs")})
+  if pairs and set(epochs([a for a, _ in pairs])) & set(epochs([b for _, b in pairs])):
+    raise ValueError(
+        f"The budget check's runs train for {epochs([b for _, b in pairs])} epochs, as "
+        f"do these ({epochs([a for a, _ in pairs])}): it needs a longer sweep (e.g. "
+        "--config.num_epochs=60 --config.study.rates_from=<this tuning.json> into a new "
+        "--workdir), given as --budget_workdir.")
   def stats(diffs):
     mean = float(np.mean(diffs)) if diffs else float("nan")
     return {"effect": mean, "ci": bootstrap_mean_ci([diffs], n_boot), "n": len(diffs),
@@ -673,17 +687,17 @@ def budget_check(records, longer, n_boot: int = N_BOOTSTRAP) -> dict:
       dense = b["name"].replace("_sparse_", "_dense_")
       if dense in acc:
         gap.append((b["accuracy"] - acc[dense][1]) - (a["accuracy"] - acc[dense][0]))
-  epochs = lambda rs: sorted({r.get("num_epochs") for r in rs if r.get("num_epochs")})
-  return {"n": len(pairs), "epochs": epochs([a for a, _ in pairs]),
+  drops = [b["loss_drop_last_fifth"] for _, b in pairs
+           if b.get("loss_drop_last_fifth") is not None]
+  return {"n": len(pairs), "unpaired": unpaired, "other_rate": other_rate,
+          "epochs": epochs([a for a, _ in pairs]),
           "pairs": [{"name": b["name"], "kind": b["kind"], "optimizer": b.get("optimizer"),
                      "accuracy": a["accuracy"], "longer_accuracy": b["accuracy"]}
                     for a, b in pairs],
           "longer_epochs": epochs([b for _, b in pairs]),
           "accuracy_change": {k: stats(v) for k, v in diffs.items()},
           "gap_change": stats(gap),
-          "loss_drop_median": float(np.median([b["loss_drop_last_fifth"] for _, b in pairs
-                                               if b.get("loss_drop_last_fifth") is not None]
-                                              or [float("nan")]))}
+          "loss_drop_median": float(np.median(drops)) if drops else None}
 
 
 def _budget_lines(check) -> list[str]:
@@ -700,7 +714,11 @@ def _budget_lines(check) -> list[str]:
           f"dense {_ci(ch['dense'])} (n={ch['dense']['n']}); the sparse − dense gap "
           f"changes by {_ci(gap)} points (n={gap['n']} pairs of pairs). Median fall of the "
           "training loss over the last fifth of the longer runs: "
-          f"{100 * check['loss_drop_median']:.1f}%. 95% CIs: bootstrap over the runs.", "",
+          f"{_pct(check['loss_drop_median'])}%. 95% CIs: percentile bootstrap over the "
+          "runs, treated as independent (not seeds within cells, as for the findings)."
+          + (f" Left out: {check['unpaired']} longer runs with no run of that name here, "
+             f"{check['other_rate']} at another rate." if check["unpaired"]
+             or check["other_rate"] else ""), "",
           "![budget check](budget_check.png)", ""]
 
 

@@ -226,11 +226,13 @@ def tuning_outcome(run_dir: str) -> dict | None:
   return None if acc is None else {"accuracy": acc}
 
 
-def rates_from(study, runs: list[Run]) -> dict[str, float] | None:
-  """``{setting: chosen rate}`` of ``study.rates_from`` (a ``tuning.json``), or None.
+def rates_from(study, runs: list[Run], workdir: str) -> dict[str, float] | None:
+  """``{setting: rate}`` from ``study.rates_from`` (a ``tuning.json``), or None.
 
-  Every setting of ``runs`` must have a chosen rate there; checked before any data
-  is read, so a wrong path or a setting outside the tuned grid fails at once.
+  Each setting of ``runs`` takes its chosen rate there, tuned on the grid this
+  study gives its optimizer (an optimizer with one rate takes that rate). Checked
+  before any data is read, so a wrong path, another sweep's grid or an untuned
+  setting fails at once.
   """
   path = study.get("rates_from", "")
   if not path:
@@ -238,14 +240,28 @@ def rates_from(study, runs: list[Run]) -> dict[str, float] | None:
   if not os.path.isfile(path):
     raise ValueError(f"study.rates_from={path!r} is not a file: give the tuning.json of "
                      "a finished sweep (e.g. workdirs/gradient_flow_converged/tuning.json).")
+  if os.path.abspath(path) == os.path.abspath(os.path.join(workdir, "tuning.json")):
+    raise ValueError(f"study.rates_from={path!r} is this sweep's own tuning.json: train "
+                     "the longer (or other) runs in a new --workdir.")
   with open(path) as f:
     settings = json.load(f).get("settings", {})
-  rates = {s: e["chosen"] for s, e in settings.items() if e.get("chosen") is not None}
-  missing = sorted({r.setting for r in runs} - set(rates))
-  if missing:
-    raise ValueError(f"study.rates_from={path!r} has no chosen rate for {len(missing)} "
-                     f"settings of this grid (e.g. {missing[0]}): tune them first, or "
-                     "narrow the grid to the tuned settings.")
+  rates, bad = {}, []
+  for run in runs:
+    grid = learning_rate_grid(study, run.optimizer)
+    entry = settings.get(run.setting, {})
+    tuned_on = {*entry.get("grid", {}), *entry.get("pending", [])}
+    if len(grid) < 2:
+      rates[run.setting] = grid[0]
+    elif entry.get("complete") and tuned_on == {f"{lr:g}" for lr in grid}:
+      rates[run.setting] = entry["chosen"]
+    else:
+      bad.append(run.setting)
+  if bad:
+    bad = sorted(set(bad))
+    raise ValueError(f"study.rates_from={path!r} has no finished tuning on this study's "
+                     f"learning-rate grids for {len(bad)} settings (e.g. {bad[0]}): finish "
+                     "that sweep's tuning on the same study.learning_rates, or narrow the "
+                     "grid to its tuned settings.")
   return rates
 
 
@@ -352,7 +368,7 @@ def run_sweep(config, workdir: str, index: int = 0, count: int = 1, train_fn=Non
   log = logging.getLogger("sparse_jax.gradient_flow_sweep")
   study = config.study
   finals = grid_runs(study)  # checks the grid before any data is read
-  fixed = rates_from(study, finals)
+  fixed = rates_from(study, finals, workdir)
   tunes = tuning_runs(study, finals) if fixed is None else []
   tuned_settings = {t.setting for t in tunes}
   info = input_pipeline.dataset_info(config.dataset, config.data_dir)
@@ -373,25 +389,26 @@ def run_sweep(config, workdir: str, index: int = 0, count: int = 1, train_fn=Non
     elif fixed is not None:
       learning_rate = fixed[run.setting]
     waiting = not run.is_tuning and run.setting in tuned_settings and learning_rate is None
-    if is_finished(run_dir) and not waiting:
-      trained_at = recorded_rate(run_dir)
-      if learning_rate is None or trained_at is None or math.isclose(trained_at,
-                                                                   learning_rate):
-        counts["skipped"] += 1
-        log.info("%s: finished, skipped.", tag)
-        continue
-      # The setting's tuned rate changed (a wider grid): train again at the new
-      # rate; the old run is kept, never deleted.
-      log.info("%s: trained at rate %g, the setting's tuned rate is now %g: %s.", tag,
-               trained_at, learning_rate, "to rerun" if dry_run else "rerunning")
-      if dry_run:
-        continue
-      keep_previous(workdir, run)
     if waiting:  # finished or not: its rate is known only when the tuning is done
       counts["pending"] += 1
       log.info("%s: pending (its setting's tuning runs %s are unfinished%s).", tag,
                tuning["settings"][run.setting]["pending"],
                "; a real run trains this slice's share of them first" if dry_run else "")
+      continue
+    trained_at = recorded_rate(run_dir)
+    if (learning_rate is not None and trained_at is not None
+        and not math.isclose(trained_at, learning_rate)):
+      # The setting's tuned rate changed (a wider grid) since this run started,
+      # finished or interrupted: train again at the new rate; the old run is kept.
+      log.info("%s: %s at rate %g, the setting's tuned rate is now %g: %s.", tag,
+               "trained" if is_finished(run_dir) else "started", trained_at,
+               learning_rate, "to rerun" if dry_run else "rerunning")
+      if dry_run:
+        continue
+      keep_previous(workdir, run)
+    elif is_finished(run_dir):
+      counts["skipped"] += 1
+      log.info("%s: finished, skipped.", tag)
       continue
     if dry_run:
       log.info("%s: to run.", tag)

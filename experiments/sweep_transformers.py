@@ -155,7 +155,7 @@ def post_training_all(workdir, sparsities, seeds):
 
 def _write_json(path, record):
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  workdir_lib.write_json(path, record)
+  workdir_lib.write_json(path, dict(sorted(record.items())))  # as the committed records
 
 
 def _read_run(path, record_path, fields=None):

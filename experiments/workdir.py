@@ -42,12 +42,17 @@ class WorkdirLocked(RuntimeError):
 
 
 def _write_atomic(path: str, text: str):
-  tmp = f"{path}.{os.getpid()}.tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  # Host and pid: slices on several machines may share one filesystem.
+  tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def write_json(path: str, obj):

@@ -334,15 +334,58 @@ def test_rates_from_trains_the_finals_at_another_sweeps_chosen_rates(tmp_path):
     (lambda p: str(p / "nowhere.json"), "is not a file"),
     (lambda p: p.joinpath("t.json").write_text(json.dumps({"settings": {
         "momentum_relu_none_d0.1_sparse": {"chosen": 0.1}}})) and str(p / "t.json"),
-     "no chosen rate for 5 settings"),
+     "no finished tuning on this study's learning-rate grids for 6 settings"),
+    (lambda p: str(p / "w" / "tuning.json"), "this sweep's own tuning.json"),
 ])
 def test_bad_rates_from_is_a_clear_error_before_any_training(tmp_path, make, match):
   config = tuning_study()
+  (tmp_path / "w").mkdir()
   config.study.rates_from = make(tmp_path)
+  if "own" in match:
+    (tmp_path / "w" / "tuning.json").write_text("{}")
   fake = FakeTuner()
   with pytest.raises(ValueError, match=match):
     sweep.run_sweep(config, str(tmp_path / "w"), train_fn=fake)
-  assert not fake.calls and not (tmp_path / "w").exists()
+  assert not fake.calls and sorted(os.listdir(tmp_path / "w")) in ([], ["tuning.json"])
+
+
+def test_rates_from_a_sweep_of_another_grid_is_refused(tmp_path):
+  # Its chosen rates were picked on fewer rates than this study tunes on.
+  narrow = tuning_study()
+  narrow.study.learning_rates = dict(momentum=(0.01, 0.03))
+  sweep.run_sweep(narrow, str(tmp_path / "narrow"), train_fn=FakeTuner())
+  config = tuning_study()
+  config.study.rates_from = str(tmp_path / "narrow" / "tuning.json")
+  with pytest.raises(ValueError, match="learning-rate grids for 6 settings"):
+    sweep.run_sweep(config, str(tmp_path / "w"), train_fn=FakeTuner())
+  # One fixed rate for the optimizer: no tuning needed, that rate is used.
+  config.study.learning_rates = dict(momentum=0.05)
+  fake = FakeTuner()
+  sweep.run_sweep(config, str(tmp_path / "w"), train_fn=fake)
+  assert {c.learning_rate for _, c in fake.calls} == {0.05} and len(fake.calls) == 12
+
+
+def test_an_interrupted_final_run_at_an_outdated_rate_starts_again(tmp_path):
+  # A final run killed mid-training (run.json, no summary) at the old tuned rate:
+  # resuming its checkpoint at the new rate would mix two rates; it starts afresh
+  # and the interrupted one is kept.
+  config = tuning_study()
+  config.study.inits = ("dense_fan_in",)
+  config.study.regularisations = ("none",)
+  config.study.learning_rates = dict(momentum=(0.01, 0.03))
+  sweep.run_sweep(config, str(tmp_path), train_fn=FakeTuner())
+  run_dir = tmp_path / "momentum_relu_none_d0.1_sparse_seed0"
+  (run_dir / "summary.json").unlink()  # as if killed before the end
+  (run_dir / "checkpoint_marker").write_text("half-trained at 0.01")
+  config.study.learning_rates = dict(momentum=(0.01, 0.03, 0.1))
+  fake = FakeTuner()
+  sweep.run_sweep(config, str(tmp_path), train_fn=fake)
+  assert ("momentum_relu_none_d0.1_sparse_seed0", 0.1) in [
+      (n, c.learning_rate) for n, c in fake.calls]
+  assert not (run_dir / "checkpoint_marker").exists()
+  kept = list((tmp_path / "previous").glob("momentum_relu_none_d0.1_sparse_seed0_*"))
+  assert len(kept) == 1 and (kept[0] / "checkpoint_marker").exists()
+  assert json.load(open(kept[0] / "run.json"))["learning_rate"] == 0.01
 
 
 def test_final_runs_wait_for_another_slices_tuning(tmp_path):
@@ -483,9 +526,21 @@ def test_tiny_converged_sweep_end_to_end_through_the_report(tmp_path):
   records = report.load_runs(str(workdir))
   assert len(records) == 3 and {r["init_scheme"] for r in records} == {
       "dense_fan_in", "active_fan_in"}
+  # The budget check: the same final runs at twice the steps, at the chosen rates.
+  longer = config.copy_and_resolve_references()
+  longer.num_train_steps = 8
+  longer.num_epochs = 2 * config.num_epochs  # what the report pairs the budgets by
+  longer.study.rates_from = str(workdir / "tuning.json")
+  counts = sweep.run_sweep(longer, str(tmp_path / "budget"))
+  assert counts == {"total": 3, "skipped": 0, "trained": 3, "failed": 0, "pending": 0}
   text = report.write_report(records, str(tmp_path / "out"),
-                             tuning=report.load_tuning(str(workdir)), n_boot=100)
+                             tuning=report.load_tuning(str(workdir)), n_boot=100,
+                             longer=report.load_runs(str(tmp_path / "budget")))
   assert "| momentum_relu_augment_d0.2_dense | " in text and "## The initialisation factor" in text
+  assert "**Budget check**: 3 final runs trained again for 60 instead of 30 epochs" in text
+  assert (tmp_path / "out" / "budget_check.png").exists()
+  findings = json.load(open(tmp_path / "out" / "findings.json"))
+  assert findings["budget_check"]["n"] == 3
 
 
 def test_budget_check_pairs_runs_by_name_and_rate():
@@ -501,6 +556,7 @@ def test_budget_check_pairs_runs_by_name_and_rate():
             rec("dense", 5, 0.9, epochs=60)]  # no run of that name: not a pair
   check = report.budget_check(short, longer, n_boot=200)
   assert check["n"] == 4 and check["epochs"] == [30] and check["longer_epochs"] == [60]
+  assert (check["unpaired"], check["other_rate"]) == (1, 1)
   change = check["accuracy_change"]
   np.testing.assert_allclose([change[k]["effect"] for k in ("all", "sparse", "dense")],
                              [0.01, 0.015, 0.005], atol=1e-12)
@@ -516,6 +572,10 @@ def test_budget_check_pairs_runs_by_name_and_rate():
   assert "1.00 [" in text and "largest change 2.00" in text and "sparse 1.50 [" in text
   assert [(p["accuracy"], p["longer_accuracy"]) for p in check["pairs"]] == [
       (0.80, 0.82), (0.85, 0.86), (0.70, 0.71), (0.90, 0.90)]
+  assert "Left out: 1 longer runs with no run of that name here, 1 at another rate" in text
+  # The same budget twice (e.g. --budget_workdir = --workdir) is refused.
+  with pytest.raises(ValueError, match="needs a longer sweep"):
+    report.budget_check(short, short)
 
 
 def test_budget_check_plot(tmp_path):

@@ -27,21 +27,36 @@ slice of the grid (its dense_fan_in runs are the main grid's, skipped there):
       "--config.study.activations=('relu',)" \
       "--config.study.regularisations=('none','batch_norm')"
 
+Is 30 epochs enough? The budget check trains some final runs again for 60 epochs
+at the rates the sweep chose (``study.rates_from``; no tuning runs), in its own
+workdir; the report pairs them with the 30-epoch runs by name:
+
+  python -m experiments.gradient_flow_sweep --config=<this file> \
+      --workdir=workdirs/gradient_flow_budget --config.num_epochs=60 \
+      --config.study.rates_from=workdirs/gradient_flow_converged/tuning.json \
+      "--config.study.seeds=(0,)" "--config.study.activations=('relu',)" \
+      "--config.study.densities=(0.05,1.0)" --slice=0/1
+
 Report (a new directory: the 3-epoch study's README stays as it is):
 
   python -m experiments.gradient_flow_report --workdir=workdirs/gradient_flow_converged \
+      --budget_workdir=workdirs/gradient_flow_budget \
       --out=experiments/results/gradient_flow/converged
 
-Size, MLP family: 540 settings x (3 tuning rates + 3 seeds) = 3,240 runs of 30
+Size, MLP family: 540 settings x (5 tuning rates + 3 seeds) = 4,320 runs of 30
 epochs (840 steps for a tuning run, 930 for a final one); with densities {0.05,
-0.2, 1.0} 300 settings, 1,800 runs (``--dry_run`` lists them). Run on 2026-12-03 on
-the idle 2-core CPU as two slices in parallel (``--slice=0/2`` and ``1/2``, one per
-core), warm compilation cache: 3-5 s a run, the 1,800 runs plus the 48 of the init
-factor in 65 min of wall time. Its report is
-``experiments/results/gradient_flow/converged/``, and its run records (run.json,
-summary.json, metrics.jsonl, config.json, tuning.json; no checkpoints or exports) are
-``records.tar.gz`` there. Restore them before adding densities 0.1 and 0.5, so the
-1,848 finished runs are skipped:
+0.2, 1.0} 300 settings, 2,400 runs (``--dry_run`` lists them). The first sweep (on
+2026-12-03, three rates per optimizer: 1,800 runs plus the 48 of the init factor)
+took 65 min of wall time on the idle 2-core CPU as two slices in parallel
+(``--slice=0/2`` and ``1/2``, one per core), warm compilation cache, 3-5 s a run.
+When a grid is widened, a final run trained (or started) at a rate that is no
+longer its setting's chosen one is trained again, the old one moved to
+``<workdir>/previous/``; a final run whose setting still has tuning runs to do
+(in this or another slice) is pending: run the slices again once they are done.
+Its report is ``experiments/results/gradient_flow/converged/``, and its run records
+(run.json, summary.json, metrics.jsonl, config.json, tuning.json; no checkpoints
+or exports) are ``records.tar.gz`` there. Restore them before adding runs, so the
+finished ones are skipped:
 
   mkdir -p workdirs/gradient_flow_converged && tar xzf \
       experiments/results/gradient_flow/converged/records.tar.gz \
