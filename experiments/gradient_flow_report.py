@@ -689,6 +689,20 @@ def budget_check(records, longer, n_boot: int = N_BOOTSTRAP) -> dict:
         gap.append((b["accuracy"] - acc[dense][1]) - (a["accuracy"] - acc[dense][0]))
   drops = [b["loss_drop_last_fifth"] for _, b in pairs
            if b.get("loss_drop_last_fifth") is not None]
+  by_optimizer = collections.defaultdict(list)
+  for a, b in pairs:
+    if b["kind"] == "sparse" and b.get("optimizer"):
+      by_optimizer[b["optimizer"]].append(b["accuracy"] - a["accuracy"])
+  # Would the verdicts move with more training? The findings on the paired runs at
+  # both budgets (effects only: the check has too few seeds for CIs).
+  findings = {}
+  if all("optimizer" in b for _, b in pairs):
+    for key, fn in (("batch_norm", finding_batch_norm), ("adaptive", finding_adaptive),
+                    ("adaptive_regularisation", finding_adaptive_regularisation)):
+      short_f, long_f = (fn([p[i] for p in pairs], n_boot=100) for i in (0, 1))
+      if short_f["n"]:
+        findings[key] = {"effect": short_f["effect"], "longer_effect": long_f["effect"],
+                         "n": short_f["n"], "claim": short_f["claim"]}
   return {"n": len(pairs), "unpaired": unpaired, "other_rate": other_rate,
           "epochs": epochs([a for a, _ in pairs]),
           "pairs": [{"name": b["name"], "kind": b["kind"], "optimizer": b.get("optimizer"),
@@ -697,6 +711,9 @@ def budget_check(records, longer, n_boot: int = N_BOOTSTRAP) -> dict:
           "longer_epochs": epochs([b for _, b in pairs]),
           "accuracy_change": {k: stats(v) for k, v in diffs.items()},
           "gap_change": stats(gap),
+          "sparse_change_by_optimizer": {o: float(np.mean(v))
+                                         for o, v in sorted(by_optimizer.items())},
+          "findings": findings,
           "loss_drop_median": float(np.median(drops)) if drops else None}
 
 
@@ -706,7 +723,7 @@ def _budget_lines(check) -> list[str]:
     return []
   ch, gap = check["accuracy_change"], check["gap_change"]
   ep = lambda e: "/".join(str(x) for x in e) or "?"
-  return [f"**Budget check**: {check['n']} final runs trained again for "
+  lines = [f"**Budget check**: {check['n']} final runs trained again for "
           f"{ep(check['longer_epochs'])} instead of {ep(check['epochs'])} epochs (same "
           "setting, seed and tuned rate; cosine over the longer run). Test accuracy, "
           f"longer − this budget: {_ci(ch['all'])} points overall (largest change "
@@ -718,8 +735,18 @@ def _budget_lines(check) -> list[str]:
           "runs, treated as independent (not seeds within cells, as for the findings)."
           + (f" Left out: {check['unpaired']} longer runs with no run of that name here, "
              f"{check['other_rate']} at another rate." if check["unpaired"]
-             or check["other_rate"] else ""), "",
-          "![budget check](budget_check.png)", ""]
+             or check["other_rate"] else ""), ""]
+  if check.get("sparse_change_by_optimizer"):
+    lines += ["Sparse runs' change by optimizer: " + ", ".join(
+        f"{o} {_pct(v)}" for o, v in check["sparse_change_by_optimizer"].items())
+        + " points.", ""]
+  if check.get("findings"):
+    lines += ["The findings' effects on these runs alone, at "
+              f"{ep(check['epochs'])} → {ep(check['longer_epochs'])} epochs (one seed: "
+              "effects only, no CIs): " + "; ".join(
+                  f"{k} {_pct(f['effect'])} → {_pct(f['longer_effect'])} (n={f['n']})"
+                  for k, f in check["findings"].items()) + " points.", ""]
+  return lines + ["![budget check](budget_check.png)", ""]
 
 
 def _tuning_lines(tuning, records) -> list[str]:

@@ -602,3 +602,21 @@ def test_tuning_json_survives_a_write_that_fails_midway(tmp_path):
         "zz_last": {"chosen": circular}}})
   assert (tmp_path / "tuning.json").read_text() == before
   assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_budget_check_recomputes_the_findings_at_both_budgets():
+  def rec(reg, kind, acc, epochs):
+    return {"name": f"sgd_relu_{reg}_d0.05_{kind}_seed0", "optimizer": "sgd",
+            "activation": "relu", "regularisation": reg, "density": 0.05, "seed": 0,
+            "kind": kind, "accuracy": acc, "learning_rate": 0.1, "num_epochs": epochs}
+  accs = {("batch_norm", "sparse"): (0.90, 0.92), ("none", "sparse"): (0.80, 0.83),
+          ("batch_norm", "dense"): (0.86, 0.87), ("none", "dense"): (0.85, 0.86)}
+  short = [rec(r, k, a, 30) for (r, k), (a, _) in accs.items()]
+  longer = [rec(r, k, b, 60) for (r, k), (_, b) in accs.items()]
+  check = report.budget_check(short, longer, n_boot=50)
+  bn = check["findings"]["batch_norm"]
+  # (0.90 - 0.80) - (0.86 - 0.85) = 0.09; (0.92 - 0.83) - (0.87 - 0.86) = 0.08.
+  assert bn["n"] == 1
+  np.testing.assert_allclose([bn["effect"], bn["longer_effect"]], [0.09, 0.08], atol=1e-12)
+  assert check["sparse_change_by_optimizer"] == pytest.approx({"sgd": 0.025})
+  assert "batch_norm 9.00 → 8.00 (n=1)" in "\n".join(report._budget_lines(check))
