@@ -749,6 +749,16 @@ def _budget_lines(check) -> list[str]:
   return lines + ["![budget check](budget_check.png)", ""]
 
 
+def _unstable_lines(tuning) -> list[str]:
+  bad = sorted(s for s, e in tuning["settings"].items() if e.get("unstable"))
+  if not bad:
+    return []
+  return [f"{len(bad)} settings had a final run diverge at the chosen rate and were "
+          "retrained, every seed, at the next best: " + ", ".join(
+              f"{s} (not {', '.join(tuning['settings'][s]['unstable'])})" for s in bad)
+          + ".", ""]
+
+
 def _tuning_lines(tuning, records) -> list[str]:
   """The learning-rate grid and chosen rate of every setting (or the fixed rates)."""
   lines = ["## Learning rates", ""]
@@ -765,6 +775,7 @@ def _tuning_lines(tuning, records) -> list[str]:
             f"{tuning['validation_fraction']}, seed {tuning['tuning_seed']}; the test set "
             f"is not used): {tuning['rule']}. Validation accuracy (%) by rate; the chosen "
             "rate in bold; 'pending' rates have not finished.", "",
+            *_unstable_lines(tuning),
             "| setting | validation accuracy by rate | chosen | final runs |",
             "|---|---|---|---|"]
   finals = collections.Counter(r.get("setting") for r in records)
@@ -772,6 +783,8 @@ def _tuning_lines(tuning, records) -> list[str]:
     cells = []
     for lr, acc in e["grid"].items():
       text = "diverged" if acc is None else _pct(acc)
+      if lr in e.get("unstable", []):
+        text += " (a final run diverged: not chosen)"
       chosen = e["chosen"] is not None and float(lr) == e["chosen"]
       cells.append(f"**{lr}: {text}**" if chosen else f"{lr}: {text}")
     cells += [f"{lr}: pending" for lr in e.get("pending", [])]

@@ -45,6 +45,7 @@ The converged study (tuned rates, the paper's grid, 30 epochs) and its commands:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -74,7 +75,8 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "rmsprop", "adagrad")
 REGULARISATIONS = ("none", "l2", "batch_norm", "dropout", "augment")
 INITS = config_checks.INIT_SCALINGS
 TIE_RULE = ("the best validation accuracy; ties go to the smaller learning rate; a "
-            "diverged rate (non-finite loss) ranks last")
+            "diverged rate (non-finite loss) ranks last; a rate at which a final run "
+            "(another seed) diverged is not chosen again: the next best is")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,11 +183,43 @@ def tuning_runs(study, runs: list[Run]) -> list[Run]:
   return out
 
 
-def choose_learning_rate(grid: dict) -> float:
-  """The rate of ``{rate: validation accuracy or None (diverged)}`` by ``TIE_RULE``."""
+def choose_learning_rate(grid: dict, unstable=()) -> float:
+  """The rate of ``{rate: validation accuracy or None (diverged)}`` by ``TIE_RULE``.
+
+  ``unstable``: rates at which a final run diverged; left out while another is left.
+  """
   if not grid:
     raise ValueError("choose_learning_rate needs at least one tuning result.")
-  return min(grid, key=lambda lr: (-(grid[lr] if grid[lr] is not None else -math.inf), lr))
+  candidates = [lr for lr in grid if not any(math.isclose(lr, u) for u in unstable)]
+  return min(candidates or [min(grid)],
+             key=lambda lr: (-(grid[lr] if grid[lr] is not None else -math.inf), lr))
+
+
+def unstable_rates(workdir: str) -> dict[str, list[float]]:
+  """``{setting: rates}`` at which a final run diverged (``diverged.json``).
+
+  Read from the final runs' directories and from ``previous/``, where such a run
+  is moved once its setting is retrained at another rate, so the rate stays out.
+  """
+  out = collections.defaultdict(set)
+  dirs = [os.path.join(workdir, d) for d in _listdir(workdir)]
+  dirs += [os.path.join(workdir, "previous", d)
+           for d in _listdir(os.path.join(workdir, "previous"))]
+  for d in dirs:
+    if not os.path.exists(os.path.join(d, "diverged.json")):
+      continue
+    path = os.path.join(d, "run.json")
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      run = json.load(f)
+    if run.get("phase") == "final" and run.get("learning_rate") is not None:
+      out[run["setting"]].add(float(run["learning_rate"]))
+  return {k: sorted(v) for k, v in out.items()}
+
+
+def _listdir(path: str) -> list[str]:
+  return sorted(os.listdir(path)) if os.path.isdir(path) else []
 
 
 def tuning_results(study, workdir: str, runs: list[Run]) -> dict:
@@ -203,13 +237,14 @@ def tuning_results(study, workdir: str, runs: list[Run]) -> dict:
       entry["pending"].append(run.learning_rate)
     else:
       entry["grid"][run.learning_rate] = result["accuracy"]
-  out = {}
+  out, unstable = {}, unstable_rates(workdir)
   for setting, entry in settings.items():
     complete = not entry["pending"]
+    bad = unstable.get(setting, [])
     out[setting] = {"grid": {f"{lr:g}": acc for lr, acc in sorted(entry["grid"].items())},
                     "pending": [f"{lr:g}" for lr in entry["pending"]],
-                    "chosen": choose_learning_rate(entry["grid"]) if complete else None,
-                    "complete": complete}
+                    "chosen": choose_learning_rate(entry["grid"], bad) if complete else None,
+                    "complete": complete, "unstable": [f"{lr:g}" for lr in bad]}
   return {"validation_fraction": study.get("validation_fraction", 0.0),
           "tuning_seed": study.get("tuning_seed", 0), "rule": TIE_RULE, "settings": out}
 
@@ -434,12 +469,15 @@ def run_sweep(config, workdir: str, index: int = 0, count: int = 1, train_fn=Non
     try:
       summary = train_fn(c, run_dir)
     except FloatingPointError as e:
-      if not run.is_tuning:
-        counts["failed"] += 1
-        log.error("%s diverged: %s", tag, e)
-        continue
       # A rate of the grid that diverges is a result (it ranks last), not a failure.
       _write_json(os.path.join(run_dir, "diverged.json"), {"error": str(e)})
+      if not run.is_tuning:
+        # The setting's rate is unstable: the next pass tunes without it and trains
+        # the setting's seeds at the next best rate (this run kept in previous/).
+        counts["failed"] += 1
+        log.error("%s diverged at rate %g (%s); the next pass retrains its setting at "
+                  "the next best rate.", tag, c.learning_rate, e)
+        continue
       summary = {"final_test_accuracy": None}
     except Exception:  # pylint: disable=broad-except
       # One broken grid point should not stop a sweep of hundreds; it is reported.

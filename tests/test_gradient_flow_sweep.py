@@ -388,6 +388,49 @@ def test_an_interrupted_final_run_at_an_outdated_rate_starts_again(tmp_path):
   assert json.load(open(kept[0] / "run.json"))["learning_rate"] == 0.01
 
 
+def test_a_final_run_that_diverges_moves_its_setting_to_the_next_best_rate(tmp_path):
+  # The tuning seed trained at 0.1, another seed diverges there: the setting is
+  # retrained at the next best rate (0.01: a tie with 0.03, the smaller wins), every
+  # seed, and 0.1 is not chosen again; the runs at 0.1 are kept in previous/.
+  config = tuning_study()
+  config.study.inits = ("dense_fan_in",)
+  config.study.regularisations = ("none",)
+
+  class Unstable(FakeTuner):
+    def __call__(self, config, run_dir):
+      if (os.path.basename(run_dir) == "momentum_relu_none_d0.1_sparse_seed1"
+          and config.learning_rate == 0.1):
+        self.calls.append((os.path.basename(run_dir), config))
+        raise FloatingPointError("Step 7: the loss is NaN")
+      return super().__call__(config, run_dir)
+
+  fake = Unstable()
+  counts = sweep.run_sweep(config, str(tmp_path), train_fn=fake)
+  assert counts["failed"] == 1 and counts["trained"] == 6 + 3
+  sparse = "momentum_relu_none_d0.1_sparse"
+  assert (tmp_path / f"{sparse}_seed1" / "diverged.json").exists()
+  tuning = json.load(open(tmp_path / "tuning.json"))["settings"]
+  # Rewritten at the end of the pass: the next pass knows 0.1 is unstable.
+  assert tuning[sparse]["chosen"] == 0.01 and tuning[sparse]["unstable"] == ["0.1"]
+  counts = sweep.run_sweep(config, str(tmp_path), train_fn=fake)
+  assert counts["failed"] == 0 and counts["trained"] == 2
+  assert sorted((n, c.learning_rate) for n, c in fake.calls[-2:]) == [
+      (f"{sparse}_seed0", 0.01), (f"{sparse}_seed1", 0.01)]
+  tuning = json.load(open(tmp_path / "tuning.json"))["settings"]
+  assert tuning[sparse]["chosen"] == 0.01 and tuning[sparse]["unstable"] == ["0.1"]
+  assert tuning["momentum_relu_none_d0.1_dense"]["unstable"] == []
+  kept = sorted(p.name.rsplit("_", 1)[0] for p in (tmp_path / "previous").iterdir())
+  assert kept == [f"{sparse}_seed0", f"{sparse}_seed1"]
+  # Settled: the diverged run's rate stays out although it now lies in previous/.
+  again = sweep.run_sweep(config, str(tmp_path), train_fn=fake)
+  assert again["trained"] == 0 and again["failed"] == 0
+  assert sweep.choose_learning_rate({0.1: 0.9, 0.03: 0.8}, unstable=[0.1]) == 0.03
+  assert sweep.choose_learning_rate({0.1: 0.9}, unstable=[0.1]) == 0.1  # nothing else
+  lines = "\n".join(report._tuning_lines(json.load(open(tmp_path / "tuning.json")), []))
+  assert f"1 settings had a final run diverge at the chosen rate" in lines
+  assert "0.1: 90.00 (a final run diverged: not chosen)" in lines and "**0.01: 80.00**" in lines
+
+
 def test_final_runs_wait_for_another_slices_tuning(tmp_path):
   config = tuning_study()
   fake = FakeTuner()
