@@ -43,12 +43,15 @@ Report (a new directory: the 3-epoch study's README stays as it is):
       --budget_workdir=workdirs/gradient_flow_budget \
       --out=experiments/results/gradient_flow/converged
 
-Size, MLP family: 540 settings x (5 tuning rates + 3 seeds) = 4,320 runs of 30
-epochs (840 steps for a tuning run, 930 for a final one); with densities {0.05,
-0.2, 1.0} 300 settings, 2,400 runs (``--dry_run`` lists them). The first sweep (on
-2026-12-03, three rates per optimizer: 1,800 runs plus the 48 of the init factor)
-took 65 min of wall time on the idle 2-core CPU as two slices in parallel
-(``--slice=0/2`` and ``1/2``, one per core), warm compilation cache, 3-5 s a run.
+Size, MLP family: 540 settings, 5 tuning rates (6 for Adam and RMSProp) + 3 seeds:
+2,916 tuning runs of 840 steps and 1,620 final runs of 930 (``--dry_run`` lists
+them). The first sweep (on 2026-12-03, three rates per optimizer, densities
+{0.05, 0.2, 1.0}: 1,800 runs plus the 48 of the init factor) took 65 min of wall
+time on the 2-core CPU as two slices in parallel (``--slice=0/2`` and ``1/2``, one
+per core), 3-5 s a run; the wider grids, densities 0.1 and 0.5 and the budget
+check 102 min more (about 3,320 runs trained). With 6 rates round robin over 2
+slices, every sixth rate falls into slice 1: use an odd slice count (or 3) to
+balance a grid widened by one rate.
 When a grid is widened, a final run trained (or started) at a rate that is no
 longer its setting's chosen one is trained again, the old one moved to
 ``<workdir>/previous/``; a final run whose setting still has tuning runs to do
@@ -62,9 +65,9 @@ finished ones are skipped:
       experiments/results/gradient_flow/converged/records.tar.gz \
       -C workdirs/gradient_flow_converged
 
-The small CNN at width 32 is ~100x slower per sparse step on that CPU (3 epochs took
-172 s: ~1.2 s/step with the measures plus 46 s of evaluation), so its grid needs an
-accelerator or a smaller slice.
+The small CNN at width 32 is slow on that CPU (a jitted gradient of a batch of 128
+takes ~0.16 s, XLA:CPU's conv backward; 3 epochs with the measures took 172 s), so
+its grid (930 steps a run) needs an accelerator or a smaller slice.
 """
 
 import ml_collections
@@ -92,8 +95,9 @@ def get_config():
   # rates a factor of about 3 apart. The first sweep ran only the lower three
   # (bracketing the 3-epoch study's rate) and 273 of 308 settings chose the
   # largest, so the grids were widened by two rates upwards; with five, Adam and
-  # RMSProp still chose the largest in 30 of 124 settings (mostly with batch
-  # norm), so they have a sixth.
+  # RMSProp still chose the largest in 30 of 124 settings tuned by then (mostly
+  # with batch norm), so they have a sixth. Now 31 of 548 settings choose the
+  # largest rate, 1 the smallest.
   study.learning_rates = ml_collections.ConfigDict(dict(
       sgd=(0.03, 0.1, 0.3, 1.0, 3.0), momentum=(0.01, 0.03, 0.1, 0.3, 1.0),
       adam=(3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1),
