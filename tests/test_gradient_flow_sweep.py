@@ -156,6 +156,16 @@ class FakeTuner(FakeTrainer):
     return summary
 
 
+def swept_on_two_rates(tmp_path):
+  """One sparse and one dense setting swept on the rates (0.01, 0.03) into tmp_path."""
+  config = tuning_study()
+  config.study.inits = ("dense_fan_in",)
+  config.study.regularisations = ("none",)
+  config.study.learning_rates = dict(momentum=(0.01, 0.03))
+  sweep.run_sweep(config, str(tmp_path), train_fn=FakeTuner())
+  return config
+
+
 def test_grid_with_inits_and_augment_names_and_configs():
   config = tuning_study()
   runs = sweep.grid_runs(config.study)
@@ -284,11 +294,7 @@ def test_a_final_run_at_an_outdated_rate_is_retrained_and_the_old_one_kept(tmp_p
 def test_a_finished_final_run_waits_while_its_widened_grid_is_unfinished(tmp_path):
   # A wider grid's new tuning runs of a setting may lie in another slice: until
   # they are done the finished final run is pending (not skipped as finished).
-  config = tuning_study()
-  config.study.inits = ("dense_fan_in",)
-  config.study.regularisations = ("none",)
-  config.study.learning_rates = dict(momentum=(0.01, 0.03))
-  sweep.run_sweep(config, str(tmp_path), train_fn=FakeTuner())
+  config = swept_on_two_rates(tmp_path)
   config.study.learning_rates = dict(momentum=(0.01, 0.03, 0.1))
   fake = FakeTuner()
   # Slice 0 of 3: the old rates' tuning runs (finished) and two finished final
@@ -369,11 +375,7 @@ def test_an_interrupted_final_run_at_an_outdated_rate_starts_again(tmp_path):
   # A final run killed mid-training (run.json, no summary) at the old tuned rate:
   # resuming its checkpoint at the new rate would mix two rates; it starts afresh
   # and the interrupted one is kept.
-  config = tuning_study()
-  config.study.inits = ("dense_fan_in",)
-  config.study.regularisations = ("none",)
-  config.study.learning_rates = dict(momentum=(0.01, 0.03))
-  sweep.run_sweep(config, str(tmp_path), train_fn=FakeTuner())
+  config = swept_on_two_rates(tmp_path)
   run_dir = tmp_path / "momentum_relu_none_d0.1_sparse_seed0"
   (run_dir / "summary.json").unlink()  # as if killed before the end
   (run_dir / "checkpoint_marker").write_text("half-trained at 0.01")
