@@ -78,7 +78,6 @@ def load_run(run_dir: str) -> dict | None:
   record["accuracy"] = summary["final_test_accuracy"]
   record["wall_time_s"] = summary.get("wall_time_s")
   record["num_epochs"] = summary.get("config", {}).get("num_epochs")
-  record["steps"] = summary.get("steps")
   record["measures"] = {m: float(np.mean(list(s.values()))) for m, s in series.items()}
   record["init"] = {m: s[0] for m, s in series.items() if 0 in s}
   record["series"] = {m: sorted(s.items()) for m, s in series.items()}
@@ -667,11 +666,13 @@ def budget_check(records, longer, n_boot: int = N_BOOTSTRAP) -> dict:
       other_rate += 1
     else:
       pairs.append((base, r))
-  epochs = lambda rs: sorted({r.get("num_epochs") for r in rs if r.get("num_epochs")})
-  if pairs and set(epochs([a for a, _ in pairs])) & set(epochs([b for _, b in pairs])):
+  short_epochs, long_epochs = (
+      sorted({p[i].get("num_epochs") for p in pairs if p[i].get("num_epochs")})
+      for i in (0, 1))
+  if set(short_epochs) & set(long_epochs):
     raise ValueError(
-        f"The budget check's runs train for {epochs([b for _, b in pairs])} epochs, as "
-        f"do these ({epochs([a for a, _ in pairs])}): it needs a longer sweep (e.g. "
+        f"The budget check's runs train for {long_epochs} epochs, as do these "
+        f"({short_epochs}): it needs a longer sweep (e.g. "
         "--config.num_epochs=60 --config.study.rates_from=<this tuning.json> into a new "
         "--workdir), given as --budget_workdir.")
   def stats(diffs):
@@ -680,7 +681,7 @@ def budget_check(records, longer, n_boot: int = N_BOOTSTRAP) -> dict:
             "largest": float(max(diffs, key=abs)) if diffs else float("nan")}
   diffs = {k: [b["accuracy"] - a["accuracy"] for a, b in pairs
                if k == "all" or b["kind"] == k] for k in ("all", "sparse", "dense")}
-  acc = {name: (a["accuracy"], b["accuracy"]) for a, b in pairs for name in [b["name"]]}
+  acc = {b["name"]: (a["accuracy"], b["accuracy"]) for a, b in pairs}
   gap = []
   for a, b in pairs:
     if b["kind"] == "sparse" and b.get("init_scheme", "dense_fan_in") == "dense_fan_in":
@@ -704,11 +705,10 @@ def budget_check(records, longer, n_boot: int = N_BOOTSTRAP) -> dict:
         findings[key] = {"effect": short_f["effect"], "longer_effect": long_f["effect"],
                          "n": short_f["n"], "claim": short_f["claim"]}
   return {"n": len(pairs), "unpaired": unpaired, "other_rate": other_rate,
-          "epochs": epochs([a for a, _ in pairs]),
+          "epochs": short_epochs, "longer_epochs": long_epochs,
           "pairs": [{"name": b["name"], "kind": b["kind"], "optimizer": b.get("optimizer"),
                      "accuracy": a["accuracy"], "longer_accuracy": b["accuracy"]}
                     for a, b in pairs],
-          "longer_epochs": epochs([b for _, b in pairs]),
           "accuracy_change": {k: stats(v) for k, v in diffs.items()},
           "gap_change": stats(gap),
           "sparse_change_by_optimizer": {o: float(np.mean(v))
@@ -717,12 +717,16 @@ def budget_check(records, longer, n_boot: int = N_BOOTSTRAP) -> dict:
           "loss_drop_median": float(np.median(drops)) if drops else None}
 
 
+def _epochs_text(epochs) -> str:
+  return "/".join(str(x) for x in epochs) or "?"
+
+
 def _budget_lines(check) -> list[str]:
   """The budget check's paragraph (under "Convergence")."""
   if not check or not check["n"]:
     return []
   ch, gap = check["accuracy_change"], check["gap_change"]
-  ep = lambda e: "/".join(str(x) for x in e) or "?"
+  ep = _epochs_text
   lines = [f"**Budget check**: {check['n']} final runs trained again for "
           f"{ep(check['longer_epochs'])} instead of {ep(check['epochs'])} epochs (same "
           "setting, seed and tuned rate; cosine over the longer run). Test accuracy, "
@@ -1058,7 +1062,7 @@ def plot_budget_check(check, path):
   for o in opts:
     ax.scatter([], [], color=colors[o], label=o)
   ax.legend(fontsize=7, title="o sparse, s dense", title_fontsize=7)
-  ep = lambda e: "/".join(str(x) for x in e)
+  ep = _epochs_text
   ax.set_xlabel(f"test accuracy (%), {ep(check['epochs'])} epochs")
   ax.set_ylabel(f"test accuracy (%), {ep(check['longer_epochs'])} epochs")
   fig.tight_layout()

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import glob
 import json
 import logging
 import math
@@ -202,13 +203,9 @@ def unstable_rates(workdir: str) -> dict[str, list[float]]:
   is moved once its setting is retrained at another rate, so the rate stays out.
   """
   out = collections.defaultdict(set)
-  dirs = [os.path.join(workdir, d) for d in _listdir(workdir)]
-  dirs += [os.path.join(workdir, "previous", d)
-           for d in _listdir(os.path.join(workdir, "previous"))]
-  for d in dirs:
-    if not os.path.exists(os.path.join(d, "diverged.json")):
-      continue
-    path = os.path.join(d, "run.json")
+  for marker in (glob.glob(os.path.join(workdir, "*", "diverged.json"))
+                 + glob.glob(os.path.join(workdir, "previous", "*", "diverged.json"))):
+    path = os.path.join(os.path.dirname(marker), "run.json")
     if not os.path.exists(path):
       continue
     with open(path) as f:
@@ -216,10 +213,6 @@ def unstable_rates(workdir: str) -> dict[str, list[float]]:
     if run.get("phase") == "final" and run.get("learning_rate") is not None:
       out[run["setting"]].add(float(run["learning_rate"]))
   return {k: sorted(v) for k, v in out.items()}
-
-
-def _listdir(path: str) -> list[str]:
-  return sorted(os.listdir(path)) if os.path.isdir(path) else []
 
 
 def tuning_results(study, workdir: str, runs: list[Run]) -> dict:
