@@ -28,11 +28,13 @@ import dataclasses
 import logging
 import math
 import os
+import signal
 import time
 from typing import Any, Callable
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 
 import sparse_jax
@@ -44,6 +46,7 @@ from experiments import flops as run_flops_lib
 from experiments import input_pipeline
 from experiments import mask_history
 from experiments import methods
+from experiments import preemption
 from experiments import programs as programs_lib
 from experiments import reporting
 from experiments import state as state_lib
@@ -78,7 +81,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   by ``halt_after_step``, ``{"halted_at_step": step}``).
   """
   t_start = time.time()
-  config_checks.validate(config)
+  config_checks.validate(config, workdir)  # before the workdir is made
   finished = workdir_lib.finished_summary(workdir)
   if finished is not None and config.get("if_finished", "report") == "report":
     log.info("%s holds a finished run (%s steps, final test accuracy %s): reporting it; "
@@ -91,16 +94,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   info, spe = _dataset_and_schedule(config)  # checks what needs the data set's size
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
-  with workdir_lib.WorkdirLock(workdir, enabled=is_main):
+  # SIGTERM/SIGINT, from here on, end the run at a dispatch boundary, checkpointed
+  # (_preempt); the previous handlers are back when the lock is released.
+  with preemption.signals_caught() as signals, \
+      workdir_lib.WorkdirLock(workdir, enabled=is_main):
     if finished is not None and is_main:
       workdir_lib.prepare_rerun(workdir, config, finished)
     workdir_lib.check_config(workdir, config, write=is_main)
     with _setup(config, workdir, is_main, info, spe, t_start) as run:  # its exit waits for checkpoints
-      step, pending = run.start_step, []
-      t_log, steps_at_log = time.time(), step
+      step, pending, saved = run.start_step, [], run.start_step
+      # Steps run since the last record, fetched before a preemption (checkpoint meta).
+      carried, steps_at_log = _carried_metrics(run.meta, step)
+      t_log = time.time()
       t_loop = time.time()
       run.timings["before_loop_s"] = t_loop - run.t_segment
       while step < run.total_steps:
+        if signals.should_stop():
+          _preempt(run, step, saved, carried, pending, steps_at_log, signals.received)
         n, mask_update = _next_dispatch(run, step)
         inputs = run.feed.dispatch(step, n)
         if not run.programs.started():
@@ -119,14 +129,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         save = _checkpoint_due(run, step)
         if step % config.log_every_steps == 0 or record or save or step == run.total_steps:
           # Raises at a non-finite loss or gradient, before the state is checkpointed.
-          record = _train_record(run, step, steps_at_log, pending, record,
-                                 time.time() - t_log)
-          pending, t_log, steps_at_log = [], time.time(), step
+          record = _train_record(run, step, steps_at_log, carried + _fetch(run, pending),
+                                 record, time.time() - t_log)
+          carried, pending, t_log, steps_at_log = [], [], time.time(), step
           run.writer.write(record)
           if is_main:
             reporting.log_line(record, run.total_steps)
         if save:
           _save(run, step)
+          saved = step
         if config.halt_after_step is not None and step >= config.halt_after_step:
           log.info("Halting after step %d (halt_after_step).", step)
           return {"halted_at_step": step}
@@ -156,6 +167,7 @@ class Run:
   t_start: float  # wall clock at the run's start (earlier segments included)
   t_segment: float  # wall clock at this process's start
   start_step: int = 0
+  meta: dict = dataclasses.field(default_factory=dict)  # of the checkpoint resumed from
   best_acc: float = 0.0
   last_eval: dict = dataclasses.field(default_factory=dict)
   masks0: Any = None
@@ -269,7 +281,7 @@ def _setup(config, workdir: str, is_main: bool, info, spe: int, t_segment: float
       periods=[config.log_every_steps, config.checkpoint_every_steps,
                spe * config.eval_every_epochs] + ([gf_every] if gf_every else []),
       timings=timings, t_start=t_segment - float(meta.get("wall_time_s", 0.0)),
-      t_segment=t_segment, start_step=start_step,
+      t_segment=t_segment, start_step=start_step, meta=meta,
       best_acc=float(meta.get("best_test_accuracy", 0.0)),
       last_eval=dict(meta.get("last_eval", {})), masks0=masks0,
       densities0=None if masks0 is None else reporting.host_layer_densities(masks0),
@@ -364,14 +376,17 @@ def _checkpoint_due(run: Run, step: int) -> bool:
           or (halt is not None and step >= halt))
 
 
-def _train_record(run: Run, step: int, first_step: int, pending, record: dict,
-                  seconds: float) -> dict:
-  """The ``metrics.jsonl`` record at ``step`` of the dispatches ``pending``.
+def _fetch(run: Run, pending) -> list:
+  """The metrics of each dispatch's steps on the host (its buffers hold s_per), in order."""
+  return [(jax.device_get(run.programs.host(m)), ran) for m, ran in pending]
 
-  ``pending`` ran steps ``first_step + 1 .. step`` in ``seconds``.
+
+def _train_record(run: Run, step: int, first_step: int, fetched, record: dict,
+                  seconds: float) -> dict:
+  """The ``metrics.jsonl`` record at ``step`` of the dispatches ``fetched``.
+
+  ``fetched`` ran steps ``first_step + 1 .. step`` in ``seconds``.
   """
-  # The metrics of each dispatch's steps (its buffers hold s_per), in order.
-  fetched = [(jax.device_get(run.programs.host(m)), ran) for m, ran in pending]
   train = reporting.train_metrics(fetched, first_step)
   last = fetched[-1][0]  # the read-outs of the state now
   if "sparsity" not in record and "density" in last:
@@ -382,10 +397,50 @@ def _train_record(run: Run, step: int, first_step: int, pending, record: dict,
           "steps_per_s": (step - first_step) / max(seconds, 1e-9), **record}
 
 
-def _save(run: Run, step: int):
+# The per-step metrics a record averages, carried over a preemption (_preempt).
+CARRIED_KEYS = ("train_loss", "train_accuracy", "finite")
+
+
+def _carried_metrics(meta: dict, step: int) -> tuple[list, int]:
+  """``([(metrics, steps)], first step)`` of the steps run since the last record.
+
+  A preempted run stops between two records: the next record (after the resume)
+  averages the steps before the preemption too, as the uninterrupted run's does.
+  """
+  carried = meta.get("since_last_record")
+  if not carried:
+    return [], step
+  metrics = {k: np.asarray(carried[k], dtype=carried["dtypes"][k]) for k in CARRIED_KEYS}
+  return [(metrics, len(metrics["finite"]))], int(carried["first_step"])
+
+
+def _preempt(run: Run, step: int, saved: int, carried, pending, first_step: int,
+             signum: int):
+  """Checkpoints ``step`` (unless it is), waits for it and raises ``Preempted``."""
+  if step > saved:
+    fetched, extra = carried + _fetch(run, pending), {}
+    if fetched:  # not a step with a record
+      reporting.train_metrics(fetched, first_step)  # raises if a step was not finite
+      since = {k: np.concatenate([np.asarray(m[k])[:ran] for m, ran in fetched])
+               for k in CARRIED_KEYS}
+      # JSON: a float32 (or bool) value round-trips exactly through a Python float.
+      extra["since_last_record"] = {
+          "first_step": first_step, "dtypes": {k: v.dtype.name for k, v in since.items()},
+          **{k: v.tolist() for k, v in since.items()}}
+    _save(run, step, **extra)
+  run.mngr.wait_until_finished()
+  if run.is_main:
+    where = (f"its checkpoint is {run.mngr.directory}/{step}" if step else
+             "no step was trained yet")
+    log.info("Preempted at step %d (%s): %s; rerun the same command to resume (exit "
+             "status %d).", step, signal.Signals(signum).name, where, preemption.EXIT_CODE)
+  raise preemption.Preempted(step, signum, run.workdir)
+
+
+def _save(run: Run, step: int, **extra_meta):
   t = time.time()
   meta = {"best_test_accuracy": run.best_acc, "last_eval": run.last_eval,
-          "wall_time_s": time.time() - run.t_start}
+          "wall_time_s": time.time() - run.t_start, **extra_meta}
   checkpoints.save_checkpoint(run.mngr, run.programs.host(run.state), step, meta)
   run.timings["checkpoint_s"] += time.time() - t
   if run.recorder is not None:
