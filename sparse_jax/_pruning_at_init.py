@@ -21,6 +21,7 @@ from jax import lax
 
 from sparse_jax import _distributions
 from sparse_jax import _masks
+from sparse_jax import _prune
 from sparse_jax import _select
 
 PyTree = Any
@@ -28,10 +29,15 @@ LossFn = Callable[[PyTree, Any], jax.Array]
 
 
 def _as_batches(batches) -> list:
-  """A list of batches from one batch, a list/tuple of batches or an iterator."""
-  if isinstance(batches, (list, tuple)):
-    out = list(batches)
-  elif hasattr(batches, "__next__"):
+  """The batches to score on: a list or an iterator is several, anything else one.
+
+  One batch is any pytree (a dict, an ``(x, y)`` tuple, an array), passed to
+  ``loss_fn`` as it is. A Python ``list`` or an iterator (a generator, ``iter(...)``)
+  holds several batches. A tuple is always one batch, never several, so that the
+  common ``(x, y)`` batch reaches the loss whole; a batch that is itself a list is
+  given as ``[batch]``.
+  """
+  if isinstance(batches, list) or hasattr(batches, "__next__"):
     out = list(batches)
   else:
     out = [batches]
@@ -94,7 +100,9 @@ def masks_from_scores(scores: PyTree, sparsity: float, *,
   if not leaves:
     raise ValueError("The score tree has no array; score at least one prunable leaf.")
   cands = [None] * len(leaves) if candidates is None else treedef.flatten_up_to(candidates)
-  keys = [signed_score_keys(x, c) for x, c in zip(leaves, cands)]
+  # Behind a barrier: under a caller's jit every selection pass must read the same
+  # keys (see _prune.same_bits).
+  keys = _prune.same_bits([signed_score_keys(x, c) for x, c in zip(leaves, cands)])
   layers = [_masks.LayerInfo(n, tuple(x.shape), int(np.size(x))) for n, x in zip(names, leaves)]
   n_total = sum(l.size for l in layers)
   total = _distributions.active_count(s, n_total)
@@ -125,8 +133,9 @@ def snip_scores(params: PyTree, loss_fn: LossFn, batches, *,
   Args:
     params: the params at initialisation.
     loss_fn: ``loss_fn(params, batch) -> scalar``.
-    batches: a batch, a list of batches or an iterator of batches (the gradient
-      is their mean).
+    batches: one batch (any pytree, e.g. a dict or an ``(x, y)`` tuple, passed to
+      ``loss_fn`` as it is) or several: a list or an iterator of batches (the
+      gradient is their mean). A tuple is always one batch.
     prunable: bool pytree of the prunable leaves (default ``select_prunable``).
 
   Returns:
@@ -154,7 +163,8 @@ def grasp_scores(params: PyTree, loss_fn: LossFn, batches, *,
   Args:
     params: the params at initialisation.
     loss_fn: ``loss_fn(params, batch) -> scalar``.
-    batches: a batch, a list of batches or an iterator.
+    batches: one batch (any pytree, a dict or an ``(x, y)`` tuple, passed to
+      ``loss_fn`` as it is), or a list or an iterator of batches.
     prunable: bool pytree of the prunable leaves (default ``select_prunable``).
 
   Returns:
@@ -213,13 +223,17 @@ def snip_masks(params: PyTree, loss_fn: LossFn, batches, sparsity: float, *,
   """SNIP masks: keep the largest ``|w * dL/dw|`` on a batch (global by default).
 
   Example:
-    >>> masks = snip_masks(params, loss_fn, first_batch, 0.9)
+    >>> masks = snip_masks(params, loss_fn, (x, y), 0.9)  # loss_fn(params, (x, y))
+    >>> masks = snip_masks(params, loss_fn, [batch1, batch2], 0.9)  # their mean
     >>> tx = sparse_jax.static(optax.sgd(0.1, momentum=0.9), initial_masks=masks)
 
   Args:
     params: the params at initialisation.
     loss_fn: ``loss_fn(params, batch) -> scalar``.
-    batches: a batch, a list of batches or an iterator.
+    batches: one batch, passed to ``loss_fn`` as it is (any pytree: a dict, an
+      ``(x, y)`` tuple, an array), or several batches as a list or an iterator
+      (the gradient is their mean). A tuple is always one batch; give one batch
+      that is itself a list as ``[batch]``.
     sparsity: target overall sparsity in [0, 1).
     distribution: ``"global"`` or a per-layer density distribution.
     **selector: ``include``, ``exclude``, ``keep_first_dense``,

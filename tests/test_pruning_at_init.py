@@ -242,3 +242,48 @@ def test_trainer_snip_scores_the_first_training_batch(tmp_path):
     np.testing.assert_array_equal(exported[f"masks/{name}/kernel"], expected[name]["kernel"])
   assert summary["mask_sparsity"] == pytest.approx(1 - round(0.05 * 266_200) / 266_200)
   assert summary["inference_flops_vs_dense"] < 0.06
+
+
+@pytest.mark.parametrize("masks_fn", [pai.snip_masks, pai.grasp_masks],
+                         ids=["snip", "grasp"])
+def test_a_batch_is_passed_to_the_loss_as_it_is(masks_fn):
+  # One batch is any pytree, given to loss_fn unchanged: a dict, or an (x, y) tuple
+  # (which was taken for two batches: "too many values to unpack"). A list (or an
+  # iterator) is several batches, whose mean gradient scores the weights.
+  params = mlp_params(jax.random.PRNGKey(6), (3, 8, 2))
+  dict_loss = lambda p, b: optax.softmax_cross_entropy_with_integer_labels(
+      mlp_apply(p, b["x"]), b["y"]).mean()
+
+  def tuple_loss(p, batch):
+    x, y = batch
+    return dict_loss(p, {"x": x, "y": y})
+
+  b1, b2 = batch_of(jax.random.PRNGKey(7), 16), batch_of(jax.random.PRNGKey(8), 16)
+  as_tuple = lambda b: (b["x"], b["y"])
+  one = masks_fn(params, dict_loss, b1, 0.5)
+  two = masks_fn(params, dict_loss, [b1, b2], 0.5)
+  assert int(sparse_jax.count_active(one)) == int(sparse_jax.count_active(two)) == 20
+  for got, want in ((masks_fn(params, tuple_loss, as_tuple(b1), 0.5), one),
+                    (masks_fn(params, tuple_loss, [as_tuple(b1), as_tuple(b2)], 0.5), two),
+                    (masks_fn(params, tuple_loss, iter([as_tuple(b1), as_tuple(b2)]), 0.5),
+                     two),
+                    (masks_fn(params, dict_loss, [b1], 0.5), one)):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(a, b)
+  # Two batches are not one: the mean gradient of both ranks differently here.
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(one),
+                                                      jax.tree.leaves(two)))
+
+
+def test_snip_scores_of_a_list_are_the_mean_gradients():
+  params = mlp_params(jax.random.PRNGKey(9), (3, 8, 2))
+  loss = lambda p, b: optax.softmax_cross_entropy_with_integer_labels(
+      mlp_apply(p, b[0]), b[1]).mean()
+  batches = [tuple(batch_of(jax.random.PRNGKey(s), 8).values()) for s in (10, 11)]
+  scores = pai.snip_scores(params, loss, batches)
+  grads = [jax.grad(loss)(params, b) for b in batches]
+  for name in ("l0", "l1"):
+    want = np.abs(np.asarray(params[name]["kernel"])
+                  * (np.asarray(grads[0][name]["kernel"]) + np.asarray(grads[1][name]["kernel"]))
+                  / 2)
+    np.testing.assert_allclose(scores[name]["kernel"], want, rtol=1e-6)
