@@ -40,6 +40,7 @@ import optax
 
 import sparse_jax
 from experiments import checkpoints
+from experiments import config_checks
 from experiments import exports
 from experiments import input_pipeline
 from experiments import methods
@@ -131,8 +132,10 @@ def _check(imp):
 
 def run_imp(config, workdir: str) -> dict:
   """Runs (or resumes) all rounds; returns the last round's summary plus the rounds."""
+  workdir = os.path.realpath(workdir)  # one path for every file (train.train_and_evaluate)
   imp = config.imp
   _check(imp)
+  config_checks.validate(_round_config(config, None), workdir)  # as each round's run
   log = logging.getLogger("sparse_jax.imp")
   os.makedirs(workdir, exist_ok=True)
   info = input_pipeline.dataset_info(config.dataset, config.data_dir)

@@ -16,20 +16,29 @@ Reference accuracies: the GraNet paper, Table 1 (a full run needs a GPU).
 from experiments.configs import default
 
 
+DATASETS = ("cifar10", "cifar100")
+ARGS = {"dataset": "cifar10", "sparsity": 0.95, "method": "granet", "seed": 18}
+
+
 def cifar_config(model: str, arg: str | None):
-  """The CIFAR recipe of the GraNet code for ``model``."""
-  args = default.parse_args(arg)
+  """The CIFAR recipe of the GraNet code for ``model``, from the family argument."""
+  return cifar_recipe(model, default.parse_args(
+      arg, ARGS, choices={"dataset": DATASETS, "method": default.METHODS}))
+
+
+def cifar_recipe(model: str, args):
+  """The CIFAR recipe for ``model`` and the parsed ``args`` (the keys of ``ARGS``)."""
   config = default.get_base_config()
-  config.dataset = args.get("dataset", "cifar10")
+  config.dataset = args["dataset"]
   config.model = model
   config.data_on_device = False  # augmented: fed by the tf.data pipeline
   config.num_epochs = 160
   config.eval_batch_size = 1000
-  config.seed = int(args.get("seed", 18))
-  method = args.get("method", "granet")
+  config.seed = args["seed"]
+  method = args["method"]
   config.sparsity.method = "granet" if method == "granet_st" else method
   config.sparsity.initial = 0.5 if method == "granet_st" else 0.0
-  config.sparsity.final = float(args.get("sparsity", 0.95))
+  config.sparsity.final = args["sparsity"]
   config.sparsity.update_every = 1000
   config.sparsity.end_epoch = 110.0
   if method == "one_shot":

@@ -2,8 +2,14 @@
 
 Each experiment file calls ``get_base_config()`` and changes what differs.
 Any field can be overridden on the command line, e.g.
-``--config.sparsity.final=0.95 --config.num_epochs=10``.
+``--config.sparsity.final=0.95 --config.num_epochs=10``. A file may also take a
+family argument after a colon (``granet_lenet300_mnist5k.py:sparsity=0.95,seed=1``),
+parsed by ``parse_args`` against the names it declares.
 """
+
+from collections.abc import Mapping, Sequence
+import difflib
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
@@ -107,6 +113,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   # its summary and change nothing; "extend" it to a larger num_epochs /
   # num_train_steps; "restart" (the old files move to <workdir>/previous/).
   config.if_finished = "report"
+  # Resume a workdir with these fields changed (comma-separated names, e.g.
+  # "learning_rate,weight_decay" after a divergence); any other changed field is
+  # still refused. Each change is recorded in <workdir>/config_changes.jsonl and
+  # config.json takes the new values (experiments/workdir.py check_config).
+  config.allow_changed = ""
   # JAX's persistent compilation cache (experiments/compilation_cache.py): None is
   # $SPARSE_JAX_COMPILATION_CACHE or ~/.cache/sparse_jax/jax_compilation_cache;
   # "off" disables it. A second run of a config then compiles nothing.
@@ -114,26 +125,91 @@ def get_base_config() -> ml_collections.ConfigDict:
   return config
 
 
-def parse_args(arg: str | None) -> dict[str, str]:
-  """Parses ``"k=v,k2=v2"`` from ``file.py:k=v,k2=v2`` into a dict of strings."""
-  if not arg:
-    return {}
-  out = {}
-  for item in arg.split(","):
-    if "=" not in item:
-      raise ValueError(f"Config argument {item!r} is not key=value (e.g. sparsity=0.95).")
-    k, v = item.split("=", 1)
-    out[k.strip()] = v.strip()
+# Every method the trainer runs (experiments/config_checks.py checks the same set),
+# and "granet_st" (GraNet with sparsity.initial=0.5) for the families that take one.
+METHODS = ("dense", "granet", "granet_st", "gmp", "rigl", "set", "static", "one_shot",
+           "snip", "grasp", "synflow", "ste", "srste")
+
+
+def parse_args(arg: str | None, known: Mapping[str, Any], *,
+               choices: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
+  """Parses a config file's family argument, ``file.py:k=v,k2=v2``.
+
+  Every config file parses its argument here, so the same mistake gets the same
+  one-line error from each: an unknown name (with "did you mean"), an item that
+  is not ``name=value``, a name given twice, a value that is not of its
+  default's type or not one of ``choices[name]``.
+
+  Example:
+    >>> parse_args("sparsity=0.95", {"sparsity": 0.98, "seed": 0})
+    {'sparsity': 0.95, 'seed': 0}
+
+  Args:
+    arg: the text after the config file's ``:`` (None or "": no argument).
+    known: each argument the config takes and its default; a value given is
+      converted to the default's type (int, float or str). Empty: the config
+      takes no argument.
+    choices: for some arguments, the values allowed.
+
+  Returns:
+    Every argument in ``known``, given or default.
+
+  Raises:
+    ValueError: naming the argument, the value and the fix.
+  """
+  choices = choices or {}
+  takes = (f"This config takes {', '.join(f'{k}={v}' for k, v in known.items())} "
+           "(the defaults shown)." if known else
+           "This config takes no argument: set fields with --config.FIELD=VALUE.")
+  out, given = dict(known), set()
+  for item in arg.split(",") if arg else ():
+    name, sep, text = (part.strip() for part in item.partition("="))
+    if not sep or not name:
+      raise ValueError(f"Config argument {item!r} in {arg!r} is not name=value. {takes}")
+    if name not in known:
+      raise ValueError(f"Unknown config argument {name!r} in {arg!r}"
+                       f"{_did_you_mean(name, known)} {takes}")
+    if name in given:
+      raise ValueError(f"Config argument {name!r} is given twice in {arg!r}: give it once.")
+    given.add(name)
+    out[name] = _convert_arg(name, text, known[name], choices.get(name))
   return out
+
+
+def _did_you_mean(name: str, candidates) -> str:
+  """"; did you mean 'x'?" for the closest of ``candidates``, else "."."""
+  close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+  return f"; did you mean {close[0]!r}?" if close else "."
+
+
+def _convert_arg(name: str, text: str, default_value, allowed):
+  kind = type(default_value)
+  try:
+    value = kind(text)
+  except ValueError:
+    noun = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
+    raise ValueError(f"Config argument {name}={text!r} is not {noun}: give e.g. "
+                     f"{name}={default_value}.") from None
+  if allowed is not None and value not in allowed:
+    raise ValueError(f"Config argument {name}={text!r} is not one of "
+                     f"{', '.join(allowed)}{_did_you_mean(text, allowed)}")
+  return value
+
+
+LENET_ARGS = {"sparsity": 0.98, "seed": 0}
 
 
 def lenet300_mnist5k(method: str, arg: str | None, **sparsity_overrides):
   """The CPU default recipe with ``method``; ``arg`` may set sparsity and seed."""
+  return lenet300_recipe(method, parse_args(arg, LENET_ARGS), **sparsity_overrides)
+
+
+def lenet300_recipe(method: str, args: Mapping[str, Any], **sparsity_overrides):
+  """The CPU default recipe with ``method`` at ``args["sparsity"]`` and ``args["seed"]``."""
   config = get_base_config()
-  args = parse_args(arg)
   config.sparsity.method = method
-  config.sparsity.final = float(args.get("sparsity", 0.98))
-  config.seed = int(args.get("seed", 0))
+  config.sparsity.final = float(args["sparsity"])
+  config.seed = int(args["seed"])
   # ~3 ms steps: several per dispatch (the trainer still stops exactly at every
   # evaluation, log line, checkpoint and mask update).
   config.steps_per_dispatch = 10
@@ -154,18 +230,12 @@ def transformer_family(arg: str | None, *, method: str = "granet", sparsity: flo
   biases; not on the other biases and the LayerNorms. The model, data and
   schedule lengths are the caller's.
   """
-  args = parse_args(arg)
-  unknown = set(args) - {"method", "sparsity", "seed"}
-  if unknown:
-    raise ValueError(f"Unknown config arguments {sorted(unknown)}; use method, sparsity "
-                     "and seed.")
+  args = parse_args(arg, {"method": method, "sparsity": float(sparsity), "seed": 0},
+                    choices={"method": TRANSFORMER_METHODS})
   config = get_base_config()
-  config.seed = int(args.get("seed", 0))
-  config.sparsity.method = args.get("method", method)
-  if config.sparsity.method not in TRANSFORMER_METHODS:
-    raise ValueError(f"Unknown method {config.sparsity.method!r}; use one of "
-                     f"{TRANSFORMER_METHODS}.")
-  config.sparsity.final = float(args.get("sparsity", sparsity))
+  config.seed = args["seed"]
+  config.sparsity.method = args["method"]
+  config.sparsity.final = args["sparsity"]
   config.optimizer = "adamw"
   config.lr_schedule = "cosine"
   config.learning_rate = 1e-3

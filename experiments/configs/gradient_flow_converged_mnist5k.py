@@ -72,11 +72,13 @@ its grid (930 steps a run) needs an accelerator or a smaller slice.
 
 import ml_collections
 
+from experiments.configs import default
 from experiments.configs import gradient_flow_mnist5k
 
 
-def get_config():
+def get_config(arg: str | None = None):
   """The 784-256-256-10 MLP on the MNIST subset, 30 epochs, cosine, tuned rates."""
+  default.parse_args(arg, {})  # no family argument: fields are set with --config.FIELD
   config = gradient_flow_mnist5k.get_config()
   config.num_epochs = 30
   config.lr_schedule = "cosine"

@@ -26,8 +26,9 @@ import ml_collections
 from experiments.configs import default
 
 
-def get_config():
+def get_config(arg: str | None = None):
   """A 784-256-256-10 MLP on the MNIST subset, 3 epochs per run, static ERK masks."""
+  default.parse_args(arg, {})  # no family argument: fields are set with --config.FIELD
   config = default.get_base_config()
   config.dataset = "mnist5k"
   config.model = "mlp"  # set per run from study.family and the width

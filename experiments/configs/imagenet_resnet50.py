@@ -17,7 +17,8 @@ from experiments.configs import default
 
 
 def get_config(arg: str | None = None):
-  args = default.parse_args(arg)
+  args = default.parse_args(arg, {"sparsity": 0.8, "method": "granet", "seed": 0},
+                            choices={"method": default.METHODS})
   config = default.get_base_config()
   config.dataset = "imagenet2012"
   config.model = "resnet50"
@@ -32,11 +33,11 @@ def get_config(arg: str | None = None):
   config.weight_decay = 1e-4
   config.weight_decay_on_norm_and_bias = False
   config.nesterov = False
-  config.seed = int(args.get("seed", 0))
-  method = args.get("method", "granet")
+  config.seed = args["seed"]
+  method = args["method"]
   config.sparsity.method = "granet" if method == "granet_st" else method
   config.sparsity.initial = 0.5 if method == "granet_st" else 0.0
-  config.sparsity.final = float(args.get("sparsity", 0.8))
+  config.sparsity.final = args["sparsity"]
   config.sparsity.update_every = 4000
   config.sparsity.end_epoch = 30.0
   config.log_every_steps = 500

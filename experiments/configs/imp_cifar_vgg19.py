@@ -15,10 +15,8 @@ from experiments.configs import imp_lenet300_mnist5k
 
 
 def get_config(arg: str | None = None):
-  args = default.parse_args(arg)
-  args.setdefault("rounds", "6")
-  args.setdefault("rewind_step", "1000")
-  config = cifar_vgg19.cifar_config("vgg19", arg and ",".join(
-      f"{k}={v}" for k, v in args.items() if k in ("dataset", "sparsity", "seed")))
-  config.sparsity.method = "static"
+  known = {k: v for k, v in cifar_vgg19.ARGS.items() if k != "method"}
+  args = default.parse_args(arg, {**known, "rounds": 6, "rewind_step": 1000},
+                            choices={"dataset": cifar_vgg19.DATASETS})
+  config = cifar_vgg19.cifar_recipe("vgg19", {**args, "method": "static"})
   return imp_lenet300_mnist5k.add_imp_fields(config, args)

@@ -19,9 +19,12 @@ import ml_collections
 from experiments.configs import default
 
 
-def add_imp_fields(config, args: dict[str, str]):
-  """Adds ``config.imp`` for ``args`` (``sparsity``, ``rounds``) to a recipe."""
-  rounds = int(args.get("rounds", 4))
+ARGS = {**default.LENET_ARGS, "rounds": 4, "rewind_step": 0}
+
+
+def add_imp_fields(config, args):
+  """Adds ``config.imp`` for the parsed ``args`` (``rounds``, ``rewind_step``) to a recipe."""
+  rounds = args["rounds"]
   if rounds < 2:
     raise ValueError(f"rounds={rounds}: IMP needs at least 2 rounds (dense, then pruned).")
   config.sparsity.method = "imp"
@@ -29,12 +32,12 @@ def add_imp_fields(config, args: dict[str, str]):
   config.imp.num_rounds = rounds
   config.imp.prune_fraction = 1.0 - (1.0 - config.sparsity.final) ** (1.0 / (rounds - 1))
   config.imp.rewind = "weights"  # weights | lr
-  config.imp.rewind_step = int(args.get("rewind_step", 0))
+  config.imp.rewind_step = args["rewind_step"]
   config.imp.scope = "global"  # global | layerwise
   config.imp.reset_optimizer_state = False
   return config
 
 
 def get_config(arg: str | None = None):
-  config = default.lenet300_mnist5k("static", arg)
-  return add_imp_fields(config, default.parse_args(arg))
+  args = default.parse_args(arg, ARGS)
+  return add_imp_fields(default.lenet300_recipe("static", args), args)
