@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -27,24 +29,77 @@ from jax import lax
 from jax.experimental import multihost_utils
 
 from experiments import state as state_lib
+from experiments import workdir as workdir_lib
 
 UNREADABLE = "checkpoints_unreadable"
+# What to do about a run that diverged (here and experiments/reporting.py).
+DIVERGED_ADVICE = (
+    "To resume from that checkpoint with a lower learning rate, rerun with "
+    "--config.learning_rate=<lower> --config.allow_changed=learning_rate (name every "
+    "changed field in allow_changed, e.g. learning_rate,weight_decay); or check the data.")
 
 
 def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=options)
+  # cleanup_tmp_directories: a save that failed or was killed left its files in
+  # "<step>.orbax-checkpoint-tmp", never taken as a checkpoint; removed here.
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                         cleanup_tmp_directories=True)
+  return _Manager(os.path.join(os.path.realpath(workdir), "checkpoints"), options=options)
+
+
+class _Manager(ocp.CheckpointManager):
+  """Orbax's manager, whose failed save raises ``workdir.WriteFailed``.
+
+  A save runs in the background: a failure (a full disk) surfaces at the next
+  ``save`` or at ``wait_until_finished``, as whatever tensorstore raised. It is
+  raised as the checkpoint that could not be written, and its temporary
+  directory is removed (a single process; else at the next start).
+  """
+
+  _step = None  # of the newest save started
+
+  def save(self, step, *args, **kwargs):
+    started, self._step = self._step, step
+    try:
+      return super().save(step, *args, **kwargs)  # first waits for the one before
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_failed(e, started if started is not None else step) from e
+
+  def wait_until_finished(self):
+    try:
+      super().wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_failed(e, self._step) from e
+
+  def _write_failed(self, e: Exception, step) -> Exception:
+    """``WriteFailed`` for a failed write (an errno in it), else ``e`` itself."""
+    if isinstance(e, workdir_lib.WriteFailed) or not (
+        isinstance(e, OSError) or "os_error_code" in str(e)):
+      return e
+    m = re.search(r"/(\d+)\.orbax-checkpoint-tmp", str(e))
+    step = m.group(1) if m else step
+    directory = os.fspath(self.directory)
+    if jax.process_count() == 1:
+      for name in os.listdir(directory):
+        if name.endswith(".orbax-checkpoint-tmp"):
+          shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    return workdir_lib.WriteFailed(os.path.join(directory, str(step)), e)
 
 
 @jax.jit
-def fingerprint(tree) -> jax.Array:
-  """uint32 [leaves]: a hash of each leaf's bits, the same whatever the sharding.
+def fingerprint(tree) -> tuple[jax.Array, jax.Array]:
+  """``(hashes, finite)``: uint32 [leaves] and bool [leaves] of ``tree``.
 
-  A wrapping integer sum of every element's bits, mixed with its position, so a
-  changed element always changes its leaf's hash. One fused pass over the state.
+  ``hashes``: a hash of each leaf's bits, the same whatever the sharding: a
+  wrapping integer sum of every element's bits, mixed with its position, so a
+  changed element always changes its leaf's hash. ``finite``: no NaN or infinity
+  in the leaf (True for integer and bool leaves). One fused pass over the state
+  reads each element once for both.
   """
-  return jnp.stack([_leaf_hash(x) for x in jax.tree.leaves(tree)])
+  leaves = jax.tree.leaves(tree)
+  finite = [jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
+            else jnp.bool_(True) for x in leaves]
+  return jnp.stack([_leaf_hash(x) for x in leaves]), jnp.stack(finite)
 
 
 def _leaf_hash(x) -> jax.Array:
@@ -62,12 +117,33 @@ def _leaf_hash(x) -> jax.Array:
 
 
 def _fingerprint_list(state) -> list[int]:
-  return [int(v) for v in np.asarray(state_lib.to_host(fingerprint(state)))]
+  return _fingerprint_and_finite(state)[0]
+
+
+def _fingerprint_and_finite(state) -> tuple[list[int], list[bool]]:
+  hashes, finite = state_lib.to_host(fingerprint(state))
+  return [int(v) for v in np.asarray(hashes)], [bool(v) for v in np.asarray(finite)]
 
 
 def save_checkpoint(mngr: ocp.CheckpointManager, state, step: int, meta: dict | None = None):
-  """Saves ``state`` at ``step`` (asynchronously) with ``meta`` (JSON-able) beside it."""
-  meta = {**(meta or {}), "step": step, "fingerprint": _fingerprint_list(state)}
+  """Saves ``state`` at ``step`` (asynchronously) with ``meta`` (JSON-able) beside it.
+
+  Raises ``FloatingPointError`` instead if a leaf of ``state`` holds NaN or
+  infinity (a diverged run: e.g. a learning rate so large that the weights
+  overflow while the loss and gradient were still finite): the newest checkpoint
+  stays the last good one.
+  """
+  hashes, finite = _fingerprint_and_finite(state)
+  if not all(finite):
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+    bad = [p for p, ok in zip(paths, finite) if ok is False]
+    latest = mngr.latest_step()
+    raise FloatingPointError(
+        f"Step {step}: the state holds NaN or infinite values ({len(bad)} arrays: "
+        f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); it is not checkpointed "
+        f"and the run stops here. Its last checkpoint "
+        f"({'none' if latest is None else f'step {latest}'}) is kept. {DIVERGED_ADVICE}")
+  meta = {**(meta or {}), "step": step, "fingerprint": hashes}
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import sparse_jax
+from experiments import workdir as workdir_lib
 
 
 def load_exported(path: str) -> dict[str, np.ndarray]:
@@ -70,6 +71,6 @@ def export_model(path: str, params, batch_stats, masks):
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     for p, x in flat:
       arrays[f"{prefix}/{sparse_jax.path_to_name(p)}"] = np.asarray(x)
-  tmp = f"{path}.{os.getpid()}.tmp.npz"  # per process: no two writers share it
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  # All or nothing: a failed write (full disk) raises workdir_lib.WriteFailed and
+  # leaves an earlier export.npz as it was.
+  workdir_lib.write_atomic(path, lambda f: np.savez(f, **arrays))

@@ -30,6 +30,7 @@ from experiments import exports
 from experiments import input_pipeline
 from experiments import methods
 from experiments import state as state_lib
+from experiments import workdir as workdir_lib
 
 # Methods that rank the dense gradient at their mask-update steps.
 _DENSE_GRADIENT_AT_EVENTS = ("granet", "rigl")
@@ -44,8 +45,15 @@ def event_densities(workdir: str) -> list[tuple[int, dict[str, float]]]:
   out = {}
   if os.path.exists(path):
     with open(path) as f:
-      for line in f:
-        r = json.loads(line)
+      for number, line in enumerate(f, 1):
+        try:
+          r = json.loads(line)
+        except ValueError:
+          r = None
+        if not isinstance(r, dict):  # never a FLOPs figure from a damaged file
+          raise workdir_lib.WorkdirDamaged(
+              f"{path} line {number} is not a step's record ({line[:80]!r}): each line "
+              "holds one JSON object. Delete or repair that line.")
         if r.get("mask_update") and "layer_density" in r:
           out[int(r["step"])] = r["layer_density"]
   return sorted(out.items())

@@ -6,8 +6,9 @@ r"""Trains a (sparse) network from an ml_collections config.
 
 A workdir that already holds a checkpoint is resumed; one whose run has finished
 is reported and left as it is (``--config.if_finished=extend|restart`` to train
-again). A mistake in the config, a workdir in use or a non-finite loss ends the
-run with one line naming the problem and the fix, and exit status 2.
+again). A mistake in the config, a workdir in use, a damaged file in it, a file
+that cannot be written (a full disk) or a non-finite loss ends the run with one
+line naming the problem and the fix, and exit status 2.
 
 SIGTERM (sent by TPU VMs, GKE and SLURM before SIGKILL) or SIGINT (Ctrl-C) ends
 the run at the end of its current dispatch: a checkpoint is saved at that step,
@@ -51,7 +52,8 @@ def main(argv):
       summary = imp.run_imp(FLAGS.config, FLAGS.workdir)
     else:
       summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ValueError, FileNotFoundError, FloatingPointError, workdir.WorkdirLocked) as e:
+  except (ValueError, FileNotFoundError, FloatingPointError, workdir.WorkdirLocked,
+          workdir.WriteFailed) as e:
     logging.debug("Traceback:", exc_info=True)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

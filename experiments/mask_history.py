@@ -43,6 +43,7 @@ import jax
 import numpy as np
 
 import sparse_jax
+from experiments import workdir as workdir_lib
 
 FILENAME = "mask_history.npz"
 
@@ -174,9 +175,8 @@ class MaskHistory:
                                np.zeros((0, -(-self.sizes[i] // 8)), np.uint8))
       if self.union_packed is not None:
         arrays[f"union/{i}"] = self.union_packed[i]
-    tmp = path + ".tmp.npz"
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    # All or nothing (workdir_lib.WriteFailed on a full disk, the old file kept).
+    workdir_lib.write_atomic(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def load_history(path: str) -> MaskHistory:
@@ -226,9 +226,8 @@ class Recorder:
   def for_run(cls, workdir: str, masks0, *, start_step: int, final_sparsity: float):
     """Starts a history at step 0 with ``masks0``, or resumes the saved one."""
     path = os.path.join(workdir, FILENAME)
-    if start_step and os.path.exists(path):
-      history = load_history(path)
-      history.truncate(start_step)
+    if start_step:
+      history = _resumed_history(path, start_step)
     else:
       names = sparse_jax.leaf_names(masks0)  # None (dense) leaves have no name
       leaves = [np.asarray(m) for m in jax.tree.leaves(masks0)]
@@ -283,6 +282,27 @@ class Recorder:
 
   def save(self):
     self.history.save(self.path)
+
+
+def _resumed_history(path: str, start_step: int) -> MaskHistory:
+  """The saved history up to ``start_step``; ``WorkdirDamaged`` if it is lost or unreadable.
+
+  It is saved with every checkpoint: without it a resumed run would record a
+  history missing every event before ``start_step``.
+  """
+  fix = ("Restore it from a copy, or train again in a new --workdir: resuming without "
+         f"it would lose the masks of the events up to step {start_step}.")
+  if not os.path.exists(path):
+    raise workdir_lib.WorkdirDamaged(f"{path} is missing: the run resumes from its checkpoint "
+                                 f"at step {start_step} with record_mask_history on. {fix}")
+  try:
+    history = load_history(path)
+  except Exception as e:  # pylint: disable=broad-except
+    # np.load and zipfile raise many kinds (BadZipFile, EOFError, KeyError, ValueError).
+    raise workdir_lib.WorkdirDamaged(
+        f"{path} cannot be read ({type(e).__name__}: {str(e)[:200]}). {fix}") from None
+  history.truncate(start_step)
+  return history
 
 
 # ----------------------------------------------------------------------------

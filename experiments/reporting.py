@@ -10,12 +10,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import socket
+import struct
+import time
 
 import jax
 import numpy as np
 
 import sparse_jax
+from experiments import checkpoints
 from experiments import steps as steps_lib
+from experiments import workdir as workdir_lib
 
 log = logging.getLogger("sparse_jax.train")
 
@@ -24,65 +30,199 @@ class MetricWriter:
   """Appends JSON lines to ``metrics.jsonl`` and scalars to TensorBoard.
 
   ``start_step``: the step the run resumes from (0: a fresh start); records of
-  later steps, and a line cut short by a kill, are dropped first.
+  later steps, and a last line cut short by a kill, are dropped first. The
+  records up to ``start_step`` must be intact: a line that is not a record, a
+  cut line of a step up to ``start_step`` or a missing record of a mask-update
+  step in ``event_steps`` (summary.json's FLOPs are computed from their layer
+  densities) stops the resume with ``WorkdirDamaged`` naming the file, the line
+  and the fix, before anything is trained.
+
+  Each record is on disk when ``write`` returns, TensorBoard's too (written in
+  this thread): a failed write raises ``WriteFailed``, and a failed append leaves
+  ``metrics.jsonl`` as it was, without a partial line.
   """
 
-  def __init__(self, workdir: str, enabled: bool, start_step: int = 0):
+  def __init__(self, workdir: str, enabled: bool, start_step: int = 0, event_steps=()):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if enabled:
-      kept = self._keep_until(start_step)
-      # tensorboardX writes TensorBoard event files without TensorFlow's summary ops
-      # (which need the separate tensorboard package).
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      kept = self._keep_until(start_step, event_steps)
       tb_dir = os.path.join(workdir, "tensorboard")
-      # Its writer thread may not have written the last events of a killed run:
-      # TensorBoard drops every earlier event (purge_step=0) and gets the kept
-      # records again from metrics.jsonl.
+      # The last events of a killed run may be missing: TensorBoard drops every
+      # earlier event (a purge from step 0) and gets the kept records again.
       resumed = os.path.exists(tb_dir)
-      self._tb = SummaryWriter(tb_dir, purge_step=0 if resumed else None)
+      self._tb = _EventFile(tb_dir, purge=resumed)
       for record in kept if resumed else []:
         self._add_scalars(record)
+      self._tb.flush()
 
-  def _keep_until(self, start_step: int) -> list[dict]:
-    """Drops the records after ``start_step``; returns those kept."""
-    if not os.path.exists(self.path):
-      return []
-    kept, records = [], []
-    with open(self.path) as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except ValueError:
-          continue  # cut short by a kill
-        if start_step and record.get("step", 0) <= start_step:
-          kept.append(line if line.endswith("\n") else line + "\n")
-          records.append(record)
-    tmp = f"{self.path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, self.path)
-    return records
+  def _keep_until(self, start_step: int, event_steps) -> list[dict]:
+    """Drops the records after ``start_step``; returns those kept (class docstring)."""
+    if os.path.islink(self.path):
+      raise workdir_lib.WorkdirDamaged(
+          f"{self.path} is a symbolic link (to {os.readlink(self.path)}); a run appends "
+          "to it and would write through it. Replace it with the file itself, then rerun.")
+    data = b""
+    if os.path.exists(self.path):
+      with open(self.path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    cut = lines.pop()  # b"", unless the last append was cut short
+    kept = [(line, r) for line, r in _records(self.path, lines, cut, start_step)
+            if r["step"] <= start_step] if start_step else []
+    recorded = {r["step"] for _, r in kept}
+    missing = sorted(s for s in event_steps if s <= start_step and s not in recorded)
+    if missing:
+      raise workdir_lib.WorkdirDamaged(
+          f"{self.path} has no record of the mask-update step"
+          f"{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing[:10]))}"
+          f"{', ...' if len(missing) > 10 else ''}, at or before the checkpoint at step "
+          f"{start_step}: summary.json's FLOPs are computed from their layer densities. "
+          "Restore metrics.jsonl from a copy, or train again in a new --workdir.")
+    if len(kept) < len(lines) or cut:
+      text = b"".join(line + b"\n" for line, _ in kept)
+      workdir_lib.write_atomic(self.path, lambda f: f.write(text))
+    return [r for _, r in kept]
 
   def write(self, record: dict):
     if not self.enabled:
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    _append(self.path, (json.dumps(record) + "\n").encode())
     self._add_scalars(record)
     self._tb.flush()
 
   def _add_scalars(self, record: dict):
-    for k, v in record.items():
-      if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
-        self._tb.add_scalar(k, v, global_step=record["step"])
+    self._tb.add(record["step"], {k: v for k, v in record.items() if k != "step"
+                                  and isinstance(v, (int, float)) and not isinstance(v, bool)})
 
   def close(self):
-    """Writes out TensorBoard's queued events (its writer thread does not at exit)."""
+    """Closes TensorBoard's event file."""
     if self._tb is not None:
-      self._tb.close()
-      self._tb = None
+      tb, self._tb = self._tb, None
+      tb.close()
+
+
+def _records(path: str, lines: list[bytes], cut: bytes, start_step: int):
+  """``(line, record)`` of each line of ``metrics.jsonl`` and of a cut last line if whole.
+
+  A cut last line (no newline: a kill while appending) is dropped if it is of a
+  step after ``start_step`` or of no known step: the record of a checkpoint's
+  step is written before the checkpoint is saved.
+  """
+  for number, line in enumerate(lines, 1):
+    record = _parse_record(line)
+    if record is None:
+      raise workdir_lib.WorkdirDamaged(
+          f"{path} line {number} is not a step's record ({line[:80]!r}): each line holds "
+          "one JSON object with its \"step\". Delete or repair that line, then rerun.")
+    yield line, record
+  if not cut:
+    return
+  record = _parse_record(cut)
+  if record is not None:  # whole; only its newline is missing
+    yield cut, record
+    return
+  m = re.match(rb'\{"step": (\d+)', cut)
+  if m and int(m.group(1)) <= start_step:
+    raise workdir_lib.WorkdirDamaged(
+        f"{path} line {len(lines) + 1}, the record of step {int(m.group(1))}, is cut short "
+        f"({cut[:60]!r}...), and the checkpoint the run resumes from is of step {start_step}. "
+        "Restore metrics.jsonl from a copy, or train again in a new --workdir.")
+  log.info("Dropped the last line of %s, cut short by a kill: %r.", path, cut[:60])
+
+
+def _parse_record(line: bytes) -> dict | None:
+  """The record on a line, or None if it is not a JSON object with an integer step."""
+  try:
+    record = json.loads(line)
+  except ValueError:  # UnicodeDecodeError included
+    return None
+  ok = isinstance(record, dict) and type(record.get("step")) is int  # pylint: disable=unidiomatic-typecheck
+  return record if ok else None
+
+
+def _append(path: str, data: bytes):
+  """Appends ``data`` to ``path``, all of it or nothing (``WriteFailed``); never via a link."""
+  with workdir_lib.writing(path):
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+      size = os.fstat(fd).st_size
+      try:
+        view = memoryview(data)
+        while view:  # os.write may write part of it (up to a file-size limit)
+          view = view[os.write(fd, view):]
+      except OSError:
+        try:  # no partial line: a resume would drop it, and the record with it
+          os.ftruncate(fd, size)
+        except OSError:
+          pass
+        raise
+    finally:
+      os.close(fd)
+
+
+class _EventFile:
+  """A TensorBoard event file, written in the caller's thread.
+
+  tensorboardX's ``SummaryWriter`` writes from a thread of its own, where a failed
+  write (a full disk) is a traceback on stderr and a dead thread, and then a
+  trainer blocked forever once the thread's queue is full. Here it raises
+  ``WriteFailed`` in the trainer. Same events: one per record, a purge
+  (``SessionLog.START`` at step 0) first on a resume.
+  """
+
+  def __init__(self, logdir: str, purge: bool):
+    from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+    from tensorboardX.proto import summary_pb2  # pylint: disable=g-import-not-at-top
+    self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+    os.makedirs(logdir, exist_ok=True)
+    base = os.path.join(logdir, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}")
+    self.path, n = base, 0
+    while True:  # a new file: one of the same second (a quick resume) is not overwritten
+      try:
+        with workdir_lib.writing(self.path):
+          fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                       0o644)
+        break
+      except workdir_lib.WriteFailed as e:
+        if not isinstance(e.cause, FileExistsError):
+          raise
+        n += 1
+        self.path = f"{base}.{n}"
+    self._file = os.fdopen(fd, "wb")
+    self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+    if purge:
+      self._write(event_pb2.Event(wall_time=time.time(), step=0,
+                                  session_log=event_pb2.SessionLog(
+                                      status=event_pb2.SessionLog.START)))
+
+  def add(self, step: int, scalars: dict):
+    from tensorboardX.summary import scalar  # pylint: disable=g-import-not-at-top
+    values = [v for k, x in scalars.items() for v in scalar(k, x).value]
+    if values:
+      summary = self._summary_pb2.Summary(value=values)
+      self._write(self._event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+
+  def _write(self, event):
+    from tensorboardX.record_writer import masked_crc32c  # pylint: disable=g-import-not-at-top
+    data = event.SerializeToString()
+    header = struct.pack("<Q", len(data))
+    with workdir_lib.writing(self.path):
+      self._file.write(header + struct.pack("<I", masked_crc32c(header)) + data
+                       + struct.pack("<I", masked_crc32c(data)))
+
+  def flush(self):
+    with workdir_lib.writing(self.path):
+      self._file.flush()
+
+  def close(self):
+    # Every record was flushed when written: a failure here is one already raised
+    # (closing after it, on the way out), not one to report over it.
+    try:
+      self._file.close()
+    except OSError as e:
+      log.warning("Closing %s: %s", self.path, workdir_lib.describe_error(e))
 
 
 def measured_sparsity(params, prunable) -> float:
@@ -126,8 +266,7 @@ def train_metrics(fetched, first_step: int) -> dict:
     bad = first_step + int(np.argmin(finite)) + 1
     raise FloatingPointError(
         f"Step {bad}: the loss or a gradient is NaN or infinite. The run stops here; its "
-        f"last checkpoint (before step {bad}) is kept. Lower the learning rate, check "
-        "the data, or resume from that checkpoint with other settings.")
+        f"last checkpoint (before step {bad}) is kept. {checkpoints.DIVERGED_ADVICE}")
   cat = lambda k: np.concatenate([m[k][:ran] for m, ran in fetched])
   return {"train_loss": float(np.mean(cat("train_loss"))),
           "train_accuracy": float(np.mean(cat("train_accuracy")))}

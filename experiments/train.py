@@ -81,7 +81,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   by ``halt_after_step``, ``{"halted_at_step": step}``).
   """
   t_start = time.time()
+  # One path for every file, checkpoints included: "link/../run" is where the
+  # kernel puts it, not where os.path.abspath says.
+  workdir = os.path.realpath(workdir)
   config_checks.validate(config, workdir)  # before the workdir is made
+  workdir_lib.allowed_changes(config)  # raises for a name that is not a field
   finished = workdir_lib.finished_summary(workdir)
   if finished is not None and config.get("if_finished", "report") == "report":
     log.info("%s holds a finished run (%s steps, final test accuracy %s): reporting it; "
@@ -100,8 +104,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       workdir_lib.WorkdirLock(workdir, enabled=is_main):
     if finished is not None and is_main:
       workdir_lib.prepare_rerun(workdir, config, finished)
-    workdir_lib.check_config(workdir, config, write=is_main)
+    changes = workdir_lib.check_config(workdir, config, write=is_main)
     with _setup(config, workdir, is_main, info, spe, t_start) as run:  # its exit waits for checkpoints
+      if is_main:  # fields changed on this resume (config.allow_changed), from its step
+        workdir_lib.record_config_changes(workdir, config, changes, run.start_step)
       step, pending, saved = run.start_step, [], run.start_step
       # Steps run since the last record, fetched before a preemption (checkpoint meta).
       carried, steps_at_log = _carried_metrics(run.meta, step)
@@ -271,7 +277,7 @@ def _setup(config, workdir: str, is_main: bool, info, spe: int, t_segment: float
   run = Run(
       config=config, workdir=workdir, is_main=is_main, info=info, steps_per_epoch=spe,
       total_steps=total_steps, model=model, state=state, programs=programs, feed=feed,
-      mngr=mngr, writer=reporting.MetricWriter(workdir, is_main, start_step),
+      mngr=mngr, writer=reporting.MetricWriter(workdir, is_main, start_step, sorted_events),
       events=events if sparse else set(), sorted_events=sorted_events,
       # With the mask-update steps known here, ordinary dispatches run a step compiled
       # without the optimizer's mask-update branch and each event step runs alone with
