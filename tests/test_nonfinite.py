@@ -211,3 +211,108 @@ def test_apply_if_finite_forwards_mask_update():
   _, state = update(grads, state, params, mask_update=True)
   assert int(sj.get_sparse_state(state).skipped_events) == 0
   assert int(sj.count_active(sj.get_masks(state))) == (8 * 16 + 16 * 4) // 2
+
+
+# The trainer (issue 28, item 3): a diverged run never checkpoints a non-finite
+# state, and its error's advice (resume with a lower learning rate through
+# --config.allow_changed) works.
+
+import json  # pylint: disable=g-import-not-at-top,wrong-import-position
+import math  # pylint: disable=g-import-not-at-top,wrong-import-position
+import os  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from experiments import checkpoints  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import methods  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import workdir as workdir_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tests.test_trainer_faults import metrics_without_clock  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tests.test_trainer_faults import small_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _steps(workdir):
+  return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+
+
+def test_weights_that_overflow_are_never_checkpointed(tmp_path, monkeypatch):
+  # The update of step 20 (schedule count 19) has an infinite learning rate: the
+  # loss and gradient of step 20 are finite (computed before the update), the
+  # weights after it are not. The step-20 checkpoint must not be written.
+  schedule = methods.learning_rate_schedule
+  monkeypatch.setattr(methods, "learning_rate_schedule", lambda config, spe: (
+      lambda count: jnp.where(count < 19, schedule(config, spe)(count), jnp.inf)))
+  config = small_config(40)
+  config.checkpoint_every_steps = 10
+  workdir = str(tmp_path)
+  with pytest.raises(FloatingPointError) as err:
+    train.train_and_evaluate(config, workdir)
+  message = str(err.value)
+  assert message.startswith("Step 20: the state holds NaN or infinite values"), message
+  assert ".params['Dense_0']" in message and "Its last checkpoint (step 10) is kept" in message
+  assert "--config.allow_changed=learning_rate" in message and "\n" not in message
+  assert _steps(workdir) == [10]
+  assert not os.path.exists(os.path.join(workdir, "summary.json"))
+  # The loss of step 20 was finite: its record is there, dropped on a resume.
+  assert max(r["step"] for r in metrics_without_clock(workdir)) == 20
+
+
+def test_save_checkpoint_refuses_an_infinite_state(tmp_path):
+  config = small_config()
+  config.keep_checkpoints = 3
+  mngr = checkpoints.checkpoint_manager(str(tmp_path), config)
+  state = {"w": jnp.ones((3, 2)), "count": jnp.int32(1)}
+  checkpoints.save_checkpoint(mngr, state, 1)
+  mngr.wait_until_finished()
+  bad = {"w": jnp.ones((3, 2)).at[1, 1].set(jnp.inf), "count": jnp.int32(2)}
+  with pytest.raises(FloatingPointError, match=r"Step 2: .*\['w'\]\).*\(step 1\) is kept"):
+    checkpoints.save_checkpoint(mngr, bad, 2)
+  mngr.wait_until_finished()
+  assert mngr.all_steps() == [1]
+
+
+def test_divergence_advice_resumes_with_a_lower_learning_rate(tmp_path):
+  # From step 20 the learning rate is 0.1 * 1e30: the loss is NaN at a step after 20.
+  config = small_config(40)
+  config.lr_schedule = "multistep"
+  config.lr_milestones = (0.5,)
+  config.lr_decay_factor = 1e30
+  workdir = str(tmp_path)
+  with pytest.raises(FloatingPointError, match="NaN or infinite") as err:
+    train.train_and_evaluate(config, workdir)
+  assert "--config.allow_changed=learning_rate" in str(err.value)
+  assert _steps(workdir) == [20]
+  # Without allow_changed the changed field is refused, naming the flag to add.
+  config.lr_decay_factor = 0.1
+  with pytest.raises(ValueError, match=r"lr_decay_factor: 1e\+30 -> 0.1\. .*add "
+                                       r"--config.allow_changed=lr_decay_factor\.$"):
+    train.train_and_evaluate(config, workdir)
+  config.allow_changed = "lr_decay_factor"
+  summary = train.train_and_evaluate(config, workdir)
+  assert summary["steps"] == 40
+  records = metrics_without_clock(workdir)
+  assert [r["step"] for r in records] == [10, 20, 30, 31, 40]
+  assert records[-1]["learning_rate"] == pytest.approx(0.01)
+  with open(os.path.join(workdir, "config_changes.jsonl")) as f:
+    changes = [json.loads(l) for l in f]
+  assert [{k: c[k] for k in ("step", "field", "old", "new")} for c in changes] == [
+      {"step": 20, "field": "lr_decay_factor", "old": 1e30, "new": 0.1}]
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["lr_decay_factor"] == 0.1  # what a later resume is compared with
+
+
+def test_allow_changed_names_only_config_fields(tmp_path):
+  config = small_config(40)
+  config.allow_changed = "learning_rate,lerning_rate"
+  with pytest.raises(ValueError, match="names 'lerning_rate', which is not a config field; "
+                                       "did you mean 'learning_rate'"):
+    train.train_and_evaluate(config, str(tmp_path / "never"))
+  assert not (tmp_path / "never").exists()
+
+
+def test_a_nan_field_compares_equal_to_itself(tmp_path):
+  saved = {"learning_rate": math.nan, "lr_milestones": [0.5, math.nan], "seed": 0}
+  assert workdir_lib.config_differences(saved, dict(saved)) == []
+  assert workdir_lib.config_differences(saved, {**saved, "seed": 1}) == [("seed", 0, 1)]
+  config = small_config()
+  config.label_smoothing = math.nan  # any float field
+  workdir_lib.check_config(str(tmp_path), config, write=True)
+  assert workdir_lib.check_config(str(tmp_path), config, write=True) == []

@@ -168,7 +168,7 @@ def parse_args(arg: str | None, known: Mapping[str, Any], *,
       raise ValueError(f"Config argument {item!r} in {arg!r} is not name=value. {takes}")
     if name not in known:
       raise ValueError(f"Unknown config argument {name!r} in {arg!r}"
-                       f"{_did_you_mean(name, known)} {takes}")
+                       f"{did_you_mean(name, known)} {takes}")
     if name in given:
       raise ValueError(f"Config argument {name!r} is given twice in {arg!r}: give it once.")
     given.add(name)
@@ -176,10 +176,10 @@ def parse_args(arg: str | None, known: Mapping[str, Any], *,
   return out
 
 
-def _did_you_mean(name: str, candidates) -> str:
-  """"; did you mean 'x'?" for the closest of ``candidates``, else "."."""
-  close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-  return f"; did you mean {close[0]!r}?" if close else "."
+def did_you_mean(name: str, candidates, form: str = "{!r}") -> str:
+  """"; did you mean 'x'?" (x shown by ``form``) for the closest candidate, else "."."""
+  close = difflib.get_close_matches(name, [str(c) for c in candidates], n=1, cutoff=0.6)
+  return f"; did you mean {form.format(close[0])}?" if close else "."
 
 
 def _convert_arg(name: str, text: str, default_value, allowed):
@@ -192,7 +192,7 @@ def _convert_arg(name: str, text: str, default_value, allowed):
                      f"{name}={default_value}.") from None
   if allowed is not None and value not in allowed:
     raise ValueError(f"Config argument {name}={text!r} is not one of "
-                     f"{', '.join(allowed)}{_did_you_mean(text, allowed)}")
+                     f"{', '.join(allowed)}{did_you_mean(text, allowed)}")
   return value
 
 
