@@ -12,7 +12,6 @@ named choices from another (``CHOICES``), with "did you mean" for a near miss.
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import inspect
 import math
@@ -230,14 +229,8 @@ def _check_choice(config, path: str, what: str, allowed):
   if value is _ABSENT or value in allowed:
     return
   field = "" if what == path else f" ({path})"
-  raise ValueError(f"Unknown {what} {value!r}{field}{did_you_mean(str(value), allowed)} "
-                   f"Use one of: {', '.join(allowed)}.")
-
-
-def did_you_mean(name: str, candidates) -> str:
-  """"; did you mean 'x'?" for the closest of ``candidates``, else "."."""
-  close = difflib.get_close_matches(name, [str(c) for c in candidates], n=1, cutoff=0.6)
-  return f"; did you mean {close[0]!r}?" if close else "."
+  hint = default.did_you_mean(str(value), allowed)
+  raise ValueError(f"Unknown {what} {value!r}{field}{hint} Use one of: {', '.join(allowed)}.")
 
 
 _BASE = default.get_base_config()
@@ -326,8 +319,7 @@ def unknown_overrides(config, names) -> str | None:
   fields = list(field_paths(config))
   for name in names:
     if _lookup(config, re.sub(r"\[[^]]*\]", "", name)) is _ABSENT:
-      close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
-      hint = f"; did you mean --config.{close[0]}?" if close else "."
+      hint = default.did_you_mean(name, fields, form="--config.{}")
       return (f"Unknown config field --config.{name}{hint} (--help with --config=FILE "
               "lists the fields.)")
   return None
