@@ -387,3 +387,42 @@ def test_atomic_writers_replace_a_planted_link(tmp_path, name):
   WRITERS[name](str(tmp_path / name))
   assert not os.path.islink(tmp_path / name)
   assert target.read_text() == "not the run's\n"
+
+
+@contextlib.contextmanager
+def full_disk(directory, size="64k"):
+  """A real full disk: a small tmpfs at ``directory``, filled; skips where it cannot mount."""
+  os.makedirs(directory)
+  out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
+                       capture_output=True, text=True, check=False)
+  if out.returncode:
+    pytest.skip(f"cannot mount a tmpfs here (root only): {out.stderr.strip()}")
+  try:
+    yield
+  finally:
+    subprocess.run(["umount", str(directory)], check=True)
+
+
+@pytest.mark.parametrize("name", sorted(WRITERS) + ["metrics.jsonl"])
+def test_writers_on_a_full_disk_keep_the_old_file(tmp_path, name):
+  disk = tmp_path / "disk"
+  with full_disk(disk):
+    path = str(disk / name)
+    old = b'{"step": 1}\n' if name == "metrics.jsonl" else b"the previous version"
+    with open(path, "wb") as f:
+      f.write(old)
+    fd = os.open(disk / "ballast", os.O_WRONLY | os.O_CREAT)
+    with pytest.raises(OSError) as full:  # fill what is left
+      while True:
+        os.write(fd, b"\0" * 4096)
+    os.close(fd)
+    assert full.value.errno == errno.ENOSPC
+    with pytest.raises(workdir_lib.WriteFailed) as err:
+      if name == "metrics.jsonl":  # more than the page it has begun: a partial write
+        reporting._append(path, b'{"step": 2, "train_loss": 0.5}\n' * 200)  # pylint: disable=protected-access
+      else:
+        WRITERS[name](path)
+    assert str(err.value).startswith(
+        f"cannot write {path}: [Errno 28] No space left on device (disk full); free space")
+    assert read_bytes(path) == old
+    assert sorted(os.listdir(disk)) == sorted([name, "ballast"])
