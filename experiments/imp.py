@@ -44,6 +44,7 @@ from experiments import config_checks
 from experiments import exports
 from experiments import input_pipeline
 from experiments import methods
+from experiments import preemption
 from experiments import state as state_lib
 from experiments import train
 
@@ -131,7 +132,17 @@ def _check(imp):
 
 
 def run_imp(config, workdir: str) -> dict:
-  """Runs (or resumes) all rounds; returns the last round's summary plus the rounds."""
+  """Runs (or resumes) all rounds; returns the last round's summary plus the rounds.
+
+  SIGTERM or SIGINT (experiments/preemption.py) stops a round's training at the
+  end of its dispatch, checkpointed, and a signal between rounds stops before the
+  next one; either raises ``preemption.Preempted``. Rerunning resumes there.
+  """
+  with preemption.signals_caught() as signals:  # shared with each round's trainer
+    return _run_rounds(config, workdir, signals)
+
+
+def _run_rounds(config, workdir: str, signals) -> dict:
   workdir = os.path.realpath(workdir)  # one path for every file (train.train_and_evaluate)
   imp = config.imp
   _check(imp)
@@ -146,6 +157,10 @@ def run_imp(config, workdir: str) -> dict:
     raise ValueError(f"imp.rewind_step={k} must be below the {total} training steps.")
   rounds = []
   for r in range(int(imp.num_rounds)):
+    if signals.should_stop():  # received between rounds (or while one was prepared)
+      log.info("Preempted before IMP round %d; rerun the same command to resume.", r)
+      raise preemption.Preempted(rounds[-1]["steps"] if rounds else 0, signals.received,
+                                 workdir)
     rdir = os.path.join(workdir, f"round_{r}")
     os.makedirs(rdir, exist_ok=True)
     start_path = os.path.join(rdir, "start.npz")

@@ -172,3 +172,52 @@ def test_signal_handlers_are_restored_after_the_trainer(tmp_path):
   with pytest.raises(ValueError, match="sparsity.final"):
     train.train_and_evaluate(config, str(tmp_path))
   assert {s: signal.getsignal(s) for s in preemption.SIGNALS} == before
+
+
+IMP_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from experiments import feed, imp
+    from tests.test_imp import tiny_imp_config
+    calls = []
+    dispatch = feed.Feed.dispatch
+    def dispatch_and_signal(self, step, n):
+      calls.append(step)
+      if calls.count(4) == 2:  # round 1's dispatch from step 4 (round 0 had one too)
+        os.kill(os.getpid(), signal.SIGTERM)
+      return dispatch(self, step, n)
+    feed.Feed.dispatch = dispatch_and_signal
+    config = tiny_imp_config()
+    config.imp.num_rounds = 2
+    try:
+      imp.run_imp(config, sys.argv[1])
+    except Exception as e:
+      print(type(e).__name__, e.step, flush=True)
+      sys.exit(75)
+""")
+
+
+def _without_clock(summary):
+  summary = {k: v for k, v in summary.items() if k not in ("wall_time_s", "timings")}
+  summary["rounds"] = [{k: v for k, v in r.items() if k != "wall_time_s"}
+                       for r in summary["rounds"]]
+  return summary
+
+
+def test_imp_stops_in_a_round_on_sigterm_and_resumes_to_the_same_rounds(tmp_path):
+  from tests.test_imp import tiny_imp_config  # pylint: disable=g-import-not-at-top
+  config = tiny_imp_config()
+  config.imp.num_rounds = 2
+  reference = imp.run_imp(config, str(tmp_path / "reference"))
+  workdir = str(tmp_path / "run")
+  out = subprocess.run([sys.executable, "-c", IMP_SCRIPT, workdir], env=env(), cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+  assert out.stdout.strip().splitlines()[-1] == "Preempted 8", out.stderr[-3000:]
+  round_1 = os.path.join(workdir, "round_1")
+  assert checkpoint_steps(round_1)[-1] == 8 and not os.path.exists(
+      os.path.join(round_1, "lock"))
+  assert not os.path.exists(os.path.join(workdir, "summary.json"))
+  summary = imp.run_imp(config, workdir)
+  assert _without_clock(summary) == _without_clock(reference)
+  a = read_export(round_1)
+  b = read_export(str(tmp_path / "reference" / "round_1"))
+  assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
