@@ -20,6 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from sparse_jax import _masks
 from sparse_jax import _select
@@ -47,6 +48,19 @@ def split_prunable(tree: PyTree, masks: PyTree):
     return jax.tree.unflatten(treedef, out)
 
   return [leaves[i] for i in idx], [mask_leaves[i] for i in idx], rebuild
+
+
+def same_bits(xs: list) -> list:
+  """``xs`` behind an optimization barrier: every pass that ranks them reads the same bits.
+
+  A selection reads its scores in several passes (histograms, then the masks), each
+  its own fusion. Scores computed in the same program are recomputed in each, and
+  XLA may round them differently there: bfloat16 arithmetic kept in float32 in one
+  fusion and rounded in another (excess precision), or a multiply-add contracted
+  into an FMA in one only. The counts are then off by one or more. The barrier
+  computes them once. Costs nothing on arrays that are already materialised.
+  """
+  return lax.optimization_barrier(list(xs))
 
 
 def _magnitude_keys(w, m) -> _select.Lazy:
@@ -134,6 +148,7 @@ def global_magnitude_prune(params: PyTree, masks: PyTree, num_active) -> PyTree:
     The new mask tree.
   """
   ws, ms, rebuild = split_prunable(params, masks)
+  ws = same_bits(ws)
   plan = global_prune_plan(ws, ms, num_active)
   return rebuild([m.compute() for m in apply_global_plan(ws, ms, plan)])
 
@@ -176,6 +191,7 @@ def layerwise_magnitude_prune(params: PyTree, masks: PyTree, num_active) -> PyTr
     The new mask tree, a subset of ``masks``.
   """
   ws, ms, rebuild = split_prunable(params, masks)
+  ws = same_bits(ws)
   sel = layerwise_prune_plan(ws, ms, num_active)
   return rebuild([m.compute() for m in apply_layerwise_plan(ws, ms, sel)])
 
@@ -200,5 +216,6 @@ def drop_smallest(params: PyTree, masks: PyTree, num_drop) -> PyTree:
     The new mask tree, a subset of ``masks``.
   """
   ws, ms, rebuild = split_prunable(params, masks)
+  ws = same_bits(ws)
   sel = drop_plan(ws, ms, num_drop)
   return rebuild([m.compute() for m in apply_layerwise_plan(ws, ms, sel)])

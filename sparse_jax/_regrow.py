@@ -65,6 +65,7 @@ def regrow_by_score(scores: PyTree, masks: PyTree, num_grow) -> PyTree:
     ``active_l + num_grow[l]`` active weights per layer.
   """
   ss, ms, rebuild = _prune.split_prunable(scores, masks)
+  ss = _prune.same_bits(ss)
   sel = score_grow_plan(ss, ms, num_grow)
   return rebuild([m.compute() for m in apply_score_grow(ss, ms, sel)])
 

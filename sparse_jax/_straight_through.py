@@ -55,7 +55,7 @@ def magnitude_masks(params: PyTree, prunable: PyTree, sparsity: float, *,
   params = _masks.unwrap_variables(params)
   leaves, treedef = jax.tree.flatten(params)
   flags = treedef.flatten_up_to(prunable)
-  ws = [w for w, f in zip(leaves, flags) if f]
+  ws = _prune.same_bits([w for w, f in zip(leaves, flags) if f])
   st = _structure.leaf_structure(structure, params, prunable)
   if st.grouped:
     ones = [jnp.ones(w.shape, bool) for w in ws]

@@ -215,7 +215,7 @@ def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
     # masks), and exact counts need w + u bitwise equal everywhere; computed inside
     # different fusions it rounded differently (XLA may contract u's arithmetic into
     # an FMA in one and not another), so it is stored once behind a barrier.
-    ws = lax.optimization_barrier([w + u for w, u in zip(ws, us)])
+    ws = _prune.same_bits([w + u for w, u in zip(ws, us)])
     # Blocks and channels: every stage below ranks units (their RMS) on unit arrays;
     # N:M: the prune and the growth work within groups (_structure). Unstructured:
     # the identity.
@@ -279,6 +279,12 @@ def _sparse_wrapper(inner: optax.GradientTransformation, start: _Start,
       else:
         scores, _, _ = _prune.split_prunable(
             grads if regrowth.mode == "gradient" else grad_momentum, masks)
+        # The same barrier as on w + u: the growth plan (inside a cond) and the
+        # final masks (outside it) must rank the same bits. Without it, with
+        # mask_update=True, the bfloat16 momentum (or gradients computed in the same
+        # program) was kept in float32 in one fusion and rounded in the other (XLA's
+        # excess precision), and a grown position was lost (6 -> 5 active).
+        scores = _prune.same_bits(scores)
         scores = _structure.unit_scores(st, scores)
         grow_plan = functools.partial(_regrow.score_grow_plan, scores)
         apply_grow = functools.partial(_regrow.apply_score_grow, scores)
