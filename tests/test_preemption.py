@@ -221,3 +221,79 @@ def test_imp_stops_in_a_round_on_sigterm_and_resumes_to_the_same_rounds(tmp_path
   a = read_export(round_1)
   b = read_export(str(tmp_path / "reference" / "round_1"))
   assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+MULTIHOST_WORKER = textwrap.dedent(r"""
+    import json, os, signal, sys
+    import numpy as np
+    from experiments import feed, preemption, train
+    from experiments.configs import default
+    workdir, process_id, port, signal_at = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    dispatch = feed.Feed.dispatch
+    def dispatch_and_signal(self, step, n):
+      if process_id == 1 and step == signal_at:  # only process 1 is told
+        os.kill(os.getpid(), signal.SIGTERM)
+      return dispatch(self, step, n)
+    feed.Feed.dispatch = dispatch_and_signal
+    config = default.lenet300_mnist5k("granet", "sparsity=0.9,seed=5")
+    config.num_train_steps = 20
+    config.sparsity.update_every = 10
+    config.sparsity.end_epoch = 0.5  # dispatches end at 9, 10 (the event alone), 20
+    config.log_every_steps = 10
+    config.checkpoint_every_steps = 20
+    config.distributed = True
+    config.coordinator_address = f"127.0.0.1:{port}"
+    config.num_processes, config.process_id = 2, process_id
+    try:
+      summary = train.train_and_evaluate(config, workdir)
+      print(json.dumps({"steps": summary["steps"]}), flush=True)
+    except preemption.Preempted as e:
+      print(json.dumps({"preempted": e.step}), flush=True)
+""")
+
+
+def _two_processes(workdir, signal_at):
+  from tests import multidevice  # pylint: disable=g-import-not-at-top
+  from tests.test_multihost import TIMEOUT_S, _free_port  # pylint: disable=g-import-not-at-top
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-c", MULTIHOST_WORKER, workdir, str(i), str(port), str(signal_at)],
+      env=multidevice.env(2, JAX_PLATFORMS="cpu"), cwd=REPO, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  deadline = time.time() + TIMEOUT_S
+  try:
+    while any(p.poll() is None for p in procs) and time.time() < deadline:
+      if any(p.returncode not in (None, 0) for p in procs):
+        break
+      time.sleep(0.5)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  outs = [p.communicate() for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-4000:]
+  return [json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
+          for out, _ in outs]
+
+
+@pytest.mark.multidevice
+@pytest.mark.slow
+def test_two_hosts_stop_at_the_same_step_when_one_gets_sigterm(tmp_path):
+  reference = str(tmp_path / "reference")
+  assert _two_processes(reference, signal_at=-1) == [{"steps": 20}] * 2
+  workdir = str(tmp_path / "run")
+  # Process 1 gets SIGTERM as the dispatch of steps 1-9 is fed; process 0 never does.
+  assert _two_processes(workdir, signal_at=0) == [{"preempted": 9}] * 2
+  assert checkpoint_steps(workdir) == [9]
+  assert not os.path.exists(os.path.join(workdir, "lock"))
+  assert _two_processes(workdir, signal_at=-1) == [{"steps": 20}] * 2
+  assert metrics_without_clock(workdir) == metrics_without_clock(reference)
+  a, b = read_export(workdir), read_export(reference)
+  assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+  with open(os.path.join(workdir, "summary.json")) as f, \
+      open(os.path.join(reference, "summary.json")) as g:
+    a, b = json.load(f), json.load(g)
+  for s in (a, b):  # what differs: the wall clock and the coordinator's free port
+    del s["wall_time_s"], s["timings"], s["config"]["coordinator_address"]
+  assert a == b
