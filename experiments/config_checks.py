@@ -87,7 +87,8 @@ FIELD_RULES = {
     "batch_size": (integer(1), "the global training batch, over all devices"),
     "eval_batch_size": (integer(1), "the evaluation batch"),
     "num_train_steps": (optional(integer(1)), "overrides num_epochs if set"),
-    "learning_rate": (real(0.0, low_open=True), "the peak learning rate"),
+    # 0 is allowed: a run that only evaluates (or fine-tunes nothing) from init_from.
+    "learning_rate": (real(0.0), "the peak learning rate"),
     "momentum": (real(0.0, 1.0), "SGD's momentum; 0: none"),
     "lr_milestones": (_FRACTIONS, "where multistep decays the learning rate"),
     "lr_decay_factor": (real(0.0, low_open=True), "multistep's factor at each milestone"),

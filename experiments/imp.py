@@ -46,6 +46,7 @@ from experiments import input_pipeline
 from experiments import methods
 from experiments import preemption
 from experiments import state as state_lib
+from experiments import workdir as workdir_lib
 from experiments import train
 
 REWIND_MODES = ("weights", "lr")
@@ -188,11 +189,12 @@ def _run_rounds(config, workdir: str, signals) -> dict:
       prepared = os.path.join(rdir, "prepared")
       if not os.path.exists(prepared):
         _prepare_round(config, c, prev, rdir, start_path, steps_per_epoch, info, k, log, r)
-        open(prepared, "w").close()
+        workdir_lib.write_atomic(prepared, lambda f: None)  # a marker: round prepared
     summary_path = os.path.join(rdir, "summary.json")
     if os.path.exists(summary_path):
-      with open(summary_path) as f:
-        summary = json.load(f)
+      summary = workdir_lib.read_json_object(
+          summary_path, "the finished round's summary",
+          f"Move {rdir} away to train round {r} again.")
     else:
       summary = train.train_and_evaluate(c, rdir)
     steps = total if r == 0 else total - k
@@ -208,16 +210,15 @@ def _run_rounds(config, workdir: str, signals) -> dict:
     })
     log.info("IMP round %d: sparsity %.4f test accuracy %.4f", r, rounds[-1]["sparsity"],
              rounds[-1]["final_test_accuracy"])
-  with open(os.path.join(workdir, "imp_rounds.jsonl"), "w") as f:
-    for row in rounds:
-      f.write(json.dumps(row) + "\n")
+  lines = "".join(json.dumps(row) + "\n" for row in rounds).encode()
+  workdir_lib.write_atomic(os.path.join(workdir, "imp_rounds.jsonl"),
+                           lambda f: f.write(lines))
   out = dict(summary)
   out.update(method="imp", rounds=rounds, config=config.to_dict(),
              # The whole procedure's cost, relative to ONE dense run.
              train_flops_vs_dense=sum(x["train_flops_vs_dense"] for x in rounds),
              wall_time_s=sum(x["wall_time_s"] for x in rounds))
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(out, f, indent=1, default=str)
+  workdir_lib.write_json(os.path.join(workdir, "summary.json"), out)
   _plot(rounds, os.path.join(workdir, "imp.png"))
   return out
 

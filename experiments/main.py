@@ -55,6 +55,7 @@ def main(argv):
   except (ValueError, FileNotFoundError, FloatingPointError, workdir.WorkdirLocked,
           workdir.WriteFailed) as e:
     logging.debug("Traceback:", exc_info=True)
+    _quiet_from_now_on()
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   except preemption.Preempted:  # checkpointed, lock released: rerun to resume
@@ -65,6 +66,13 @@ def main(argv):
     print(f"final_test_accuracy={'none' if acc is None else f'{acc:.4f}'} "
           f"final_sparsity={summary['final_sparsity']:.4f} "
           f"wall_time_s={summary['wall_time_s']:.1f} workdir={FLAGS.workdir}")
+
+
+def _quiet_from_now_on():
+  """Keeps the error line the last word: background threads (orbax's after a failed
+  save, tensorstore's event loop) would log their own tracebacks while exiting."""
+  logging.disable(logging.CRITICAL)
+  sys.unraisablehook = lambda unraisable: None
 
 
 HELP_FLAGS = ("--help", "-help", "--helpshort", "-helpshort", "--helpfull", "-helpfull",

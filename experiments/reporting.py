@@ -88,7 +88,7 @@ class MetricWriter:
   def write(self, record: dict):
     if not self.enabled:
       return
-    _append(self.path, (json.dumps(record) + "\n").encode())
+    workdir_lib.append_all(self.path, (json.dumps(record) + "\n").encode())
     self._add_scalars(record)
     self._tb.flush()
 
@@ -140,26 +140,6 @@ def _parse_record(line: bytes) -> dict | None:
     return None
   ok = isinstance(record, dict) and type(record.get("step")) is int  # pylint: disable=unidiomatic-typecheck
   return record if ok else None
-
-
-def _append(path: str, data: bytes):
-  """Appends ``data`` to ``path``, all of it or nothing (``WriteFailed``); never via a link."""
-  with workdir_lib.writing(path):
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    try:
-      size = os.fstat(fd).st_size
-      try:
-        view = memoryview(data)
-        while view:  # os.write may write part of it (up to a file-size limit)
-          view = view[os.write(fd, view):]
-      except OSError:
-        try:  # no partial line: a resume would drop it, and the record with it
-          os.ftruncate(fd, size)
-        except OSError:
-          pass
-        raise
-    finally:
-      os.close(fd)
 
 
 class _EventFile:

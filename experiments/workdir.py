@@ -122,6 +122,26 @@ def writing(path: str, tmp: str | None = None):
     raise
 
 
+def append_all(path: str, data: bytes):
+  """Appends ``data`` to ``path``, all of it or nothing (``WriteFailed``); never via a link."""
+  with writing(path):
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+      size = os.fstat(fd).st_size
+      try:
+        view = memoryview(data)
+        while view:  # os.write may write part of it (up to a file-size limit)
+          view = view[os.write(fd, view):]
+      except OSError:
+        try:  # no partial line: a resume would drop it, and the record with it
+          os.ftruncate(fd, size)
+        except OSError:
+          pass
+        raise
+    finally:
+      os.close(fd)
+
+
 def write_atomic(path: str, write: Callable[[BinaryIO], None]):
   """Writes ``path`` with ``write(file)`` through a temporary file: all or nothing.
 
@@ -402,10 +422,10 @@ def record_config_changes(workdir: str, config, changes, step: int) -> None:
   if not changes:
     return
   path = os.path.join(workdir, "config_changes.jsonl")
-  with open(path, "a") as f:
-    for field, old, new in changes:
-      f.write(json.dumps({"step": step, "field": field, "old": old, "new": new,
-                          "time": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+  now = time.strftime("%Y-%m-%d %H:%M:%S")
+  append_all(path, "".join(
+      json.dumps({"step": step, "field": field, "old": old, "new": new, "time": now},
+                 default=str) + "\n" for field, old, new in changes).encode())
   write_json(os.path.join(workdir, "config.json"), config.to_dict())
   for field, old, new in changes:
     log.info("Resuming at step %d with %s changed: %r -> %r (allow_changed; recorded in "

@@ -23,13 +23,12 @@ from experiments import preemption
 from experiments import train
 from tests.test_trainer_faults import CONFIG
 from tests.test_trainer_faults import REPO
-from tests.test_trainer_faults import WALL_CLOCK
 from tests.test_trainer_faults import assert_same_run
 from tests.test_trainer_faults import env
 from tests.test_trainer_faults import metrics_without_clock
 from tests.test_trainer_faults import read_export
+from tests.test_trainer_faults import reference_run
 from tests.test_trainer_faults import small_config  # pylint: disable=unused-import
-from tests.test_trainer_faults import tensorboard_scalars
 
 from experiments.configs import default  # pylint: disable=g-bad-import-order,unused-import
 
@@ -101,12 +100,7 @@ def start_main(tmp_path, workdir, **extra_env):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """The uninterrupted 80-step run of ``preemption_config``."""
-  workdir = str(tmp_path_factory.mktemp("reference"))
-  summary = train.train_and_evaluate(preemption_config(), workdir)
-  tb = tensorboard_scalars(workdir)
-  return {"summary": summary, "metrics": metrics_without_clock(workdir),
-          "export": read_export(workdir),
-          "tensorboard": {k: v for k, v in tb.items() if k[0] not in WALL_CLOCK}}
+  return reference_run(preemption_config(), str(tmp_path_factory.mktemp("reference")))
 
 
 def checkpoint_steps(workdir):
@@ -254,27 +248,13 @@ MULTIHOST_WORKER = textwrap.dedent(r"""
 
 def _two_processes(workdir, signal_at):
   from tests import multidevice  # pylint: disable=g-import-not-at-top
-  from tests.test_multihost import TIMEOUT_S, _free_port  # pylint: disable=g-import-not-at-top
+  from tests.test_multihost import TIMEOUT_S, _free_port, _wait  # pylint: disable=g-import-not-at-top
   port = _free_port()
   procs = [subprocess.Popen(
       [sys.executable, "-c", MULTIHOST_WORKER, workdir, str(i), str(port), str(signal_at)],
       env=multidevice.env(2, JAX_PLATFORMS="cpu"), cwd=REPO, stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True) for i in range(2)]
-  deadline = time.time() + TIMEOUT_S
-  try:
-    while any(p.poll() is None for p in procs) and time.time() < deadline:
-      if any(p.returncode not in (None, 0) for p in procs):
-        break
-      time.sleep(0.5)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  outs = [p.communicate() for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-4000:]
-  return [json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
-          for out, _ in outs]
+  return [records[-1] for records in _wait(procs, time.time() + TIMEOUT_S)]
 
 
 @pytest.mark.multidevice

@@ -423,7 +423,7 @@ def test_writers_on_a_full_disk_keep_the_old_file(tmp_path, name):
     assert full.value.errno == errno.ENOSPC
     with pytest.raises(workdir_lib.WriteFailed) as err:
       if name == "metrics.jsonl":  # more than the page it has begun: a partial write
-        reporting._append(path, b'{"step": 2, "train_loss": 0.5}\n' * 200)  # pylint: disable=protected-access
+        workdir_lib.append_all(path, b'{"step": 2, "train_loss": 0.5}\n' * 200)
       else:
         WRITERS[name](path)
     assert str(err.value).startswith(

@@ -97,15 +97,19 @@ def assert_same_run(workdir, reference, summary):
   assert {k: v for k, v in tb.items() if k[0] not in WALL_CLOCK} == reference["tensorboard"]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-  """The uninterrupted 80-step run."""
-  workdir = str(tmp_path_factory.mktemp("reference"))
-  summary = train.train_and_evaluate(small_config(), workdir)
+def reference_run(config, workdir: str) -> dict:
+  """An uninterrupted run's results, as ``assert_same_run`` compares them."""
+  summary = train.train_and_evaluate(config, workdir)
   tb = tensorboard_scalars(workdir)
   return {"summary": summary, "metrics": metrics_without_clock(workdir),
           "export": read_export(workdir),
           "tensorboard": {k: v for k, v in tb.items() if k[0] not in WALL_CLOCK}}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """The uninterrupted 80-step run."""
+  return reference_run(small_config(), str(tmp_path_factory.mktemp("reference")))
 
 
 KILL_SCRIPT = textwrap.dedent("""
