@@ -279,6 +279,7 @@ KILL_WORKER = textwrap.dedent(r"""
 """)
 
 
+@pytest.mark.slow  # ~46 s cold; the SIGKILL logic is tested fast on LeNet (test_trainer_faults)
 def test_vgg19_cifar10_sigkill_then_resume_equals_the_uninterrupted_run(
     data_dir, vgg19_runs, tmp_path):
   workdir = str(tmp_path / "killed")
@@ -322,6 +323,7 @@ MESH_WORKER = textwrap.dedent(r"""
 
 
 @pytest.mark.multidevice
+@pytest.mark.slow  # ~134 s cold; 8-device equality is tested fast on LeNet (test_trainer)
 def test_vgg19_cifar10_on_8_devices_halts_resumes_and_matches_one_device(
     data_dir, vgg19_runs, tmp_path):
   workdir = str(tmp_path / "mesh")
