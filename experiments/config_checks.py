@@ -166,10 +166,21 @@ def validate(config, workdir: str | None = None):
                      "(or set num_train_steps): nothing would be trained; e.g. "
                      "--config.num_epochs=30.")
   _check_study_options(config)
+  _check_allow_changed(config)
   _check_sparsity(config)
   _check_parallelism(config)
   if workdir is not None:
     check_paths(config, workdir)
+
+
+def _check_allow_changed(config):
+  """Every name in ``allow_changed`` is a field (or a group of fields, ``sparsity``)."""
+  for name in sorted(workdir_lib.allowed_changes(config)):
+    if _lookup(config, name) is _ABSENT:
+      fields = list(field_paths(config))
+      raise ValueError(
+          f"allow_changed={config.get('allow_changed')!r} names {name!r}, which is not a "
+          f"config field{default.did_you_mean(name, fields)}")
 
 
 def _check_sparsity(config):
@@ -327,7 +338,7 @@ def unknown_overrides(config, names) -> str | None:
 
 
 def field_paths(config, prefix: str = ""):
-  """Yields ``(dotted path, value)`` of every field, nested ones as ``a.b``."""
+  """Yields the dotted path of every field (groups too), nested ones as ``a.b``."""
   for key in config.keys():
     value = config[key]
     yield f"{prefix}{key}"

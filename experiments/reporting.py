@@ -153,9 +153,14 @@ class _EventFile:
   """
 
   def __init__(self, logdir: str, purge: bool):
-    from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
-    from tensorboardX.proto import summary_pb2  # pylint: disable=g-import-not-at-top
+    # pylint: disable=g-import-not-at-top
+    from tensorboardX import record_writer
+    from tensorboardX import summary as tb_summary
+    from tensorboardX.proto import event_pb2
+    from tensorboardX.proto import summary_pb2
+    # pylint: enable=g-import-not-at-top
     self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+    self._scalar, self._crc = tb_summary.scalar, record_writer.masked_crc32c
     os.makedirs(logdir, exist_ok=True)
     base = os.path.join(logdir, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}")
     self.path, n = base, 0
@@ -178,19 +183,17 @@ class _EventFile:
                                       status=event_pb2.SessionLog.START)))
 
   def add(self, step: int, scalars: dict):
-    from tensorboardX.summary import scalar  # pylint: disable=g-import-not-at-top
-    values = [v for k, x in scalars.items() for v in scalar(k, x).value]
+    values = [v for k, x in scalars.items() for v in self._scalar(k, x).value]
     if values:
       summary = self._summary_pb2.Summary(value=values)
       self._write(self._event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
 
   def _write(self, event):
-    from tensorboardX.record_writer import masked_crc32c  # pylint: disable=g-import-not-at-top
     data = event.SerializeToString()
     header = struct.pack("<Q", len(data))
     with workdir_lib.writing(self.path):
-      self._file.write(header + struct.pack("<I", masked_crc32c(header)) + data
-                       + struct.pack("<I", masked_crc32c(data)))
+      self._file.write(header + struct.pack("<I", self._crc(header)) + data
+                       + struct.pack("<I", self._crc(data)))
 
   def flush(self):
     with workdir_lib.writing(self.path):

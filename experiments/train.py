@@ -85,7 +85,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # kernel puts it, not where os.path.abspath says.
   workdir = os.path.realpath(workdir)
   config_checks.validate(config, workdir)  # before the workdir is made
-  workdir_lib.allowed_changes(config)  # raises for a name that is not a field
   finished = workdir_lib.finished_summary(workdir)
   if finished is not None and config.get("if_finished", "report") == "report":
     log.info("%s holds a finished run (%s steps, final test accuracy %s): reporting it; "
