@@ -13,7 +13,7 @@ line naming the problem and the fix, and exit status 2.
 SIGTERM (sent by TPU VMs, GKE and SLURM before SIGKILL) or SIGINT (Ctrl-C) ends
 the run at the end of its current dispatch: a checkpoint is saved at that step,
 the workdir lock released, "Preempted at step N" logged, and the exit status is
-75 (EX_TEMPFAIL: try again; experiments/preemption.py). Rerunning the same
+75 (EX_TEMPFAIL: try again; experiments/trainer/preemption.py). Rerunning the same
 command resumes there with the uninterrupted run's results. A second signal
 while stopping is ignored (said on stderr); SIGKILL stops at once and keeps the
 newest complete checkpoint.
@@ -27,11 +27,11 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import config_checks
-from experiments import imp
-from experiments import preemption
-from experiments import train
-from experiments import workdir
+from experiments.trainer import config_checks
+from experiments.trainer import imp
+from experiments.trainer import preemption
+from experiments.trainer import train
+from experiments.trainer import workdir
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the summary.")
@@ -48,7 +48,7 @@ def main(argv):
   for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   try:
-    if FLAGS.config.sparsity.method == "imp":  # rounds of training (experiments/imp.py)
+    if FLAGS.config.sparsity.method == "imp":  # rounds of training (experiments/trainer/imp.py)
       summary = imp.run_imp(FLAGS.config, FLAGS.workdir)
     else:
       summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -10,7 +10,7 @@ Data: the bundled mnist5k set is prepared once, in the controlling process, befo
 any test (or xdist worker) starts, so no two processes build it at once.
 
 Compilation cache: every test process (and the subprocesses it starts, through the
-environment) reads and writes ``experiments.compilation_cache``'s directory;
+environment) reads and writes ``experiments.trainer.compilation_cache``'s directory;
 ``make test`` points it into the checkout (``.cache/``, ignored by git).
 """
 
@@ -18,7 +18,7 @@ import os
 
 from hypothesis import HealthCheck, settings
 
-from experiments import compilation_cache
+from experiments.trainer import compilation_cache
 
 # too_slow is a wall-clock check of example generation, which a loaded 2-core
 # machine can trip by itself; every other health check stays on.
@@ -34,5 +34,5 @@ compilation_cache.enable()
 def pytest_configure(config):
   if hasattr(config, "workerinput"):  # an xdist worker: the controller prepared it
     return
-  from experiments import input_pipeline
+  from experiments.data import input_pipeline
   input_pipeline.dataset_info("mnist5k", None)

@@ -1,7 +1,7 @@
 """The accelerator road without an accelerator: CIFAR and ImageNet through TFDS and the trainer.
 
 Small synthetic cifar10, cifar100 and imagenet2012 are prepared on disk by TFDS's own
-builders (experiments/datasets/synthetic.py), so every process reads them as it would
+builders (experiments/data/synthetic.py), so every process reads them as it would
 the real ones. The runs take their configs from the commands in the config files'
 docstrings, parsed by ``ml_collections.config_flags`` as ``experiments.main`` does,
 with small overrides on the command line (steps, batch, schedule) and narrow model
@@ -31,13 +31,13 @@ from absl import flags
 from ml_collections import config_flags
 
 import sparse_jax
-from experiments import input_pipeline
-from experiments import methods
-from experiments import state as state_lib
-from experiments import steps as steps_lib
-from experiments import train
+from experiments.data import input_pipeline
+from experiments.trainer import methods
+from experiments.trainer import state as state_lib
+from experiments.trainer import steps as steps_lib
+from experiments.trainer import train
 from experiments.configs import default
-from experiments.datasets import synthetic
+from experiments.data import synthetic
 from experiments.models import vgg
 from tests import multidevice
 
@@ -265,7 +265,7 @@ def test_vgg19_cifar10_halt_and_resume_equal_the_uninterrupted_run(vgg19_runs):
 # checkpoint and the input pipeline's position, and ends as the uninterrupted run does.
 KILL_WORKER = textwrap.dedent(r"""
     import os, signal, sys
-    from experiments import reporting, train
+    from experiments.trainer import reporting, train
     from tests.test_accelerator_road import vgg19_cifar10_config
 
     data_dir, workdir = sys.argv[1:3]
@@ -309,7 +309,7 @@ def test_vgg19_cifar10_sigkill_then_resume_equals_the_uninterrupted_run(
 MESH_WORKER = textwrap.dedent(r"""
     import json, os, sys
     import jax
-    from experiments import train
+    from experiments.trainer import train
     from tests.test_accelerator_road import vgg19_cifar10_config
 
     data_dir, workdir = sys.argv[1:3]
@@ -528,7 +528,7 @@ def test_device_check_smoke_runs_every_part_on_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_imp_vgg19_cifar10_runs_its_rounds(data_dir, tmp_path):
-  from experiments import imp  # pylint: disable=g-import-not-at-top
+  from experiments.trainer import imp  # pylint: disable=g-import-not-at-top
   config = command_config(
       "imp_cifar_vgg19.py", data_dir, "--config.batch_size=16", "--config.eval_batch_size=50",
       "--config.num_train_steps=8", "--config.imp.num_rounds=2",

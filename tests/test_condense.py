@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import sparse_jax as sj
-from experiments import condense
-from experiments import exports
+from experiments.trainer import condense
+from experiments.trainer import exports
 from experiments import models
 
 EPS = 1e-5
@@ -192,7 +192,7 @@ def test_unsupported_model_raises():
 
 
 def test_trainer_channels_run_condenses_from_its_export(tmp_path):
-  from experiments import train  # pylint: disable=g-import-not-at-top
+  from experiments.trainer import train  # pylint: disable=g-import-not-at-top
   from tests.test_trainer import small_config  # pylint: disable=g-import-not-at-top
   # As tests/test_structured_trainer.py: 40 steps, each hidden layer keeps 25% of its units.
   config = small_config("gmp", keep_last_dense=True, scope="layerwise")

@@ -15,12 +15,12 @@ import sys
 
 import pytest
 
-from experiments import config_checks
-from experiments import gradient_flow_sweep
-from experiments import imp
-from experiments import input_pipeline
-from experiments import scsdc
-from experiments import train
+from experiments.trainer import config_checks
+from experiments.studies.gradient_flow import sweep as gradient_flow_sweep
+from experiments.trainer import imp
+from experiments.data import input_pipeline
+from experiments.studies import scsdc
+from experiments.trainer import train
 from experiments.configs import default
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

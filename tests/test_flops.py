@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import pytest
 
 import sparse_jax
-from experiments import flops as run_flops_lib
+from experiments.trainer import flops as run_flops_lib
 from experiments import models
-from experiments import train
+from experiments.trainer import train
 from experiments.configs import default
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import sparse_jax
-from experiments import train
+from experiments.trainer import train
 from experiments.configs import default
 
 # A 3-leaf tree: two masked kernels and a dense bias.
@@ -172,7 +172,7 @@ def _numpy_shift(image, dy, dx):
 
 
 def test_random_shift_matches_a_hand_worked_shift():
-  from experiments import steps
+  from experiments.trainer import steps
   image = np.arange(16, dtype=np.float32).reshape(4, 4, 1)
   # By hand: shifted down 1 and left 2, edges repeated:
   #   row -1 -> row 0 (0 1 2 3); columns j + 2 clipped to 3.
@@ -192,7 +192,7 @@ def test_random_shift_matches_a_hand_worked_shift():
 
 
 def test_validation_split_is_fixed_disjoint_and_in_file_order():
-  from experiments import input_pipeline
+  from experiments.data import input_pipeline
   arrays = {"image": np.arange(20.0)[:, None], "label": np.arange(20)}
   train_part, val = input_pipeline.split_for_validation(arrays, 0.25)
   assert len(val["label"]) == 5 == input_pipeline.validation_count(20, 0.25)

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import gradient_flow_report as report
+from experiments.studies.gradient_flow import report
 
 
 def test_bootstrap_ci_by_hand():

@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from experiments import gradient_flow_report as report
-from experiments import gradient_flow_sweep as sweep
+from experiments.studies.gradient_flow import report
+from experiments.studies.gradient_flow import sweep
 from experiments.configs import gradient_flow_mnist5k
 
 

@@ -11,11 +11,11 @@ import pytest
 import orbax.checkpoint as ocp
 
 import sparse_jax
-from experiments import checkpoints
-from experiments import exports
-from experiments import imp
-from experiments import input_pipeline
-from experiments import train
+from experiments.trainer import checkpoints
+from experiments.trainer import exports
+from experiments.trainer import imp
+from experiments.data import input_pipeline
+from experiments.trainer import train
 from experiments.configs import imp_lenet300_mnist5k
 
 N_PRUNABLE = 784 * 300 + 300 * 100 + 100 * 10  # 266,200

@@ -1,4 +1,4 @@
-"""Tests for experiments/input_pipeline.py and the mnist5k TFDS builder.
+"""Tests for experiments/data/input_pipeline.py and the mnist5k TFDS builder.
 
 mnist5k is built once per session into a temporary directory; no test touches
 the network (the ones that could are run with sockets disabled).
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from experiments import input_pipeline
-from experiments.datasets.mnist5k import mnist5k_dataset_builder as mnist5k
+from experiments.data import input_pipeline
+from experiments.data.mnist5k import mnist5k_dataset_builder as mnist5k
 
 
 @pytest.fixture(scope='session')

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import sparse_jax
-from experiments import mask_history as mh
+from experiments.trainer import mask_history as mh
 
 
 def bits(s: str) -> np.ndarray:

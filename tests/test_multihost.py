@@ -27,9 +27,9 @@ WORKER = textwrap.dedent(r"""
     import json, os, sys, zlib
     import jax
     import numpy as np
-    from experiments import input_pipeline
-    from experiments import checkpoints
-    from experiments import train
+    from experiments.data import input_pipeline
+    from experiments.trainer import checkpoints
+    from experiments.trainer import train
     from experiments.configs import default
 
     out_dir, num_processes, process_id, port = sys.argv[1:5]

@@ -221,10 +221,10 @@ import json  # pylint: disable=g-import-not-at-top,wrong-import-position
 import math  # pylint: disable=g-import-not-at-top,wrong-import-position
 import os  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from experiments import checkpoints  # pylint: disable=g-import-not-at-top,wrong-import-position
-from experiments import methods  # pylint: disable=g-import-not-at-top,wrong-import-position
-from experiments import train  # pylint: disable=g-import-not-at-top,wrong-import-position
-from experiments import workdir as workdir_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.trainer import checkpoints  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.trainer import methods  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.trainer import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.trainer import workdir as workdir_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tests.test_trainer_faults import metrics_without_clock  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tests.test_trainer_faults import small_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 

@@ -9,7 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import sparse_jax as sj
-from experiments import sharding
+from experiments.trainer import sharding
 
 # ---------------------------------------------------------------------------
 # pack_masks / unpack_masks

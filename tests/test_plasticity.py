@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import sparse_jax
-from experiments import plasticity
+from experiments.studies import plasticity
 
 
 def tree():

@@ -18,9 +18,9 @@ import time
 
 import pytest
 
-from experiments import imp
-from experiments import preemption
-from experiments import train
+from experiments.trainer import imp
+from experiments.trainer import preemption
+from experiments.trainer import train
 from tests.test_trainer_faults import CONFIG
 from tests.test_trainer_faults import REPO
 from tests.test_trainer_faults import assert_same_run
@@ -54,7 +54,7 @@ def preemption_config():
 # (for a signal sent from outside).
 MAIN_SCRIPT = textwrap.dedent("""
     import os, runpy, signal, sys, time
-    from experiments import checkpoints, feed
+    from experiments.trainer import checkpoints, feed
     from experiments.configs import default
 """) + CONFIG + textwrap.dedent("""
     at = os.environ.get("SIGNAL_AT")
@@ -170,7 +170,7 @@ def test_signal_handlers_are_restored_after_the_trainer(tmp_path):
 
 IMP_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from experiments import feed, imp
+    from experiments.trainer import feed, imp
     from tests.test_imp import tiny_imp_config
     calls = []
     dispatch = feed.Feed.dispatch
@@ -220,7 +220,7 @@ def test_imp_stops_in_a_round_on_sigterm_and_resumes_to_the_same_rounds(tmp_path
 MULTIHOST_WORKER = textwrap.dedent(r"""
     import json, os, signal, sys
     import numpy as np
-    from experiments import feed, preemption, train
+    from experiments.trainer import feed, preemption, train
     from experiments.configs import default
     workdir, process_id, port, signal_at = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     dispatch = feed.Feed.dispatch

@@ -215,10 +215,10 @@ def test_snip_masks_train_with_static_and_stay_fixed():
 
 
 def test_trainer_snip_scores_the_first_training_batch(tmp_path):
-  from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
+  from experiments.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from experiments import models  # pylint: disable=g-import-not-at-top
-  from experiments import train  # pylint: disable=g-import-not-at-top
-  from experiments import feed as feed_lib
+  from experiments.trainer import train  # pylint: disable=g-import-not-at-top
+  from experiments.trainer import feed as feed_lib
   from experiments.configs import default  # pylint: disable=g-import-not-at-top
   config = default.lenet300_mnist5k("snip", "sparsity=0.95,seed=1")
   config.num_train_steps = 3

@@ -1,4 +1,4 @@
-"""The SC-SDC width solver (experiments/scsdc.py) on known cases."""
+"""The SC-SDC width solver (experiments/studies/scsdc.py) on known cases."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from experiments import models
-from experiments import scsdc
+from experiments.studies import scsdc
+from experiments.trainer import state as state_lib
 
 
 def test_solver_picks_the_closest_width_ties_to_the_smaller():
@@ -103,10 +104,10 @@ def test_scale_by_active_fan_in_by_hand():
   masks = {"d": {"kernel": jnp.array([[True, True], [False, True], [False, True]]),
                  "bias": None},
            "c": {"kernel": jnp.asarray(conv_mask)}}
-  out = jax.jit(scsdc.scale_by_active_fan_in)(params, masks)
+  out = jax.jit(state_lib.scale_by_active_fan_in)(params, masks)
   np.testing.assert_allclose(out["d"]["kernel"], [[3 ** 0.5, 1.0]] * 3, rtol=1e-6)
   np.testing.assert_array_equal(out["d"]["bias"], params["d"]["bias"])
   np.testing.assert_allclose(out["c"]["kernel"][..., 0], np.full((1, 2, 2), 2 ** 0.5),
                              rtol=1e-6)
   np.testing.assert_array_equal(out["c"]["kernel"][..., 1], 1.0)
-  assert scsdc.scale_by_active_fan_in(params, None) is params
+  assert state_lib.scale_by_active_fan_in(params, None) is params

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from experiments import sharding
+from experiments.trainer import sharding
 from sparse_jax import _select
 from tests import multidevice
 
@@ -66,7 +66,7 @@ SCRIPT = textwrap.dedent(r"""
     from jax.sharding import NamedSharding, PartitionSpec as P
     import sparse_jax
     from sparse_jax import _select
-    from experiments.sharding import fsdp_shardings
+    from experiments.trainer.sharding import fsdp_shardings
 
     assert jax.device_count() == 8
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))

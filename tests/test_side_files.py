@@ -23,12 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import exports
-from experiments import flops as flops_lib
-from experiments import mask_history
-from experiments import reporting
-from experiments import train
-from experiments import workdir as workdir_lib
+from experiments.trainer import exports
+from experiments.trainer import flops as flops_lib
+from experiments.trainer import mask_history
+from experiments.trainer import reporting
+from experiments.trainer import train
+from experiments.trainer import workdir as workdir_lib
 from tests.test_trainer_faults import REPO
 from tests.test_trainer_faults import _snapshot
 from tests.test_trainer_faults import assert_same_run

@@ -10,12 +10,12 @@ import pytest
 
 import sparse_jax
 
-from experiments import config_checks
-from experiments import input_pipeline
-from experiments import methods
-from experiments import state as state_lib
-from experiments import steps
-from experiments import train
+from experiments.trainer import config_checks
+from experiments.data import input_pipeline
+from experiments.trainer import methods
+from experiments.trainer import state as state_lib
+from experiments.trainer import steps
+from experiments.trainer import train
 from tests.test_trainer import read_export
 from tests.test_trainer import small_config
 
@@ -166,7 +166,7 @@ def test_trainer_exports_exact_nm_model_and_resumes(method, structure, tmp_path)
 
 
 def test_sweep_structured_report_from_records_and_previous_table(tmp_path):
-  from experiments import sweep_structured as sweep
+  from experiments.studies import structured as sweep
   runs_dir, out_md = str(tmp_path / "runs"), str(tmp_path / "table.md")
   record = {"row": "srste_2:4", "seed": 0, "method": "srste", "final_test_accuracy": 0.9,
             "final_sparsity": 0.5, "mask_sparsity": 0.5, "train_flops_vs_dense": 0.8,

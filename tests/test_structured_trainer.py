@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 import sparse_jax
-from experiments import config_checks
-from experiments import methods
-from experiments import train
+from experiments.trainer import config_checks
+from experiments.trainer import methods
+from experiments.trainer import train
 from tests.test_trainer import read_export
 from tests.test_trainer import small_config
 
@@ -79,7 +79,7 @@ def test_trainer_channels_gmp_exports_whole_units(tmp_path):
   assert alive == [75, 25]  # exact in units
   assert f"masks/{LAYERS[2]}" not in exported or exported[f"masks/{LAYERS[2]}"].all()
   # The export condenses to a 75-25-10 dense MLP with the masked model's logits
-  # (checked inside), as experiments/sweep_structured.py times it.
+  # (checked inside), as experiments/studies/structured.py times it.
   from experiments.benchmarks import inference  # pylint: disable=g-import-not-at-top
   latency = inference.exported_mlp_latency(str(tmp_path / "export.npz"), rounds=1)
   assert latency["units_kept"] == 100
@@ -89,7 +89,7 @@ def test_trainer_channels_gmp_exports_whole_units(tmp_path):
 
 MESH_SCRIPT = """
 import sys
-from experiments import train
+from experiments.trainer import train
 from tests.test_trainer import small_config
 for structure, final in (("2:4", 0.5), ("channels", 0.75)):
   config = small_config("granet")

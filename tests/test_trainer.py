@@ -15,14 +15,14 @@ import optax
 import pytest
 
 import sparse_jax
-from experiments import checkpoints
-from experiments import methods
+from experiments.trainer import checkpoints
+from experiments.trainer import methods
 from experiments import models
-from experiments import state as state_lib
-from experiments import steps as steps_lib
-from experiments import train
+from experiments.trainer import state as state_lib
+from experiments.trainer import steps as steps_lib
+from experiments.trainer import train
 from experiments.configs import default
-from experiments.sharding import fsdp_spec
+from experiments.trainer.sharding import fsdp_spec
 from tests import multidevice
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -164,8 +164,8 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     import json, os, sys
     import jax
     import numpy as np
-    from experiments import checkpoints
-    from experiments import train
+    from experiments.trainer import checkpoints
+    from experiments.trainer import train
     from experiments.configs import default
 
     # The state of the last checkpoint (step 40, the end), as the trainer holds it.
@@ -417,7 +417,7 @@ def test_a_run_compiles_each_program_once(tmp_path):
 
 CACHE_RUN_SCRIPT = textwrap.dedent("""
     import sys
-    from experiments import train
+    from experiments.trainer import train
     from experiments.configs import default
     config = default.lenet300_mnist5k("static", "sparsity=0.9")
     config.num_train_steps = 12

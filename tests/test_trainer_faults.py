@@ -21,8 +21,8 @@ import time
 import numpy as np
 import pytest
 
-from experiments import train
-from experiments import workdir as workdir_lib
+from experiments.trainer import train
+from experiments.trainer import workdir as workdir_lib
 from experiments.configs import default
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,7 +114,7 @@ def reference(tmp_path_factory):
 
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from experiments import checkpoints, reporting, train
+    from experiments.trainer import checkpoints, reporting, train
     from experiments.configs import default
 """) + CONFIG + textwrap.dedent("""
     workdir, when = sys.argv[1], sys.argv[2]
@@ -301,7 +301,7 @@ def test_resume_with_a_different_config_stops_and_names_the_fields(tmp_path, hal
 
 HOLDER_SCRIPT = textwrap.dedent("""
     import sys, time
-    from experiments import checkpoints, train
+    from experiments.trainer import checkpoints, train
     from experiments.configs import default
 """) + CONFIG + textwrap.dedent("""
     save = checkpoints.save_checkpoint

@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 
 import sparse_jax as sj
-from experiments import input_pipeline
-from experiments import post_training
-from experiments import state as state_lib
-from experiments import steps as steps_lib
-from experiments import train
+from experiments.data import input_pipeline
+from experiments.studies import post_training
+from experiments.trainer import state as state_lib
+from experiments.trainer import steps as steps_lib
+from experiments.trainer import train
 from experiments.configs import gpt_bytes
 from experiments.configs import vit_mnist5k
-from experiments.datasets import bytes_pydoc
+from experiments.data import bytes_pydoc
 from experiments.models import get_model
 
 
@@ -246,7 +246,7 @@ def test_wanda_scores_and_masks_by_hand():
 
 def test_sweep_results_outlive_their_workdirs(tmp_path):
   """A finished run is recorded (result fields only) and read back once its workdir is gone."""
-  from experiments import sweep_transformers as sweep
+  from experiments.studies import transformers as sweep
   workdir, records = tmp_path / "workdirs", tmp_path / "records"
   summary = {"final_test_accuracy": 0.9, "best_test_accuracy": 0.91, "final_sparsity": 0.75,
              "train_flops_vs_dense": 0.5, "inference_flops_vs_dense": 0.4,
@@ -266,7 +266,7 @@ def test_sweep_results_outlive_their_workdirs(tmp_path):
 
 def test_sweep_skips_recorded_runs(tmp_path, monkeypatch):
   """A run whose workdir is gone but whose record is committed is not trained again."""
-  from experiments import sweep_transformers as sweep
+  from experiments.studies import transformers as sweep
   records, workdir = str(tmp_path / "records"), str(tmp_path / "workdirs")
   monkeypatch.setattr(sweep, "RECORDS", records)
   sweep._write_json(sweep.run_dir(records, "vit", "rigl", 0.75, 0) + ".json",

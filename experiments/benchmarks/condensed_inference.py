@@ -17,7 +17,7 @@ masked matmul of the first layer at batch 8, which it does not beat on CPU.
 VGG-16 at CIFAR shapes (32x32x3, batch norm after every conv, eval mode) is opt-in
 (``--models=vgg16``): its masked forward takes a quarter of a second at batch 1 on
 a 2-core CPU, so it is timed at batches 1 and 16 with ``--conv_reps`` calls per
-sample, and condensed by ``experiments.condense.condense_model`` (the same family
+sample, and condensed by ``experiments.trainer.condense.condense_model`` (the same family
 at the condensed ``cfg`` widths, batch-norm entries removed).
 
 The load average before and after is printed: other jobs on the machine move the
@@ -40,8 +40,8 @@ import numpy as np
 import optax
 
 import sparse_jax
-from experiments import compilation_cache
-from experiments import condense
+from experiments.trainer import compilation_cache
+from experiments.trainer import condense
 from experiments import models
 
 MODELS = {

@@ -9,7 +9,7 @@ their ratios to dense, each program's XLA peak memory (arguments + outputs +
 temporaries - donated) and compile seconds (the event programs' too). Then one short
 run of the real recipe (``cifar_vgg19.py``, the whole trainer: tf.data, evaluation,
 checkpoints, export) on a synthetic CIFAR-10 prepared by TFDS's builder
-(experiments/datasets/synthetic.py). Everything goes to ``--out`` as JSON, written
+(experiments/data/synthetic.py). Everything goes to ``--out`` as JSON, written
 after each part so a cut-off run keeps what it measured.
 
   python -m experiments.benchmarks.device_check --out=device_check.json
@@ -33,10 +33,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-from experiments import input_pipeline
-from experiments import methods as methods_lib
-from experiments import state as state_lib
-from experiments import steps as steps_lib
+from experiments.data import input_pipeline
+from experiments.trainer import methods as methods_lib
+from experiments.trainer import state as state_lib
+from experiments.trainer import steps as steps_lib
 from experiments.benchmarks import step_overhead
 from experiments.configs import cifar_vgg19
 from experiments.configs import imagenet_resnet50
@@ -164,8 +164,8 @@ def bench_model(name: str, bench, batch: int, rounds: int, reps: int) -> list[di
 
 def real_recipe_run(smoke: bool) -> dict:
   """``cifar_vgg19.py`` (GraNet, 95%) through the whole trainer on a synthetic CIFAR-10."""
-  from experiments import train  # pylint: disable=g-import-not-at-top
-  from experiments.datasets import synthetic  # pylint: disable=g-import-not-at-top
+  from experiments.trainer import train  # pylint: disable=g-import-not-at-top
+  from experiments.data import synthetic  # pylint: disable=g-import-not-at-top
   root = tempfile.mkdtemp(prefix="device_check_")
   num_train, num_eval, batch = (64, 32, 16) if smoke else (5120, 1000, 128)
   synthetic.prepare("cifar10", os.path.join(root, "tfds"), num_train=num_train,

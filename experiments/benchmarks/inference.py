@@ -45,8 +45,8 @@ import numpy as np
 import optax
 
 import sparse_jax
-from experiments import compilation_cache
-from experiments import exports
+from experiments.trainer import compilation_cache
+from experiments.trainer import exports
 from experiments.benchmarks.condensed_inference import forward as mlp_forward
 from experiments.benchmarks.condensed_inference import init_mlp
 

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 import sparse_jax
-from experiments import compilation_cache
+from experiments.trainer import compilation_cache
 from experiments.benchmarks import step_overhead
 
 SIZES = {"1M": 1_000_000, "3M": 3_000_000, "10M": 10_000_000, "30M": 30_000_000,

@@ -21,7 +21,7 @@ import sys
 import jax
 import optax
 
-from experiments import compilation_cache
+from experiments.trainer import compilation_cache
 from experiments.benchmarks import step_overhead
 
 MODEL = step_overhead.MODELS["mlp_30m"]

@@ -27,7 +27,7 @@ from flax import nnx
 from flax.training import train_state
 
 import sparse_jax
-from experiments import compilation_cache
+from experiments.trainer import compilation_cache
 
 MODELS = {"lenet300_100": (784, 300, 100, 10), "mlp_30m": (784, 4096, 4096, 2560, 10)}
 NEVER = 10**6  # update_every: no mask update in the timed steps

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 import sparse_jax
-from experiments import compilation_cache
+from experiments.trainer import compilation_cache
 
 MODELS = {
     "lenet300_100": (784, 300, 100, 10),

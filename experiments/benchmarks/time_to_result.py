@@ -9,7 +9,7 @@ Each round runs, one after the other (interleaved, so drift and load hit all ali
   recipe (model, data, batch 128, 930 steps, SGD-Nesterov with the same learning
   rate and weight decay, an evaluation per epoch), written as a user would write
   it (``floor_main`` below): the JAX floor;
-* ``imports``: ``python -c "import experiments.train"``.
+* ``imports``: ``python -c "import experiments.trainer.train"``.
 
 A main-job run is split with its own records: the trainer's ``timings`` in
 ``summary.json`` (set-up, data, training dispatches, evaluation, checkpoints,
@@ -71,20 +71,20 @@ def floor_job(cache_dir):
 
 
 def imports_job():
-  wall, _ = run_process([sys.executable, "-c", "import experiments.train"], None)
+  wall, _ = run_process([sys.executable, "-c", "import experiments.trainer.train"], None)
   return {"wall_s": wall}
 
 
 def floor_main():
   """The plain dense Flax + Optax loop of the main job's recipe (the JAX floor)."""
   start = time.perf_counter()
-  from experiments import compilation_cache
+  from experiments.trainer import compilation_cache
   compilation_cache.enable()  # SPARSE_JAX_COMPILATION_CACHE decides (off when cold)
   import jax
   import jax.numpy as jnp
   import numpy as np
   import optax
-  from experiments import input_pipeline
+  from experiments.data import input_pipeline
   from experiments import models
 
   train = input_pipeline.load_arrays("mnist5k", "train", None)

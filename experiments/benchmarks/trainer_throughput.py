@@ -23,12 +23,12 @@ import time
 import jax
 import numpy as np
 
-from experiments import compilation_cache
-from experiments import input_pipeline
-from experiments import methods
-from experiments import state as state_lib
-from experiments import steps as steps_lib
-from experiments import train
+from experiments.trainer import compilation_cache
+from experiments.data import input_pipeline
+from experiments.trainer import methods
+from experiments.trainer import state as state_lib
+from experiments.trainer import steps as steps_lib
+from experiments.trainer import train
 from experiments.configs import default
 
 

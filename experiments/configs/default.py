@@ -20,7 +20,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
 
-  # Data (experiments/input_pipeline.py).
+  # Data (experiments/data/input_pipeline.py).
   config.dataset = "mnist5k"
   config.data_dir = config_dict.placeholder(str)
   config.batch_size = 128  # global, over all devices and hosts
@@ -78,7 +78,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # results are identical to the bool (1 byte) masks.
   config.sparsity.packed_masks = False
   # Keep the masks after every event (bit-packed, <workdir>/mask_history.npz) and the
-  # union of all masks on the device (ITOP); see experiments/mask_history.py.
+  # union of all masks on the device (ITOP); see experiments/trainer/mask_history.py.
   config.record_mask_history = False
 
   # Parallelism and infrastructure.
@@ -86,7 +86,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # How the train state (params, batch stats, optimizer state with the sparse masks
   # and momentum) lives on the mesh: "replicated" (a full copy on every device) or
   # "fsdp" (each leaf split along its largest axis divisible by the device count,
-  # else replicated; experiments/sharding.py). fsdp needs parallelism="mesh".
+  # else replicated; experiments/trainer/sharding.py). fsdp needs parallelism="mesh".
   config.param_sharding = "replicated"
   config.distributed = False  # call jax.distributed.initialize() (multi-host)
   # Passed to jax.distributed.initialize when set (CPU/GPU clusters without
@@ -109,23 +109,23 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 2
   config.init_from = config_dict.placeholder(str)  # an export dir or .npz to start from
   config.halt_after_step = config_dict.placeholder(int)  # simulate preemption (tests)
-  # A rerun on a workdir whose run has finished (experiments/workdir.py): "report"
+  # A rerun on a workdir whose run has finished (experiments/trainer/workdir.py): "report"
   # its summary and change nothing; "extend" it to a larger num_epochs /
   # num_train_steps; "restart" (the old files move to <workdir>/previous/).
   config.if_finished = "report"
   # Resume a workdir with these fields changed (comma-separated names, e.g.
   # "learning_rate,weight_decay" after a divergence); any other changed field is
   # still refused. Each change is recorded in <workdir>/config_changes.jsonl and
-  # config.json takes the new values (experiments/workdir.py check_config).
+  # config.json takes the new values (experiments/trainer/workdir.py check_config).
   config.allow_changed = ""
-  # JAX's persistent compilation cache (experiments/compilation_cache.py): None is
+  # JAX's persistent compilation cache (experiments/trainer/compilation_cache.py): None is
   # $SPARSE_JAX_COMPILATION_CACHE or ~/.cache/sparse_jax/jax_compilation_cache;
   # "off" disables it. A second run of a config then compiles nothing.
   config.compilation_cache_dir = config_dict.placeholder(str)
   return config
 
 
-# Every method the trainer runs (experiments/config_checks.py checks the same set),
+# Every method the trainer runs (experiments/trainer/config_checks.py checks the same set),
 # and "granet_st" (GraNet with sparsity.initial=0.5) for the families that take one.
 METHODS = ("dense", "granet", "granet_st", "gmp", "rigl", "set", "static", "one_shot",
            "snip", "grasp", "synflow", "ste", "srste")

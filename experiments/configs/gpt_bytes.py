@@ -6,7 +6,7 @@ r"""A byte-level GPT on the Python documentation (``bytes_pydoc``), dense or spa
 Family argument: ``method`` dense | granet (default) | gmp | rigl | set | static,
 ``sparsity`` (default 0.9) and ``seed`` (default 0), e.g.
 ``gpt_bytes.py:method=gmp,sparsity=0.75,seed=1``.
-Data: windows of 64 bytes of ``pydoc_data/topics.py`` (experiments/datasets/
+Data: windows of 64 bytes of ``pydoc_data/topics.py`` (experiments/data/
 bytes_pydoc.py), the next byte predicted at every position; validation is every
 10th group of 16 windows. Model: causal, width 128, 2 pre-LN blocks of 4-head
 attention and a 512-wide GELU MLP, a 256-way head; masks on the attention q/k/v/out,
@@ -17,7 +17,7 @@ prune from epoch 0 to 2.5, RigL/SET drop fraction 0.3, ERK. Reported per token (
 validation loss (``final_test_loss``, nats), ``final_test_bits_per_byte`` and the
 next-byte accuracy.
 Expected: see experiments/results/transformers.md (``python -m
-experiments.sweep_transformers``).
+experiments.studies.transformers``).
 """
 
 from experiments.configs import default

@@ -11,7 +11,7 @@ sparse at width ``study.width`` vs the SC-SDC same-capacity dense net.
 Densities {0.05, 0.2, 1.0} first (the same workdir later adds the rest; finished
 runs and tuning runs are never redone), MLP family:
 
-  python -m experiments.gradient_flow_sweep \
+  python -m experiments.studies.gradient_flow.sweep \
       --config=experiments/configs/gradient_flow_converged_mnist5k.py \
       --workdir=workdirs/gradient_flow_converged "--config.study.densities=(0.05,0.2,1.0)" \
       --slice=0/1
@@ -31,7 +31,7 @@ Is 30 epochs enough? The budget check trains some final runs again for 60 epochs
 at the rates the sweep chose (``study.rates_from``; no tuning runs), in its own
 workdir; the report pairs them with the 30-epoch runs by name:
 
-  python -m experiments.gradient_flow_sweep --config=<this file> \
+  python -m experiments.studies.gradient_flow.sweep --config=<this file> \
       --workdir=workdirs/gradient_flow_budget --config.num_epochs=60 \
       --config.study.rates_from=workdirs/gradient_flow_converged/tuning.json \
       "--config.study.seeds=(0,)" "--config.study.activations=('relu',)" \
@@ -39,7 +39,7 @@ workdir; the report pairs them with the 30-epoch runs by name:
 
 Report (a new directory: the 3-epoch study's README stays as it is):
 
-  python -m experiments.gradient_flow_report --workdir=workdirs/gradient_flow_converged \
+  python -m experiments.studies.gradient_flow.report --workdir=workdirs/gradient_flow_converged \
       --budget_workdir=workdirs/gradient_flow_budget \
       --out=experiments/results/gradient_flow/converged
 

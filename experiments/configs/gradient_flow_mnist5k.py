@@ -1,10 +1,10 @@
 r"""The gradient-flow study (SPEC §8): sparse vs same-capacity dense, with EGF logged.
 
 One config holds the recipe shared by every run and the grid (``config.study``);
-``experiments/gradient_flow_sweep.py`` turns each grid point into a run config
+``experiments/studies/gradient_flow/sweep.py`` turns each grid point into a run config
 (``optimizer``, activation, regularisation, density, seed, sparse or dense).
 
-  python -m experiments.gradient_flow_sweep \
+  python -m experiments.studies.gradient_flow.sweep \
       --config=experiments/configs/gradient_flow_mnist5k.py \
       --workdir=workdirs/gradient_flow [--slice=0/4]
 

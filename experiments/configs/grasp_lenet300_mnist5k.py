@@ -5,7 +5,7 @@ r"""GraSP (keep the largest w * Hg on the first training batch, softmax temperat
 
 Family argument: ``grasp_lenet300_mnist5k.py:sparsity=0.95,seed=1``. Same recipe as
 granet_lenet300_mnist5k.py (30 epochs, batch 128, SGD Nesterov); the mask is scored
-at initialisation and kept fixed (experiments/baselines.py lists the options).
+at initialisation and kept fixed (experiments/trainer/baselines.py lists the options).
 Results: experiments/results/lenet300_mnist5k.md.
 """
 

@@ -10,7 +10,7 @@ magnitude) and retrains 30 epochs with the mask fixed, from the surviving weight
 values at step ``imp.rewind_step`` (0: the original lottery ticket). Options:
 ``--config.imp.rewind=lr`` (keep the weights, rewind only the LR schedule),
 ``--config.imp.rewind_step=100`` (weight rewinding), ``--config.imp.scope=layerwise``,
-``--config.imp.reset_optimizer_state=True``. See experiments/imp.py.
+``--config.imp.reset_optimizer_state=True``. See experiments/trainer/imp.py.
 Results: experiments/results/lenet300_mnist5k.md.
 """
 

@@ -13,7 +13,7 @@ dense. Recipe: 20 epochs of 31 steps (batch 128), AdamW lr 3e-3 with 2 epochs of
 warm-up then cosine decay, weight decay 0.05, no augmentation or dropout; ΔT = 30
 steps, GraNet/GMP prune from epoch 0 to 12, RigL/SET drop fraction 0.3, ERK.
 Expected: see experiments/results/transformers.md (``python -m
-experiments.sweep_transformers``).
+experiments.studies.transformers``).
 """
 
 from experiments.configs import default

@@ -5,7 +5,7 @@
 
 One width ``w`` sets every layer, so the weight count is a quadratic in ``w``
 (18 w^2 + (9 C_in + 2 H W classes / 16) w for an H x W x C_in input) and the
-same-capacity dense width can be solved for (``experiments/scsdc.py``). Parameter
+same-capacity dense width can be solved for (``experiments/studies/scsdc.py``). Parameter
 paths: ``Conv_0``, ``Conv_1``, ``Dense_0``.
 """
 

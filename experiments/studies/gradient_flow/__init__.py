@@ -1,0 +1,1 @@
+"""The "Keep the Gradients Flowing" study: the EGF sweep and its report."""

@@ -1,0 +1,209 @@
+r"""The small-scale results table: every method on LeNet-300-100 / MNIST subset.
+
+Runs dense, GraNet, GraNet-ST, GMP, RigL, SET, static, the pruning-at-init
+baselines (SNIP, GraSP, SynFlow), one-shot magnitude pruning and IMP (lottery
+ticket, 4 rounds) at 90/95/98% sparsity with 3 seeds each (dense once per seed),
+one workdir per run, skipping runs that already have a ``summary.json`` (so an
+interrupted sweep resumes), then writes ``experiments/results/lenet300_mnist5k.md``
+and ``lenet300_mnist5k.png``. Training and inference FLOPs relative to dense
+(SPEC §10) come from each run's summary; runs from before the trainer wrote them
+get them post hoc from their workdir (``experiments.trainer.flops.posthoc_run_flops``,
+cached in ``flops.json``).
+
+  python -m experiments.studies.lenet300 --workdir=workdirs/sweep_lenet300 \
+      [--seeds=0,1,2] [--sparsities=0.9,0.95,0.98] [--methods=granet,rigl]
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+
+from experiments.trainer import compilation_cache
+from experiments.trainer import flops as run_flops_lib
+from experiments.trainer import imp
+from experiments.trainer import train
+from experiments.configs import default
+from experiments.configs import imp_lenet300_mnist5k
+
+# name -> (method, overrides of config.sparsity)
+METHODS = {
+    "dense": ("dense", {}),
+    "granet": ("granet", {}),
+    "granet_st": ("granet", {"initial": 0.5}),
+    "gmp": ("gmp", {}),
+    "rigl": ("rigl", {"regrowth_rate": 0.3}),
+    "set": ("set", {"regrowth_rate": 0.3}),
+    "static": ("static", {}),
+    "snip": ("snip", {}),
+    "grasp": ("grasp", {}),
+    "synflow": ("synflow", {}),
+    "one_shot": ("one_shot", {"end_epoch": 10.0}),
+    "imp": ("imp", {}),
+}
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "results")
+
+
+def run_dir(workdir, name, sparsity, seed):
+  tag = "dense" if name == "dense" else f"{name}_s{sparsity}"
+  return os.path.join(workdir, f"{tag}_seed{seed}")
+
+
+def run_all(workdir, methods, sparsities, seeds):
+  for seed in seeds:
+    for name in methods:
+      for s in ([sparsities[0]] if name == "dense" else sparsities):
+        d = run_dir(workdir, name, s, seed)
+        if os.path.exists(os.path.join(d, "summary.json")):
+          continue
+        print(f"{time.strftime('%H:%M:%S')} running {d}", flush=True)
+        method, overrides = METHODS[name]
+        if method == "imp":
+          config = imp_lenet300_mnist5k.get_config(f"sparsity={s},seed={seed}")
+          config.log_every_steps = 100
+          imp.run_imp(config, d)
+          continue
+        config = default.lenet300_mnist5k(method, f"sparsity={s},seed={seed}", **overrides)
+        config.log_every_steps = 100
+        train.train_and_evaluate(config, d)
+
+
+def load(workdir, methods, sparsities, seeds):
+  rows = {}
+  for name in methods:
+    for s in ([None] if name == "dense" else sparsities):
+      runs = []
+      for seed in seeds:
+        path = os.path.join(run_dir(workdir, name, s if s else sparsities[0], seed),
+                            "summary.json")
+        if os.path.exists(path):
+          with open(path) as f:
+            runs.append(with_flops(json.load(f), os.path.dirname(path)))
+      if runs:
+        rows[(name, s)] = runs
+  return rows
+
+
+def with_flops(summary, run_workdir):
+  """``summary`` with its FLOPs ratios (computed post hoc for older runs, cached)."""
+  if "train_flops_vs_dense" in summary:
+    return summary
+  cache = os.path.join(run_workdir, "flops.json")
+  if not os.path.exists(cache):
+    with open(cache, "w") as f:
+      json.dump(run_flops_lib.posthoc_run_flops(run_workdir), f)
+  with open(cache) as f:
+    return {**summary, **json.load(f)}
+
+
+def write_report(rows, sparsities, command, elapsed, out_md, out_png):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  stat = lambda runs, k: (100 * np.mean([r[k] for r in runs]), 100 * np.std([r[k] for r in runs]))
+  lines = [
+      "# LeNet-300-100 on the bundled MNIST subset (4,000 train / 1,000 test)",
+      "",
+      "Every method with the recipe of `experiments/configs/granet_lenet300_mnist5k.py` "
+      "(30 epochs, batch 128, SGD Nesterov 0.9, lr 0.1 x0.1 at 50%/75%, weight decay "
+      "5e-4, ΔT = 100 steps, pruning from epoch 0 to 20; RigL/SET drop fraction 0.3). "
+      "SNIP/GraSP score the first training batch, SynFlow runs 100 data-free rounds in "
+      "float64; all three then train with the mask fixed. One-shot prunes globally by "
+      "magnitude after epoch 10 and fine-tunes to epoch 30. IMP is the lottery ticket: "
+      "4 rounds of 30 epochs (dense, then 3 global magnitude prunes of the same fraction "
+      "of the remaining weights), rewinding the survivors to their initial values. "
+      "Mean ± std over seeds; sparsity is measured from the final params. \"Best\" is the "
+      "best evaluation during the run, which for one-shot includes its dense epochs "
+      "before the prune (hence the same value at every sparsity).",
+      "",
+      "FLOPs (SPEC §10, RigL's counting) are relative to dense: inference = forward pass "
+      "of the final masked net; training = forward + input gradient + weight gradient "
+      "summed over the run at the densities in force at each step (dense before "
+      "GraNet/GMP/one-shot prune), with a dense weight gradient at the mask-update "
+      "steps of GraNet and RigL. IMP's training FLOPs add up all its rounds (so > 1).",
+      "",
+      f"Command: `{command}`",
+      "",
+      f"Sum of the runs' wall times: "
+      f"{sum(r['wall_time_s'] for runs in rows.values() for r in runs) / 60:.1f} min on a "
+      f"shared 2-core CPU (this invocation: {elapsed / 60:.1f} min; finished runs are "
+      "skipped).",
+      "",
+      "| method | target sparsity | test accuracy (%) | best test acc. (%) | final sparsity "
+      "| train FLOPs (x dense) | inference FLOPs (x dense) | wall time (s) | seeds |",
+      "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for (name, s), runs in rows.items():
+    acc, acc_sd = stat(runs, "final_test_accuracy")
+    best, best_sd = stat(runs, "best_test_accuracy")
+    sp = np.mean([r["final_sparsity"] for r in runs])
+    wall = np.mean([r["wall_time_s"] for r in runs])
+    train_f = np.mean([r["train_flops_vs_dense"] for r in runs])
+    inf_f = np.mean([r["inference_flops_vs_dense"] for r in runs])
+    lines.append(f"| {name} | {'-' if s is None else s} | {acc:.2f} ± {acc_sd:.2f} | "
+                 f"{best:.2f} ± {best_sd:.2f} | {sp:.4f} | {train_f:.3f} | {inf_f:.3f} | "
+                 f"{wall:.1f} | {len(runs)} |")
+  with open(out_md, "w") as f:
+    f.write("\n".join(lines) + "\n\n![accuracy vs sparsity and vs training FLOPs](lenet300_mnist5k.png)\n")
+
+  fig, (ax, ax_f) = plt.subplots(1, 2, figsize=(12, 4.5))
+  cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  styles = {}
+  for name in dict.fromkeys(n for n, _ in rows):
+    if name == "dense":
+      acc, sd = stat(rows[("dense", None)], "final_test_accuracy")
+      for a in (ax, ax_f):
+        a.axhspan(acc - sd, acc + sd, color="gray", alpha=0.2)
+        a.axhline(acc, color="gray", ls="--", label="dense")
+      continue
+    # 10+ methods: cycle colours and line styles together so no two look alike.
+    k = len(styles)
+    styles[name] = dict(color=cycle[k % len(cycle)], ls="-" if k < len(cycle) else ":")
+    xs = [s for s in sparsities if (name, s) in rows]
+    ms = [stat(rows[(name, s)], "final_test_accuracy") for s in xs]
+    ax.errorbar([100 * x for x in xs], [m for m, _ in ms], yerr=[e for _, e in ms],
+                marker="o", capsize=3, label=name, **styles[name])
+    # Accuracy against the run's training cost (SPEC §10).
+    fl = [np.mean([r["train_flops_vs_dense"] for r in rows[(name, s)]]) for s in xs]
+    ax_f.plot(fl, [m for m, _ in ms], marker="o", label=name, **styles[name])
+  ax.set_xlabel("sparsity (%)")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_title("LeNet-300-100, MNIST subset")
+  ax.legend(fontsize=7, ncol=2)
+  ax_f.set_xscale("log")
+  ax_f.set_xlabel("training FLOPs (x dense run), log scale")
+  ax_f.set_ylabel("test accuracy (%)")
+  ax_f.set_title("accuracy vs training cost (90/95/98% per method)")
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=120)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--workdir", default="workdirs/sweep_lenet300")
+  parser.add_argument("--methods", default=",".join(METHODS))
+  parser.add_argument("--sparsities", default="0.9,0.95,0.98")
+  parser.add_argument("--seeds", default="0,1,2")
+  parser.add_argument("--out", default=os.path.join(RESULTS, "lenet300_mnist5k"))
+  args = parser.parse_args()
+  logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
+  compilation_cache.enable()  # runs of the same shapes reuse compiled programs
+  methods = args.methods.split(",")
+  sparsities = [float(s) for s in args.sparsities.split(",")]
+  seeds = [int(s) for s in args.seeds.split(",")]
+  start = time.time()
+  run_all(args.workdir, methods, sparsities, seeds)
+  elapsed = time.time() - start
+  rows = load(args.workdir, methods, sparsities, seeds)
+  command = "python -m experiments.studies.lenet300 " + " ".join(sys.argv[1:])
+  write_report(rows, sparsities, command.strip(), elapsed, args.out + ".md", args.out + ".png")
+  print(open(args.out + ".md").read())
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,127 @@
+"""The run's compiled programs: the dispatches, the mask-update step, the evaluation.
+
+``jax.jit`` over a device mesh (state replicated or fsdp-sharded, batches split
+over ``"data"``) or ``jax.pmap`` over the local devices. Each program compiles
+once, ahead of time, from the first dispatch's argument shapes: the one needed
+first in the foreground, the others meanwhile in a background thread, each with
+a log line before and after (a first compile is the longest silent phase).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import logging
+import time
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from experiments.trainer import state as state_lib
+from experiments.trainer import steps
+
+
+def compile_logged(fn, args, what: str, verbose: bool = True, seconds=None):
+  """``fn`` (a jit or pmap) compiled for ``args``, with a log line before and after.
+
+  A persistent-cache hit (experiments/trainer/compilation_cache.py) takes well under a
+  second; the line says so. ``seconds`` (a dict) receives the time under ``what``.
+  """
+  log = logging.getLogger("sparse_jax.train")
+  if verbose:
+    log.info("Compiling %s...", what)
+  t = time.time()
+  compiled = fn.lower(*args).compile()
+  if seconds is not None:
+    seconds[what] = time.time() - t
+  if verbose:
+    log.info("Compiled %s in %.1f s.", what, time.time() - t)
+  return compiled
+
+
+class Programs:
+  """Builds, compiles and places everything the training loop runs on devices.
+
+  Keys: ``None`` (a dispatch deciding mask updates in the graph), ``False`` (an
+  ordinary dispatch), ``True`` (the mask-update step) and ``"eval"``.
+  """
+
+  def __init__(self, config, mesh, state, *, step_kwargs, eval_kwargs, on_device: bool,
+               verbose: bool, timings):
+    self.mesh, self.verbose, self.timings = mesh, verbose, timings
+    self.s_per = config.steps_per_dispatch
+    self.step_kwargs = dict(step_kwargs, max_steps=self.s_per)
+    self.names = {None: f"the train dispatch ({self.s_per} steps)",
+                  False: f"the ordinary dispatch ({self.s_per} steps)",
+                  True: "the mask-update step", "eval": "the evaluation"}
+    self._futures = {}
+    self._compiler = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="compile")
+    if mesh is None:
+      self._fns = {"eval": jax.pmap(functools.partial(steps.eval_step, axis_name="batch",
+                                                      **eval_kwargs), axis_name="batch")}
+      return
+    repl = NamedSharding(mesh, P())
+    # One sharding for the whole state (replicated), or one per leaf (fsdp).
+    param_sharding = config.get("param_sharding", "replicated")
+    self.state_sharding = repl if param_sharding == "replicated" else (
+        state_lib.state_shardings(state, mesh, param_sharding))
+    self.data_sharding = (repl,) * 3 if on_device else NamedSharding(mesh, P(None, "data"))
+    self._fns = {"eval": jax.jit(functools.partial(steps.eval_step, **eval_kwargs),
+                                 in_shardings=(self.state_sharding,
+                                               NamedSharding(mesh, P("data"))),
+                                 out_shardings=repl)}
+
+  def place(self, state):
+    """``state`` on the devices as the programs take it (and donate it)."""
+    if self.mesh is None:
+      return state_lib.replicate(state, jax.local_devices())
+    return jax.device_put(state, self.state_sharding)
+
+  def host(self, tree):
+    """``tree`` as one global array per leaf (pmap keeps a copy per device).
+
+    On a mesh the leaves may be sharded (fsdp): read them on the host with
+    ``state.to_host``, on every process.
+    """
+    return tree if self.mesh is not None else jax.tree.map(lambda a: a[0], tree)
+
+  def _dispatch_fn(self, mask_update):
+    if self.mesh is None:
+      return jax.pmap(functools.partial(steps.dispatch_steps, mask_update=mask_update,
+                                        axis_name="batch", **self.step_kwargs),
+                      axis_name="batch", donate_argnums=0)
+    repl = NamedSharding(self.mesh, P())
+    return jax.jit(
+        functools.partial(steps.dispatch_steps, mask_update=mask_update,
+                          batch_sharding=NamedSharding(self.mesh, P("data")),
+                          **self.step_kwargs),
+        in_shardings=(self.state_sharding, self.data_sharding, repl),
+        out_shardings=(self.state_sharding, repl), donate_argnums=0)
+
+  def compile_soon(self, key, args):
+    """Starts compiling program ``key`` for ``args`` (arrays or abstract) unless started."""
+    if key in self._futures:
+      return
+    fn = self._fns["eval"] if key == "eval" else self._dispatch_fn(key)
+    self._futures[key] = self._compiler.submit(
+        compile_logged, fn, state_lib.abstract(args), self.names[key], self.verbose,
+        self.timings["compile_s"])
+
+  def started(self) -> bool:
+    return bool(self._futures)
+
+  def __getitem__(self, key):
+    """Compiled program ``key``, waiting (with a log line) if it is still compiling."""
+    future = self._futures[key]
+    if future.done():
+      return future.result()
+    if self.verbose:
+      logging.getLogger("sparse_jax.train").info("Waiting for %s to compile...",
+                                                 self.names[key])
+    t = time.time()
+    compiled = future.result()
+    self.timings["compile_wait_s"] += time.time() - t
+    return compiled
+
+  def shutdown(self):
+    self._compiler.shutdown(wait=False, cancel_futures=True)
