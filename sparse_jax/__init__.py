@@ -11,6 +11,7 @@ from sparse_jax._distributions import kernel_fans
 from sparse_jax._distributions import KernelFans
 from sparse_jax._distributions import layer_counts
 from sparse_jax._distributions import layer_densities_for
+from sparse_jax._distributions import proportional_counts
 from sparse_jax._distributions import random_masks
 from sparse_jax._gradient_flow import effective_gradient_flow
 from sparse_jax._gradient_flow import gradient_flow_measures
@@ -58,11 +59,12 @@ from sparse_jax._schedules import cosine_regrowth_rate
 from sparse_jax._schedules import cubic_sparsity
 from sparse_jax._schedules import gradual_active_counts
 from sparse_jax._schedules import is_event
-from sparse_jax._select import get_chunk_elements
-from sparse_jax._select import set_chunk_elements
+from sparse_jax._lazy import get_chunk_elements
+from sparse_jax._lazy import set_chunk_elements
 from sparse_jax._select import top_k_masks
-from sparse_jax._straight_through import StraightThroughState
-from sparse_jax._straight_through import get_straight_through_state
+from sparse_jax._state import StraightThroughState
+from sparse_jax._state import get_straight_through_state
+from sparse_jax._state import is_straight_through
 from sparse_jax._straight_through import magnitude_masks
 from sparse_jax._straight_through import masked_params
 from sparse_jax._straight_through import ste
@@ -71,17 +73,18 @@ from sparse_jax._structure import Channels
 from sparse_jax._structure import NM
 from sparse_jax._scheduled_jit import ScheduledStep
 from sparse_jax._scheduled_jit import scheduled_jit
-from sparse_jax._transform import SparseState
+from sparse_jax._state import SparseState
 from sparse_jax._transform import event_schedule
-from sparse_jax._transform import apply_updates
-from sparse_jax._transform import get_masks
-from sparse_jax._transform import get_sparse_state
-from sparse_jax._transform import gmp
-from sparse_jax._transform import granet
-from sparse_jax._transform import rigl
-from sparse_jax._transform import sparse_evolutionary_training
-from sparse_jax._transform import sparsify_params
-from sparse_jax._transform import static
+from sparse_jax._state import apply_updates
+from sparse_jax._state import get_masks
+from sparse_jax._state import get_sparse_state
+from sparse_jax._state import mask_inner_state
+from sparse_jax._methods import gmp
+from sparse_jax._methods import granet
+from sparse_jax._methods import rigl
+from sparse_jax._methods import sparse_evolutionary_training
+from sparse_jax._state import sparsify_params
+from sparse_jax._methods import static
 from sparse_jax._flops import ModelFlops
 from sparse_jax._flops import as_layer_densities
 from sparse_jax._flops import dense_training_flops
@@ -90,7 +93,7 @@ from sparse_jax._flops import model_flops
 from sparse_jax._flops import training_flops
 from sparse_jax._flops import training_step_flops
 from sparse_jax._flops import xla_flops
-from sparse_jax._one_shot import one_shot
+from sparse_jax._methods import one_shot
 from sparse_jax._pruning_at_init import grasp_masks
 from sparse_jax._pruning_at_init import grasp_scores
 from sparse_jax._pruning_at_init import masks_from_scores
@@ -124,6 +127,7 @@ __all__ = [
     "KernelFans",
     "layer_counts",
     "layer_densities_for",
+    "proportional_counts",
     "random_masks",
     "effective_gradient_flow",
     "gradient_flow_measures",
@@ -176,6 +180,7 @@ __all__ = [
     "top_k_masks",
     "StraightThroughState",
     "get_straight_through_state",
+    "is_straight_through",
     "magnitude_masks",
     "masked_params",
     "ste",
@@ -186,6 +191,7 @@ __all__ = [
     "apply_updates",
     "get_masks",
     "get_sparse_state",
+    "mask_inner_state",
     "gmp",
     "granet",
     "rigl",

@@ -246,6 +246,30 @@ def layer_counts(layers: Sequence[_masks.LayerInfo], densities: Sequence[float],
   return counts
 
 
+def proportional_counts(sizes: Sequence[int], total: int) -> list[int]:
+  """Exact per-layer counts that add up to ``total``, in proportion to the sizes.
+
+  The layer-wise split of one overall count: every layer keeps the fraction
+  ``total / sum(sizes)`` of its weights, rounded by largest remainder
+  (``layer_counts``) and kept in [1, n_l].
+
+  Example:
+    >>> sparse_jax.proportional_counts([300, 100, 10], 41)   # 10% of each layer
+    [30, 10, 1]
+
+  Args:
+    sizes: the number of weights of each layer.
+    total: the overall count.
+
+  Returns:
+    One count per layer.
+  """
+  sizes = [int(n) for n in sizes]
+  total = int(total)
+  layers = [_masks.LayerInfo("", (n,), n) for n in sizes]
+  return layer_counts(layers, [total / sum(sizes)] * len(sizes), total)
+
+
 _select_jit = jax.jit(_select.top_k_masks, static_argnums=2)
 
 

@@ -160,13 +160,7 @@ def condense_channels(params: PyTree, masks: PyTree, layers: Sequence[str], *,
   params = _masks.unwrap_variables(params)
   masks = _masks.unpack_masks(_masks.unwrap_variables(masks))
   norms = dict(norms or {})
-  if len(layers) < 1:
-    raise ValueError("condense_channels needs at least one layer.")
-  if set(norms) - set(layers):
-    raise ValueError(f"condense_channels: norms name layers {sorted(set(norms) - set(layers))} "
-                     "that are not in the chain.")
-  if norms and batch_stats is None:
-    raise ValueError("condense_channels: norms need batch_stats (their mean and var).")
+  _check_chain_arguments(layers, norms, batch_stats)
   layer = {n: {k: np.asarray(v) for k, v in _get(params, n).items()} for n in layers}
   alive = []
   for i, name in enumerate(layers):
@@ -175,50 +169,84 @@ def condense_channels(params: PyTree, masks: PyTree, layers: Sequence[str], *,
     alive.append(_alive_units(mask, kernel) if i < len(layers) - 1
                  else np.ones(kernel.shape[-1], bool))
   for i, (name, nxt) in enumerate(zip(layers[:-1], layers[1:])):
-    keep, out = alive[i], layer[name]
-    kernel, nkernel = out["kernel"], layer[nxt]["kernel"]
-    channels, rows = kernel.shape[-1], nkernel.shape[-2]
-    if rows == channels:
-      positions = 1
-    elif nkernel.ndim == 2 and rows % channels == 0:
-      positions = rows // channels  # a flatten of [*spatial, channels]
-    else:
-      raise ValueError(
-          f"condense_channels: layer {nxt!r} takes {rows} inputs, which do not follow "
-          f"the {channels} outputs of {name!r} (nor a flatten of them): the layers must "
-          "form a chain, each feeding the next (residual connections are not "
-          "supported: a skip would need the same units alive on both of its ends).")
-    bias = out.get("bias")
-    y = bias if bias is not None else np.zeros(channels, kernel.dtype)  # a dead unit's output
-    if name in norms:
-      y = _norm_constants(name, norms[name], _get(params, norms[name]),
-                          _get(batch_stats, norms[name]), y, epsilon)
-    constant = np.asarray(activation(jnp.asarray(y)), np.float64)  # each unit's, if dead
-    if keep_constant_channels and nkernel.ndim != 2:
-      keep = alive[i] = keep | (constant != 0)  # their zero filters stay: exact
-    const = constant[~keep]
+    out = layer[name]
+    positions = _chain_positions(name, nxt, out["kernel"], layer[nxt]["kernel"])
+    constant = _dead_unit_outputs(name, out, params, batch_stats, norms, activation,
+                                  epsilon)
+    if keep_constant_channels and layer[nxt]["kernel"].ndim != 2:
+      alive[i] = alive[i] | (constant != 0)  # their zero filters stay: exact
+    keep = alive[i]
     what = "activation(BatchNorm(bias))" if name in norms else "activation(bias)"
-    if nkernel.ndim == 2:
-      w = nkernel.reshape(positions, channels, -1)
-      if np.any(const != 0):
-        shift = np.einsum("c,pco->o", const, w[:, ~keep].astype(np.float64))
-        if "bias" not in layer[nxt]:
-          raise ValueError(f"condense_channels: dead units of {name!r} output "
-                           f"{what} != 0, but {nxt!r} has no bias to fold it into.")
-        nb = layer[nxt]["bias"]
-        layer[nxt]["bias"] = (nb.astype(np.float64) + shift).astype(nb.dtype)
-      layer[nxt]["kernel"] = w[:, keep].reshape(positions * int(keep.sum()), -1)
-    else:
-      if np.any(const != 0):
-        raise ValueError(
-            f"condense_channels: dead units of {name!r} output {what} != 0 "
-            f"into the conv {nxt!r}; a zero-padded conv does not turn a constant "
-            "channel into a bias. Zero those biases (or train with non-positive ones), "
-            "or pass keep_constant_channels=True to keep these channels.")
-      layer[nxt]["kernel"] = nkernel[..., keep, :]
-    out["kernel"] = kernel[..., keep]
-    if bias is not None:
-      out["bias"] = bias[keep]
+    _cut_inputs(name, nxt, layer[nxt], keep, constant[~keep], positions, what)
+    out["kernel"] = out["kernel"][..., keep]
+    if out.get("bias") is not None:
+      out["bias"] = out["bias"][keep]
+  return _condensed(params, batch_stats, layers, layer, norms, alive)
+
+
+def _check_chain_arguments(layers, norms, batch_stats) -> None:
+  if len(layers) < 1:
+    raise ValueError("condense_channels needs at least one layer.")
+  if set(norms) - set(layers):
+    raise ValueError(f"condense_channels: norms name layers {sorted(set(norms) - set(layers))} "
+                     "that are not in the chain.")
+  if norms and batch_stats is None:
+    raise ValueError("condense_channels: norms need batch_stats (their mean and var).")
+
+
+def _chain_positions(name: str, nxt: str, kernel, nkernel) -> int:
+  """How many inputs of ``nxt`` each output unit of ``name`` feeds (a flatten: > 1)."""
+  channels, rows = kernel.shape[-1], nkernel.shape[-2]
+  if rows == channels:
+    return 1
+  if nkernel.ndim == 2 and rows % channels == 0:
+    return rows // channels  # a flatten of [*spatial, channels]
+  raise ValueError(
+      f"condense_channels: layer {nxt!r} takes {rows} inputs, which do not follow "
+      f"the {channels} outputs of {name!r} (nor a flatten of them): the layers must "
+      "form a chain, each feeding the next (residual connections are not "
+      "supported: a skip would need the same units alive on both of its ends).")
+
+
+def _dead_unit_outputs(name: str, out, params, batch_stats, norms, activation,
+                       epsilon) -> np.ndarray:
+  """Each unit's constant output if it is dead (float64): ``activation(y)`` of its
+  bias ``y`` (0 without one), through the layer's batch norm if it has one."""
+  kernel, bias = out["kernel"], out.get("bias")
+  y = bias if bias is not None else np.zeros(kernel.shape[-1], kernel.dtype)
+  if name in norms:
+    y = _norm_constants(name, norms[name], _get(params, norms[name]),
+                        _get(batch_stats, norms[name]), y, epsilon)
+  return np.asarray(activation(jnp.asarray(y)), np.float64)
+
+
+def _cut_inputs(name: str, nxt: str, nlayer, keep: np.ndarray, const: np.ndarray,
+                positions: int, what: str) -> None:
+  """Removes from ``nlayer`` (the layer ``nxt``) the inputs of the dead units of
+  ``name``, folding their constant outputs ``const`` into its bias (a Dense)."""
+  nkernel = nlayer["kernel"]
+  if nkernel.ndim == 2:
+    w = nkernel.reshape(positions, len(keep), -1)
+    if np.any(const != 0):
+      shift = np.einsum("c,pco->o", const, w[:, ~keep].astype(np.float64))
+      if "bias" not in nlayer:
+        raise ValueError(f"condense_channels: dead units of {name!r} output "
+                         f"{what} != 0, but {nxt!r} has no bias to fold it into.")
+      nb = nlayer["bias"]
+      nlayer["bias"] = (nb.astype(np.float64) + shift).astype(nb.dtype)
+    nlayer["kernel"] = w[:, keep].reshape(positions * int(keep.sum()), -1)
+    return
+  if np.any(const != 0):
+    raise ValueError(
+        f"condense_channels: dead units of {name!r} output {what} != 0 "
+        f"into the conv {nxt!r}; a zero-padded conv does not turn a constant "
+        "channel into a bias. Zero those biases (or train with non-positive ones), "
+        "or pass keep_constant_channels=True to keep these channels.")
+  nlayer["kernel"] = nkernel[..., keep, :]
+
+
+def _condensed(params, batch_stats, layers, layer, norms, alive) -> Condensed:
+  """The ``Condensed`` of the shrunk ``layer`` arrays (and their norms' entries)."""
   new, new_stats = params, batch_stats
   for i, name in enumerate(layers):
     new = _set(new, name, {**_get(params, name),

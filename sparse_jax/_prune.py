@@ -7,7 +7,7 @@ through the radix selector of ``_select``.
 
 Each is built from a *plan* (a few numbers per layer: the selection's thresholds,
 computed by histogram passes over chunks) and an *apply* step that turns a plan
-into lazy masks (``_select.Lazy``). The optimizer wrapper computes plans inside a
+into lazy masks (``_lazy.Lazy``). The optimizer wrapper computes plans inside a
 ``lax.cond`` (only scalars leave it) and materialises a stage's bool masks only
 where a later stage reads them, so no keys or scatter indices of a whole model
 are ever allocated.
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from sparse_jax import _lazy
 from sparse_jax import _masks
 from sparse_jax import _select
 
@@ -63,9 +64,9 @@ def same_bits(xs: list) -> list:
   return lax.optimization_barrier(list(xs))
 
 
-def _magnitude_keys(w, m) -> _select.Lazy:
+def _magnitude_keys(w, m) -> _lazy.Lazy:
   """Lazy keys of |w| on the positions active in ``m`` (array or Lazy)."""
-  return _select.lazy_map(lambda index, w, m: _select.score_keys(w, m), w, m)
+  return _lazy.lazy_map(lambda index, w, m: _select.score_keys(w, m), w, m)
 
 
 def _top_and_first(index, x):
@@ -83,7 +84,7 @@ def _larger(a, b):
 
 def layer_active_counts(masks: PyTree) -> jax.Array:
   """Active weights per prunable layer (int32 [L], flattening order)."""
-  return jnp.stack([_select.count_true(m) for m in jax.tree.leaves(masks)])
+  return jnp.stack([_lazy.count_true(m) for m in jax.tree.leaves(masks)])
 
 
 class GlobalPlan(NamedTuple):
@@ -94,19 +95,19 @@ class GlobalPlan(NamedTuple):
 
 def _forced_keys(ws, ms, first):
   def forced(index, x, l):
-    return jnp.where(index == _select.entry(first, l), jnp.uint32(_select.FORCED), x)
-  return [_select.lazy_map(lambda index, x, l=l: forced(index, x, l), _magnitude_keys(w, m))
-          for l, w, m in zip(_select.leaf_numbers(range(len(ws))), ws, ms)]
+    return jnp.where(index == _lazy.entry(first, l), jnp.uint32(_select.FORCED), x)
+  return [_lazy.lazy_map(lambda index, x, l=l: forced(index, x, l), _magnitude_keys(w, m))
+          for l, w, m in zip(_lazy.leaf_numbers(range(len(ws))), ws, ms)]
 
 
 def global_prune_plan(ws, ms, num_active) -> GlobalPlan:
   """Plan of ``global_magnitude_prune`` over leaf lists (masks: arrays or Lazy)."""
   firsts = []
   for w, m in zip(ws, ms):
-    top, first = _select.map_reduce_lazy(_top_and_first, _magnitude_keys(w, m), _larger)
+    top, first = _lazy.map_reduce_lazy(_top_and_first, _magnitude_keys(w, m), _larger)
     firsts.append(jnp.where(top > 0, first, _NONE))  # an empty layer forces nothing
   first = jnp.stack(firsts)
-  counts = [_select.count_true(m) for m in ms]
+  counts = [_lazy.count_true(m) for m in ms]
   active = sum(counts)
   # At least one weight per non-empty layer: with num_active below the number of
   # layers the forced weights alone exceed it, and a plain minimum would let the
@@ -122,7 +123,7 @@ def keep_all_global_plan(num_layers: int) -> GlobalPlan:
   return GlobalPlan(jnp.full((num_layers,), _NONE), _select.Selection.all_positive(1))
 
 
-def apply_global_plan(ws, ms, plan: GlobalPlan) -> list[_select.Lazy]:
+def apply_global_plan(ws, ms, plan: GlobalPlan) -> list[_lazy.Lazy]:
   return _select.selected_masks(_forced_keys(ws, ms, plan.first), (0,) * len(ws), plan.sel)
 
 
@@ -167,13 +168,13 @@ def layerwise_prune_plan(ws, ms, num_active, active=None) -> _select.Selection:
   ``active``: the masks' per-layer counts if already known (saves a pass).
   """
   if active is None:
-    active = jnp.stack([_select.count_true(m) for m in ms])
+    active = jnp.stack([_lazy.count_true(m) for m in ms])
   k = layerwise_keep_counts(num_active, active)
   keys = [_magnitude_keys(w, m) for w, m in zip(ws, ms)]
   return _select.top_k_selection(keys, k, tuple(range(len(ws))))
 
 
-def apply_layerwise_plan(ws, ms, sel: _select.Selection) -> list[_select.Lazy]:
+def apply_layerwise_plan(ws, ms, sel: _select.Selection) -> list[_lazy.Lazy]:
   keys = [_magnitude_keys(w, m) for w, m in zip(ws, ms)]
   return _select.selected_masks(keys, tuple(range(len(ws))), sel)
 
@@ -198,7 +199,7 @@ def layerwise_magnitude_prune(params: PyTree, masks: PyTree, num_active) -> PyTr
 
 def drop_plan(ws, ms, num_drop) -> _select.Selection:
   """Plan of ``drop_smallest`` over leaf lists (masks: arrays or Lazy)."""
-  active = jnp.stack([_select.count_true(m) for m in ms])
+  active = jnp.stack([_lazy.count_true(m) for m in ms])
   return layerwise_prune_plan(ws, ms, active - jnp.asarray(num_drop, jnp.int32))
 
 

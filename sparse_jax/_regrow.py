@@ -12,6 +12,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from sparse_jax import _lazy
 from sparse_jax import _masks
 from sparse_jax import _prune
 from sparse_jax import _select
@@ -20,24 +21,25 @@ PyTree = _masks.PyTree
 GROWTH_MODES = ("gradient", "momentum", "random")
 
 
-def _score_keys(ss, ms):
-  return [_select.lazy_map(lambda index, s, m: _select.score_keys(s, ~m), s, m)
+def growth_keys(ss, ms):
+  """Lazy keys of |score| ``ss``, 0 where the masks ``ms`` are active (no candidate)."""
+  return [_lazy.lazy_map(lambda index, s, m: _select.score_keys(s, ~m), s, m)
           for s, m in zip(ss, ms)]
 
 
 def _grow_plan(keys, ms, num_grow, active=None) -> _select.Selection:
   if active is None:
-    active = jnp.stack([_select.count_true(m) for m in ms])
+    active = jnp.stack([_lazy.count_true(m) for m in ms])
   inactive = jnp.asarray([m.size for m in ms], jnp.int32) - active
   n = jnp.clip(jnp.asarray(num_grow, jnp.int32), 0, inactive)
   return _select.top_k_selection(keys, n, tuple(range(len(ms))))
 
 
-def _apply_grow(keys, ms, sel: _select.Selection) -> list[_select.Lazy]:
+def _apply_grow(keys, ms, sel: _select.Selection) -> list[_lazy.Lazy]:
   picked = _select.selected_masks(keys, tuple(range(len(ms))), sel)
   # A position with key 0 (active) is picked only when n exceeds the candidates,
   # which the plan's clip rules out; the OR keeps the old mask regardless.
-  return [_select.lazy_map(lambda index, m, p: m | p, m, p) for m, p in zip(ms, picked)]
+  return [_lazy.lazy_map(lambda index, m, p: m | p, m, p) for m, p in zip(ms, picked)]
 
 
 def score_grow_plan(ss, ms, num_grow, active=None) -> _select.Selection:
@@ -45,11 +47,11 @@ def score_grow_plan(ss, ms, num_grow, active=None) -> _select.Selection:
 
   ``active``: the masks' per-layer counts if already known (saves a pass).
   """
-  return _grow_plan(_score_keys(ss, ms), ms, num_grow, active)
+  return _grow_plan(growth_keys(ss, ms), ms, num_grow, active)
 
 
-def apply_score_grow(ss, ms, sel: _select.Selection) -> list[_select.Lazy]:
-  return _apply_grow(_score_keys(ss, ms), ms, sel)
+def apply_score_grow(ss, ms, sel: _select.Selection) -> list[_lazy.Lazy]:
+  return _apply_grow(growth_keys(ss, ms), ms, sel)
 
 
 def regrow_by_score(scores: PyTree, masks: PyTree, num_grow) -> PyTree:
@@ -98,22 +100,23 @@ class RandomPlan(NamedTuple):
   sel: _select.Selection
 
 
-def _random_keys(ms, words):
+def random_keys(ms, words):
+  """Lazy random keys of the masks ``ms`` (0 where active) from each layer's ``words``."""
   def keys_fn(index, m, seed):
     bits = _mix32(_mix32(index ^ seed[0]) + seed[1])
     return jnp.where(m, jnp.uint32(0), (bits >> 1) + jnp.uint32(1))
-  return [_select.lazy_map(lambda index, m, l=l: keys_fn(index, m, _select.entry(words, l)), m)
-          for l, m in zip(_select.leaf_numbers(range(len(ms))), ms)]
+  return [_lazy.lazy_map(lambda index, m, l=l: keys_fn(index, m, _lazy.entry(words, l)), m)
+          for l, m in zip(_lazy.leaf_numbers(range(len(ms))), ms)]
 
 
 def random_grow_plan(key, ms, num_grow, active=None) -> RandomPlan:
   """Plan of ``regrow_random`` over a list of masks (arrays or ``Lazy``)."""
   words = jax.random.bits(key, (len(ms), 2), jnp.uint32)
-  return RandomPlan(words, _grow_plan(_random_keys(ms, words), ms, num_grow, active))
+  return RandomPlan(words, _grow_plan(random_keys(ms, words), ms, num_grow, active))
 
 
-def apply_random_grow(ms, plan: RandomPlan) -> list[_select.Lazy]:
-  return _apply_grow(_random_keys(ms, plan.words), ms, plan.sel)
+def apply_random_grow(ms, plan: RandomPlan) -> list[_lazy.Lazy]:
+  return _apply_grow(random_keys(ms, plan.words), ms, plan.sel)
 
 
 def regrow_random(key: jax.Array, masks: PyTree, num_grow) -> PyTree:

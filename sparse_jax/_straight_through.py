@@ -15,28 +15,23 @@ masks = magnitude masks of ``w + u`` (the weights the next forward pass sees).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
 
+from sparse_jax import _arguments
 from sparse_jax import _distributions
 from sparse_jax import _masks
 from sparse_jax import _prune
 from sparse_jax import _schedules
+from sparse_jax import _state
 from sparse_jax import _structure
-from sparse_jax import _transform
+from sparse_jax import _structured_masks
 
 PyTree = Any
-
-
-class StraightThroughState(NamedTuple):
-  """State of ``ste``: the masks of the forward pass and the inner optimizer's state."""
-  count: jax.Array  # int32 [], optimizer updates completed
-  masks: PyTree  # bool on prunable leaves, None elsewhere
-  inner_state: optax.OptState
 
 
 def magnitude_masks(params: PyTree, prunable: PyTree, sparsity: float, *,
@@ -59,9 +54,9 @@ def magnitude_masks(params: PyTree, prunable: PyTree, sparsity: float, *,
   st = _structure.leaf_structure(structure, params, prunable)
   if st.grouped:
     ones = [jnp.ones(w.shape, bool) for w in ws]
-    chosen = _structure.prune_in_groups(st, ws, ones, structure.n)
+    chosen = _structured_masks.prune_in_groups(st, ws, ones, structure.n)
   else:
-    us = _structure.unit_scores(st, ws)
+    us = _structured_masks.unit_scores(st, ws)
     ones = [jnp.ones(u.shape, bool) for u in us]
     layers = [_masks.LayerInfo("", tuple(u.shape), int(u.size)) for u in us]
     total = _distributions.active_count(sparsity, sum(l.size for l in layers))
@@ -72,7 +67,7 @@ def magnitude_masks(params: PyTree, prunable: PyTree, sparsity: float, *,
       counts = _distributions.layer_counts(layers, [1.0 - sparsity] * len(layers), total)
       sel = _prune.layerwise_prune_plan(us, ones, jnp.asarray(counts, jnp.int32))
       kept = _prune.apply_layerwise_plan(us, ones, sel)
-    chosen = _structure.from_units(st, [m.compute() for m in kept])
+    chosen = _structured_masks.from_units(st, [m.compute() for m in kept])
   it = iter(chosen)
   return jax.tree.unflatten(treedef, [next(it) if f else None for f in flags])
 
@@ -109,18 +104,18 @@ def ste(inner: optax.GradientTransformation, *, sparsity: float | None = None,
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
-    ``StraightThroughState``.
+    ``StraightThroughState`` (``_state``).
   """
   structure, sparsity = _structure.check_arguments(structure, sparsity)
-  s = _transform._check_sparsity(sparsity)  # pylint: disable=protected-access
+  s = _arguments.check_sparsity(sparsity)
   update_every = _schedules.check_int(update_every, "update_every")
   _schedules.check_steps(update_every=update_every)
   lam = _schedules.check_number(decay, "decay")
   if not lam >= 0.0:
     raise ValueError(f"decay={decay!r} must be >= 0 (SR-STE's lambda_w, e.g. 2e-4).")
-  _transform._check_common("erk", "gradient", scope, "exact")  # pylint: disable=protected-access
-  selector = _transform._selector(include, exclude, keep_first_dense, keep_last_dense,  # pylint: disable=protected-access
-                                  embeddings)
+  _arguments.check_common("erk", "gradient", scope, "exact")
+  selector = _arguments.selector(include, exclude, keep_first_dense, keep_last_dense,
+                                 embeddings)
   inner = optax.with_extra_args_support(inner)
 
   def masks_of(params):
@@ -129,8 +124,8 @@ def ste(inner: optax.GradientTransformation, *, sparsity: float | None = None,
     return magnitude_masks(params, prunable, s, structure=structure, scope=scope)
 
   def init_fn(params):
-    return StraightThroughState(jnp.zeros((), jnp.int32), masks_of(params),
-                                inner.init(params))
+    return _state.StraightThroughState(jnp.zeros((), jnp.int32), masks_of(params),
+                                       inner.init(params))
 
   def update_fn(grads, state, params=None, **extra_args):
     if params is None:
@@ -147,35 +142,9 @@ def ste(inner: optax.GradientTransformation, *, sparsity: float | None = None,
       masks = recompute()
     else:
       masks = lax.cond(t % update_every == 0, recompute, lambda: state.masks)
-    return updates, StraightThroughState(t, masks, inner_state)
+    return updates, _state.StraightThroughState(t, masks, inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _find_states(opt_state) -> list[StraightThroughState]:
-  if hasattr(opt_state, "opt_state") and not isinstance(opt_state, tuple):
-    opt_state = opt_state.opt_state  # an nnx.Optimizer
-  is_state = lambda x: isinstance(x, StraightThroughState)
-  return [x for x in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(x)]
-
-
-def is_straight_through(opt_state) -> bool:
-  """Whether ``opt_state`` holds a ``sparse_jax.ste`` state (dense weights, masked forward)."""
-  return bool(_find_states(opt_state))
-
-
-def get_straight_through_state(opt_state) -> StraightThroughState:
-  """The ``StraightThroughState`` inside any optimizer state (chains, NNX).
-
-  Example:
-    >>> masks = sparse_jax.get_straight_through_state(opt_state).masks
-  """
-  found = _find_states(opt_state)
-  if len(found) != 1:
-    raise ValueError(
-        f"Expected exactly one sparse_jax.ste state in the optimizer state, found "
-        f"{len(found)}. Build the optimizer with sparse_jax.ste(...).")
-  return _masks.unwrap_variables(found[0])
 
 
 def masked_params(params: PyTree, opt_state) -> PyTree:
@@ -189,8 +158,8 @@ def masked_params(params: PyTree, opt_state) -> PyTree:
   Example:
     >>> logits = model.apply({"params": sparse_jax.masked_params(p, opt_state)}, x)
   """
-  masks = (get_straight_through_state(opt_state).masks if _find_states(opt_state)
-           else _transform.get_masks(opt_state))
+  masks = (_state.get_straight_through_state(opt_state).masks
+           if _state.is_straight_through(opt_state) else _state.get_masks(opt_state))
   params = _masks.unwrap_variables(params)
   return jax.tree.map(
       lambda p, m: p if m is None else p + lax.stop_gradient(jnp.where(m, p, 0) - p),

@@ -32,6 +32,9 @@ RMS ranks as the block norm everywhere.
 
 Ties are broken as ``_select`` breaks them: lower flat index first (of the unit
 array for blocks and channels, within the group for N:M).
+
+This module holds the structures, the views of the layers and the checks;
+``_structured_masks`` the mask operations under a structure.
 """
 
 from __future__ import annotations
@@ -42,15 +45,11 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from sparse_jax import _distributions
 from sparse_jax import _masks
-from sparse_jax import _regrow
 from sparse_jax import _schedules
-from sparse_jax import _select
 
 PyTree = Any
 
@@ -193,12 +192,7 @@ def leaf_structure(structure, tree: PyTree, masks: PyTree) -> LeafStructure:
   return LeafStructure(structure, views)
 
 
-# ---------------------------------------------------------------------------
-# Units: blocks and channels
-# ---------------------------------------------------------------------------
-
-
-def _unit_split(structure, v: KernelView) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def unit_split(structure, v: KernelView) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """A shape that splits the view into units, and the axes inside a unit."""
   *rec, fan_in, fan_out = v.view
   if isinstance(structure, Block):
@@ -211,55 +205,13 @@ def _unit_split(structure, v: KernelView) -> tuple[tuple[int, ...], tuple[int, .
 def unit_shape(structure, v: KernelView) -> tuple[int, ...]:
   """Shape of a layer's unit array: ``(*receptive, fan_in/rows, fan_out/cols)`` or
   ``(fan_out,)``."""
-  split, axes = _unit_split(structure, v)
+  split, axes = unit_split(structure, v)
   return tuple(n for a, n in enumerate(split) if a not in axes)
 
 
-def _unit_rms(structure, v: KernelView, x) -> jax.Array:
-  split, axes = _unit_split(structure, v)
-  x = jnp.reshape(x, split).astype(jnp.float32)
-  return jnp.sqrt(jnp.mean(jnp.square(x), axis=axes))
-
-
-def _unit_any(structure, v: KernelView, m) -> jax.Array:
-  split, axes = _unit_split(structure, v)
-  return jnp.any(jnp.reshape(m, split), axis=axes)
-
-
-def _expand(structure, v: KernelView, u) -> jax.Array:
-  split, axes = _unit_split(structure, v)
-  return jnp.broadcast_to(jnp.expand_dims(u, axes), split).reshape(v.shape)
-
-
-def unit_scores(st: LeafStructure, xs: list) -> list:
-  """Per-unit RMS of each leaf for blocks and channels; ``xs`` itself otherwise.
-
-  Behind a barrier: every ranking pass must read the same bits (see
-  ``_transform``'s note on ``w + u``).
-  """
-  if not st.units:
-    return xs
-  return lax.optimization_barrier(
-      [_unit_rms(st.structure, v, x) for v, x in zip(st.views, xs)])
-
-
-def unit_masks(st: LeafStructure, ms: list) -> list:
-  """Each leaf's unit mask for blocks and channels (a unit is active if any of its
-  weights is: all are); ``ms`` itself otherwise."""
-  if not st.units:
-    return ms
-  return [_unit_any(st.structure, v, _select.lazy(m).compute()) for v, m in zip(st.views, ms)]
-
-
-def from_units(st: LeafStructure, ms: list) -> list:
-  """Full masks of unit masks for blocks and channels; ``ms`` itself otherwise."""
-  if not st.units:
-    return ms
-  return [_expand(st.structure, v, m) for v, m in zip(st.views, ms)]
-
 
 # ---------------------------------------------------------------------------
-# N:M groups
+# N:M counts, arguments, given masks
 # ---------------------------------------------------------------------------
 
 
@@ -291,128 +243,6 @@ def group_count_table(structure: NM, *, initial_sparsity: float, final_sparsity:
                                             final_sparsity=final_sparsity, k0=k0, kf=kf),
                   structure.m)
       for k in range(kf + 1)], np.int32)
-
-
-def _groups(m: int, v: KernelView, x) -> jax.Array:
-  """``x`` as ``[*receptive, fan_in / m, m, fan_out]``."""
-  *rec, fan_in, fan_out = v.view
-  return jnp.reshape(x, (*rec, fan_in // m, m, fan_out))
-
-
-def _ranks_in_groups(keys: jax.Array) -> jax.Array:
-  """Rank of each key in its group (axis -2): how many beat it (larger, or equal
-  at a lower index). An ``m x m`` comparison per group; ``m`` is small."""
-  m = keys.shape[-2]
-  other, this = keys[..., None, :, :], keys[..., :, None, :]
-  earlier = (lax.broadcasted_iota(jnp.int32, (m, m, 1), 1)
-             < lax.broadcasted_iota(jnp.int32, (m, m, 1), 0))
-  beats = (other > this) | ((other == this) & earlier)
-  return jnp.sum(beats, axis=-2, dtype=jnp.int32)
-
-
-def select_in_groups(m: int, v: KernelView, keys, count) -> jax.Array:
-  """True at the ``count`` largest keys of every group (``count``: int32 scalar or
-  one per group, ``[*receptive, fan_in / m, 1, fan_out]``), in the kernel's shape."""
-  ranks = _ranks_in_groups(_groups(m, v, _select.lazy(keys).compute()))
-  return (ranks < count).reshape(v.shape)
-
-
-def count_in_groups(m: int, v: KernelView, mask) -> jax.Array:
-  """Active weights per group, int32 ``[*receptive, fan_in / m, 1, fan_out]``."""
-  return jnp.sum(_groups(m, v, _select.lazy(mask).compute()), axis=-2, keepdims=True,
-                 dtype=jnp.int32)
-
-
-def prune_in_groups(st: LeafStructure, ws: list, ms: list, count) -> list:
-  """Keeps the ``count`` largest-magnitude active weights of every group.
-
-  A group with fewer active weights keeps them all (pruning only shrinks).
-  """
-  m = st.structure.m
-  out = []
-  for v, w, mask in zip(st.views, ws, ms):
-    mask = _select.lazy(mask).compute()
-    out.append(mask & select_in_groups(m, v, _select.score_keys(w, mask), count))
-  return out
-
-
-def grow_in_groups(st: LeafStructure, keys: list, before: list, dropped: list) -> list:
-  """Regrows, in every group, as many positions as the drop took from it.
-
-  ``keys``: the growth keys per leaf (0 where not a candidate, i.e. active in
-  ``dropped``), so every group of ``dropped | grown`` has its count of ``before``.
-  """
-  m = st.structure.m
-  out = []
-  for v, k, b, d in zip(st.views, keys, before, dropped):
-    d = _select.lazy(d).compute()
-    need = count_in_groups(m, v, b) - count_in_groups(m, v, d)
-    out.append(d | (select_in_groups(m, v, k, need) & ~d))
-  return out
-
-
-def group_growth(st: LeafStructure, mode: str, rng, scores, before: list):
-  """``(plan, apply, nothing)``: the growth stage of a mask update for N:M.
-
-  ``plan(dropped, num, kept)`` returns what a ``lax.cond`` hands out (the random
-  words of ``growth="random"``, else nothing); ``apply(dropped, plan)`` the grown
-  masks. The drop is the layer-wise one of every method; growth then refills each
-  group inside it (as SRigL keeps a constant fan-in), so groups keep their count.
-  """
-  num_layers = len(before)
-  if mode == "random":
-    plan = lambda dropped, num, kept: jax.random.bits(rng, (num_layers, 2), jnp.uint32)
-    nothing = jnp.zeros((num_layers, 2), jnp.uint32)
-    keys = lambda dropped, words: _regrow._random_keys(dropped, words)  # pylint: disable=protected-access
-  else:
-    plan = lambda dropped, num, kept: jnp.zeros((), jnp.int32)
-    nothing = jnp.zeros((), jnp.int32)
-    keys = lambda dropped, _: _regrow._score_keys(scores, dropped)  # pylint: disable=protected-access
-
-  def apply(dropped, plan_value):
-    dropped = [_select.lazy(d).compute() for d in dropped]
-    return grow_in_groups(st, keys(dropped, plan_value), before, dropped)
-
-  return plan, apply, nothing
-
-
-# ---------------------------------------------------------------------------
-# Start masks, arguments, given masks
-# ---------------------------------------------------------------------------
-
-
-def random_masks(structure, key, params: PyTree, prunable: PyTree, sparsity: float,
-                 distribution, sampling: str) -> PyTree:
-  """Random structured start masks at ``sparsity`` (a tree like ``params``).
-
-  N:M: ``group_count(sparsity, m)`` random weights in every group. Blocks and
-  channels: ``_distributions.random_masks`` on the unit arrays, with the layer
-  densities of ``distribution`` (read from the kernels' shapes) turned into exact
-  unit counts that add up to ``active_count(sparsity, total units)``.
-  """
-  params = _masks.unwrap_variables(params)
-  st = leaf_structure(structure, params, prunable)
-  leaves, treedef = jax.tree.flatten(params)
-  flags = treedef.flatten_up_to(prunable)
-  if st.grouped:
-    c = group_count(sparsity, structure.m)
-    keys = jax.random.split(key, len(st.views))
-    chosen = [select_in_groups(structure.m, v,
-                               (jax.random.bits(k, v.shape, jnp.uint32) >> 1) + 1, c)
-              for k, v in zip(keys, st.views)]
-  else:
-    layers = [_masks.LayerInfo(v.name, v.shape, math.prod(v.shape)) for v in st.views]
-    densities = _distributions.layer_densities_for(layers, sparsity, distribution)
-    shapes = [unit_shape(structure, v) for v in st.views]
-    unit_layers = [_masks.LayerInfo(v.name, s, math.prod(s)) for v, s in zip(st.views, shapes)]
-    total = None if isinstance(distribution, Mapping) else _distributions.active_count(
-        sparsity, sum(l.size for l in unit_layers))
-    counts = _distributions.layer_counts(unit_layers, densities, total)
-    units = _distributions.random_masks(key, [np.zeros(s, bool) for s in shapes],
-                                        [True] * len(shapes), counts, sampling=sampling)
-    chosen = from_units(st, units)
-  it = iter(chosen)
-  return jax.tree.unflatten(treedef, [next(it) if f else None for f in flags])
 
 
 def check_arguments(structure, sparsity, *, distribution="erk", sampling="exact",
@@ -477,7 +307,7 @@ def check_initial_masks(structure, initial_masks: PyTree | None) -> None:
             f"{structure.m} inputs hold {sorted(counts)} active weights across the "
             "masks; every group of every layer must hold the same number.")
     else:
-      split, axes = _unit_split(structure, v)
+      split, axes = unit_split(structure, v)
       units = m.reshape(split)
       if np.any(units.any(axis=axes) != units.all(axis=axes)):
         raise ValueError(

@@ -17,6 +17,7 @@ import pytest
 
 from experiments.trainer import config_checks
 from experiments.studies.gradient_flow import sweep as gradient_flow_sweep
+from experiments.studies.gradient_flow import tuning as gradient_flow_tuning
 from experiments.trainer import imp
 from experiments.data import input_pipeline
 from experiments.studies import scsdc
@@ -72,10 +73,10 @@ def test_the_family_method_choices_are_the_trainers_methods():
   assert set(default.METHODS) - {"granet_st"} == set(config_checks.CHOICES[
       "sparsity.method"][1])
   import sparse_jax
-  from sparse_jax import _distributions, _regrow, _transform
+  from sparse_jax import _arguments, _distributions, _regrow
   assert config_checks.CHOICES["sparsity.distribution"][1] == _distributions.DISTRIBUTIONS
   assert config_checks.CHOICES["sparsity.growth"][1] == _regrow.GROWTH_MODES
-  assert config_checks.CHOICES["sparsity.scope"][1] == _transform.SCOPES
+  assert config_checks.CHOICES["sparsity.scope"][1] == _arguments.SCOPES
   assert config_checks.CHOICES["imp.rewind"][1] == imp.REWIND_MODES
   assert sparse_jax.METHODS
 
@@ -86,7 +87,7 @@ def test_every_run_of_the_gradient_flow_studies_validates(study_file):
   config = load(f"experiments/configs/{study_file}")
   study = config.study
   finals = gradient_flow_sweep.grid_runs(study)
-  runs = gradient_flow_sweep.tuning_runs(study, finals) + finals
+  runs = gradient_flow_tuning.tuning_runs(study, finals) + finals
   capacities = {}
   for run in runs:
     if run.density not in capacities:

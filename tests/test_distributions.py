@@ -178,6 +178,17 @@ def test_layer_counts_exact_for_erk():
     assert all(abs(c - d * l.size) < 1 for c, d, l in zip(counts, dens, layers))
 
 
+def test_proportional_counts_by_hand():
+  # 41 of 410: 10% of each layer exactly.
+  assert sj.proportional_counts([300, 100, 10], 41) == [30, 10, 1]
+  # 50 of 111: ideal 45.04.., 4.50.., 0.45.. -> floors 45, 4 and 1 (every layer
+  # keeps one) add up to 50.
+  assert sj.proportional_counts([100, 10, 1], 50) == [45, 4, 1]
+  # 7 of 12 over [5, 7]: ideal 2.91.., 4.08.. -> floors 2, 4; the one left goes to
+  # the larger remainder (layer 0).
+  assert sj.proportional_counts([5, 7], 7) == [3, 4]
+
+
 # ---------------------------------------------------------------------------
 # random_masks
 # ---------------------------------------------------------------------------

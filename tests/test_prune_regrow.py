@@ -332,7 +332,7 @@ def test_regrow_random_hash_stream_is_uniform_and_chunk_invariant(monkeypatch):
   together = np.sum(picks[:, 1:] & picks[:, :-1])
   assert 0.8 * 2995 < together < 1.2 * 2995, together
   # Chunked selection (forced by a tiny chunk bound) picks the same positions.
-  monkeypatch.setattr(sj._select, "CHUNK_ELEMENTS", 64)
+  monkeypatch.setattr(sj._lazy, "CHUNK_ELEMENTS", 64)
   chunked = jax.jit(lambda k: sj.regrow_random(k, masks, jnp.array([60]))["w"])
   np.testing.assert_array_equal(np.asarray(chunked(keys[7])).reshape(-1), picks[7])
 

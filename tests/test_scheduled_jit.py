@@ -9,6 +9,7 @@ from flax import nnx
 from flax.training import train_state
 
 import sparse_jax
+from sparse_jax import _transform
 
 
 def _params():
@@ -68,7 +69,7 @@ def test_programs_and_count():
   traced = []
 
   def step(state, x, y):
-    traced.append(sparse_jax._transform.MASK_UPDATE.get())  # pylint: disable=protected-access
+    traced.append(_transform.MASK_UPDATE.get())
     return _step(state, x, y)
 
   scheduled = sparse_jax.scheduled_jit(tx)(step)
@@ -77,7 +78,7 @@ def test_programs_and_count():
   # One trace per program: ordinary (False) first, the event (True) at update 4.
   assert traced == [False, True]
   assert scheduled.count == 9 == int(state.step)
-  assert sparse_jax._transform.MASK_UPDATE.get() is None  # pylint: disable=protected-access
+  assert _transform.MASK_UPDATE.get() is None
 
 
 def test_resume_count_picks_the_right_program():

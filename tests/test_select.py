@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sparse_jax import _lazy
 from sparse_jax import _select
 
 # Fixed leaf shapes so that hypothesis only changes values (traced), never shapes:
@@ -211,17 +212,17 @@ def test_top_k_tiny(n):
 
 def test_chunk_plan_hand_values():
   # Below the bound: one piece.
-  assert _select.chunk_plan((100, 10), 1000) is None
+  assert _lazy.chunk_plan((100, 10), 1000) is None
   # 4096x4096 at 2**20 per chunk: 16 chunks of rows (4096 / 16 = 256 = 2**8).
-  assert _select.chunk_plan((4096, 4096), 2**20) == (0, 16)
+  assert _lazy.chunk_plan((4096, 4096), 2**20) == (0, 16)
   # 784 = 16 * 49 rows, need 4: the divisors 4..16 of 784 are 4, 7, 8, 14, 16,
   # leaving 196, 112, 98, 56, 49 rows per chunk with 2, 4, 1, 3, 0 factors of 2.
-  assert _select.chunk_plan((784, 4096), 2**20) == (0, 7)
+  assert _lazy.chunk_plan((784, 4096), 2**20) == (0, 7)
   # 2560 = 2**9 * 5 rows, need 10: divisors 10..40 of 2560: 10, 16, 20, 32, 40;
   # 2560/c = 256, 160, 128, 80, 64 -> factors of 2: 8, 5, 7, 4, 6 -> c = 10.
-  assert _select.chunk_plan((2560, 4096), 2**20) == (0, 10)
+  assert _lazy.chunk_plan((2560, 4096), 2**20) == (0, 10)
   # The first axis too short (3 < need 5): split the next one.
-  assert _select.chunk_plan((3, 3, 64, 64), 8192) == (2, 8)
+  assert _lazy.chunk_plan((3, 3, 64, 64), 8192) == (2, 8)
 
 
 CHUNKED_CASES = [
@@ -237,9 +238,9 @@ CHUNKED_CASES = [
 def test_chunked_top_k_matches_brute_force(monkeypatch, shapes, groups, bound, copies_from):
   # copies_from=1: every group's histogram in _COPIES interleaved copies (as groups
   # of >= 2**18 elements are), summed at the end: the counts must not change.
-  monkeypatch.setattr(_select, "CHUNK_ELEMENTS", bound)
+  monkeypatch.setattr(_lazy, "CHUNK_ELEMENTS", bound)
   monkeypatch.setattr(_select, "_COPIES_FROM", copies_from)
-  assert all(_select.chunk_plan(s) is not None for s in shapes if np.prod(s) > bound)
+  assert all(_lazy.chunk_plan(s) is not None for s in shapes if np.prod(s) > bound)
   rng = np.random.default_rng(1)
   keys = [rng.integers(0, 4, size=s).astype(np.uint32) for s in shapes]  # many ties
   keys[0][0, 0] = _select.FORCED
@@ -256,12 +257,12 @@ def test_chunked_top_k_matches_brute_force(monkeypatch, shapes, groups, bound, c
 def test_lazy_keys_are_computed_from_their_sources(monkeypatch):
   # Lazy keys with the index: keys = |w| except a forced position picked by index,
   # selected chunk by chunk, equal the same keys given as a materialised array.
-  monkeypatch.setattr(_select, "CHUNK_ELEMENTS", 10)
+  monkeypatch.setattr(_lazy, "CHUNK_ELEMENTS", 10)
   w = jnp.asarray(np.random.default_rng(2).normal(size=(8, 6)), jnp.float32)
   m = jnp.asarray(np.random.default_rng(3).random((8, 6)) < 0.7)
   fn = lambda index, w, m: jnp.where(index == 17, jnp.uint32(_select.FORCED),
                                      _select.score_keys(w, m))
-  lazy = _select.Lazy(fn, (w, m))
+  lazy = _lazy.Lazy(fn, (w, m))
   eager = np.asarray(fn(jnp.arange(48, dtype=jnp.uint32).reshape(8, 6), w, m))
   np.testing.assert_array_equal(np.asarray(lazy.compute()), eager)
   got = jax.jit(lambda: _select.top_k_masks([lazy], jnp.array([9]), (0,)))()[0]
@@ -276,9 +277,9 @@ def test_set_chunk_elements_sets_the_bound_and_rejects_nonsense():
     sparse_jax.set_chunk_elements(1000)
     # 2000 elements, need 2: divisors 2..8 of 100 are 2, 4, 5, leaving 50, 25, 20
     # rows per chunk with 1, 0, 2 factors of 2 -> 5 chunks.
-    assert _select.chunk_plan((100, 20)) == (0, 5)
+    assert _lazy.chunk_plan((100, 20)) == (0, 5)
     sparse_jax.set_chunk_elements(2**24)
-    assert _select.chunk_plan((4096, 4096)) is None
+    assert _lazy.chunk_plan((4096, 4096)) is None
     with pytest.raises(ValueError, match=">= 1"):
       sparse_jax.set_chunk_elements(0)
   finally:

@@ -18,7 +18,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from experiments.trainer import sharding
-from sparse_jax import _select
+from sparse_jax import _lazy
 from tests import multidevice
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,12 +26,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_flat_index_is_the_row_major_position():
   # Hand computation for shape (2, 3, 4): position (i, j, k) -> 12 i + 4 j + k.
-  idx = np.asarray(jax.jit(_select.flat_index, static_argnums=0)((2, 3, 4)))
+  idx = np.asarray(jax.jit(_lazy.flat_index, static_argnums=0)((2, 3, 4)))
   assert idx.dtype == np.uint32
   assert idx[0, 0, 0] == 0 and idx[0, 0, 3] == 3 and idx[0, 2, 1] == 9
   assert idx[1, 0, 0] == 12 and idx[1, 2, 3] == 23
   np.testing.assert_array_equal(idx.ravel(), np.arange(24))
-  assert _select.flat_index(()).shape == () and int(_select.flat_index(())) == 0
+  assert _lazy.flat_index(()).shape == () and int(_lazy.flat_index(())) == 0
 
 
 def test_fsdp_spec_splits_the_largest_divisible_axis():
@@ -65,7 +65,7 @@ SCRIPT = textwrap.dedent(r"""
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import NamedSharding, PartitionSpec as P
     import sparse_jax
-    from sparse_jax import _select
+    from sparse_jax import _lazy
     from experiments.trainer.sharding import fsdp_shardings
 
     assert jax.device_count() == 8
@@ -107,11 +107,11 @@ SCRIPT = textwrap.dedent(r"""
                                       update_every=EVERY),
     }
     # The same GraNet with every kernel histogrammed in strided chunks (the path of
-    # leaves above _select.CHUNK_ELEMENTS): 8, 16 and 3 chunks of rows, on a
+    # leaves above _lazy.CHUNK_ELEMENTS): 8, 16 and 3 chunks of rows, on a
     # column-sharded and two row-sharded kernels.
     METHODS["granet_chunked"] = METHODS["granet"]
     CHUNKS = {"granet_chunked": 1024}
-    DEFAULT_CHUNK = _select.CHUNK_ELEMENTS
+    DEFAULT_CHUNK = _lazy.CHUNK_ELEMENTS
 
     def all_gathers(hlo_text):
         out = []
@@ -138,10 +138,10 @@ SCRIPT = textwrap.dedent(r"""
     result["control_gathers"] = all_gathers(ctrl)
 
     for name, make in METHODS.items():
-      _select.CHUNK_ELEMENTS = CHUNKS.get(name, DEFAULT_CHUNK)
+      _lazy.CHUNK_ELEMENTS = CHUNKS.get(name, DEFAULT_CHUNK)
       tx = make()
       r = result[name] = {}
-      r["chunk_plans"] = [_select.chunk_plan(np.shape(p)) for p in jax.tree.leaves(params)]
+      r["chunk_plans"] = [_lazy.chunk_plan(np.shape(p)) for p in jax.tree.leaves(params)]
       s_sh = fsdp_shardings(jax.eval_shape(tx.init, params), mesh)
       params_s = jax.device_put(params, p_sh)
       state_s = jax.jit(tx.init, out_shardings=s_sh)(params_s)
@@ -207,7 +207,7 @@ METHODS = ("granet", "set", "granet_chunked")
 
 @pytest.mark.multidevice
 def test_chunked_variant_really_chunks(findings):
-  # Hand-worked plans at 1024 elements per chunk (see _select.chunk_plan): the
+  # Hand-worked plans at 1024 elements per chunk (see _lazy.chunk_plan): the
   # (64, 128), (128, 96) and (96, 16) kernels; biases stay whole.
   plans = [tuple(p) if p else None for p in findings["granet_chunked"]["chunk_plans"]]
   assert sorted(p for p in plans if p) == [(0, 3), (0, 8), (0, 16)], plans

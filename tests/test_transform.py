@@ -548,6 +548,41 @@ def test_sparsify_params_zeroes_off_mask():
   assert float(sj.params_sparsity(sparse)) == pytest.approx(1 - 37 / 368)
 
 
+def test_mask_inner_state_by_hand():
+  # Two leaves: "w" masked [T, F, T], "b" dense (mask None). One update with the
+  # gradient g: SGD's momentum trace is g; Adam's mu = 0.1 g and nu = 0.001 g**2
+  # (b1 = 0.9, b2 = 0.999), its count 1. Zeroed exactly where the mask is False.
+  params = {"w": jnp.zeros(3), "b": jnp.zeros(2)}
+  grads = {"w": jnp.array([1.0, 2.0, -4.0]), "b": jnp.array([0.5, -1.0])}
+  masks = {"w": jnp.array([True, False, True]), "b": None}
+
+  def masked(inner):
+    _, state = inner.update(grads, inner.init(params), params)
+    return jax.jit(lambda s, m: sj.mask_inner_state(inner, s, m))(state, masks)
+
+  trace = masked(optax.sgd(0.1, momentum=0.9))[0].trace
+  np.testing.assert_array_equal(np.asarray(trace["w"]), [1.0, 0.0, -4.0])
+  np.testing.assert_array_equal(np.asarray(trace["b"]), [0.5, -1.0])
+
+  adam = masked(optax.adam(1e-3))[0]
+  assert int(adam.count) == 1  # not a per-parameter entry: kept
+  np.testing.assert_allclose(np.asarray(adam.mu["w"]), [0.1, 0.0, -0.4], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(adam.nu["w"]), [0.001, 0.0, 0.016], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(adam.mu["b"]), [0.05, -0.1], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(adam.nu["b"]), [0.00025, 0.001], rtol=1e-6)
+  assert float(adam.mu["w"][1]) == 0.0 and float(adam.nu["w"][1]) == 0.0
+
+  # Entries not of the parameter's shape (factored statistics: v_row and v_col
+  # of a vector are [1]) are kept; packed masks work as bool ones.
+  factored = optax.scale_by_factored_rms()
+  _, state = factored.update(grads, factored.init(params), params)
+  out = sj.mask_inner_state(factored, state, sj.pack_masks(masks))
+  np.testing.assert_array_equal(np.asarray(out.v_row["w"]), np.asarray(state.v_row["w"]))
+  np.testing.assert_array_equal(np.asarray(out.v["w"])[[1]], [0.0])
+  np.testing.assert_array_equal(np.asarray(out.v["w"])[[0, 2]],
+                                np.asarray(state.v["w"])[[0, 2]])
+
+
 def test_initial_masks_are_used():
   params = _params3()
   masks = {n: {"kernel": jnp.ones(params[n]["kernel"].shape, bool).at[0].set(False),

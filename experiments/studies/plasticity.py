@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -107,14 +106,13 @@ def prune_once(params, masks, grads, fraction: float, *, scope: str, regrow: boo
     raise ValueError(f"Unknown scope {scope!r}; use one of {SCOPES}.")
   if not 0.0 < fraction < 1.0:
     raise ValueError(f"Pruning fraction {fraction} must be in (0, 1).")
-  _, ms, _ = sparse_jax._prune.split_prunable(params, masks)  # pylint: disable=protected-access
-  n_total = sum(int(m.size) for m in ms)
+  n_total = sparse_jax.count_prunable(masks)
   target = sparse_jax.active_count(fraction, n_total)
   if scope == "global":
     pruned = sparse_jax.global_magnitude_prune(params, masks, target)
   else:
-    layers = [sparse_jax._masks.LayerInfo("", tuple(m.shape), int(m.size)) for m in ms]  # pylint: disable=protected-access
-    per_layer = sparse_jax.layer_counts(layers, [target / n_total] * len(layers), target)
+    sizes = [int(m.size) for m in jax.tree.leaves(masks)]
+    per_layer = sparse_jax.proportional_counts(sizes, target)
     pruned = sparse_jax.layerwise_magnitude_prune(params, masks, jnp.asarray(per_layer))
   if not regrow:
     return pruned, pruned
@@ -129,10 +127,7 @@ def prune_once(params, masks, grads, fraction: float, *, scope: str, regrow: boo
 
 def _mask_state(inner, opt_state, masks, keep):
   """``opt_state`` (a SparseState) with new masks and momentum zeroed outside ``keep``."""
-  inner_state = optax.tree_map_params(
-      inner, lambda s, k: s if (k is None or getattr(s, "shape", None) != k.shape)
-      else jnp.where(k, s, jnp.zeros_like(s)),
-      opt_state.inner_state, keep, transform_non_params=lambda x: x)
+  inner_state = sparse_jax.mask_inner_state(inner, opt_state.inner_state, keep)
   return opt_state._replace(masks=masks, inner_state=inner_state)
 
 

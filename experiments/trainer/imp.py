@@ -253,10 +253,7 @@ def _prepare_round(config, c, prev, rdir, start_path, steps_per_epoch, info, k, 
     prev_state, _ = checkpoints.restore_checkpoint(checkpoints.checkpoint_manager(prev, c), target)
     opt_state = prev_state.opt_state
   sparse = sparse_jax.get_sparse_state(opt_state)
-  inner_state = optax.tree_map_params(
-      inner, lambda s, m: s if (m is None or getattr(s, "shape", None) != m.shape)
-      else jnp.where(m, s, jnp.zeros_like(s)),
-      sparse.inner_state, masks, transform_non_params=lambda x: x)
+  inner_state = sparse_jax.mask_inner_state(inner, sparse.inner_state, masks)
   opt_state = rewind_schedule_counts(sparse._replace(masks=masks, inner_state=inner_state), k)
   state = target.replace(step=jnp.asarray(k, jnp.int32), params=params,
                          batch_stats=batch_stats, opt_state=opt_state)

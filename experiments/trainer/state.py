@@ -21,12 +21,14 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import sparse_jax
-from sparse_jax._straight_through import is_straight_through
 from experiments.trainer import exports
 from experiments import models
 from experiments.trainer import sharding as sharding_lib
 
 PyTree = Any
+# Whether a state is sparse_jax.ste's (dense weights, masked forward); the trainer's
+# other modules ask it here (experiments/trainer/steps.py).
+is_straight_through = sparse_jax.is_straight_through
 
 
 @flax.struct.dataclass

@@ -1,0 +1,266 @@
+"""Lazy arrays, and passes over large leaves in chunks.
+
+The mask update computes keys and masks of every prunable leaf several times
+(histogram passes, then the final masks). A ``Lazy`` array is computed where it
+is needed, from arrays that exist anyway, so none of them is materialised whole;
+the passes that reduce a large leaf (counts, histograms) go over it in chunks
+(``chunk_plan``), so their temporaries stay chunk-sized. Both keep a sharded
+leaf on its devices: flat indices are built per shard (``flat_index``) and chunks
+are strided slices of a sharded axis.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def _two_adic(n: int) -> int:
+  return (n & -n).bit_length() - 1
+
+
+def _index(chunk_shape, full_shape, axis=None, step=1, offset=None):
+  """Row-major flat index in ``full_shape`` of the positions of a (strided) chunk.
+
+  Along ``axis`` the chunk holds positions ``j * step + offset``; along every other
+  axis it holds all of them. Built from one iota per axis (see ``flat_index``).
+  """
+  index = jnp.zeros(chunk_shape, jnp.uint32)
+  stride = 1
+  for a in reversed(range(len(full_shape))):
+    coord = lax.broadcasted_iota(jnp.uint32, chunk_shape, a)
+    if a == axis:
+      coord = coord * jnp.uint32(step) + offset.astype(jnp.uint32)
+    index = index + coord * jnp.uint32(stride)
+    stride *= full_shape[a]
+  return index
+
+
+def flat_index(shape: Sequence[int]) -> jax.Array:
+  """Row-major flat index (``uint32``) of every position of an array of ``shape``.
+
+  Equal to ``jnp.arange(size).reshape(shape)``, but built from one iota per axis:
+  it needs no reshape, so each device of a sharded computation computes only its
+  own shard of it (a reshape of the 1-d ``arange`` gathers it onto every device).
+
+  Example:
+    >>> flat_index((2, 3))
+    Array([[0, 1, 2], [3, 4, 5]], dtype=uint32)
+
+  Args:
+    shape: the array's shape (fewer than 2**32 elements).
+
+  Returns:
+    A ``uint32`` array of ``shape``.
+  """
+  shape = tuple(int(n) for n in shape)
+  return _index(shape, shape)
+
+
+class Lazy(NamedTuple):
+  """An array computed where it is needed, from arrays that exist anyway.
+
+  ``fn(index, *sources)`` must be elementwise: it returns the values of any slice
+  of the ``sources`` (arrays of one shape), given the slice's flat row-major
+  ``index`` in the full array. Keys and masks of the mask update are ``Lazy``:
+  the selector histograms large leaves chunk by chunk and calls ``fn`` per
+  chunk, and the final masks are computed in one elementwise pass, so no keys,
+  scatter indices or intermediate masks of a whole leaf are ever materialised.
+
+  Example:
+    >>> keys = Lazy(lambda index, w, m: score_keys(w, m), (w, m))
+    >>> pruned = lazy_map(lambda index, x: x > t, keys)   # still lazy
+    >>> pruned.compute()                                  # a bool array
+  """
+  fn: Callable[..., jax.Array]
+  sources: tuple[jax.Array, ...]
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.sources[0].shape)
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  def compute(self) -> jax.Array:
+    """The whole array (fused into its consumer when that is elementwise)."""
+    return self.fn(flat_index(self.shape), *self.sources)
+
+
+def lazy(x) -> Lazy:
+  """``x`` itself if it is ``Lazy``, else a ``Lazy`` that reads the array ``x``."""
+  if isinstance(x, Lazy):
+    return x
+  return Lazy(lambda index, x: x, (jnp.asarray(x),))
+
+
+def lazy_map(f, *inputs) -> Lazy:
+  """The ``Lazy`` of ``f(index, *values)`` over arrays or ``Lazy`` inputs of one shape.
+
+  Sources shared by several inputs (the same array object) are passed once.
+  """
+  ins = [lazy(x) for x in inputs]
+  sources, slots = [], []
+  for l in ins:
+    slot = []
+    for src in l.sources:
+      j = next((j for j, known in enumerate(sources) if known is src), None)
+      if j is None:
+        sources.append(src)
+        j = len(sources) - 1
+      slot.append(j)
+    slots.append(slot)
+
+  def fn(index, *srcs):
+    return f(index, *[l.fn(index, *[srcs[j] for j in slot]) for l, slot in zip(ins, slots)])
+
+  return Lazy(fn, tuple(sources))
+
+
+# Leaves with more elements are histogrammed in chunks of about this many, so the
+# per-leaf temporaries of a selection (keys, scatter indices) stay this small.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def set_chunk_elements(n: int) -> None:
+  """Sets how many elements a leaf may have before selections process it in chunks.
+
+  Smaller chunks bound the mask update's temporaries (about 4 bytes per element of
+  a chunk, a few at a time); larger ones are faster on CPU. Read when a mask update
+  is traced: set it before ``jax.jit`` compiles the training step.
+
+  Example:
+    >>> sparse_jax.set_chunk_elements(2**24)   # faster, more memory
+  """
+  global CHUNK_ELEMENTS
+  if int(n) < 1:
+    raise ValueError(f"chunk elements must be >= 1, got {n}.")
+  CHUNK_ELEMENTS = int(n)
+
+
+def get_chunk_elements() -> int:
+  """The current chunk size of ``set_chunk_elements`` (default 2**20)."""
+  return CHUNK_ELEMENTS
+
+
+def chunk_plan(shape: Sequence[int], max_elements: int | None = None):
+  """How a leaf of ``shape`` is split into chunks: ``None`` or ``(axis, count)``.
+
+  Chunk ``i`` of ``(axis, c)`` holds the positions whose index along ``axis`` is
+  ``i`` modulo ``c`` (a strided chunk): viewing the axis ``n`` as ``(n // c, c)``
+  is free, and slicing the minor factor keeps a sharding of the axis on the major
+  factor, so each device reads only its own shard. The first axis with a divisor
+  ``c`` in ``[need, 4 need]`` (``need = ceil(size / max_elements)``) is split, by
+  the divisor leaving the most factors of 2 in ``n // c`` (device counts divide
+  it), then the smallest. With no such divisor (e.g. prime sizes) the leaf stays
+  whole: many tiny chunks would each pay a full 2**16-bin histogram.
+
+  Example:
+    >>> chunk_plan((4096, 4096), 2**20)
+    (0, 16)
+  """
+  shape = tuple(int(n) for n in shape)
+  max_elements = CHUNK_ELEMENTS if max_elements is None else int(max_elements)
+  size = math.prod(shape)
+  if size <= max_elements:
+    return None
+  need = -(-size // max_elements)
+  for axis, n in enumerate(shape):
+    divisors = [c for c in range(need, min(4 * need, n) + 1) if n % c == 0]
+    if divisors:
+      return axis, max(divisors, key=lambda c: (_two_adic(n // c), -c))
+  return None
+
+
+def _tree_add(a, b):
+  return jax.tree.map(jnp.add, a, b)
+
+
+def _chunks(sources: Sequence[jax.Array]):
+  """``(c, chunk)``: the number of chunks of ``sources`` (``chunk_plan``) and a
+  function of the chunk number returning its flat indices and slices."""
+  sources = [jnp.asarray(x) for x in sources]
+  shape = tuple(sources[0].shape)
+  plan = chunk_plan(shape)
+  if plan is None:
+    return 1, lambda i: (flat_index(shape), *sources)
+  axis, c = plan
+  split = shape[:axis] + (shape[axis] // c, c) + shape[axis + 1:]
+  chunk_shape = shape[:axis] + (shape[axis] // c,) + shape[axis + 1:]
+  views = [x.reshape(split) for x in sources]
+
+  def chunk(i):
+    parts = [lax.dynamic_index_in_dim(v, i, axis + 1, keepdims=False) for v in views]
+    return (_index(chunk_shape, shape, axis, c, i), *parts)
+
+  return c, chunk
+
+
+def map_reduce_chunks(fn, sources: Sequence[jax.Array], combine=_tree_add):
+  """``combine``-reduction of ``fn(index, *chunk)`` over the chunks of ``sources``.
+
+  ``sources`` are arrays of one shape, split by ``chunk_plan``; ``fn`` gets each
+  chunk's slices and flat indices and returns a (small) pytree, and the results
+  are folded with ``combine`` (an associative, commutative function). Elementwise
+  work inside ``fn`` then allocates chunk-sized temporaries only: XLA:CPU
+  materialises a whole converted array before many reductions and scatters.
+
+  Example:
+    >>> count = map_reduce_chunks(lambda i, m: jnp.sum(m, dtype=jnp.int32), [mask])
+  """
+  c, chunk = _chunks(sources)
+  first = fn(*chunk(jnp.int32(0)))
+  if c == 1:
+    return first
+  return lax.fori_loop(1, c, lambda i, acc: combine(acc, fn(*chunk(i))), first)
+
+
+def fold_lazy(f, init, x: Lazy):
+  """``f(acc, index, values)`` folded over a ``Lazy``'s chunks, from ``init``.
+
+  For an accumulator that each chunk updates in place (a histogram it scatters
+  into), where ``map_reduce_lazy`` would add a whole new one per chunk.
+  """
+  c, chunk = _chunks(x.sources)
+
+  def step(i, acc):
+    index, *parts = chunk(i)
+    return f(acc, index, x.fn(index, *parts))
+
+  if c == 1:
+    return step(jnp.int32(0), init)
+  return lax.fori_loop(0, c, step, init)
+
+
+def map_reduce_lazy(f, x: Lazy, combine=_tree_add):
+  """``map_reduce_chunks`` of ``f(index, values)`` over a ``Lazy``'s chunks."""
+  return map_reduce_chunks(lambda index, *s: f(index, x.fn(index, *s)), x.sources, combine)
+
+
+def count_true(mask) -> jax.Array:
+  """Number of True entries (int32) of a bool array or ``Lazy``, in chunks (see above)."""
+  return map_reduce_lazy(lambda index, m: jnp.sum(m, dtype=jnp.int32), lazy(mask))
+
+
+def leaf_numbers(values, dtype=jnp.int32) -> tuple[jax.Array, ...]:
+  """Python numbers, one per leaf, as scalars behind a barrier.
+
+  XLA:CPU compiles one kernel for identical fused computations, but a leaf's
+  number folded in as a constant (or as a static index into a vector of per-layer
+  values) makes every leaf's kernels distinct. Inside the selections' while loops
+  numbers passed this way stay kernel operands, and leaves of one shape share
+  their kernels (ResNet-50's event: 156 -> 74 key kernels for 54 leaves of 21
+  shapes); outside loops XLA folds them back in. Index vectors with ``entry``.
+  """
+  return lax.optimization_barrier(tuple(jnp.asarray(v, dtype) for v in values))
+
+
+def entry(vec: jax.Array, i: jax.Array) -> jax.Array:
+  """``vec[i]`` for a traced scalar ``i`` (from ``leaf_numbers``)."""
+  return lax.dynamic_index_in_dim(vec, i, keepdims=False)
