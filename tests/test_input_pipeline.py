@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from experiments.data import builders
 from experiments.data import input_pipeline
+from experiments.data import specs
+from experiments.data import tfds_reads
 from experiments.data.mnist5k import mnist5k_dataset_builder as mnist5k
 
 
@@ -160,10 +163,10 @@ def test_train_batches_resume(data_dir, start_step):
 def test_augmented_train_batches_resume(data_dir, monkeypatch):
   # Runs the CIFAR augmentation on mnist5k to check that augmentation seeds
   # depend on the position in the epoch, not on where iteration started.
-  spec = input_pipeline._SPECS['mnist5k']
+  spec = specs.SPECS['mnist5k']
   kwargs = dict(batch_size=1000, data_dir=data_dir, seed=3)
   plain = _take(input_pipeline.train_batches('mnist5k', **kwargs), 3)
-  monkeypatch.setitem(input_pipeline._SPECS, 'mnist5k',
+  monkeypatch.setitem(specs.SPECS, 'mnist5k',
                       dataclasses.replace(spec, augment='pad_crop_flip'))
   full = _take(input_pipeline.train_batches('mnist5k', **kwargs), 3)
   resumed = _take(input_pipeline.train_batches(
@@ -263,12 +266,12 @@ def test_cifar_pad_crop_flip():
 def test_prepared_arrays_equal_the_tfds_reads(data_dir):
   # mnist5k is read from its .npz cache without TensorFlow; the values must be
   # exactly those of the TFDS path it replaces (whole splits, slices, padded eval).
-  assert (input_pipeline._arrays_path('mnist5k', data_dir)).exists()
+  assert (builders.arrays_path('mnist5k', data_dir)).exists()
   builder = input_pipeline.prepare_dataset('mnist5k', data_dir)
-  spec = input_pipeline._SPECS['mnist5k']
+  spec = specs.SPECS['mnist5k']
   for split in ('train', 'test', 'train[:128]'):
     cached = input_pipeline.load_arrays('mnist5k', split, data_dir)
-    read = input_pipeline._read_split(builder, spec, split)
+    read = tfds_reads.read_split(builder, spec, split)
     for k in ('image', 'label'):
       assert cached[k].dtype == read[k].dtype
       np.testing.assert_array_equal(cached[k], read[k], err_msg=(split, k))

@@ -38,7 +38,7 @@ CONTEXT = 64
 GROUP = 16
 VAL_EVERY = 10
 # The builder's version; with the corpus hash it keys the prepared-array cache of
-# experiments/data/input_pipeline.py (a new version or another text is a new cache).
+# experiments/data/builders.py (a new version or another text is a new cache).
 VERSION = '1.0.0'
 
 
@@ -69,7 +69,7 @@ def split_windows(corpus: bytes, context: int = CONTEXT, group: int = GROUP,
 
 
 def build_arrays(corpus: bytes | None = None, context: int = CONTEXT) -> dict[str, np.ndarray]:
-  """The prepared splits, as ``experiments.data.input_pipeline`` caches them.
+  """The prepared splits, as ``experiments.data.builders`` caches them.
 
   Returns:
     ``{'<split>/image': int32 [N, context] (input bytes), '<split>/label': int32

@@ -29,7 +29,7 @@ import tarfile
 
 import numpy as np
 
-from experiments.data import input_pipeline
+from experiments.data import tf_import
 
 NAMES = ("cifar10", "cifar100", "imagenet2012")
 
@@ -55,9 +55,9 @@ def prepare(name: str, data_dir: str, *, num_train: int, num_eval: int, seed: in
   Returns:
     The prepared ``tfds.core.DatasetBuilder``.
   """
-  # TFDS through the input pipeline: TF then sees no GPU (it would take GPU memory JAX
-  # needs when a device check prepares a set).
-  tfds = input_pipeline._tfds()  # pylint: disable=protected-access
+  # TFDS through the input pipeline's import: TF then sees no GPU (it would take GPU
+  # memory JAX needs when a device check prepares a set).
+  tfds = tf_import.tensorflow_datasets()
   if name not in NAMES:
     raise ValueError(f"No synthetic {name!r}; known: {NAMES}.")
   source = os.path.join(data_dir, "downloads", f"synthetic_{name}")
@@ -152,7 +152,7 @@ def _offline_cifar_builder(name: str, source: str):
 
 
 def _jpeg(image: np.ndarray) -> bytes:
-  tf = input_pipeline._tf()  # pylint: disable=protected-access
+  tf = tf_import.tensorflow()
   return tf.io.encode_jpeg(image, quality=90).numpy()
 
 
@@ -163,7 +163,7 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes):
 
 
 def _write_imagenet_tars(source: str, num_train: int, num_eval: int, seed: int):
-  tfds = input_pipeline._tfds()  # pylint: disable=protected-access
+  tfds = tf_import.tensorflow_datasets()
   os.makedirs(source, exist_ok=True)
   synsets = tfds.core.tfds_path("datasets/imagenet2012/labels.txt").read_text().split()
   val_synsets = tfds.core.tfds_path(

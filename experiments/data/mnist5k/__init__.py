@@ -6,5 +6,5 @@ class-definition time).
 """
 
 # The TFDS version of the builder; also keys the prepared-array cache of
-# experiments/data/input_pipeline.py (a new version is a new cache).
+# experiments/data/builders.py (a new version is a new cache).
 VERSION = '1.0.0'
