@@ -32,6 +32,7 @@ from ml_collections import config_flags
 
 import sparse_jax
 from experiments.data import input_pipeline
+from experiments.data import specs
 from experiments.trainer import methods
 from experiments.trainer import state as state_lib
 from experiments.trainer import steps as steps_lib
@@ -149,7 +150,7 @@ def test_synthetic_sets_are_read_as_the_real_ones(data_dir, name):
   images = np.concatenate([b["image"] for b in batches])[mask]
   assert images.shape == (num_eval, *info.input_shape) and images.dtype == np.float32
   if name != "imagenet2012":  # evaluation images are the stored pixels, normalised
-    spec = input_pipeline._SPECS[name]
+    spec = specs.SPECS[name]
     pixels = images * np.asarray(spec.std) + np.asarray(spec.mean)
     np.testing.assert_allclose(pixels * 255, raw["image"], atol=1e-3)
   else:  # variable-sized JPEGs, resized and centre-cropped to 224

@@ -8,23 +8,26 @@ import sys
 import numpy as np
 import pytest
 
+from experiments.studies.gradient_flow import findings as findings_lib
+from experiments.studies.gradient_flow import records as records_lib
 from experiments.studies.gradient_flow import report
+from experiments.studies.gradient_flow import stats
 
 
 def test_bootstrap_ci_by_hand():
   # One cell (0, 1): resample means 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4,
   # so the 2.5% and 97.5% quantiles are 0 and 1.
-  assert report.bootstrap_mean_ci([[0.0, 1.0]]) == (0.0, 1.0)
+  assert stats.bootstrap_mean_ci([[0.0, 1.0]]) == (0.0, 1.0)
   # A second, constant cell (5): the statistic (m + 5) / 2 takes 2.5, 2.75, 3.
-  assert report.bootstrap_mean_ci([[0.0, 1.0], [5.0]]) == (2.5, 3.0)
-  assert report.bootstrap_mean_ci([[0.3, 0.3, 0.3]]) == pytest.approx((0.3, 0.3))
-  assert all(math.isnan(v) for v in report.bootstrap_mean_ci([[], []]))
+  assert stats.bootstrap_mean_ci([[0.0, 1.0], [5.0]]) == (2.5, 3.0)
+  assert stats.bootstrap_mean_ci([[0.3, 0.3, 0.3]]) == pytest.approx((0.3, 0.3))
+  assert all(math.isnan(v) for v in stats.bootstrap_mean_ci([[], []]))
   # Reproducible (fixed seed); another seed differs; the CI brackets the mean and
   # is about mean +- 1.96 sd / sqrt(n) for many draws.
   x = np.random.default_rng(1).normal(2.0, 1.0, 400)
-  lo, hi = report.bootstrap_mean_ci([x])
-  assert (lo, hi) == report.bootstrap_mean_ci([x])
-  assert (lo, hi) != report.bootstrap_mean_ci([x], seed=1)
+  lo, hi = stats.bootstrap_mean_ci([x])
+  assert (lo, hi) == stats.bootstrap_mean_ci([x])
+  assert (lo, hi) != stats.bootstrap_mean_ci([x], seed=1)
   assert lo < x.mean() < hi
   assert hi - lo == pytest.approx(2 * 1.96 * x.std() / 20, rel=0.15)
 
@@ -35,29 +38,29 @@ def _pairs(values_by_slice):
 
 
 def test_verdicts_by_the_stated_rule():
-  supported = report.paired_effect(_pairs({0.05: [0.1, 0.2, 0.15], 0.2: [0.05, 0.06, 0.07]}),
+  supported = stats.paired_effect(_pairs({0.05: [0.1, 0.2, 0.15], 0.2: [0.05, 0.06, 0.07]}),
                                    ("density",))
   assert supported["verdict"] == "supported"
   assert supported["effect"] == pytest.approx((0.15 + 0.06) / 2)
   assert supported["n"] == 6 and supported["cells"] == 2
   assert supported["holds_in"] == ["density=0.05", "density=0.2"]
   # Holds overall, reversed at density 0.2: mixed.
-  reversed_ = report.paired_effect(_pairs({0.05: [0.5, 0.6, 0.55], 0.2: [-0.1, -0.12, -0.11]}),
+  reversed_ = stats.paired_effect(_pairs({0.05: [0.5, 0.6, 0.55], 0.2: [-0.1, -0.12, -0.11]}),
                                    ("density",))
   assert reversed_["ci"][0] > 0 and reversed_["reversed_in"] == ["density=0.2"]
   assert reversed_["verdict"] == "mixed"
   # Nothing overall, but it holds at one density: mixed.
-  some = report.paired_effect(_pairs({0.05: [0.1, 0.1, 0.1], 0.2: [-0.1, -0.1, -0.1]}),
+  some = stats.paired_effect(_pairs({0.05: [0.1, 0.1, 0.1], 0.2: [-0.1, -0.1, -0.1]}),
                               ("density",))
   assert some["effect"] == pytest.approx(0.0) and some["verdict"] == "mixed"
   # Noise around 0 everywhere, or the opposite everywhere: not supported.
-  noise = report.paired_effect(_pairs({0.05: [0.1, -0.1, 0.05], 0.2: [-0.05, 0.1, -0.1]}),
+  noise = stats.paired_effect(_pairs({0.05: [0.1, -0.1, 0.05], 0.2: [-0.05, 0.1, -0.1]}),
                                ("density",))
   assert noise["verdict"] == "not supported"
-  opposite = report.paired_effect(_pairs({0.05: [-0.1, -0.2, -0.15]}), ("density",))
+  opposite = stats.paired_effect(_pairs({0.05: [-0.1, -0.2, -0.15]}), ("density",))
   assert opposite["verdict"] == "not supported" and opposite["ci"][1] < 0
-  assert report.paired_effect([], ())["verdict"].startswith("not tested")
-  assert report.paired_effect(_pairs({0.05: [0.1]}))["verdict"] == "not tested (one paired run)"
+  assert stats.paired_effect([], ())["verdict"].startswith("not tested")
+  assert stats.paired_effect(_pairs({0.05: [0.1]}))["verdict"] == "not tested (one paired run)"
 
 
 def record(optimizer="sgd", activation="relu", regularisation="none", density=0.1, seed=0,
@@ -82,7 +85,7 @@ def adaptive_records():
 
 
 def test_adaptive_finding_on_synthetic_records():
-  f = report.finding_adaptive(adaptive_records(), n_boot=500)
+  f = findings_lib.finding_adaptive(adaptive_records(), n_boot=500)
   # Every pair: (0.02 + s/100) - (-0.10 + s/100) = 0.12, in 2 cells (none, l2).
   assert f["effect"] == pytest.approx(0.12) and f["n"] == 6 and f["cells"] == 2
   assert f["ci"] == pytest.approx((0.12, 0.12))
@@ -91,7 +94,7 @@ def test_adaptive_finding_on_synthetic_records():
                            "density=0.1", "activation=relu"]
   assert f["gap_by_optimizer"]["adam"] == pytest.approx(-0.09)
   # L2 changes nothing here: the L2 / augmentation part has a zero effect.
-  reg = report.finding_adaptive_regularisation(adaptive_records(), n_boot=500)
+  reg = findings_lib.finding_adaptive_regularisation(adaptive_records(), n_boot=500)
   assert reg["effect"] == pytest.approx(0.0) and reg["n"] == 3
   assert reg["verdict"] == "not supported"
 
@@ -99,11 +102,11 @@ def test_adaptive_finding_on_synthetic_records():
 def test_init_factor_and_partial_grids():
   rs = [record(seed=s, accuracy=0.5) for s in range(3)]
   rs += [record(seed=s, accuracy=0.6 + s / 100, init_scheme="active_fan_in") for s in range(3)]
-  f = report.finding_init(rs, n_boot=500)
+  f = findings_lib.finding_init(rs, n_boot=500)
   assert f["effect"] == pytest.approx(0.11) and f["verdict"] == "supported"
   # The active fan-in runs are not mixed into the main grid's findings.
-  assert report.finding_batch_norm(rs)["n"] == 0
-  table = report.sparse_minus_dense_table(adaptive_records()[:6] + [
+  assert findings_lib.finding_batch_norm(rs)["n"] == 0
+  table = findings_lib.sparse_minus_dense_table(adaptive_records()[:6] + [
       record("adam", regularisation="l2")])
   assert table[("sgd", "none")]["n"] == 3
   assert table[("adam", "l2")]["n"] == 0 and report._ci(table[("adam", "l2")]) == "missing"
@@ -117,23 +120,23 @@ def test_tau_with_ci_matches_kendall_and_brackets_it():
     rs.append(record(optimizer=("sgd", "adam")[i % 2], seed=i, accuracy=acc,
                      measures={"egf_p2": acc + rng.normal(0, 0.1),
                                "gradient_norm": float(rng.normal()), "ghg": -acc}))
-  out = report.tau_with_ci(rs, ("egf_p2", "gradient_norm", "ghg"), n_boot=300)
+  out = stats.tau_with_ci(rs, ("egf_p2", "gradient_norm", "ghg"), n_boot=300)
   accs = [r["accuracy"] for r in rs]
   assert out["tau"]["egf_p2"] == pytest.approx(
-      report.kendall_tau([r["measures"]["egf_p2"] for r in rs], accs))
+      stats.kendall_tau([r["measures"]["egf_p2"] for r in rs], accs))
   assert out["ci"]["ghg"] == pytest.approx((-1.0, -1.0))  # exactly reversed: every resample
   lo, hi = out["ci"]["egf_p2"]
   assert lo < out["tau"]["egf_p2"] < hi
   # |tau| of EGF vs the unrelated gradient norm: clearly larger; vs ghg (|tau| = 1) smaller.
   assert out["abs_diff"]["gradient_norm"][1] > 0
   assert out["abs_diff"]["ghg"][2] < 0
-  within = report.tau_with_ci(rs, ("egf_p2", "gradient_norm", "ghg"), within=True, n_boot=300)
+  within = stats.tau_with_ci(rs, ("egf_p2", "gradient_norm", "ghg"), within=True, n_boot=300)
   assert within["settings"] == 2 and within["n"] == 30
-  by_setting = [report.kendall_tau([r["measures"]["egf_p2"] for r in rs if r["optimizer"] == o],
+  by_setting = [stats.kendall_tau([r["measures"]["egf_p2"] for r in rs if r["optimizer"] == o],
                                    [r["accuracy"] for r in rs if r["optimizer"] == o])
                 for o in ("sgd", "adam")]
   assert within["tau"]["egf_p2"] == pytest.approx(np.mean(by_setting))
-  egf = report.finding_egf(rs, n_boot=300)
+  egf = findings_lib.finding_egf(rs, n_boot=300)
   assert egf["verdict"] == "mixed"  # better than the gradient norm, not than ghg
 
 
@@ -144,7 +147,7 @@ def test_tuning_table_and_report_on_a_partial_grid(tmp_path):
                                               "pending": [], "chosen": 0.1, "complete": True},
                 "sgd_relu_none_d0.1_dense": {"grid": {"0.03": 0.8}, "pending": ["0.1", "0.3"],
                                              "chosen": None, "complete": False}}}
-  rs = [record(seed=s, accuracy=0.5 + s / 100, measures={m: 1.0 + s for m in report.MEASURES})
+  rs = [record(seed=s, accuracy=0.5 + s / 100, measures={m: 1.0 + s for m in records_lib.MEASURES})
         for s in range(3)]
   text = report.write_report(rs, str(tmp_path), tuning=tuning, n_boot=200)
   assert "| sgd_relu_none_d0.1_sparse | 0.03: 50.00, **0.1: 90.00**, 0.3: diverged | 0.1 | 3 |" in (
@@ -163,12 +166,12 @@ def test_tuning_table_and_report_on_a_partial_grid(tmp_path):
 
 
 def test_loss_drop_over_the_last_fifth_by_hand():
-  assert report.loss_drop([(10, 2.0), (80, 1.0), (100, 0.9)]) == pytest.approx(0.1)
+  assert records_lib.loss_drop([(10, 2.0), (80, 1.0), (100, 0.9)]) == pytest.approx(0.1)
   # t0 is the last logged step at or before 0.8 * 100 = 80: step 62 here.
-  assert report.loss_drop([(31, 2.0), (62, 0.5), (93, 0.4), (100, 0.45)]) == pytest.approx(
+  assert records_lib.loss_drop([(31, 2.0), (62, 0.5), (93, 0.4), (100, 0.45)]) == pytest.approx(
       0.1)
-  assert report.loss_drop([(100, 1.0)]) is None
-  assert report.loss_drop([(90, 1.0), (100, 0.5)]) is None  # nothing before 80
+  assert records_lib.loss_drop([(100, 1.0)]) is None
+  assert records_lib.loss_drop([(90, 1.0), (100, 0.5)]) is None  # nothing before 80
 
 
 def test_a_tuned_study_never_overwrites_the_earlier_report(tmp_path, monkeypatch):

@@ -6,8 +6,13 @@ import os
 import numpy as np
 import pytest
 
+from experiments.studies.gradient_flow import findings as findings_lib
+from experiments.studies.gradient_flow import plots
+from experiments.studies.gradient_flow import records as records_lib
 from experiments.studies.gradient_flow import report
+from experiments.studies.gradient_flow import stats
 from experiments.studies.gradient_flow import sweep
+from experiments.studies.gradient_flow import tuning as tuning_lib
 from experiments.configs import gradient_flow_mnist5k
 
 
@@ -175,7 +180,7 @@ def test_grid_with_inits_and_augment_names_and_configs():
   assert "momentum_relu_augment_d0.1_sparse_active_fan_in_seed1" in names
   assert "momentum_relu_none_d0.1_dense_seed0" in names  # as in the earlier grids
   assert not any("dense_active" in n for n in names)
-  tunes = sweep.tuning_runs(config.study, runs)
+  tunes = tuning_lib.tuning_runs(config.study, runs)
   assert len(tunes) == 2 * 3 * 3 and {t.seed for t in tunes} == {7}
   assert tunes[0].name == "tune/momentum_relu_none_d0.1_sparse_lr0.01_seed7"
   cap = sweep.scsdc.same_capacity("mlp", 64, 0.1)
@@ -210,12 +215,12 @@ def test_bad_study_fields_are_clear_errors_before_any_data(tmp_path, field, valu
 
 
 def test_choose_learning_rate_best_then_smaller_diverged_last():
-  assert sweep.choose_learning_rate({0.1: 0.8, 0.03: 0.9, 0.01: 0.7}) == 0.03
-  assert sweep.choose_learning_rate({0.1: 0.9, 0.03: 0.9, 0.01: 0.7}) == 0.03  # tie
-  assert sweep.choose_learning_rate({0.1: None, 0.03: 0.1}) == 0.03
-  assert sweep.choose_learning_rate({0.1: None, 0.03: None}) == 0.03
+  assert tuning_lib.choose_learning_rate({0.1: 0.8, 0.03: 0.9, 0.01: 0.7}) == 0.03
+  assert tuning_lib.choose_learning_rate({0.1: 0.9, 0.03: 0.9, 0.01: 0.7}) == 0.03  # tie
+  assert tuning_lib.choose_learning_rate({0.1: None, 0.03: 0.1}) == 0.03
+  assert tuning_lib.choose_learning_rate({0.1: None, 0.03: None}) == 0.03
   with pytest.raises(ValueError, match="at least one"):
-    sweep.choose_learning_rate({})
+    tuning_lib.choose_learning_rate({})
 
 
 def test_tuning_then_final_runs_at_the_chosen_rates(tmp_path):
@@ -426,8 +431,8 @@ def test_a_final_run_that_diverges_moves_its_setting_to_the_next_best_rate(tmp_p
   # Settled: the diverged run's rate stays out although it now lies in previous/.
   again = sweep.run_sweep(config, str(tmp_path), train_fn=fake)
   assert again["trained"] == 0 and again["failed"] == 0
-  assert sweep.choose_learning_rate({0.1: 0.9, 0.03: 0.8}, unstable=[0.1]) == 0.03
-  assert sweep.choose_learning_rate({0.1: 0.9}, unstable=[0.1]) == 0.1  # nothing else
+  assert tuning_lib.choose_learning_rate({0.1: 0.9, 0.03: 0.8}, unstable=[0.1]) == 0.03
+  assert tuning_lib.choose_learning_rate({0.1: 0.9}, unstable=[0.1]) == 0.1  # nothing else
   lines = "\n".join(report._tuning_lines(json.load(open(tmp_path / "tuning.json")), []))
   assert f"1 settings had a final run diverge at the chosen rate" in lines
   assert "0.1: 90.00 (a final run diverged: not chosen)" in lines and "**0.01: 80.00**" in lines
@@ -452,16 +457,16 @@ def test_final_runs_wait_for_another_slices_tuning(tmp_path):
 
 def test_kendall_tau_by_hand_and_against_scipy():
   # (1,3,2,4) vs (1,2,3,4): 5 concordant pairs, 1 discordant -> (5-1)/6.
-  assert report.kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(2 / 3)
-  assert report.kendall_tau([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+  assert stats.kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(2 / 3)
+  assert stats.kendall_tau([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
   # Ties: x = (1,2,2,3), y = (1,2,3,3): C = 4, D = 0, one tie in each of the 6 pairs
   # -> 4 / sqrt(5 * 5) = 0.8 (tau-b).
-  assert report.kendall_tau([1, 2, 2, 3], [1, 2, 3, 3]) == pytest.approx(0.8)
-  assert np.isnan(report.kendall_tau([1, 1, 1], [1, 2, 3]))
+  assert stats.kendall_tau([1, 2, 2, 3], [1, 2, 3, 3]) == pytest.approx(0.8)
+  assert np.isnan(stats.kendall_tau([1, 1, 1], [1, 2, 3]))
   scipy_stats = pytest.importorskip("scipy.stats")
   rng = np.random.default_rng(0)
   x, y = rng.integers(0, 5, 40), rng.normal(size=40)
-  assert report.kendall_tau(x, y) == pytest.approx(scipy_stats.kendalltau(x, y)[0])
+  assert stats.kendall_tau(x, y) == pytest.approx(scipy_stats.kendalltau(x, y)[0])
 
 
 def write_run(root, *, optimizer="momentum", activation="relu", regularisation="none",
@@ -501,12 +506,12 @@ def test_report_on_synthetic_runs(tmp_path):
                                      "gradient_norm": 10.0 - rank, "gradient_norm_active": 1.0,
                                      "ghg": float(g)})
   (runs / "unfinished").mkdir()  # no summary: ignored
-  records = report.load_runs(str(runs))
+  records = records_lib.load_runs(str(runs))
   assert len(records) == 8
   r0 = next(r for r in records if r["accuracy"] == 0.50)
   assert r0["init"]["egf_p2"] == pytest.approx(0.1) and r0["measures"]["egf_p2"] == (
       pytest.approx(0.2))
-  corr = report.correlations(records)
+  corr = stats.correlations(records)
   assert corr["egf_p2"]["all"] == (pytest.approx(1.0), 8)
   assert corr["gradient_norm"]["all"][0] == pytest.approx(-1.0)
   # ghg: of the 28 pairs only (3, 2) is discordant -> (27 - 1) / 28.
@@ -516,12 +521,12 @@ def test_report_on_synthetic_runs(tmp_path):
   # Inside each regularisation setting (4 runs each) egf_p2 still orders accuracy.
   assert corr["egf_p2"]["within"] == (pytest.approx(1.0), 2)
   assert corr["gradient_norm"]["within"] == (pytest.approx(-1.0), 2)
-  bn = report.finding_batch_norm(records)
+  bn = findings_lib.finding_batch_norm(records)
   # Pairs per seed: sparse gain 0.30, dense gain 0.06 -> 0.24, identical for both seeds.
   assert bn["diff"] == pytest.approx(0.24) and bn["n"] == 2
   assert bn["sparse_gain"] == pytest.approx(0.30) and bn["dense_gain"] == pytest.approx(0.06)
   assert bn["verdict"] == "supported"  # s.e. 0 < diff / 2
-  assert report.finding_adaptive(records)["verdict"].startswith("not tested")
+  assert findings_lib.finding_adaptive(records)["verdict"].startswith("not tested")
   text = report.write_report(records, str(tmp_path / "out"), command="python -m x")
   assert "**supported**" in text and "`python -m x`" in text
   assert "| momentum | relu | batch_norm | 0.1 | 81.00 ± 1.00 | 86.00 ± 1.00 | -5.00 | 2 |" in text
@@ -568,7 +573,7 @@ def test_tiny_converged_sweep_end_to_end_through_the_report(tmp_path):
   egf = lambda name: json.loads(open(workdir / name / "metrics.jsonl").readline())["egf_p2"]
   assert egf("momentum_relu_augment_d0.2_sparse_active_fan_in_seed1") > egf(
       "momentum_relu_augment_d0.2_sparse_seed1")
-  records = report.load_runs(str(workdir))
+  records = records_lib.load_runs(str(workdir))
   assert len(records) == 3 and {r["init_scheme"] for r in records} == {
       "dense_fan_in", "active_fan_in"}
   # The budget check: the same final runs at twice the steps, at the chosen rates.
@@ -579,8 +584,8 @@ def test_tiny_converged_sweep_end_to_end_through_the_report(tmp_path):
   counts = sweep.run_sweep(longer, str(tmp_path / "budget"))
   assert counts == {"total": 3, "skipped": 0, "trained": 3, "failed": 0, "pending": 0}
   text = report.write_report(records, str(tmp_path / "out"),
-                             tuning=report.load_tuning(str(workdir)), n_boot=100,
-                             longer=report.load_runs(str(tmp_path / "budget")))
+                             tuning=records_lib.load_tuning(str(workdir)), n_boot=100,
+                             longer=records_lib.load_runs(str(tmp_path / "budget")))
   assert "| momentum_relu_augment_d0.2_dense | " in text and "## The initialisation factor" in text
   assert "**Budget check**: 3 final runs trained again for 60 instead of 30 epochs" in text
   assert (tmp_path / "out" / "budget_check.png").exists()
@@ -599,7 +604,7 @@ def test_budget_check_pairs_runs_by_name_and_rate():
             rec("sparse", 1, 0.71, epochs=60), rec("dense", 1, 0.90, epochs=60),
             rec("sparse", 2, 0.9, lr=0.3, epochs=60),  # another rate: not a pair
             rec("dense", 5, 0.9, epochs=60)]  # no run of that name: not a pair
-  check = report.budget_check(short, longer, n_boot=200)
+  check = findings_lib.budget_check(short, longer, n_boot=200)
   assert check["n"] == 4 and check["epochs"] == [30] and check["longer_epochs"] == [60]
   assert (check["unpaired"], check["other_rate"]) == (1, 1)
   change = check["accuracy_change"]
@@ -620,7 +625,7 @@ def test_budget_check_pairs_runs_by_name_and_rate():
   assert "Left out: 1 longer runs with no run of that name here, 1 at another rate" in text
   # The same budget twice (e.g. --budget_workdir = --workdir) is refused.
   with pytest.raises(ValueError, match="needs a longer sweep"):
-    report.budget_check(short, short)
+    findings_lib.budget_check(short, short)
 
 
 def test_budget_check_plot(tmp_path):
@@ -629,7 +634,7 @@ def test_budget_check_plot(tmp_path):
        "longer_accuracy": 0.91},
       {"name": "b", "kind": "dense", "optimizer": "sgd", "accuracy": 0.95,
        "longer_accuracy": 0.94}]}
-  report.plot_budget_check(check, str(tmp_path / "b.png"))
+  plots.plot_budget_check(check, str(tmp_path / "b.png"))
   assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -643,7 +648,7 @@ def test_tuning_json_survives_a_write_that_fails_midway(tmp_path):
   circular = []
   circular.append(circular)
   with pytest.raises(ValueError, match="Circular"):
-    sweep.write_tuning(str(tmp_path), {"rule": "x" * 10_000, "settings": {
+    records_lib.write_tuning(str(tmp_path), {"rule": "x" * 10_000, "settings": {
         "zz_last": {"chosen": circular}}})
   assert (tmp_path / "tuning.json").read_text() == before
   assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
@@ -658,7 +663,7 @@ def test_budget_check_recomputes_the_findings_at_both_budgets():
           ("batch_norm", "dense"): (0.86, 0.87), ("none", "dense"): (0.85, 0.86)}
   short = [rec(r, k, a, 30) for (r, k), (a, _) in accs.items()]
   longer = [rec(r, k, b, 60) for (r, k), (_, b) in accs.items()]
-  check = report.budget_check(short, longer, n_boot=50)
+  check = findings_lib.budget_check(short, longer, n_boot=50)
   bn = check["findings"]["batch_norm"]
   # (0.90 - 0.80) - (0.86 - 0.85) = 0.09; (0.92 - 0.83) - (0.87 - 0.86) = 0.08.
   assert bn["n"] == 1

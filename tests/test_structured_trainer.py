@@ -80,7 +80,7 @@ def test_trainer_channels_gmp_exports_whole_units(tmp_path):
   assert f"masks/{LAYERS[2]}" not in exported or exported[f"masks/{LAYERS[2]}"].all()
   # The export condenses to a 75-25-10 dense MLP with the masked model's logits
   # (checked inside), as experiments/studies/structured.py times it.
-  from experiments.benchmarks import inference  # pylint: disable=g-import-not-at-top
+  from experiments.trainer import inference  # pylint: disable=g-import-not-at-top
   latency = inference.exported_mlp_latency(str(tmp_path / "export.npz"), rounds=1)
   assert latency["units_kept"] == 100
   assert set(latency) == {"units_kept", "masked_b1_us", "condensed_b1_us",

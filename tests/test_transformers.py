@@ -266,11 +266,12 @@ def test_sweep_results_outlive_their_workdirs(tmp_path):
 
 def test_sweep_skips_recorded_runs(tmp_path, monkeypatch):
   """A run whose workdir is gone but whose record is committed is not trained again."""
+  from experiments.studies import _grid
   from experiments.studies import transformers as sweep
   records, workdir = str(tmp_path / "records"), str(tmp_path / "workdirs")
   monkeypatch.setattr(sweep, "RECORDS", records)
-  sweep._write_json(sweep.run_dir(records, "vit", "rigl", 0.75, 0) + ".json",
-                    {"method": "rigl"})
+  _grid.write_record(sweep.run_dir(records, "vit", "rigl", 0.75, 0) + ".json",
+                     {"method": "rigl"})
   trained = []
   monkeypatch.setattr(sweep.train, "train_and_evaluate",
                       lambda config, d: trained.append((config.seed, d)))

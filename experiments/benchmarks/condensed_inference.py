@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +41,9 @@ import optax
 import sparse_jax
 from experiments.trainer import compilation_cache
 from experiments.trainer import condense
+from experiments.trainer import inference
 from experiments import models
+from experiments.benchmarks import _harness
 
 MODELS = {
     "lenet300_100": (784, 300, 100, 10),
@@ -59,40 +60,11 @@ CONV_BATCHES = (1, 16)
 NM_BATCH = 8
 
 
-def init_mlp(key, sizes):
-  params = {}
-  for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-    key, k1, k2 = jax.random.split(key, 3)
-    params[f"Dense_{i}"] = {
-        "kernel": jax.random.normal(k1, (a, b), jnp.float32) / np.sqrt(a),
-        "bias": 0.1 * jax.random.normal(k2, (b,), jnp.float32)}
-  return params
-
-
-def forward(params, x):
-  n = len(params)
-  for i in range(n):
-    x = x @ params[f"Dense_{i}"]["kernel"] + params[f"Dense_{i}"]["bias"]
-    if i < n - 1:
-      x = jax.nn.relu(x)
-  return x
-
-
-def time_call(fn, *args, reps):
-  """Mean time of ``reps`` back-to-back calls, one sample (seconds per call)."""
-  jax.block_until_ready(fn(*args))
-  start = time.perf_counter()
-  for _ in range(reps):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / reps
-
-
 def variants(sizes, key):
   """{name: (fn, args)} of every timed variant, and the N:M memory table."""
-  params = init_mlp(key, sizes)
+  params = _harness.init_mlp(key, sizes, bias_scale=0.1)
   layers = [f"Dense_{i}" for i in range(len(sizes) - 1)]
-  fwd = jax.jit(forward)
+  fwd = jax.jit(inference.mlp_forward)
   out, memory = {}, {}
   for s in UNIT_SPARSITIES:
     tx = sparse_jax.static(optax.sgd(0.1), sparsity=s, structure=sparse_jax.Channels(),
@@ -173,10 +145,7 @@ def main():
       sizes, batches, reps = MODELS[model], BATCHES, args.reps
       table, memory = variants(sizes, jax.random.PRNGKey(0))
     timed = {k: v for k, v in table.items() if k[2] != "widths"}
-    samples = {k: [] for k in timed}
-    for _ in range(args.rounds):  # interleaved: every variant once per round
-      for k, (fn, fargs) in timed.items():
-        samples[k].append(time_call(fn, *fargs, reps=reps))
+    samples = _harness.interleaved_samples(timed, args.rounds, reps, warmup=True)
     med = {k: statistics.median(v) for k, v in samples.items()}
     rows = []
     print(f"\n{model} {sizes}: median ms per call over {args.rounds} interleaved rounds")

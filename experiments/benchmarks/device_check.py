@@ -37,10 +37,9 @@ from experiments.data import input_pipeline
 from experiments.trainer import methods as methods_lib
 from experiments.trainer import state as state_lib
 from experiments.trainer import steps as steps_lib
-from experiments.benchmarks import step_overhead
+from experiments.benchmarks import _harness
 from experiments.configs import cifar_vgg19
 from experiments.configs import imagenet_resnet50
-from experiments.models import vgg
 
 # name -> (config module, input shape, classes, training set size, model kwargs).
 BENCHMARKS = {
@@ -110,34 +109,26 @@ def compile_variant(step, state, data) -> dict:
   t = time.perf_counter()
   compiled = step.lower(state, data).compile()
   seconds = time.perf_counter() - t
-  m = compiled.memory_analysis()
-  peak = None if m is None else (m.argument_size_in_bytes + m.output_size_in_bytes
-                                 + m.temp_size_in_bytes - m.alias_size_in_bytes)
-  return {"compiled": compiled, "compile_s": seconds, "xla_peak_bytes": peak}
+  return {"compiled": compiled, "compile_s": seconds,
+          "xla_peak_bytes": _harness.xla_peak_bytes(compiled.memory_analysis())}
 
 
 def time_variants(built: dict, programs: dict, rounds: int, reps: int) -> dict:
   """Median seconds per step of each variant, rounds interleaved over the variants."""
   states = {v: b[1] for v, b in built.items()}
 
-  def run(v):
+  def step_once(v):
     _, _, data, count = built[v]
     state = states[v]
-    for _ in range(reps):
-      if count is not None:
-        state = state.replace(opt_state=step_overhead.with_count(state.opt_state, count))
-      state, metrics = programs[v]["compiled"](state, data)
-    jax.block_until_ready(metrics["train_loss"])
-    states[v] = state
+    if count is not None:
+      state = state.replace(opt_state=_harness.with_count(state.opt_state, count))
+    states[v], metrics = programs[v]["compiled"](state, data)
+    return metrics["train_loss"]
 
-  for v in built:  # warm up
-    run(v)
-  times = {v: [] for v in built}
-  for _ in range(rounds):
-    for v in built:
-      t = time.perf_counter()
-      run(v)
-      times[v].append((time.perf_counter() - t) / reps)
+  table = {v: (step_once, (v,)) for v in built}
+  for fn, args in table.values():  # warm up
+    _harness.time_call(fn, *args, reps=reps)
+  times = _harness.interleaved_samples(table, rounds, reps)
   return {v: statistics.median(ts) for v, ts in times.items()}
 
 

@@ -1,10 +1,10 @@
 r"""Lowering and compile time of the mask-update ("event") program.
 
-For LeNet-300-100, the ~30M MLP of ``step_overhead`` and ResNet-50 (ImageNet,
-parameter shapes only, from ``jax.eval_shape``), this lowers and compiles
-``tx.update(grads, state, params, mask_update=...)`` for a plain dense optax
-update and for GraNet / RigL with ``mask_update`` True, None and False, and
-reports seconds and the size of the lowered StableHLO text.
+For LeNet-300-100, the ~30M MLP of ``step_overhead`` (``_harness.MODELS``) and
+ResNet-50 (ImageNet, parameter shapes only, from ``jax.eval_shape``), this lowers
+and compiles ``tx.update(grads, state, params, mask_update=...)`` for a plain
+dense optax update and for GraNet / RigL with ``mask_update`` True, None and
+False, and reports seconds and the size of the lowered StableHLO text.
 
   python -m experiments.benchmarks.event_compile --models=lenet300_100,mlp_30m,resnet50
 
@@ -21,14 +21,14 @@ import optax
 
 import sparse_jax
 from experiments import models
-from experiments.benchmarks import step_overhead
+from experiments.benchmarks import _harness
 
 
 def param_shapes(name):
   """The params tree of ``name`` as ``jax.ShapeDtypeStruct`` leaves."""
-  if name in step_overhead.MODELS:
-    return jax.eval_shape(lambda: step_overhead.init_mlp(jax.random.PRNGKey(0),
-                                                         step_overhead.MODELS[name]))
+  if name in _harness.MODELS:
+    return jax.eval_shape(lambda: _harness.init_mlp(jax.random.PRNGKey(0),
+                                                    _harness.MODELS[name]))
   model = models.get_model(name, num_classes=1000)
   variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                                 jnp.zeros((1, 224, 224, 3)), train=False))

@@ -36,7 +36,6 @@ before and after is printed.
 import argparse
 import json
 import os
-import statistics
 import time
 
 import jax
@@ -46,9 +45,8 @@ import optax
 
 import sparse_jax
 from experiments.trainer import compilation_cache
-from experiments.trainer import exports
-from experiments.benchmarks.condensed_inference import forward as mlp_forward
-from experiments.benchmarks.condensed_inference import init_mlp
+from experiments.trainer import inference as inference_lib
+from experiments.benchmarks import _harness
 
 SPARSITIES = (0.5, 0.75, 0.9, 0.95, 0.98, 0.99)
 BATCHES = (1, 128)
@@ -61,26 +59,6 @@ SGD = optax.sgd(0.1)
 
 def tree_bytes(tree) -> int:
   return int(sum(x.nbytes for x in jax.tree.leaves(tree)))
-
-
-def bcoo_mlp(params, x):
-  n = len(params)
-  for i in range(n):
-    layer = params[f"Dense_{i}"]
-    x = sparse_jax.bcoo_dense(x, layer["kernel"]) + layer["bias"]
-    if i < n - 1:
-      x = jax.nn.relu(x)
-  return x
-
-
-def nm_mlp(params, x):
-  n = len(params)
-  for i in range(n):
-    layer = params[f"Dense_{i}"]
-    x = sparse_jax.nm_dense(x, layer["kernel"]) + layer["bias"]
-    if i < n - 1:
-      x = jax.nn.relu(x)
-  return x
 
 
 def init_vgg(key, cfg=VGG16, in_channels=3, classes=10):
@@ -124,7 +102,8 @@ def masked(params, sparsity, structure=None):
 def variants(model, key):
   """{(format, sparsity, batch): (fn, args)}, the bytes and weight sparsity of each."""
   if model == "lenet300_100":
-    params, fwd, in_shape = init_mlp(key, LENET), mlp_forward, (LENET[0],)
+    params = _harness.init_mlp(key, LENET, bias_scale=0.1)
+    fwd, in_shape = inference_lib.mlp_forward, (LENET[0],)
   else:
     params, fwd, in_shape = init_vgg(key), vgg_forward, (32, 32, 3)
   layers = sorted(params, key=lambda n: (n.startswith("Dense"), int(n.split("_")[1])))
@@ -159,7 +138,7 @@ def variants(model, key):
       sp = sparse_jax.bcoo_kernels(mparams, masks)
       nbytes = sum(sparse_jax.bcoo_nbytes(sp[l]["kernel"]) + sp[l]["bias"].nbytes
                    for l in layers)
-      add("bcoo", s, jax.jit(bcoo_mlp), sp, want, int(nbytes), ws)
+      add("bcoo", s, jax.jit(inference_lib.bcoo_mlp), sp, want, int(nbytes), ws)
     cparams, cmasks = masked(params, s, sparse_jax.Channels())
     small = sparse_jax.condense_channels(cparams, cmasks, layers)
     cw = 1 - sum(int(small.params[l]["kernel"].size) for l in layers) / kernels
@@ -174,8 +153,8 @@ def variants(model, key):
                                                        nmasks[l]["kernel"], st, name=l),
                       "bias": nparams[l]["bias"]} for l in layers}
         nbytes = sum(packed[l]["kernel"].nbytes + packed[l]["bias"].nbytes for l in layers)
-        add("nm", s, jax.jit(nm_mlp), packed, {b: jfwd(nparams, xs[b]) for b in BATCHES},
-            int(nbytes), s)
+        add("nm", s, jax.jit(inference_lib.nm_mlp), packed,
+            {b: jfwd(nparams, xs[b]) for b in BATCHES}, int(nbytes), s)
       else:  # VGG-16's first conv has 3 inputs: it stays dense.
         state = sparse_jax.static(SGD, structure=st, keep_first_dense=True).init(params)
         nparams, nmasks = sparse_jax.sparsify_params(params, state), sparse_jax.get_masks(state)
@@ -187,27 +166,6 @@ def variants(model, key):
                      else k.nbytes) + nparams[l]["bias"].nbytes
         info[("nm", s)] = dict(bytes=int(nbytes), weight_sparsity=None, latency="n/a")
   return out, info
-
-
-def time_call(fn, args, reps):
-  start = time.perf_counter()
-  for _ in range(reps):
-    y = fn(*args)
-  jax.block_until_ready(y)
-  return (time.perf_counter() - start) / reps
-
-
-def measure(table, rounds, target_s=0.02):
-  reps = {}
-  for k, (fn, args) in table.items():
-    jax.block_until_ready(fn(*args))  # compile, warm
-    t = time_call(fn, args, 1)
-    reps[k] = int(max(1, min(50, target_s / max(t, 1e-7))))
-  samples = {k: [] for k in table}
-  for _ in range(rounds):
-    for k, (fn, args) in table.items():
-      samples[k].append(time_call(fn, args, reps[k]))
-  return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def main():
@@ -223,7 +181,7 @@ def main():
   t0 = time.time()
   for model in args.models.split(","):
     table, info = variants(model, jax.random.PRNGKey(0))
-    med = measure(table, rounds[model])
+    med = _harness.median_latencies(table, rounds[model])
     dense = {b: med[("dense", 0.0, b)] for b in BATCHES}
     rows = []
     print(f"\n{model}: median µs per call over {rounds[model]} interleaved rounds "
@@ -250,27 +208,6 @@ def main():
   if args.out:
     with open(args.out, "w") as f:
       json.dump(results, f, indent=1, default=list)
-
-
-def exported_mlp_latency(export_path, rounds=15, reps=20):
-  """Masked vs condensed forward (µs, batch 1 and 128) of a Channels() MLP's export.npz."""
-  del reps  # calibrated per variant
-  e = exports.load_exported(export_path)
-  tree = exports.exported_tree(e, "params")
-  layers = sorted((n for n in tree if n.startswith("Dense_")), key=lambda n: int(n[6:]))
-  params = {l: jax.tree.map(jnp.asarray, tree[l]) for l in layers}
-  small = sparse_jax.condense_channels(params, exports.exported_tree(e, "masks"), layers)
-  fwd = jax.jit(mlp_forward)
-  table = {}
-  for b in BATCHES:
-    x = jax.random.normal(jax.random.PRNGKey(b), (b, params[layers[0]]["kernel"].shape[0]))
-    np.testing.assert_allclose(np.asarray(fwd(small.params, x)), np.asarray(fwd(params, x)),
-                               rtol=1e-3, atol=1e-3)
-    table[("masked", b)] = (fwd, (params, x))
-    table[("condensed", b)] = (fwd, (small.params, x))
-  med = measure(table, rounds)
-  return {"units_kept": int(sum(small.features[:-1])),
-          **{f"{fmt}_b{b}_us": 1e6 * med[(fmt, b)] for fmt, b in table}}
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ update within 3x a dense step at 30M.
 import argparse
 import json
 import statistics
-import time
 
 import jax
 import numpy as np
@@ -26,7 +25,7 @@ import optax
 
 import sparse_jax
 from experiments.trainer import compilation_cache
-from experiments.benchmarks import step_overhead
+from experiments.benchmarks import _harness
 
 SIZES = {"1M": 1_000_000, "3M": 3_000_000, "10M": 10_000_000, "30M": 30_000_000,
          "100M": 100_000_000}
@@ -39,36 +38,28 @@ def mlp_sizes(n: int) -> tuple[int, ...]:
   return (784, w, w, w, 10)
 
 
-def timed(fn, *args, rounds_out):
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  rounds_out.append(time.perf_counter() - start)
-
-
 def bench(name, n, rounds, batch, dense_limit):
+  """The row of one size: median event, ordinary and dense-step seconds."""
   sizes = mlp_sizes(n)
-  params = step_overhead.init_mlp(jax.random.PRNGKey(0), sizes)
+  params = _harness.init_mlp(jax.random.PRNGKey(0), sizes)
   n_prunable = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
   tx = sparse_jax.granet(optax.sgd(0.01, momentum=0.9), sparsity=0.9, total_steps=1000,
                          end_step=500, update_every=100)
   state = tx.init(params)
   x = jax.random.normal(jax.random.PRNGKey(1), (batch, sizes[0]))
   y = jax.random.randint(jax.random.PRNGKey(2), (batch,), 0, sizes[-1])
-  grads = jax.grad(step_overhead.loss_fn)(params, x, y)
+  grads = jax.grad(_harness.loss_fn)(params, x, y)
   update = jax.jit(tx.update)
-  event_state = step_overhead.with_count(state, 99)
-  ordinary_state = step_overhead.with_count(state, 0)
-  fns = {"event": (update, grads, event_state, params),
-         "ordinary": (update, grads, ordinary_state, params)}
+  event_state = _harness.with_count(state, 99)
+  ordinary_state = _harness.with_count(state, 0)
+  fns = {"event": (update, (grads, event_state, params)),
+         "ordinary": (update, (grads, ordinary_state, params))}
   if n <= dense_limit:
     dense = optax.sgd(0.01, momentum=0.9)
-    fns["dense_step"] = (step_overhead.make_step(dense), params, dense.init(params), x, y)
-  for fn, *args in fns.values():
+    fns["dense_step"] = (_harness.make_step(dense), (params, dense.init(params), x, y))
+  for fn, args in fns.values():
     jax.block_until_ready(fn(*args))
-  times = {k: [] for k in fns}
-  for _ in range(rounds):
-    for k, (fn, *args) in fns.items():
-      timed(fn, *args, rounds_out=times[k])
+  times = _harness.interleaved_samples(fns, rounds)
   med = {k: statistics.median(v) for k, v in times.items()}
   row = {"size": name, "prunable": n_prunable, "layers": list(sizes),
          **{f"{k}_s": v for k, v in med.items()},

@@ -19,12 +19,11 @@ import subprocess
 import sys
 
 import jax
-import optax
 
 from experiments.trainer import compilation_cache
-from experiments.benchmarks import step_overhead
+from experiments.benchmarks import _harness
 
-MODEL = step_overhead.MODELS["mlp_30m"]
+MODEL = _harness.MODELS["mlp_30m"]
 
 
 def parse(method: str):
@@ -39,16 +38,16 @@ def parse(method: str):
 
 
 def make_tx(method: str):
-  inner = optax.sgd(0.01, momentum=0.9, nesterov=True)
+  """The optimizer of a method name (``parse``'s suffixes allowed)."""
   name, packed, _ = parse(method)
   if name == "dense":
-    return inner
-  return step_overhead.make_methods(packed_masks=packed)[name]
+    return _harness.inner_optimizer()
+  return _harness.make_methods(packed_masks=packed)[name]
 
 
 def setup(method: str, batch: int):
   """``(tx, params, opt_state, x, y)`` of the 30M MLP."""
-  params = step_overhead.init_mlp(jax.random.PRNGKey(0), MODEL)
+  params = _harness.init_mlp(jax.random.PRNGKey(0), MODEL)
   tx = make_tx(method)
   state = tx.init(params)
   x = jax.random.normal(jax.random.PRNGKey(1), (batch, MODEL[0]))
@@ -58,10 +57,9 @@ def setup(method: str, batch: int):
 
 def _compiled_peak(method, batch, mask_update):
   tx, params, state, x, y = setup(method, batch)
-  step = step_overhead.make_step(tx, donate=True, mask_update=mask_update)
+  step = _harness.make_step(tx, donate=True, mask_update=mask_update)
   m = step.lower(params, state, x, y).compile().memory_analysis()
-  peak = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-          - m.alias_size_in_bytes)
+  peak = _harness.xla_peak_bytes(m)
   return {"argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes,
           "temp_bytes": m.temp_size_in_bytes, "alias_bytes": m.alias_size_in_bytes,
           "peak_bytes": peak}
@@ -81,12 +79,12 @@ def rss_child(method: str, batch: int):
   """Runs in a child process: a few steps including one mask update; prints max RSS."""
   host = parse(method)[2]
   tx, params, state, x, y = setup(method, batch)
-  steps = {mu: step_overhead.make_step(tx, donate=True, mask_update=mu)
+  steps = {mu: _harness.make_step(tx, donate=True, mask_update=mu)
            for mu in ((False, True) if host else (None,))}
   for i in range(3):
     event = method != "dense" and i == 1
     if event:
-      state = step_overhead.with_count(state, 99)  # the next update is an event
+      state = _harness.with_count(state, 99)  # the next update is an event
     params, state = steps[event if host else None](params, state, x, y)
   jax.block_until_ready(params)
   print(json.dumps({"max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))

@@ -18,28 +18,23 @@ Targets (issue 16): the README paths within 1.05x of dense on LeNet-300-100 and
 import argparse
 import json
 import statistics
-import time
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 from flax.training import train_state
 
 import sparse_jax
 from experiments.trainer import compilation_cache
+from experiments.trainer import inference
+from experiments.benchmarks import _harness
 
-MODELS = {"lenet300_100": (784, 300, 100, 10), "mlp_30m": (784, 4096, 4096, 2560, 10)}
 NEVER = 10**6  # update_every: no mask update in the timed steps
 
 
-def inner():
-  return optax.sgd(0.01, momentum=0.9, nesterov=True)
-
-
 def sparse_tx():
-  return sparse_jax.granet(inner(), sparsity=0.9, total_steps=10**7, end_step=5 * 10**6,
-                           update_every=NEVER)
+  return sparse_jax.granet(_harness.inner_optimizer(), sparsity=0.9, total_steps=10**7,
+                           end_step=5 * 10**6, update_every=NEVER)
 
 
 class MLP(nnx.Module):
@@ -56,13 +51,7 @@ class MLP(nnx.Module):
 
 
 def linen_apply(variables, x):
-  p = variables["params"]
-  n = len(p)
-  for i in range(n):
-    x = x @ p[f"Dense_{i}"]["kernel"] + p[f"Dense_{i}"]["bias"]
-    if i < n - 1:
-      x = jax.nn.relu(x)
-  return x
+  return inference.mlp_forward(variables["params"], x)
 
 
 def linen_step(state, x, y):
@@ -81,7 +70,7 @@ def linen_variant(sizes, kind):
   model = MLP(sizes, nnx.Rngs(0))
   params = {f"Dense_{i}": {"kernel": l.kernel.value, "bias": l.bias.value}
             for i, l in enumerate(model.layers)}
-  tx = inner() if kind == "dense" else sparse_tx()
+  tx = _harness.inner_optimizer() if kind == "dense" else sparse_tx()
   state = train_state.TrainState.create(apply_fn=linen_apply, params=params, tx=tx)
   step = (sparse_jax.scheduled_jit(tx)(linen_step) if kind == "scheduled_jit"
           else jax.jit(linen_step))
@@ -95,7 +84,7 @@ def linen_variant(sizes, kind):
 
 def nnx_variant(sizes, kind):
   model = MLP(sizes, nnx.Rngs(0))
-  tx = inner() if kind == "dense" else sparse_tx()
+  tx = _harness.inner_optimizer() if kind == "dense" else sparse_tx()
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   step = (sparse_jax.scheduled_jit(tx, jit=nnx.jit)(nnx_step) if kind == "scheduled_jit"
           else nnx.jit(nnx_step))
@@ -113,16 +102,10 @@ def bench_model(name, sizes, rounds, batch):
   variants = {f"{api}/{kind}": make(sizes, kind)
               for api, make in (("linen", linen_variant), ("nnx", nnx_variant))
               for kind in ("dense", "jit", "scheduled_jit")}
+  table = {k: (call, (x, y)) for k, call in variants.items()}
   for call in variants.values():
     jax.block_until_ready(call(x, y))  # compile, warm up
-  times = {k: [] for k in variants}
-  for _ in range(rounds):
-    for k, call in variants.items():
-      start = time.perf_counter()
-      for _ in range(reps):
-        out = call(x, y)
-      jax.block_until_ready(out)
-      times[k].append((time.perf_counter() - start) / reps)
+  times = _harness.interleaved_samples(table, rounds, reps)
   med = {k: statistics.median(v) for k, v in times.items()}
   return [{"model": name, "variant": k, "median_ms": 1e3 * v,
            "ratio_to_dense": v / med[k.split("/")[0] + "/dense"]} for k, v in med.items()]
@@ -132,13 +115,13 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--rounds", type=int, default=15)
   parser.add_argument("--batch", type=int, default=128)
-  parser.add_argument("--models", default=",".join(MODELS))
+  parser.add_argument("--models", default=",".join(_harness.MODELS))
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   compilation_cache.enable()
   rows = []
   for name in args.models.split(","):
-    rows += bench_model(name, MODELS[name], args.rounds, args.batch)
+    rows += bench_model(name, _harness.MODELS[name], args.rounds, args.batch)
   print(f"{'model':14s} {'variant':22s} {'median ms':>10s} {'x dense':>8s}")
   for r in rows:
     print(f"{r['model']:14s} {r['variant']:22s} {r['median_ms']:10.2f} "

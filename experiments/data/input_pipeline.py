@@ -94,9 +94,6 @@ __all__ = [
     'validation_count',
 ]
 
-# The data set table under its old name here (tests/test_accelerator_road.py reads it).
-_SPECS = specs.SPECS
-
 # load_arrays refuses splits whose float32 arrays would exceed this.
 _MAX_ARRAY_BYTES = 4 * 2**30
 

@@ -6,7 +6,7 @@ ticket, 4 rounds) at 90/95/98% sparsity with 3 seeds each (dense once per seed),
 one workdir per run, skipping runs that already have a ``summary.json`` (so an
 interrupted sweep resumes), then writes ``experiments/results/lenet300_mnist5k.md``
 and ``lenet300_mnist5k.png``. Training and inference FLOPs relative to dense
-(SPEC §10) come from each run's summary; runs from before the trainer wrote them
+(docs/algorithms.md §10) come from each run's summary; runs from before the trainer wrote them
 get them post hoc from their workdir (``experiments.trainer.flops.posthoc_run_flops``,
 cached in ``flops.json``).
 
@@ -14,21 +14,17 @@ cached in ``flops.json``).
       [--seeds=0,1,2] [--sparsities=0.9,0.95,0.98] [--methods=granet,rigl]
 """
 
-import argparse
-import json
-import logging
+import functools
 import os
-import sys
 import time
 
 import numpy as np
 
-from experiments.trainer import compilation_cache
-from experiments.trainer import flops as run_flops_lib
 from experiments.trainer import imp
 from experiments.trainer import train
 from experiments.configs import default
 from experiments.configs import imp_lenet300_mnist5k
+from experiments.studies import _grid
 
 # name -> (method, overrides of config.sparsity)
 METHODS = {
@@ -45,7 +41,7 @@ METHODS = {
     "one_shot": ("one_shot", {"end_epoch": 10.0}),
     "imp": ("imp", {}),
 }
-RESULTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "results")
+RESULTS = _grid.RESULTS
 
 
 def run_dir(workdir, name, sparsity, seed):
@@ -53,59 +49,48 @@ def run_dir(workdir, name, sparsity, seed):
   return os.path.join(workdir, f"{tag}_seed{seed}")
 
 
+def run_config(name, sparsity, seed):
+  """The config of one run of the table (IMP: of its rounds)."""
+  method, overrides = METHODS[name]
+  if method == "imp":
+    config = imp_lenet300_mnist5k.get_config(f"sparsity={sparsity},seed={seed}")
+  else:
+    config = default.lenet300_mnist5k(method, f"sparsity={sparsity},seed={seed}", **overrides)
+  config.log_every_steps = 100
+  return config
+
+
 def run_all(workdir, methods, sparsities, seeds):
+  runs = []
   for seed in seeds:
     for name in methods:
       for s in ([sparsities[0]] if name == "dense" else sparsities):
         d = run_dir(workdir, name, s, seed)
-        if os.path.exists(os.path.join(d, "summary.json")):
-          continue
-        print(f"{time.strftime('%H:%M:%S')} running {d}", flush=True)
-        method, overrides = METHODS[name]
-        if method == "imp":
-          config = imp_lenet300_mnist5k.get_config(f"sparsity={s},seed={seed}")
-          config.log_every_steps = 100
-          imp.run_imp(config, d)
-          continue
-        config = default.lenet300_mnist5k(method, f"sparsity={s},seed={seed}", **overrides)
-        config.log_every_steps = 100
-        train.train_and_evaluate(config, d)
+        train_fn = imp.run_imp if METHODS[name][0] == "imp" else train.train_and_evaluate
+        runs.append(_grid.GridRun(d, d, functools.partial(run_config, name, s, seed), train_fn))
+  _grid.run_grid(runs)
+
+
+def _read(run_workdir):
+  summary = _grid.read_summary(run_workdir)
+  return None if summary is None else _grid.with_flops(summary, run_workdir)
 
 
 def load(workdir, methods, sparsities, seeds):
-  rows = {}
-  for name in methods:
-    for s in ([None] if name == "dense" else sparsities):
-      runs = []
-      for seed in seeds:
-        path = os.path.join(run_dir(workdir, name, s if s else sparsities[0], seed),
-                            "summary.json")
-        if os.path.exists(path):
-          with open(path) as f:
-            runs.append(with_flops(json.load(f), os.path.dirname(path)))
-      if runs:
-        rows[(name, s)] = runs
-  return rows
+  """``{(name, sparsity or None for dense): [summary of each seed's run]}``."""
+  return _grid.collect(
+      ((name, s), (_read(run_dir(workdir, name, s if s else sparsities[0], seed))
+                   for seed in seeds))
+      for name in methods for s in ([None] if name == "dense" else sparsities))
 
 
-def with_flops(summary, run_workdir):
-  """``summary`` with its FLOPs ratios (computed post hoc for older runs, cached)."""
-  if "train_flops_vs_dense" in summary:
-    return summary
-  cache = os.path.join(run_workdir, "flops.json")
-  if not os.path.exists(cache):
-    with open(cache, "w") as f:
-      json.dump(run_flops_lib.posthoc_run_flops(run_workdir), f)
-  with open(cache) as f:
-    return {**summary, **json.load(f)}
+def _stat(runs, key):
+  """Mean and std over the seeds, in percent."""
+  return 100 * np.mean([r[key] for r in runs]), 100 * np.std([r[key] for r in runs])
 
 
-def write_report(rows, sparsities, command, elapsed, out_md, out_png):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  stat = lambda runs, k: (100 * np.mean([r[k] for r in runs]), 100 * np.std([r[k] for r in runs]))
+def _table_lines(rows, command, elapsed):
+  """The report's text: the recipe, the command, the table of ``rows``."""
   lines = [
       "# LeNet-300-100 on the bundled MNIST subset (4,000 train / 1,000 test)",
       "",
@@ -139,8 +124,8 @@ def write_report(rows, sparsities, command, elapsed, out_md, out_png):
       "|---|---|---|---|---|---|---|---|---|",
   ]
   for (name, s), runs in rows.items():
-    acc, acc_sd = stat(runs, "final_test_accuracy")
-    best, best_sd = stat(runs, "best_test_accuracy")
+    acc, acc_sd = _stat(runs, "final_test_accuracy")
+    best, best_sd = _stat(runs, "best_test_accuracy")
     sp = np.mean([r["final_sparsity"] for r in runs])
     wall = np.mean([r["wall_time_s"] for r in runs])
     train_f = np.mean([r["train_flops_vs_dense"] for r in runs])
@@ -148,15 +133,21 @@ def write_report(rows, sparsities, command, elapsed, out_md, out_png):
     lines.append(f"| {name} | {'-' if s is None else s} | {acc:.2f} ± {acc_sd:.2f} | "
                  f"{best:.2f} ± {best_sd:.2f} | {sp:.4f} | {train_f:.3f} | {inf_f:.3f} | "
                  f"{wall:.1f} | {len(runs)} |")
-  with open(out_md, "w") as f:
-    f.write("\n".join(lines) + "\n\n![accuracy vs sparsity and vs training FLOPs](lenet300_mnist5k.png)\n")
+  return lines
+
+
+def _plot(rows, sparsities, out_png):
+  """Accuracy vs sparsity, and vs training FLOPs, one line per method."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   fig, (ax, ax_f) = plt.subplots(1, 2, figsize=(12, 4.5))
   cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   styles = {}
   for name in dict.fromkeys(n for n, _ in rows):
     if name == "dense":
-      acc, sd = stat(rows[("dense", None)], "final_test_accuracy")
+      acc, sd = _stat(rows[("dense", None)], "final_test_accuracy")
       for a in (ax, ax_f):
         a.axhspan(acc - sd, acc + sd, color="gray", alpha=0.2)
         a.axhline(acc, color="gray", ls="--", label="dense")
@@ -165,10 +156,10 @@ def write_report(rows, sparsities, command, elapsed, out_md, out_png):
     k = len(styles)
     styles[name] = dict(color=cycle[k % len(cycle)], ls="-" if k < len(cycle) else ":")
     xs = [s for s in sparsities if (name, s) in rows]
-    ms = [stat(rows[(name, s)], "final_test_accuracy") for s in xs]
+    ms = [_stat(rows[(name, s)], "final_test_accuracy") for s in xs]
     ax.errorbar([100 * x for x in xs], [m for m, _ in ms], yerr=[e for _, e in ms],
                 marker="o", capsize=3, label=name, **styles[name])
-    # Accuracy against the run's training cost (SPEC §10).
+    # Accuracy against the run's training cost (docs/algorithms.md §10).
     fl = [np.mean([r["train_flops_vs_dense"] for r in rows[(name, s)]]) for s in xs]
     ax_f.plot(fl, [m for m, _ in ms], marker="o", label=name, **styles[name])
   ax.set_xlabel("sparsity (%)")
@@ -183,25 +174,26 @@ def write_report(rows, sparsities, command, elapsed, out_md, out_png):
   fig.savefig(out_png, dpi=120)
 
 
+def write_report(rows, sparsities, command, elapsed, out_md, out_png):
+  """Writes the table of ``rows`` (``load``) to ``out_md`` and its plot to ``out_png``."""
+  with open(out_md, "w") as f:
+    f.write("\n".join(_table_lines(rows, command, elapsed))
+            + "\n\n![accuracy vs sparsity and vs training FLOPs](lenet300_mnist5k.png)\n")
+  _plot(rows, sparsities, out_png)
+
+
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", default="workdirs/sweep_lenet300")
-  parser.add_argument("--methods", default=",".join(METHODS))
-  parser.add_argument("--sparsities", default="0.9,0.95,0.98")
-  parser.add_argument("--seeds", default="0,1,2")
-  parser.add_argument("--out", default=os.path.join(RESULTS, "lenet300_mnist5k"))
-  args = parser.parse_args()
-  logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
-  compilation_cache.enable()  # runs of the same shapes reuse compiled programs
-  methods = args.methods.split(",")
-  sparsities = [float(s) for s in args.sparsities.split(",")]
-  seeds = [int(s) for s in args.seeds.split(",")]
+  parser = _grid.sweep_parser(__doc__, workdir="workdirs/sweep_lenet300",
+                              out=os.path.join(RESULTS, "lenet300_mnist5k"),
+                              sparsities="0.9,0.95,0.98", methods=",".join(METHODS))
+  args = _grid.parse_lists(parser.parse_args())
+  _grid.setup()
   start = time.time()
-  run_all(args.workdir, methods, sparsities, seeds)
+  run_all(args.workdir, args.methods, args.sparsities, args.seeds)
   elapsed = time.time() - start
-  rows = load(args.workdir, methods, sparsities, seeds)
-  command = "python -m experiments.studies.lenet300 " + " ".join(sys.argv[1:])
-  write_report(rows, sparsities, command.strip(), elapsed, args.out + ".md", args.out + ".png")
+  rows = load(args.workdir, args.methods, args.sparsities, args.seeds)
+  write_report(rows, args.sparsities, _grid.command("experiments.studies.lenet300"), elapsed,
+               args.out + ".md", args.out + ".png")
   print(open(args.out + ".md").read())
 
 

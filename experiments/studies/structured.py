@@ -21,21 +21,17 @@ record, and keeps (marked †) the rows of the committed table that have neither
       [--seeds=0,1,2] [--rows=granet_2:4,gmp_channels_0.5]
 """
 
-import argparse
+import functools
 import json
-import logging
 import os
-import sys
-import time
 
 import numpy as np
 
-from experiments.trainer import compilation_cache
 from experiments.trainer import train
 from experiments.configs import default
-from experiments.studies.lenet300 import with_flops
+from experiments.studies import _grid
 
-RESULTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "results")
+RESULTS = _grid.RESULTS
 REGROWTH = {"rigl": 0.3}  # the drop fraction of sweep_lenet300 (RigL's paper)
 
 
@@ -68,14 +64,18 @@ def run_config(name, seed):
   return config
 
 
+def run_dir(workdir, name, seed):
+  return os.path.join(workdir, f"{name.replace(':', '-')}_seed{seed}")
+
+
 def run_all(workdir, names, seeds):
+  runs = []
   for seed in seeds:
     for name in names:
-      d = os.path.join(workdir, f"{name.replace(':', '-')}_seed{seed}")
-      if os.path.exists(os.path.join(d, "summary.json")):
-        continue
-      print(f"{time.strftime('%H:%M:%S')} running {d}", flush=True)
-      train.train_and_evaluate(run_config(name, seed), d)
+      d = run_dir(workdir, name, seed)
+      runs.append(_grid.GridRun(d, d, functools.partial(run_config, name, seed),
+                                train.train_and_evaluate))
+  _grid.run_grid(runs)
 
 
 def condensed_latency(run_workdir, rounds=15, reps=20):
@@ -84,7 +84,7 @@ def condensed_latency(run_workdir, rounds=15, reps=20):
   if os.path.exists(cache):
     with open(cache) as f:
       return json.load(f)
-  from experiments.benchmarks import inference  # pylint: disable=g-import-not-at-top
+  from experiments.trainer import inference  # pylint: disable=g-import-not-at-top
   out = inference.exported_mlp_latency(os.path.join(run_workdir, "export.npz"),
                                        rounds=rounds, reps=reps)
   with open(cache, "w") as f:
@@ -100,7 +100,17 @@ FIELDS = ("method", "steps", "final_test_accuracy", "best_test_accuracy",
 
 
 def record_path(name, seed, runs_dir=RUNS):
-  return os.path.join(runs_dir, f"{name.replace(':', '-')}_seed{seed}.json")
+  return run_dir(runs_dir, name, seed) + ".json"
+
+
+def _result(name, run_workdir, summary):
+  """The recorded fields of a finished run (channel rows: kept widths and latency)."""
+  summary = _grid.with_flops(summary, run_workdir)
+  if ROWS[name][1] == "channels":
+    with np.load(os.path.join(run_workdir, "export.npz")) as e:
+      widths = [int(e[f"masks/Dense_{i}/kernel"].any(axis=0).sum()) for i in (0, 1)]
+    summary = {**summary, **condensed_latency(run_workdir), "widths": widths}
+  return {k: summary[k] for k in FIELDS if k in summary}
 
 
 def load_run(workdir, name, seed, runs_dir=RUNS):
@@ -109,34 +119,15 @@ def load_run(workdir, name, seed, runs_dir=RUNS):
   The record (``experiments/results/structured_runs/``, committed) keeps a run's
   result when its workdir (git-ignored) is gone; None if neither exists.
   """
-  d = os.path.join(workdir, f"{name.replace(':', '-')}_seed{seed}")
-  path = os.path.join(d, "summary.json")
-  if not os.path.exists(path):
-    rec = record_path(name, seed, runs_dir)
-    if not os.path.exists(rec):
-      return None
-    with open(rec) as f:
-      return json.load(f)
-  with open(path) as f:
-    summary = with_flops(json.load(f), d)
-  if ROWS[name][1] == "channels":
-    with np.load(os.path.join(d, "export.npz")) as e:
-      widths = [int(e[f"masks/Dense_{i}/kernel"].any(axis=0).sum()) for i in (0, 1)]
-    summary = {**summary, **condensed_latency(d), "widths": widths}
-  out = {k: summary[k] for k in FIELDS if k in summary}
-  os.makedirs(runs_dir, exist_ok=True)
-  with open(record_path(name, seed, runs_dir), "w") as f:
-    json.dump({"row": name, "seed": seed, **out}, f, indent=1, sort_keys=True)
-  return out
+  d = run_dir(workdir, name, seed)
+  return _grid.read_run(os.path.join(d, "summary.json"), record_path(name, seed, runs_dir),
+                        functools.partial(_result, name, d),
+                        label={"row": name, "seed": seed}, rewrite=True)
 
 
 def load(workdir, names, seeds, runs_dir=RUNS):
-  rows = {}
-  for name in names:
-    runs = [r for r in (load_run(workdir, name, s, runs_dir) for s in seeds) if r]
-    if runs:
-      rows[name] = runs
-  return rows
+  return _grid.collect((name, (load_run(workdir, name, s, runs_dir) for s in seeds))
+                       for name in names)
 
 
 def previous_lines(out_md):
@@ -156,14 +147,9 @@ def previous_lines(out_md):
   return out
 
 
-def write_report(rows, command, out_md, previous=None):
-  """Writes the table of ``rows`` (name -> runs); rows without runs are taken from
-  ``previous`` (``previous_lines``), marked † in the seeds column."""
-  previous = previous or {}
-  stat = lambda runs, k: (100 * np.mean([r[k] for r in runs]),
-                          100 * np.std([r[k] for r in runs]))
-  mean = lambda runs, k: float(np.mean([r[k] for r in runs]))
-  lines = [
+def _intro_lines(command):
+  """The recipe, what the columns count, the command; then the table's header."""
+  return [
       "# Structured sparsity on LeNet-300-100 / MNIST subset (4,000 train / 1,000 test)",
       "",
       "The recipe of `experiments/configs/default.py` `lenet300_mnist5k` (30 epochs, "
@@ -213,48 +199,65 @@ def write_report(rows, command, out_md, previous=None):
       "| masked / condensed latency, batch 1 (µs) | batch 128 (µs) | seeds |",
       "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
-  for name, (method, structure, s, overrides) in ROWS.items():
-    runs = rows.get(name)
-    if not runs:
-      key = (method, structure, overrides.get("scope", "-"), f"{s:g}")
-      if key in previous:
-        cells = [*previous[key][:-1], previous[key][-1].rstrip("†").strip() + " †"]
-        lines.append("| " + " | ".join(cells) + " |")
-      continue
-    acc, acc_sd = stat(runs, "final_test_accuracy")
-    if structure == "channels":
-      units = "-".join(f"{np.mean([r['widths'][i] for r in runs]):.0f}" for i in (0, 1))
-      lat = [f"{mean(runs, f'masked_b{b}_us'):.0f} / {mean(runs, f'condensed_b{b}_us'):.0f}"
-             for b in (1, 128)]
-    else:
-      units, lat = "300-100", ["-", "-"]
-    lines.append(
-        f"| {method} | {structure} | {overrides.get('scope', '-')} | {s:g} | "
-        f"{acc:.2f} ± {acc_sd:.2f} | {mean(runs, 'final_sparsity'):.4f} | "
-        f"{mean(runs, 'mask_sparsity'):.4f} | "
-        f"{mean(runs, 'train_flops_vs_dense'):.3f} | "
-        f"{mean(runs, 'inference_flops_vs_dense'):.3f} | {units} | {lat[0]} | {lat[1]} | "
-        f"{len(runs)} |")
+
+
+def _mean(runs, key):
+  return float(np.mean([r[key] for r in runs]))
+
+
+def _table_line(name, runs):
+  """The table line of row ``name`` from its runs (mean ± std over the seeds)."""
+  method, structure, s, overrides = ROWS[name]
+  acc = 100 * np.mean([r["final_test_accuracy"] for r in runs])
+  acc_sd = 100 * np.std([r["final_test_accuracy"] for r in runs])
+  if structure == "channels":
+    units = "-".join(f"{np.mean([r['widths'][i] for r in runs]):.0f}" for i in (0, 1))
+    lat = [f"{_mean(runs, f'masked_b{b}_us'):.0f} / {_mean(runs, f'condensed_b{b}_us'):.0f}"
+           for b in (1, 128)]
+  else:
+    units, lat = "300-100", ["-", "-"]
+  return (f"| {method} | {structure} | {overrides.get('scope', '-')} | {s:g} | "
+          f"{acc:.2f} ± {acc_sd:.2f} | {_mean(runs, 'final_sparsity'):.4f} | "
+          f"{_mean(runs, 'mask_sparsity'):.4f} | "
+          f"{_mean(runs, 'train_flops_vs_dense'):.3f} | "
+          f"{_mean(runs, 'inference_flops_vs_dense'):.3f} | {units} | {lat[0]} | {lat[1]} | "
+          f"{len(runs)} |")
+
+
+def _previous_line(name, previous):
+  """Row ``name`` as the previous table printed it, marked †; None if it had none."""
+  method, structure, s, overrides = ROWS[name]
+  key = (method, structure, overrides.get("scope", "-"), f"{s:g}")
+  if key not in previous:
+    return None
+  cells = [*previous[key][:-1], previous[key][-1].rstrip("†").strip() + " †"]
+  return "| " + " | ".join(cells) + " |"
+
+
+def write_report(rows, command, out_md, previous=None):
+  """Writes the table of ``rows`` (name -> runs); rows without runs are taken from
+  ``previous`` (``previous_lines``), marked † in the seeds column."""
+  lines = _intro_lines(command)
+  for name in ROWS:
+    line = (_table_line(name, rows[name]) if rows.get(name)
+            else _previous_line(name, previous or {}))
+    if line is not None:
+      lines.append(line)
   with open(out_md, "w") as f:
     f.write("\n".join(lines) + "\n")
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", default="workdirs/sweep_structured")
+  parser = _grid.sweep_parser(__doc__, workdir="workdirs/sweep_structured",
+                              out=os.path.join(RESULTS, "structured_lenet300_mnist5k"))
   parser.add_argument("--rows", default=",".join(ROWS))
-  parser.add_argument("--seeds", default="0,1,2")
-  parser.add_argument("--out", default=os.path.join(RESULTS, "structured_lenet300_mnist5k"))
-  args = parser.parse_args()
-  logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
-  compilation_cache.enable()
-  names = args.rows.split(",")
-  seeds = [int(s) for s in args.seeds.split(",")]
-  run_all(args.workdir, names, seeds)
+  args = _grid.parse_lists(parser.parse_args())
+  _grid.setup()
+  run_all(args.workdir, args.rows.split(","), args.seeds)
   previous = previous_lines(args.out + ".md")
-  rows = load(args.workdir, list(ROWS), seeds)  # every row with a workdir or record
-  command = "python -m experiments.studies.structured " + " ".join(sys.argv[1:])
-  write_report(rows, command.strip(), args.out + ".md", previous)
+  rows = load(args.workdir, list(ROWS), args.seeds)  # every row with a workdir or record
+  write_report(rows, _grid.command("experiments.studies.structured"), args.out + ".md",
+               previous)
   print(open(args.out + ".md").read())
 
 

@@ -14,13 +14,11 @@ pruned model, ``config.init_from``). Writes ``experiments/results/transformers.m
       [--seeds=0] [--sparsities=0.5,0.75,0.9] [--models=vit,gpt] [--methods=dense,rigl]
 """
 
-import argparse
+import functools
 import json
-import logging
 import math
 import os
 import platform
-import sys
 import time
 
 import jax
@@ -28,20 +26,19 @@ import jax.numpy as jnp
 import numpy as np
 
 import sparse_jax
-from experiments.trainer import compilation_cache
 from experiments.trainer import exports
 from experiments.data import input_pipeline
 from experiments.studies import post_training
 from experiments.trainer import state as state_lib
 from experiments.trainer import steps as steps_lib
 from experiments.trainer import train
-from experiments.trainer import workdir as workdir_lib
 from experiments.configs import gpt_bytes
 from experiments.configs import vit_mnist5k
+from experiments.studies import _grid
 
 CONFIGS = {"vit": vit_mnist5k.get_config, "gpt": gpt_bytes.get_config}
 METHODS = ("dense", "granet", "gmp", "rigl", "set", "static")
-RESULTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "results")
+RESULTS = _grid.RESULTS
 # Each finished run's result fields, committed: the report reads a run from its workdir
 # or, when the workdir is gone (workdirs are not in git), from here.
 RECORDS = os.path.join(RESULTS, "transformers_runs")
@@ -58,18 +55,25 @@ def run_dir(workdir, model, method, sparsity, seed):
   return os.path.join(workdir, model, f"{tag}_seed{seed}")
 
 
+def _status(run_workdir, record_path, tag):
+  """Done: in its workdir, or recorded (its workdir gone)."""
+  del tag  # the runner's progress tag: nothing to log
+  done = _grid.has_summary(run_workdir) or os.path.exists(record_path)
+  return _grid.FINISHED if done else _grid.TO_RUN
+
+
 def run_all(workdir, models, methods, sparsities, seeds):
+  runs = []
   for seed in seeds:
     for model in models:
       for method in methods:
         for s in ([sparsities[0]] if method == "dense" else sparsities):
           d = run_dir(workdir, model, method, s, seed)
-          if (os.path.exists(os.path.join(d, "summary.json"))
-              or os.path.exists(run_dir(RECORDS, model, method, s, seed) + ".json")):
-            continue  # done: in its workdir, or recorded (its workdir gone)
-          print(f"{time.strftime('%H:%M:%S')} running {d}", flush=True)
-          config = CONFIGS[model](f"method={method},sparsity={s},seed={seed}")
-          train.train_and_evaluate(config, d)
+          record = run_dir(RECORDS, model, method, s, seed) + ".json"
+          config = functools.partial(CONFIGS[model], f"method={method},sparsity={s},seed={seed}")
+          runs.append(_grid.GridRun(d, d, config, train.train_and_evaluate,
+                                    status=functools.partial(_status, d, record)))
+  _grid.run_grid(runs)
 
 
 def evaluate(model, params, config) -> dict:
@@ -153,58 +157,28 @@ def post_training_all(workdir, sparsities, seeds):
           json.dump(result, f, indent=1)
 
 
-def _write_json(path, record):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  workdir_lib.write_json(path, dict(sorted(record.items())))  # as the committed records
-
-
-def _read_run(path, record_path, fields=None):
-  """A run's result from its workdir (recording it), else from its committed record."""
-  if os.path.exists(path):
-    with open(path) as f:
-      result = json.load(f)
-    if fields is not None:
-      result = {k: result[k] for k in fields if k in result}
-    if not os.path.exists(record_path):
-      _write_json(record_path, result)
-    return result
-  if os.path.exists(record_path):
-    with open(record_path) as f:
-      return json.load(f)
-  return None
+def _record_fields(summary):
+  return {k: summary[k] for k in RECORD_FIELDS if k in summary}
 
 
 def load_runs(workdir, model, methods, sparsities, seeds, records=RECORDS):
-  rows = {}
-  for method in methods:
-    for s in ([None] if method == "dense" else sparsities):
-      runs = []
-      for seed in seeds:
-        d = run_dir(workdir, model, method, s, seed)
-        run = _read_run(os.path.join(d, "summary.json"),
-                        os.path.join(run_dir(records, model, method, s, seed) + ".json"),
-                        RECORD_FIELDS)
-        if run is not None:
-          runs.append(run)
-      if runs:
-        rows[(method, s)] = runs
-  return rows
+  """``{(method, sparsity or None for dense): [result of each seed's run]}``."""
+  def read(method, s, seed):
+    return _grid.read_run(
+        os.path.join(run_dir(workdir, model, method, s, seed), "summary.json"),
+        run_dir(records, model, method, s, seed) + ".json", _record_fields)
+  return _grid.collect(((method, s), (read(method, s, seed) for seed in seeds))
+                       for method in methods
+                       for s in ([None] if method == "dense" else sparsities))
 
 
 def load_post(workdir, sparsities, seeds, records=RECORDS):
-  rows = {}
-  for name in ("magnitude", "wanda"):
-    for s in sparsities:
-      runs = []
-      for seed in seeds:
-        tag = f"{name}_s{s}_seed{seed}"
-        run = _read_run(os.path.join(workdir, "gpt_post", tag, "result.json"),
-                        os.path.join(records, "gpt_post", f"{tag}.json"))
-        if run is not None:
-          runs.append(run)
-      if runs:
-        rows[(name, s)] = runs
-  return rows
+  """``{(pruning, sparsity): [result of each seed]}`` of the post-training runs."""
+  def read(tag):
+    return _grid.read_run(os.path.join(workdir, "gpt_post", tag, "result.json"),
+                          os.path.join(records, "gpt_post", f"{tag}.json"))
+  return _grid.collect(((name, s), (read(f"{name}_s{s}_seed{seed}") for seed in seeds))
+                       for name in ("magnitude", "wanda") for s in sparsities)
 
 
 def _ms(values, scale=1.0, digits=2):
@@ -214,11 +188,19 @@ def _ms(values, scale=1.0, digits=2):
   return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
 
 
-def write_report(workdir, methods, sparsities, seeds, command, out_md):
-  info = input_pipeline.dataset_info("bytes_pydoc")
-  vit = load_runs(workdir, "vit", methods, sparsities, seeds)
-  gpt = load_runs(workdir, "gpt", methods, sparsities, seeds)
-  post = load_post(workdir, sparsities, seeds)
+def _mean(runs, key):
+  return np.mean([r[key] for r in runs])
+
+
+def _cost_cells(runs) -> str:
+  """The columns both training tables end with: final sparsity, FLOPs, wall time, seeds."""
+  return (f"{_mean(runs, 'final_sparsity'):.4f} | {_mean(runs, 'train_flops_vs_dense'):.3f} | "
+          f"{_mean(runs, 'inference_flops_vs_dense'):.3f} | {_mean(runs, 'wall_time_s'):.0f} | "
+          f"{len(runs)} |")
+
+
+def _intro_lines(vit, gpt, post, seeds, command):
+  """The seeds, the command, the wall times, the records, what is masked and counted."""
   all_runs = [r for rows in (vit, gpt) for runs in rows.values() for r in runs]
   post_runs = [r for runs in post.values() for r in runs]
   n_seeds = sorted({len(runs) for rows in (vit, gpt, post) for runs in rows.values()})
@@ -228,7 +210,7 @@ def write_report(workdir, methods, sparsities, seeds, command, out_md):
                 "measured here, so small differences between rows are not rankings."
                 if n_seeds == [1] else
                 f"Mean ± std over the seeds of each row (column 'seeds'; {seeds}).")
-  lines = [
+  return [
       "# Sparse training of transformers: ViT on the MNIST subset, byte-level GPT",
       "",
       seeds_note,
@@ -257,6 +239,12 @@ def write_report(workdir, methods, sparsities, seeds, command, out_md):
       "GraNet's and RigL's mask updates. Non-kernel FLOPs (attention scores, softmax, "
       "LayerNorm) count dense, so inference FLOPs do not fall as fast as the density.",
       "",
+  ]
+
+
+def _vit_lines(vit):
+  """The ViT section: recipe and table."""
+  lines = [
       "## ViT on the MNIST subset (4,000 train / 1,000 test)",
       "",
       "`experiments/configs/vit_mnist5k.py`: patch 4 (49 patches + class token), width "
@@ -272,12 +260,13 @@ def write_report(workdir, methods, sparsities, seeds, command, out_md):
     lines.append(
         f"| {method} | {'-' if s is None else s} | "
         f"{_ms([r['final_test_accuracy'] for r in runs], 100)} | "
-        f"{_ms([r['best_test_accuracy'] for r in runs], 100)} | "
-        f"{np.mean([r['final_sparsity'] for r in runs]):.4f} | "
-        f"{np.mean([r['train_flops_vs_dense'] for r in runs]):.3f} | "
-        f"{np.mean([r['inference_flops_vs_dense'] for r in runs]):.3f} | "
-        f"{np.mean([r['wall_time_s'] for r in runs]):.0f} | {len(runs)} |")
-  lines += [
+        f"{_ms([r['best_test_accuracy'] for r in runs], 100)} | {_cost_cells(runs)}")
+  return lines
+
+
+def _gpt_lines(gpt, info):
+  """The byte-level GPT section: recipe and table."""
+  lines = [
       "",
       "## Byte-level GPT on the Python documentation (`bytes_pydoc`)",
       "",
@@ -299,12 +288,13 @@ def write_report(workdir, methods, sparsities, seeds, command, out_md):
         f"| {method} | {'-' if s is None else s} | "
         f"{_ms([r['final_test_loss'] for r in runs], digits=3)} | "
         f"{_ms([r['final_test_bits_per_byte'] for r in runs], digits=3)} | "
-        f"{_ms([r['final_test_accuracy'] for r in runs], 100)} | "
-        f"{np.mean([r['final_sparsity'] for r in runs]):.4f} | "
-        f"{np.mean([r['train_flops_vs_dense'] for r in runs]):.3f} | "
-        f"{np.mean([r['inference_flops_vs_dense'] for r in runs]):.3f} | "
-        f"{np.mean([r['wall_time_s'] for r in runs]):.0f} | {len(runs)} |")
-  lines += [
+        f"{_ms([r['final_test_accuracy'] for r in runs], 100)} | {_cost_cells(runs)}")
+  return lines
+
+
+def _post_lines(post, info):
+  """The post-training section: the two prunings, as pruned and fine-tuned."""
+  lines = [
       "",
       "## Post-training one-shot pruning of the trained dense GPT",
       "",
@@ -323,40 +313,45 @@ def write_report(workdir, methods, sparsities, seeds, command, out_md):
   ]
   for (name, s), runs in post.items():
     lines.append(
-        f"| {name} | {s} | {np.mean([r['measured_sparsity'] for r in runs]):.4f} | "
+        f"| {name} | {s} | {_mean(runs, 'measured_sparsity'):.4f} | "
         f"{_ms([r['one_shot']['bits_per_byte'] for r in runs], digits=3)} | "
         f"{_ms([r['one_shot']['accuracy'] for r in runs], 100)} | "
         f"{_ms([r['finetuned']['bits_per_byte'] for r in runs], digits=3)} | "
         f"{_ms([r['finetuned']['accuracy'] for r in runs], 100)} | "
-        f"{np.mean([r['train_flops_vs_dense'] for r in runs]):.3f} | "
-        f"{np.mean([r['inference_flops_vs_dense'] for r in runs]):.3f} | {len(runs)} |")
+        f"{_mean(runs, 'train_flops_vs_dense'):.3f} | "
+        f"{_mean(runs, 'inference_flops_vs_dense'):.3f} | {len(runs)} |")
+  return lines
+
+
+def write_report(workdir, methods, sparsities, seeds, command, out_md):
+  """Writes ``out_md`` from the runs done (workdirs or records)."""
+  info = input_pipeline.dataset_info("bytes_pydoc")
+  vit = load_runs(workdir, "vit", methods, sparsities, seeds)
+  gpt = load_runs(workdir, "gpt", methods, sparsities, seeds)
+  post = load_post(workdir, sparsities, seeds)
+  lines = [*_intro_lines(vit, gpt, post, seeds, command), *_vit_lines(vit),
+           *_gpt_lines(gpt, info), *_post_lines(post, info)]
   with open(out_md, "w") as f:
     f.write("\n".join(lines) + "\n")
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", default="workdirs/sweep_transformers")
+  parser = _grid.sweep_parser(__doc__, workdir="workdirs/sweep_transformers",
+                              out=os.path.join(RESULTS, "transformers.md"), seeds="0",
+                              sparsities="0.5,0.75,0.9", methods=",".join(METHODS))
   parser.add_argument("--models", default="vit,gpt")
-  parser.add_argument("--methods", default=",".join(METHODS))
-  parser.add_argument("--sparsities", default="0.5,0.75,0.9")
-  parser.add_argument("--seeds", default="0")
   parser.add_argument("--skip_post_training", action="store_true")
   parser.add_argument("--report_only", action="store_true",
                       help="write the report from the runs done (workdirs or records)")
-  parser.add_argument("--out", default=os.path.join(RESULTS, "transformers.md"))
-  args = parser.parse_args()
-  logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
-  compilation_cache.enable()
-  methods = args.methods.split(",")
-  sparsities = [float(s) for s in args.sparsities.split(",")]
-  seeds = [int(s) for s in args.seeds.split(",")]
+  args = _grid.parse_lists(parser.parse_args())
+  _grid.setup()
+  models = args.models.split(",")
   if not args.report_only:
-    run_all(args.workdir, args.models.split(","), methods, sparsities, seeds)
-  if not args.report_only and not args.skip_post_training and "gpt" in args.models.split(","):
-    post_training_all(args.workdir, sparsities, seeds)
-  command = "python -m experiments.studies.transformers " + " ".join(sys.argv[1:])
-  write_report(args.workdir, methods, sparsities, seeds, command.strip(), args.out)
+    run_all(args.workdir, models, args.methods, args.sparsities, args.seeds)
+  if not args.report_only and not args.skip_post_training and "gpt" in models:
+    post_training_all(args.workdir, args.sparsities, args.seeds)
+  write_report(args.workdir, args.methods, args.sparsities, args.seeds,
+               _grid.command("experiments.studies.transformers"), args.out)
   print(open(args.out).read())
 
 

@@ -1,4 +1,4 @@
-r"""The gradient-flow sweep (SPEC §8): sparse vs same-capacity dense over a grid.
+r"""The gradient-flow sweep (docs/algorithms.md §8): sparse vs same-capacity dense over a grid.
 
 Grid: ``config.study`` densities x optimizers x activations x regularisations x
 inits x seeds; at every density below 1 a sparse run (``static`` masks of the config's
@@ -39,32 +39,33 @@ units have their whole fan-in), named ``..._sparse_active_fan_in_seed<s>``.
       --workdir=workdirs/gradient_flow --slice=0/1 [--dry_run]
 
 Then ``python -m experiments.studies.gradient_flow.report --workdir=workdirs/gradient_flow``.
+The runs are trained by ``experiments/studies/_grid.py``'s runner; the rates
+chosen by ``tuning``; each run directory's files are ``records``'.
 The converged study (tuned rates, the paper's grid, 30 epochs) and its commands:
 ``experiments/configs/gradient_flow_converged_mnist5k.py``.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import glob
+import functools
 import json
 import logging
 import math
 import os
 import sys
 import time
-import traceback
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from experiments.trainer import compilation_cache
 from experiments.trainer import config_checks
 from experiments.data import input_pipeline
+from experiments.studies import _grid
 from experiments.studies import scsdc
-from experiments.trainer import workdir as workdir_lib
+from experiments.studies.gradient_flow import records
+from experiments.studies.gradient_flow import tuning
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Root directory; one subdirectory per run.")
@@ -75,9 +76,7 @@ config_flags.DEFINE_config_file("config", None, "Study config file.", lock_confi
 OPTIMIZERS = ("sgd", "momentum", "adam", "rmsprop", "adagrad")
 REGULARISATIONS = ("none", "l2", "batch_norm", "dropout", "augment")
 INITS = config_checks.INIT_SCALINGS
-TIE_RULE = ("the best validation accuracy; ties go to the smaller learning rate; a "
-            "diverged rate (non-finite loss) ranks last; a rate at which a final run "
-            "(another seed) diverged is not chosen again: the next best is")
+_LOG = logging.getLogger("sparse_jax.gradient_flow_sweep")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,17 +113,6 @@ class Run:
     return f"{self.setting}_seed{self.seed}"
 
 
-def learning_rate_grid(study, optimizer: str) -> tuple[float, ...]:
-  """``study.learning_rates[optimizer]`` as a tuple (one value: no tuning)."""
-  value = study.learning_rates[optimizer]
-  grid = tuple(float(v) for v in value) if isinstance(value, (tuple, list)) else (
-      float(value),)
-  if not grid or any(not v > 0 for v in grid) or len(set(grid)) != len(grid):
-    raise ValueError(f"study.learning_rates.{optimizer}={value!r}: give one rate or a "
-                     "tuple of distinct positive rates (e.g. (0.3, 0.1, 0.03)).")
-  return tuple(sorted(grid))
-
-
 def check_study(study):
   """Rejects a bad grid before any data is read or anything compiles."""
   for o in study.optimizers:
@@ -133,7 +121,7 @@ def check_study(study):
     if o not in study.learning_rates:
       raise ValueError(f"study.learning_rates has no entry for {o!r}; add "
                        f"--config.study.learning_rates.{o}=<rate or tuple of rates>.")
-    tuned = len(learning_rate_grid(study, o)) > 1
+    tuned = len(tuning.learning_rate_grid(study, o)) > 1
     if tuned and not 0.0 < study.get("validation_fraction", 0.0) < 1.0:
       raise ValueError(f"study.learning_rates.{o} is a grid (tuning) but "
                        f"study.validation_fraction={study.get('validation_fraction')} is "
@@ -171,128 +159,6 @@ def grid_runs(study) -> list[Run]:
   return runs
 
 
-def tuning_runs(study, runs: list[Run]) -> list[Run]:
-  """The tuning runs of the settings of ``runs`` whose optimizer has a rate grid."""
-  out, seen = [], set()
-  for run in runs:
-    grid = learning_rate_grid(study, run.optimizer)
-    if len(grid) < 2 or run.setting in seen:
-      continue
-    seen.add(run.setting)
-    out.extend(dataclasses.replace(run, seed=int(study.tuning_seed), learning_rate=lr)
-               for lr in grid)
-  return out
-
-
-def choose_learning_rate(grid: dict, unstable=()) -> float:
-  """The rate of ``{rate: validation accuracy or None (diverged)}`` by ``TIE_RULE``.
-
-  ``unstable``: rates at which a final run diverged; left out while another is left.
-  """
-  if not grid:
-    raise ValueError("choose_learning_rate needs at least one tuning result.")
-  candidates = [lr for lr in grid if not any(math.isclose(lr, u) for u in unstable)]
-  return min(candidates or [min(grid)],
-             key=lambda lr: (-(grid[lr] if grid[lr] is not None else -math.inf), lr))
-
-
-def unstable_rates(workdir: str) -> dict[str, list[float]]:
-  """``{setting: rates}`` at which a final run diverged (``diverged.json``).
-
-  Read from the final runs' directories and from ``previous/``, where such a run
-  is moved once its setting is retrained at another rate, so the rate stays out.
-  """
-  out = collections.defaultdict(set)
-  for marker in (glob.glob(os.path.join(workdir, "*", "diverged.json"))
-                 + glob.glob(os.path.join(workdir, "previous", "*", "diverged.json"))):
-    path = os.path.join(os.path.dirname(marker), "run.json")
-    if not os.path.exists(path):
-      continue
-    with open(path) as f:
-      run = json.load(f)
-    if run.get("phase") == "final" and run.get("learning_rate") is not None:
-      out[run["setting"]].add(float(run["learning_rate"]))
-  return {k: sorted(v) for k, v in out.items()}
-
-
-def tuning_results(study, workdir: str, runs: list[Run]) -> dict:
-  """Every setting's grid, validation accuracies and chosen rate (``tuning.json``).
-
-  ``{"settings": {setting: {"grid": {rate: accuracy | None}, "chosen": rate | None,
-  "complete": bool}}, ...}``; accuracy None is a diverged run; ``chosen`` is None
-  until every rate of the setting has finished (or diverged).
-  """
-  settings = {}
-  for run in tuning_runs(study, runs):
-    entry = settings.setdefault(run.setting, {"grid": {}, "pending": []})
-    result = tuning_outcome(os.path.join(workdir, run.name))
-    if result is None:
-      entry["pending"].append(run.learning_rate)
-    else:
-      entry["grid"][run.learning_rate] = result["accuracy"]
-  out, unstable = {}, unstable_rates(workdir)
-  for setting, entry in settings.items():
-    complete = not entry["pending"]
-    bad = unstable.get(setting, [])
-    out[setting] = {"grid": {f"{lr:g}": acc for lr, acc in sorted(entry["grid"].items())},
-                    "pending": [f"{lr:g}" for lr in entry["pending"]],
-                    "chosen": choose_learning_rate(entry["grid"], bad) if complete else None,
-                    "complete": complete, "unstable": [f"{lr:g}" for lr in bad]}
-  return {"validation_fraction": study.get("validation_fraction", 0.0),
-          "tuning_seed": study.get("tuning_seed", 0), "rule": TIE_RULE, "settings": out}
-
-
-def tuning_outcome(run_dir: str) -> dict | None:
-  """``{"accuracy": validation accuracy or None if diverged}``; None if not finished."""
-  if os.path.exists(os.path.join(run_dir, "diverged.json")):
-    return {"accuracy": None}
-  path = os.path.join(run_dir, "summary.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    acc = json.load(f).get("final_test_accuracy")
-  return None if acc is None else {"accuracy": acc}
-
-
-def rates_from(study, runs: list[Run], workdir: str) -> dict[str, float] | None:
-  """``{setting: rate}`` from ``study.rates_from`` (a ``tuning.json``), or None.
-
-  Each setting of ``runs`` takes its chosen rate there, tuned on the grid this
-  study gives its optimizer (an optimizer with one rate takes that rate). Checked
-  before any data is read, so a wrong path, another sweep's grid or an untuned
-  setting fails at once.
-  """
-  path = study.get("rates_from", "")
-  if not path:
-    return None
-  if not os.path.isfile(path):
-    raise ValueError(f"study.rates_from={path!r} is not a file: give the tuning.json of "
-                     "a finished sweep (e.g. workdirs/gradient_flow_converged/tuning.json).")
-  if os.path.abspath(path) == os.path.abspath(os.path.join(workdir, "tuning.json")):
-    raise ValueError(f"study.rates_from={path!r} is this sweep's own tuning.json: train "
-                     "the longer (or other) runs in a new --workdir.")
-  with open(path) as f:
-    settings = json.load(f).get("settings", {})
-  rates, bad = {}, []
-  for run in runs:
-    grid = learning_rate_grid(study, run.optimizer)
-    entry = settings.get(run.setting, {})
-    tuned_on = {*entry.get("grid", {}), *entry.get("pending", [])}
-    if len(grid) < 2:
-      rates[run.setting] = grid[0]
-    elif entry.get("complete") and tuned_on == {f"{lr:g}" for lr in grid}:
-      rates[run.setting] = entry["chosen"]
-    else:
-      bad.append(run.setting)
-  if bad:
-    bad = sorted(set(bad))
-    raise ValueError(f"study.rates_from={path!r} has no finished tuning on this study's "
-                     f"learning-rate grids for {len(bad)} settings (e.g. {bad[0]}): finish "
-                     "that sweep's tuning on the same study.learning_rates, or narrow the "
-                     "grid to its tuned settings.")
-  return rates
-
-
 def parse_slice(text: str) -> tuple[int, int]:
   """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``."""
   try:
@@ -308,20 +174,6 @@ def parse_slice(text: str) -> tuple[int, int]:
 def slice_runs(runs: list[Run], index: int, count: int) -> list[Run]:
   """The runs of slice ``index`` of ``count`` (round robin, so slices stay balanced)."""
   return runs[index::count]
-
-
-def is_finished(run_dir: str) -> bool:
-  """True when the run wrote its final summary (a halted run has none).
-
-  A tuning run that diverged (``diverged.json``) is finished too: its rate ranks last.
-  """
-  if os.path.exists(os.path.join(run_dir, "diverged.json")):
-    return True
-  path = os.path.join(run_dir, "summary.json")
-  if not os.path.exists(path):
-    return False
-  with open(path) as f:
-    return json.load(f).get("final_test_accuracy") is not None
 
 
 def run_config(config, run: Run, capacity: scsdc.SameCapacity,
@@ -353,7 +205,7 @@ def run_config(config, run: Run, capacity: scsdc.SameCapacity,
   elif learning_rate is not None:
     c.learning_rate = float(learning_rate)
   else:
-    grid = learning_rate_grid(study, run.optimizer)
+    grid = tuning.learning_rate_grid(study, run.optimizer)
     if len(grid) > 1:
       raise ValueError(f"{run.name}: study.learning_rates.{run.optimizer} is a grid; "
                        "pass the tuned learning_rate.")
@@ -369,6 +221,108 @@ def run_config(config, run: Run, capacity: scsdc.SameCapacity,
   else:
     c.sparsity.final = 1.0 - run.density
   return c
+
+
+class _Slice:
+  """What the runs of a slice share: the study, its tuned rates (read once the
+  slice's tuning runs are done) and the SC-SDC widths of each density.
+
+  Its ``status``, ``prepare`` and ``train`` are the ``_grid.GridRun`` hooks of a run.
+  """
+
+  def __init__(self, config, workdir, finals, tunes, fixed, train_fn, dry_run):
+    self.config, self.study, self.workdir = config, config.study, workdir
+    self.finals, self.fixed, self.train_fn, self.dry_run = finals, fixed, train_fn, dry_run
+    self.tuned_settings = {t.setting for t in tunes}
+    self.info = input_pipeline.dataset_info(config.dataset, config.data_dir)
+    self.tuning = None  # tuning.tuning_results, once a final run of a tuned setting asks
+    self.capacities = {}  # density -> scsdc.SameCapacity
+
+  def learning_rate(self, run: Run) -> float | None:
+    """The rate ``run`` trains at when it is not its own or the single one.
+
+    A final run of a tuned setting: the setting's chosen rate (None while its
+    tuning runs are unfinished); with ``study.rates_from``: the rate there.
+    """
+    if not run.is_tuning and run.setting in self.tuned_settings:
+      if self.tuning is None:  # once the slice's tuning runs are done
+        self.tuning = tuning.tuning_results(self.study, self.workdir, self.finals)
+        if not self.dry_run:
+          records.write_tuning(self.workdir, self.tuning)
+      return self.tuning["settings"][run.setting]["chosen"]
+    return None if self.fixed is None else self.fixed[run.setting]
+
+  def _rate_changed(self, run: Run, learning_rate) -> float | None:
+    """The rate ``run`` was trained (or started) at, if its setting's rate is now another."""
+    trained_at = records.recorded_rate(os.path.join(self.workdir, run.name))
+    if (learning_rate is not None and trained_at is not None
+        and not math.isclose(trained_at, learning_rate)):
+      return trained_at
+    return None
+
+  def status(self, run: Run, tag: str) -> str:
+    """Pending (its setting's tuning unfinished), to rerun, finished or to run."""
+    run_dir = os.path.join(self.workdir, run.name)
+    learning_rate = self.learning_rate(run)
+    if not run.is_tuning and run.setting in self.tuned_settings and learning_rate is None:
+      # Finished or not: its rate is known only when the tuning is done.
+      _LOG.info("%s: pending (its setting's tuning runs %s are unfinished%s).", tag,
+                self.tuning["settings"][run.setting]["pending"],
+                "; a real run trains this slice's share of them first" if self.dry_run else "")
+      return _grid.PENDING
+    trained_at = self._rate_changed(run, learning_rate)
+    if trained_at is not None:
+      # The setting's tuned rate changed (a wider grid) since this run started,
+      # finished or interrupted: train again at the new rate; the old run is kept.
+      _LOG.info("%s: %s at rate %g, the setting's tuned rate is now %g: %s.", tag,
+                "trained" if records.is_finished(run_dir) else "started", trained_at,
+                learning_rate, "to rerun" if self.dry_run else "rerunning")
+      return _grid.LISTED if self.dry_run else _grid.TO_RUN
+    if records.is_finished(run_dir):
+      return _grid.FINISHED
+    if self.dry_run:
+      _LOG.info("%s: to run.", tag)
+      return _grid.LISTED
+    return _grid.TO_RUN
+
+  def prepare(self, run: Run):
+    """The config of ``run``; its directory set up (``run.json``; an old run moved away)."""
+    learning_rate = self.learning_rate(run)
+    if self._rate_changed(run, learning_rate) is not None:
+      records.keep_previous(self.workdir, run)
+    study = self.study
+    if run.density not in self.capacities:
+      self.capacities[run.density] = scsdc.same_capacity(
+          study.family, study.width, run.density, depth=study.depth,
+          input_shape=self.info.input_shape, num_classes=self.info.num_classes)
+    cap = self.capacities[run.density]
+    c = run_config(self.config, run, cap, learning_rate)
+    run_dir = os.path.join(self.workdir, run.name)
+    os.makedirs(run_dir, exist_ok=True)
+    records.write_json(os.path.join(run_dir, "run.json"), {
+        **dataclasses.asdict(run), "name": run.name, "setting": run.setting,
+        "family": study.family, "learning_rate": c.learning_rate,
+        "tuned": learning_rate is not None, "phase": "tune" if run.is_tuning else "final",
+        "rates_from": study.get("rates_from", ""),
+        "width": cap.sparse_width if run.kind == "sparse" else cap.dense_width,
+        "sparse_width": cap.sparse_width, "dense_width": cap.dense_width,
+        "total_weights": cap.total_weights, "active_weights": cap.active_weights,
+        "dense_weights": cap.dense_weights, "leftover": cap.leftover,
+        "dataset": c.dataset})
+    return c
+
+  def train(self, run: Run, config, run_dir: str) -> dict:
+    """Trains ``run``; a rate that diverges is a result (``diverged.json``), not a bug."""
+    try:
+      return self.train_fn(config, run_dir)
+    except FloatingPointError as e:
+      records.write_json(os.path.join(run_dir, "diverged.json"), {"error": str(e)})
+      if run.is_tuning:
+        return {"final_test_accuracy": None}  # its rate ranks last
+      # The setting's rate is unstable: the next pass tunes without it and trains
+      # the setting's seeds at the next best rate (this run kept in previous/).
+      raise _grid.RunFailed(f"diverged at rate {config.learning_rate:g} ({e}); the next "
+                            "pass retrains its setting at the next best rate.") from e
 
 
 def run_sweep(config, workdir: str, index: int = 0, count: int = 1, train_fn=None,
@@ -393,150 +347,32 @@ def run_sweep(config, workdir: str, index: int = 0, count: int = 1, train_fn=Non
   if train_fn is None:
     from experiments.trainer import train  # pylint: disable=g-import-not-at-top
     train_fn = train.train_and_evaluate
-  log = logging.getLogger("sparse_jax.gradient_flow_sweep")
   study = config.study
   finals = grid_runs(study)  # checks the grid before any data is read
-  fixed = rates_from(study, finals, workdir)
-  tunes = tuning_runs(study, finals) if fixed is None else []
-  tuned_settings = {t.setting for t in tunes}
-  info = input_pipeline.dataset_info(config.dataset, config.data_dir)
-  runs = slice_runs(tunes, index, count) + slice_runs(finals, index, count)
-  counts = {"total": len(runs), "skipped": 0, "trained": 0, "failed": 0, "pending": 0}
-  capacities, durations, t0 = {}, [], time.time()
-  tuning = None
-  for k, run in enumerate(runs, 1):
-    run_dir = os.path.join(workdir, run.name)
-    tag = f"[{k}/{len(runs)}] {run.name}"
-    learning_rate = None
-    if not run.is_tuning and run.setting in tuned_settings:
-      if tuning is None:  # once the slice's tuning runs are done
-        tuning = tuning_results(study, workdir, finals)
-        if not dry_run:
-          write_tuning(workdir, tuning)
-      learning_rate = tuning["settings"][run.setting]["chosen"]
-    elif fixed is not None:
-      learning_rate = fixed[run.setting]
-    waiting = not run.is_tuning and run.setting in tuned_settings and learning_rate is None
-    if waiting:  # finished or not: its rate is known only when the tuning is done
-      counts["pending"] += 1
-      log.info("%s: pending (its setting's tuning runs %s are unfinished%s).", tag,
-               tuning["settings"][run.setting]["pending"],
-               "; a real run trains this slice's share of them first" if dry_run else "")
-      continue
-    trained_at = recorded_rate(run_dir)
-    if (learning_rate is not None and trained_at is not None
-        and not math.isclose(trained_at, learning_rate)):
-      # The setting's tuned rate changed (a wider grid) since this run started,
-      # finished or interrupted: train again at the new rate; the old run is kept.
-      log.info("%s: %s at rate %g, the setting's tuned rate is now %g: %s.", tag,
-               "trained" if is_finished(run_dir) else "started", trained_at,
-               learning_rate, "to rerun" if dry_run else "rerunning")
-      if dry_run:
-        continue
-      keep_previous(workdir, run)
-    elif is_finished(run_dir):
-      counts["skipped"] += 1
-      log.info("%s: finished, skipped.", tag)
-      continue
-    if dry_run:
-      log.info("%s: to run.", tag)
-      continue
-    if run.density not in capacities:
-      capacities[run.density] = scsdc.same_capacity(
-          study.family, study.width, run.density, depth=study.depth,
-          input_shape=info.input_shape, num_classes=info.num_classes)
-    cap = capacities[run.density]
-    c = run_config(config, run, cap, learning_rate)
-    os.makedirs(run_dir, exist_ok=True)
-    _write_json(os.path.join(run_dir, "run.json"), {
-        **dataclasses.asdict(run), "name": run.name, "setting": run.setting,
-        "family": study.family, "learning_rate": c.learning_rate,
-        "tuned": learning_rate is not None, "phase": "tune" if run.is_tuning else "final",
-        "rates_from": study.get("rates_from", ""),
-        "width": cap.sparse_width if run.kind == "sparse" else cap.dense_width,
-        "sparse_width": cap.sparse_width, "dense_width": cap.dense_width,
-        "total_weights": cap.total_weights, "active_weights": cap.active_weights,
-        "dense_weights": cap.dense_weights, "leftover": cap.leftover,
-        "dataset": c.dataset})
-    start = time.time()
-    try:
-      summary = train_fn(c, run_dir)
-    except FloatingPointError as e:
-      # A rate of the grid that diverges is a result (it ranks last), not a failure.
-      _write_json(os.path.join(run_dir, "diverged.json"), {"error": str(e)})
-      if not run.is_tuning:
-        # The setting's rate is unstable: the next pass tunes without it and trains
-        # the setting's seeds at the next best rate (this run kept in previous/).
-        counts["failed"] += 1
-        log.error("%s diverged at rate %g (%s); the next pass retrains its setting at "
-                  "the next best rate.", tag, c.learning_rate, e)
-        continue
-      summary = {"final_test_accuracy": None}
-    except Exception:  # pylint: disable=broad-except
-      # One broken grid point should not stop a sweep of hundreds; it is reported.
-      counts["failed"] += 1
-      log.error("%s failed:\n%s", tag, traceback.format_exc())
-      continue
-    counts["trained"] += 1
-    durations.append(time.time() - start)
-    left = sum(1 for r in runs[k:] if not is_finished(os.path.join(workdir, r.name)))
-    eta = left * sum(durations) / len(durations)
-    log.info("%s: %s accuracy %s in %.1f s; %d to go, ETA %.1f min (%.1f min so far).",
-             tag, "validation" if run.is_tuning else "test",
-             summary.get("final_test_accuracy"), durations[-1], left, eta / 60,
-             (time.time() - t0) / 60)
+  fixed = tuning.rates_from(study, finals, workdir)
+  tunes = tuning.tuning_runs(study, finals) if fixed is None else []
+  state = _Slice(config, workdir, finals, tunes, fixed, train_fn, dry_run)
+  runs = [_grid.GridRun(run.name, os.path.join(workdir, run.name),
+                        functools.partial(state.prepare, run),
+                        functools.partial(state.train, run),
+                        status=functools.partial(state.status, run),
+                        metric="validation" if run.is_tuning else "test")
+          for run in slice_runs(tunes, index, count) + slice_runs(finals, index, count)]
+  # One broken grid point should not stop a sweep of hundreds; it is reported.
+  counts = _grid.run_grid(runs, is_finished=records.is_finished, log=_LOG, keep_going=True)
   if tunes and not dry_run:
-    write_tuning(workdir, tuning_results(study, workdir, finals))
-  log.info("Slice %d/%d: %s", index, count, counts)
+    records.write_tuning(workdir, tuning.tuning_results(study, workdir, finals))
+  _LOG.info("Slice %d/%d: %s", index, count, counts)
   return counts
-
-
-def recorded_rate(run_dir: str) -> float | None:
-  """The learning rate in a run's ``run.json`` (None without one)."""
-  path = os.path.join(run_dir, "run.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f).get("learning_rate")
-
-
-def keep_previous(workdir: str, run: Run):
-  """Moves a run's directory to ``<workdir>/previous/<name>_<time>`` (kept whole)."""
-  stamp = time.strftime("%Y%m%d-%H%M%S")
-  dest = os.path.join(workdir, "previous", f"{run.name}_{stamp}")
-  os.makedirs(os.path.dirname(dest), exist_ok=True)
-  os.rename(os.path.join(workdir, run.name), dest)
-
-
-def write_tuning(workdir: str, tuning: dict):
-  """Writes ``<workdir>/tuning.json``, keeping the settings of earlier sweeps' grids.
-
-  A workdir can hold several grids (the converged study's init factor is a second
-  sweep on a sub-grid); each sweep recomputes its own settings from the run
-  directories and leaves the others' entries as they are.
-  """
-  path = os.path.join(workdir, "tuning.json")
-  settings = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      settings = json.load(f).get("settings", {})
-  _write_json(path, {**tuning, "settings": {**settings, **tuning["settings"]}})
-
-
-def _write_json(path: str, value):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  workdir_lib.write_json(path, value)  # a complete file or the old one, never half
 
 
 def main(argv):
   del argv
-  logging.basicConfig(level=logging.INFO, stream=sys.stdout,
-                      format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-  for noisy in ("absl", "jax._src", "orbax", "tensorflow", "sparse_jax.train"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
   if FLAGS.config is None or FLAGS.workdir is None:
     raise app.UsageError("--config and --workdir are required.")
-  compilation_cache.enable()  # runs of the same shapes reuse compiled programs
+  _grid.setup(logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+  for noisy in ("absl", "jax._src", "orbax", "tensorflow", "sparse_jax.train"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
   index, count = parse_slice(FLAGS.slice)
   start = time.time()
   counts = run_sweep(FLAGS.config, FLAGS.workdir, index, count, dry_run=FLAGS.dry_run)
@@ -544,8 +380,7 @@ def main(argv):
     # The report quotes the command and the wall time from here.
     os.makedirs(FLAGS.workdir, exist_ok=True)
     with open(os.path.join(FLAGS.workdir, "sweep_log.jsonl"), "a") as f:
-      f.write(json.dumps({"command": " ".join(["python -m experiments.studies.gradient_flow.sweep",
-                                               *sys.argv[1:]]),
+      f.write(json.dumps({"command": _grid.command("experiments.studies.gradient_flow.sweep"),
                           "slice": FLAGS.slice, "wall_time_s": time.time() - start,
                           **counts}) + "\n")
   if counts["failed"]:
