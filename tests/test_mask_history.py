@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import sparse_jax
+from experiments.studies import mask_dynamics as md
 from experiments.trainer import mask_history as mh
 
 
@@ -16,16 +17,16 @@ def bits(s: str) -> np.ndarray:
 
 def test_itop_of_two_disjoint_masks():
   # 6 positions: {0, 1} then {2, 3}: union 2/6, then 4/6.
-  rates = mh.itop_rates([bits("110000"), bits("001100")])
+  rates = md.itop_rates([bits("110000"), bits("001100")])
   np.testing.assert_allclose(rates, [2 / 6, 4 / 6])
   # The same mask again adds nothing.
-  np.testing.assert_allclose(mh.itop_rates([bits("110000"), bits("110000")]), [2 / 6, 2 / 6])
+  np.testing.assert_allclose(md.itop_rates([bits("110000"), bits("110000")]), [2 / 6, 2 / 6])
 
 
 def test_iou_and_hamming():
   # 1100 vs 1010: intersection {0}, union {0, 1, 2} -> 1/3; differ at 1 and 2 -> 2/4.
   assert mh.iou(bits("1100"), bits("1010")) == pytest.approx(1 / 3)
-  assert mh.hamming(bits("1100"), bits("1010")) == pytest.approx(0.5)
+  assert md.hamming(bits("1100"), bits("1010")) == pytest.approx(0.5)
   assert mh.iou(bits("0000"), bits("0000")) == 1.0
 
 
@@ -36,7 +37,7 @@ def test_survival_after_known_swaps():
            bits("10000111")]  # m3: {4} dropped, {7} grown
   # Hand count: grown at 1 = {4, 5}: active at 1: 2/2, at 2: 2/2, at 3: {5} 1/2.
   #  grown at 2 = {6}: at 2: 1, at 3: 1.  grown at 3 = {7}: at 3: 1.
-  s = mh.survival_matrix(masks)
+  s = md.survival_matrix(masks)
   nan = np.nan
   np.testing.assert_allclose(s, [[nan, nan, nan, nan],
                                  [nan, 1.0, 1.0, 0.5],
@@ -102,35 +103,35 @@ def _hand_history():
 
 def test_analysis_api_on_a_hand_made_history():
   h = _hand_history()
-  steps, itop = mh.itop_curve(h)
+  steps, itop = md.itop_curve(h)
   np.testing.assert_array_equal(steps, [0, 10, 20, 30])
   np.testing.assert_allclose(itop, [1, 1, 1, 1])  # dense start: trivially everything
   # From step 10 (3 active = final): {0,1,4} -> +{2} -> +{3}: 3/6, 4/6, 5/6.
-  steps, itop = mh.itop_curve(h, since="final")
+  steps, itop = md.itop_curve(h, since="final")
   np.testing.assert_array_equal(steps, [10, 20, 30])
   np.testing.assert_allclose(itop, [3 / 6, 4 / 6, 5 / 6])
-  dens = mh.layer_density_curves(h)
+  dens = md.layer_density_curves(h)
   np.testing.assert_allclose(dens["l0"], [1, 0.5, 0.5, 0.5])
   np.testing.assert_allclose(dens["l1"], [1, 0.5, 0.5, 0.5])
-  dist = mh.mask_distance_curves(h)
+  dist = md.mask_distance_curves(h)
   # Flat masks: 111111, 110010, 101010, 100110.
   # iou_prev: 3/6; {0,4}/{0,1,2,4} = 2/4; {2,4}/{0,2,3,4} = 2/4.
   np.testing.assert_allclose(dist["iou_prev"], [np.nan, 0.5, 0.5, 0.5])
   np.testing.assert_allclose(dist["iou_init"], [1, 0.5, 0.5, 0.5])
   np.testing.assert_allclose(dist["hamming_prev"], [np.nan, 3 / 6, 2 / 6, 2 / 6])
-  table = mh.event_count_table(h)
+  table = md.event_count_table(h)
   np.testing.assert_array_equal(table["l0"]["pruned"], [0, 2, 0, 0])
   np.testing.assert_array_equal(table["l1"]["pruned"], [0, 1, 0, 0])
   np.testing.assert_array_equal(table["l0"]["regrown"], [0, 0, 1, 1])
   np.testing.assert_array_equal(table["l0"]["dropped"], [0, 0, 1, 1])
-  by_layer = mh.regrowth_by_layer(h, normalize=True)
+  by_layer = md.regrowth_by_layer(h, normalize=True)
   np.testing.assert_allclose(by_layer["l0"], [np.nan, np.nan, 1, 1])
   np.testing.assert_allclose(by_layer["l1"], [np.nan, np.nan, 0, 0])
   # Grown at 20: {2}; inactive at 30 -> survival 0.  Grown at 30: {3} -> 1.
-  s = mh.regrowth_survival(h)
+  s = md.regrowth_survival(h)
   assert s[2, 2] == 1.0 and s[2, 3] == 0.0 and s[3, 3] == 1.0
   with pytest.raises(ValueError, match="since"):
-    mh.itop_curve(h, since="end")
+    md.itop_curve(h, since="end")
 
 
 def test_recorder_logs_event_scalars_and_resumes(tmp_path):

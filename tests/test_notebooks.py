@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from nbclient import NotebookClient
 
+from experiments.studies import mask_dynamics
 from experiments.trainer import mask_history
 
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -55,10 +56,10 @@ def test_mask_dynamics_notebook_runs(tmp_path, monkeypatch):
     history = mask_history.load_history(str(workdir))
     events = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
     events = [r for r in events if r.get("mask_update")]
-    steps, itop = mask_history.itop_curve(history)
+    steps, itop = mask_dynamics.itop_curve(history)
     assert [r["step"] for r in events] == list(steps[1:]) == [10, 20, 30]
     np.testing.assert_allclose([r["itop_rate"] for r in events], itop[1:])
-    table = mask_history.event_count_table(history)
+    table = mask_dynamics.event_count_table(history)
     for key in ("pruned", "dropped", "regrown"):
       assert [r[key] for r in events] == list(sum(t[key] for t in table.values())[1:])
     assert history.union_packed is not None

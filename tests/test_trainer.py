@@ -314,20 +314,35 @@ def test_dispatches_end_at_every_stop(tmp_path):
   assert [r["step"] for r in records if r.get("mask_update")] == [25, 50, 75]
 
 
-@pytest.mark.parametrize("method", ["granet", "gmp", "rigl", "set", "one_shot"])
-def test_mask_update_steps_are_exactly_the_optimizer_events(method):
-  # The trainer compiles ordinary steps without the mask-update branch, so
-  # mask_update_steps must list every event of the method (SparseState counts the
-  # ones skipped). Checked on a tiny param tree over the whole schedule.
+# 4 epochs of 31 steps (124 updates), an event due every 7, end_epoch=2 (step 62)
+# unless overridden; worked out by hand from each method's documented schedule.
+@pytest.mark.parametrize("method,overrides,expected", [
+    ("granet", {}, range(7, 124, 7)),  # regrowth until total_steps - 1 = 123
+    # The pruning's last event is the last step (regrowth stops before it).
+    ("granet", {"end_epoch": 4.0, "update_every": 4}, range(4, 125, 4)),
+    ("gmp", {}, range(7, 63, 7)),  # the pruning schedule, until step 62
+    ("rigl", {"mask_end_epoch": 2.5}, range(7, 79, 7)),  # round(77.5) = step 78
+    ("rigl", {}, range(7, 94, 7)),  # RigL's default end: int(0.75 * 124) = 93
+    ("set", {"mask_end_epoch": 2.5}, range(7, 79, 7)),
+    ("set", {}, range(7, 124, 7)),  # SET's default end: total_steps - 1
+    ("one_shot", {}, [62]),  # the one prune, at end_epoch
+])
+def test_mask_update_steps_are_exactly_the_optimizer_events(method, overrides, expected):
+  # The trainer compiles ordinary steps without the mask-update branch, so its
+  # event steps (asked of the transformation, sparse_jax.event_schedule) must be
+  # every event of the method (SparseState counts the ones skipped). Checked on a
+  # tiny param tree over the whole schedule.
   config = default.lenet300_mnist5k(method, None)
   config.num_epochs = 4
   config.sparsity.update_every = 7
   config.sparsity.end_epoch = 2.0
-  config.sparsity.mask_end_epoch = 3.0 if method in ("rigl", "set") else None
+  config.sparsity.mask_end_epoch = None
+  for k, v in overrides.items():
+    setattr(config.sparsity, k, v)
   spe = 31
-  events = methods.mask_update_steps(config, spe)
-  assert events
   tx = methods.create_sparse_tx(config, optax.sgd(0.1), spe)
+  events = methods.mask_update_steps(config, spe, tx)
+  assert events == set(expected) == methods.mask_update_steps(config, spe)
   params = {"Dense_0": {"kernel": jnp.ones((6, 5)), "bias": jnp.zeros(5)},
             "Dense_1": {"kernel": jnp.ones((5, 3)), "bias": jnp.zeros(3)}}
   steps = {mu: jax.jit(lambda s, mu=mu: tx.update(params, s, params, mask_update=mu)[1])

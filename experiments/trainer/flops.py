@@ -62,8 +62,7 @@ def event_densities(workdir: str) -> list[tuple[int, dict[str, float]]]:
 def dense_gradient_steps(config, steps_per_epoch: int, mask_update_steps) -> set[int]:
   """The updates that compute a dense weight gradient for ``config``'s method."""
   sp = config.sparsity
-  total = (int(config.num_train_steps) if config.get("num_train_steps") is not None
-           else int(config.num_epochs * steps_per_epoch))
+  total = methods.num_train_steps(config, steps_per_epoch)
   if sp.method in methods.STRAIGHT_THROUGH:
     return set(range(1, total + 1))  # every update's weight gradient is dense
   if sp.method in _DENSE_GRADIENT_AT_EVENTS and sp.growth == "momentum":

@@ -1,4 +1,4 @@
-"""Mask history of a sparse run: a recorder for the trainer and the analysis API.
+"""Mask history of a sparse run: the trainer's recorder and its file format.
 
 The trainer (``config.record_mask_history = True``) keeps the initial mask and
 the mask after every mask-update event, bit-packed (``np.packbits``, 1 bit per
@@ -9,28 +9,22 @@ event, so ordinary steps pay nothing. Per event it adds to ``metrics.jsonl``:
 ``itop_rate``, ``itop_rate_since_final``, ``iou_prev``, ``iou_init`` and the
 totals ``pruned``, ``dropped``, ``regrown``.
 
-Counts (SPEC §9), per layer and event ``k``, from the masks before (``a``) and
-after (``b``) the event:
+Counts (docs/algorithms.md §9), per layer and event ``k``, from the masks before
+(``a``) and after (``b``) the event:
 
 - ``regrown = |b & ~a|``: positions switched on;
 - ``pruned = |a| - |b|``: the net decrease, exact because a layer's drop and
-  grow counts are equal (SPEC §5), so only the magnitude prune changes a
-  layer's count;
+  grow counts are equal (docs/algorithms.md §5), so only the magnitude prune
+  changes a layer's count;
 - ``dropped = |a & ~b| - pruned``: positions switched off by the drop.
 
 A weight dropped and regrown at the same event keeps its value and optimizer
-state (SPEC §5), so it is a no-op and is not counted; neither is a weight
-removed by GraNet's prune and regrown at the same event (it restarts at 0).
+state (docs/algorithms.md §5), so it is a no-op and is not counted; neither is a
+weight removed by GraNet's prune and regrown at the same event (it restarts at 0).
 
-Analysis (host numpy; see README "Mask dynamics"):
-
-  >>> h = mask_history.load_history("workdirs/granet")
-  >>> steps, itop = mask_history.itop_curve(h)                 # ITOP rate
-  >>> steps, itop = mask_history.itop_curve(h, since="final")  # from final sparsity
-  >>> mask_history.layer_density_curves(h)                     # {layer: [E]}
-  >>> mask_history.mask_distance_curves(h)                     # IoU / Hamming
-  >>> mask_history.regrowth_survival(h)                        # [E, E]
-  >>> mask_history.regrowth_by_layer(h)                        # {layer: [E]}
+A saved history is read with ``load_history``; the curves drawn from it (ITOP,
+densities, distances, survival, regrowth by layer) are the mask dynamics study's
+(studies/mask_dynamics.py, which imports this module; never the reverse).
 """
 
 from __future__ import annotations
@@ -49,7 +43,7 @@ FILENAME = "mask_history.npz"
 
 
 # ----------------------------------------------------------------------------
-# Measures on masks (flat bool arrays or lists of them).
+# Bit packing, and the measures the recorder logs at each event.
 # ----------------------------------------------------------------------------
 
 
@@ -69,39 +63,6 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
   a, b = np.asarray(a, bool), np.asarray(b, bool)
   union = int(np.sum(a | b))
   return 1.0 if union == 0 else int(np.sum(a & b)) / union
-
-
-def hamming(a: np.ndarray, b: np.ndarray) -> float:
-  """Fraction of positions where two masks differ."""
-  a, b = np.asarray(a, bool), np.asarray(b, bool)
-  return int(np.sum(a != b)) / a.size
-
-
-def itop_rates(masks: list[np.ndarray]) -> np.ndarray:
-  """ITOP rate after each mask: the fraction of positions active in any mask so far."""
-  union = np.zeros_like(np.asarray(masks[0], bool))
-  out = []
-  for m in masks:
-    union |= np.asarray(m, bool)
-    out.append(union.sum() / union.size)
-  return np.asarray(out, np.float64)
-
-
-def survival_matrix(masks: list[np.ndarray]) -> np.ndarray:
-  """``S[k, j]``: of the positions switched on at mask k, the fraction active at j.
-
-  NaN where j < k or nothing was switched on at k (and for k = 0).
-  """
-  e = len(masks)
-  out = np.full((e, e), np.nan)
-  for k in range(1, e):
-    grown = np.asarray(masks[k], bool) & ~np.asarray(masks[k - 1], bool)
-    n = int(grown.sum())
-    if n == 0:
-      continue
-    for j in range(k, e):
-      out[k, j] = int(np.sum(grown & np.asarray(masks[j], bool))) / n
-  return out
 
 
 def event_counts(before: np.ndarray, after: np.ndarray) -> dict[str, int]:
@@ -164,6 +125,19 @@ class MaskHistory:
     self.steps = [self.steps[i] for i in keep]
     self.packed = [self.packed[i] for i in keep]
 
+  def final_index(self, flat=None) -> int | None:
+    """The first record at the final sparsity (the final active count), if reached.
+
+    ``flat``: ``flat_masks()``, if already computed.
+    """
+    flat = self.flat_masks() if flat is None else flat
+    counts = [int(m.sum()) for m in flat]
+    target = self.final_active if self.final_active is not None else counts[-1]
+    for i, c in enumerate(counts):
+      if c <= target:
+        return i
+    return None
+
   def save(self, path: str):
     """Writes one ``.npz``: ``steps``, ``meta`` (JSON) and ``packed/<i>`` [E, bytes]."""
     arrays = {"steps": np.asarray(self.steps, np.int64),
@@ -218,7 +192,7 @@ class Recorder:
     if history.packed:
       flat = history.flat_masks()
       self._union = np.logical_or.reduce(flat)
-      start = _final_index(history, flat)
+      start = history.final_index(flat)
       if start is not None:
         self._union_final = np.logical_or.reduce(flat[start:])
 
@@ -303,101 +277,3 @@ def _resumed_history(path: str, start_step: int) -> MaskHistory:
         f"{path} cannot be read ({type(e).__name__}: {str(e)[:200]}). {fix}") from None
   history.truncate(start_step)
   return history
-
-
-# ----------------------------------------------------------------------------
-# Analysis of a loaded history.
-# ----------------------------------------------------------------------------
-
-
-def _final_index(history: MaskHistory, flat=None) -> int | None:
-  """First record at the final sparsity (the final active count), if reached."""
-  flat = history.flat_masks() if flat is None else flat
-  counts = [int(m.sum()) for m in flat]
-  target = history.final_active if history.final_active is not None else counts[-1]
-  for i, c in enumerate(counts):
-    if c <= target:
-      return i
-  return None
-
-
-def itop_curve(history: MaskHistory, since: str = "start"):
-  """ITOP rate over time: ``(steps, rate)``.
-
-  Args:
-    history: a loaded ``MaskHistory``.
-    since: ``"start"`` (union of every mask, init included) or ``"final"``
-      (union from the first record at the final sparsity; for dense-start
-      methods the union from the start is trivially 1).
-
-  Returns:
-    Recorded steps (int array) and the ITOP rate after each (float array).
-  """
-  if since not in ("start", "final"):
-    raise ValueError(f"since={since!r}: use 'start' or 'final'.")
-  flat = history.flat_masks()
-  start = 0
-  if since == "final":
-    start = _final_index(history, flat)
-    if start is None:
-      return np.zeros(0, np.int64), np.zeros(0)
-  return np.asarray(history.steps[start:]), itop_rates(flat[start:])
-
-
-def layer_density_curves(history: MaskHistory) -> dict[str, np.ndarray]:
-  """{layer: density at each recorded step}."""
-  return {n: history.layer_masks(n).mean(axis=1) for n in history.names}
-
-
-def mask_distance_curves(history: MaskHistory) -> dict[str, np.ndarray]:
-  """IoU and Hamming distance to the previous and to the initial mask, per record.
-
-  Returns:
-    ``{"steps", "iou_prev", "iou_init", "hamming_prev", "hamming_init"}``; the
-    ``*_prev`` entries are NaN at the first record.
-  """
-  flat = history.flat_masks()
-  nan = [np.nan]
-  return {
-      "steps": np.asarray(history.steps),
-      "iou_prev": np.asarray(nan + [iou(a, b) for a, b in zip(flat, flat[1:])]),
-      "iou_init": np.asarray([iou(flat[0], b) for b in flat]),
-      "hamming_prev": np.asarray(nan + [hamming(a, b) for a, b in zip(flat, flat[1:])]),
-      "hamming_init": np.asarray([hamming(flat[0], b) for b in flat]),
-  }
-
-
-def regrowth_survival(history: MaskHistory) -> np.ndarray:
-  """``S[k, j]``: of the weights regrown at record k, the fraction active at j >= k."""
-  return survival_matrix(history.flat_masks())
-
-
-def event_count_table(history: MaskHistory) -> dict[str, dict[str, np.ndarray]]:
-  """{layer: {"pruned", "dropped", "regrown": int [E]}} (0 at the first record)."""
-  out = {}
-  for n in history.names:
-    ms = history.layer_masks(n)
-    rows = [{"pruned": 0, "dropped": 0, "regrown": 0}] + [
-        event_counts(a, b) for a, b in zip(ms, ms[1:])]
-    out[n] = {k: np.asarray([r[k] for r in rows]) for k in ("pruned", "dropped", "regrown")}
-  return out
-
-
-def regrowth_by_layer(history: MaskHistory, normalize: bool = False) -> dict[str, np.ndarray]:
-  """Which layers absorb the regrowth: weights regrown per layer at each record.
-
-  Args:
-    history: a loaded ``MaskHistory``.
-    normalize: divide by each record's total regrowth (shares that sum to 1).
-
-  Returns:
-    {layer: [E]} counts (or shares; NaN where nothing regrew).
-  """
-  table = event_count_table(history)
-  counts = {n: t["regrown"].astype(np.float64) for n, t in table.items()}
-  if not normalize:
-    return counts
-  total = sum(counts.values())
-  with np.errstate(invalid="ignore", divide="ignore"):
-    return {n: np.where(total > 0, c / np.where(total > 0, total, 1), np.nan)
-            for n, c in counts.items()}

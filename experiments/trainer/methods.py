@@ -4,7 +4,8 @@
 schedule), ``create_sparse_tx`` (that optimizer wrapped in the sparse_jax method
 named by ``config.sparsity.method``), ``create_tx_fn`` (the same with the
 pruning-at-init baselines' scoring at ``init``) and ``mask_update_steps`` (the
-steps at which the method may change its masks, known on the host).
+steps at which the method may change its masks, as its transformation reports
+them to the host).
 """
 
 from __future__ import annotations
@@ -213,24 +214,28 @@ def _sparse_tx(config, inner, steps_per_epoch: int, initial_masks):
                            seed=config.seed, sampling=sp.sampling, **selector)
 
 
-def mask_update_steps(config, steps_per_epoch: int) -> set[int]:
-  """The 1-based steps after which the method may update its masks (host side)."""
-  sp = config.sparsity
-  total = num_train_steps(config, steps_per_epoch)
-  if sp.method in ("dense", "static", *STRAIGHT_THROUGH, *baselines.PRUNING_AT_INIT):
-    return set()  # straight-through: the masks follow the weights at every step
-  if sp.method == "one_shot":
-    return {int(round(sp.end_epoch * steps_per_epoch))}
-  start = int(round(sp.start_epoch * steps_per_epoch))
-  if sp.method == "gmp":
-    end = int(round(sp.end_epoch * steps_per_epoch))
-  elif sp.method == "granet":
-    end = total - 1
-  elif sp.mask_end_epoch is not None:
-    end = int(round(sp.mask_end_epoch * steps_per_epoch))
-  else:
-    end = int(0.75 * total) if sp.method == "rigl" else total - 1
-  return {t for t in range(sp.update_every, end + 1, sp.update_every) if t >= start}
+def mask_update_steps(config, steps_per_epoch: int, tx=None) -> set[int]:
+  """The 1-based steps after which the method may update its masks (host side).
+
+  Asked of the transformation (``sparse_jax.event_schedule``), which alone knows
+  its defaults (RigL's end at 75% of the run, SET's at the last step, ...).
+
+  Args:
+    config: the run's config.
+    steps_per_epoch: updates per epoch.
+    tx: the run's transformation (``create_sparse_tx`` or ``create_tx_fn``'s);
+      None builds one from ``config``.
+
+  Returns:
+    The event steps; none for ``dense`` and the straight-through methods, whose
+    masks follow the weights at every step.
+  """
+  if config.sparsity.method in ("dense", *STRAIGHT_THROUGH):
+    return set()
+  if tx is None:
+    tx = create_sparse_tx(config, optax.identity(), steps_per_epoch)
+  is_event = sparse_jax.event_schedule(tx)
+  return {t for t in range(1, num_train_steps(config, steps_per_epoch) + 1) if is_event(t)}
 
 
 def create_tx_fn(config, model, info, steps_per_epoch: int):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import logging
+import math
 import time
 
 import jax
@@ -122,6 +123,25 @@ class Programs:
     compiled = future.result()
     self.timings["compile_wait_s"] += time.time() - t
     return compiled
+
+  def evaluate(self, state, feed, byte_level: bool = False) -> dict:
+    """``test_loss`` and ``test_accuracy`` of ``state`` on ``feed.eval_batches()``.
+
+    ``byte_level``: also ``test_bits_per_byte``, the per-token (byte) loss in bits.
+    """
+    t = time.time()
+    totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    for b in feed.eval_batches():
+      self.compile_soon("eval", (state, b))
+      out = jax.device_get(self.host(self["eval"](state, b)))
+      for k in totals:
+        totals[k] += float(out[k])
+    self.timings["eval_s"] += time.time() - t
+    out = {"test_loss": totals["loss"] / totals["count"],
+           "test_accuracy": totals["correct"] / totals["count"]}
+    if byte_level:  # the loss is in nats
+      out["test_bits_per_byte"] = out["test_loss"] / math.log(2)
+    return out
 
   def shutdown(self):
     self._compiler.shutdown(wait=False, cancel_futures=True)

@@ -255,6 +255,56 @@ def train_metrics(fetched, first_step: int) -> dict:
           "train_accuracy": float(np.mean(cat("train_accuracy")))}
 
 
+def train_record(step: int, first_step: int, fetched, record: dict, *,
+                 steps_per_epoch: int, seconds: float, t_start: float) -> dict:
+  """The ``metrics.jsonl`` record at ``step`` of the dispatches ``fetched``.
+
+  ``fetched`` ran steps ``first_step + 1 .. step`` in ``seconds``; ``record``
+  holds the step's other entries (evaluation, mask update); ``t_start`` is the
+  run's start on the wall clock (earlier segments included).
+  """
+  train = train_metrics(fetched, first_step)
+  last = fetched[-1][0]  # the read-outs of the state now
+  if "sparsity" not in record and "density" in last:
+    record["sparsity"] = 1.0 - float(last["density"])
+  return {"step": step, "epoch": step / steps_per_epoch, **train,
+          "learning_rate": float(last["learning_rate"]),
+          "wall_time_s": time.time() - t_start,
+          "steps_per_s": (step - first_step) / max(seconds, 1e-9), **record}
+
+
+# The per-step metrics a record averages, carried over a preemption in the
+# checkpoint's meta (``since_last_record``, ``carried_metrics``).
+CARRIED_KEYS = ("train_loss", "train_accuracy", "finite")
+
+
+def since_last_record(fetched, first_step: int) -> dict:
+  """The steps ``fetched`` since the last record, as a checkpoint's meta keeps them.
+
+  Raises ``FloatingPointError`` (``train_metrics``) if a step was not finite.
+  """
+  train_metrics(fetched, first_step)
+  since = {k: np.concatenate([np.asarray(m[k])[:ran] for m, ran in fetched])
+           for k in CARRIED_KEYS}
+  # JSON: a float32 (or bool) value round-trips exactly through a Python float.
+  return {"first_step": first_step, "dtypes": {k: v.dtype.name for k, v in since.items()},
+          **{k: v.tolist() for k, v in since.items()}}
+
+
+def carried_metrics(meta: dict, step: int) -> tuple[list, int]:
+  """``([(metrics, steps)], first step)`` of the steps run since the last record.
+
+  A preempted run stops between two records: the next record (after the resume)
+  averages the steps before the preemption too (``since_last_record`` in the
+  checkpoint's ``meta``), as the uninterrupted run's does.
+  """
+  carried = meta.get("since_last_record")
+  if not carried:
+    return [], step
+  metrics = {k: np.asarray(carried[k], dtype=carried["dtypes"][k]) for k in CARRIED_KEYS}
+  return [(metrics, len(metrics["finite"]))], int(carried["first_step"])
+
+
 def log_line(record: dict, total_steps: int):
   """One progress line: step, epoch, loss, accuracy, sparsity, learning rate, speed."""
   test = (f" test_acc {record['test_accuracy']:.4f}" if "test_accuracy" in record else "")
@@ -276,9 +326,6 @@ def final_summary(config, final, masks, best_acc: float, last_eval: dict,
   if sparse and not steps_lib.is_straight_through(final.opt_state):  # ste: no events
     skipped = sparse_jax.get_sparse_state(final.opt_state).skipped_events
     skipped = None if skipped is None else int(skipped)
-    if skipped:
-      log.warning("%d mask-update events were skipped (mask_update=False on an event "
-                  "step): mask_update_steps() misses an event of this method.", skipped)
   return {
       "final_test_accuracy": last_eval.get("test_accuracy"),
       "skipped_mask_updates": skipped,

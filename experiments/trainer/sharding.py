@@ -29,6 +29,14 @@ import sparse_jax
 PyTree = Any
 
 
+def data_mesh(config) -> Mesh | None:
+  """The run's mesh, one ``"data"`` axis over every device; None for ``pmap``."""
+  if config.parallelism != "mesh":
+    return None
+  return jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
 def fsdp_spec(shape, num_shards: int, axis_name: str = "data") -> P:
   """The ``PartitionSpec`` that splits ``shape`` over ``axis_name`` (or replicates).
 

@@ -33,6 +33,17 @@ def forward_params(params, opt_state):
   return params
 
 
+def with_forward_params(state: TrainState) -> TrainState:
+  """A host ``state`` holding the params the model computes with (``forward_params``).
+
+  Straight-through runs (ste, srste) checkpoint dense weights; their model is the
+  masked one, exact zeros off the mask: summarised, counted and exported as such.
+  """
+  if not is_straight_through(state.opt_state):
+    return state
+  return state.replace(params=state_lib.to_host(forward_params(state.params, state.opt_state)))
+
+
 def apply_train_mode(model, params, batch_stats, images, dropout_rng):
   """Logits in training mode and the updated batch statistics (if the model has any)."""
   variables = {"params": params}

@@ -10,10 +10,12 @@ write the summary. Each concern lives in its own module:
 - experiments/trainer/methods.py        the optimizer and sparse method from the config;
 - experiments/trainer/state.py          the train state, its sharding and read-back;
 - experiments/trainer/steps.py          the jitted train, dispatch and eval steps;
-- experiments/trainer/programs.py       jit over a mesh or pmap, compiled ahead of time;
+- experiments/trainer/programs.py       jit over a mesh or pmap, compiled ahead of time,
+                                        and the evaluation;
 - experiments/trainer/feed.py           each dispatch's batches and the eval set;
 - experiments/trainer/checkpoints.py    orbax checkpoints, falling back past unreadable ones;
-- experiments/trainer/reporting.py      metrics.jsonl, TensorBoard, log lines, the summary.
+- experiments/trainer/reporting.py      metrics.jsonl and its records, TensorBoard, log
+                                        lines, the summary.
 
 A killed run resumes from its newest readable checkpoint and reports what the
 uninterrupted run would have (best accuracy, wall time, each step's metrics
@@ -26,7 +28,6 @@ import bisect
 import collections
 import dataclasses
 import logging
-import math
 import os
 import signal
 import time
@@ -34,7 +35,6 @@ from typing import Any, Callable
 
 import jax
 import ml_collections
-import numpy as np
 import optax
 
 import sparse_jax
@@ -49,6 +49,7 @@ from experiments.trainer import methods
 from experiments.trainer import preemption
 from experiments.trainer import programs as programs_lib
 from experiments.trainer import reporting
+from experiments.trainer import sharding
 from experiments.trainer import state as state_lib
 from experiments.trainer import steps as steps_lib
 from experiments.trainer import workdir as workdir_lib
@@ -109,7 +110,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         workdir_lib.record_config_changes(workdir, config, changes, run.start_step)
       step, pending, saved = run.start_step, [], run.start_step
       # Steps run since the last record, fetched before a preemption (checkpoint meta).
-      carried, steps_at_log = _carried_metrics(run.meta, step)
+      carried, steps_at_log = reporting.carried_metrics(run.meta, step)
       t_log = time.time()
       t_loop = time.time()
       run.timings["before_loop_s"] = t_loop - run.t_segment
@@ -125,7 +126,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         step += n
         record = _event_record(run, step, metrics) if step in run.events else {}
         if _eval_due(run, step):
-          run.last_eval = _evaluate(run)
+          run.last_eval = run.programs.evaluate(run.state, run.feed, run.info.byte_level)
           run.best_acc = max(run.best_acc, run.last_eval["test_accuracy"])
           record.update(run.last_eval)
         if run.gradient_flow is not None and (step % run.gf_every == 0
@@ -134,8 +135,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         save = _checkpoint_due(run, step)
         if step % config.log_every_steps == 0 or record or save or step == run.total_steps:
           # Raises at a non-finite loss or gradient, before the state is checkpointed.
-          record = _train_record(run, step, steps_at_log, carried + _fetch(run, pending),
-                                 record, time.time() - t_log)
+          record = reporting.train_record(
+              step, steps_at_log, carried + _fetch(run, pending), record,
+              steps_per_epoch=run.steps_per_epoch, seconds=time.time() - t_log,
+              t_start=run.t_start)
           carried, pending, t_log, steps_at_log = [], [], time.time(), step
           run.writer.write(record)
           if is_main:
@@ -230,10 +233,7 @@ def _setup(config, workdir: str, is_main: bool, info, spe: int, t_segment: float
   # The method's arguments are checked here, before anything compiles.
   tx = tx_fn(None)  # initial masks only matter at init (in the state built below)
   param_sharding = config.get("param_sharding", "replicated")
-  mesh = None
-  if config.parallelism == "mesh":
-    mesh = jax.make_mesh((jax.device_count(),), ("data",),
-                         axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = sharding.data_mesh(config)
   if is_main:
     log.info("Building %s and its %s train state...", config.model, config.sparsity.method)
   # Built in place on the mesh, each device holding its shards (see state_shardings).
@@ -270,14 +270,15 @@ def _setup(config, workdir: str, is_main: bool, info, spe: int, t_segment: float
   t_data = time.time()
   feed = feed_lib.Feed(config, mesh, start_step)
   timings["data_s"] += time.time() - t_data
-  events = methods.mask_update_steps(config, spe)
-  sorted_events = sorted(events) if sparse else []
+  # Asked of the optimizer itself: it alone knows its schedule's defaults.
+  events = methods.mask_update_steps(config, spe, tx)
+  sorted_events = sorted(events)
   gf_every = config.get("gradient_flow_every_steps")
   run = Run(
       config=config, workdir=workdir, is_main=is_main, info=info, steps_per_epoch=spe,
       total_steps=total_steps, model=model, state=state, programs=programs, feed=feed,
       mngr=mngr, writer=reporting.MetricWriter(workdir, is_main, start_step, sorted_events),
-      events=events if sparse else set(), sorted_events=sorted_events,
+      events=events, sorted_events=sorted_events,
       # With the mask-update steps known here, ordinary dispatches run a step compiled
       # without the optimizer's mask-update branch and each event step runs alone with
       # it (sparse_jax's mask_update=False/True); otherwise the optimizer decides in
@@ -359,22 +360,6 @@ def _eval_due(run: Run, step: int) -> bool:
           or step == run.total_steps)
 
 
-def _evaluate(run: Run) -> dict:
-  t = time.time()
-  totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-  for b in run.feed.eval_batches():
-    run.programs.compile_soon("eval", (run.state, b))
-    out = jax.device_get(run.programs.host(run.programs["eval"](run.state, b)))
-    for k in totals:
-      totals[k] += float(out[k])
-  run.timings["eval_s"] += time.time() - t
-  out = {"test_loss": totals["loss"] / totals["count"],
-         "test_accuracy": totals["correct"] / totals["count"]}
-  if run.info.byte_level:  # per-token (byte) loss in nats, in bits
-    out["test_bits_per_byte"] = out["test_loss"] / math.log(2)
-  return out
-
-
 def _checkpoint_due(run: Run, step: int) -> bool:
   halt = run.config.halt_after_step
   return (step % run.config.checkpoint_every_steps == 0 or step == run.total_steps
@@ -386,52 +371,13 @@ def _fetch(run: Run, pending) -> list:
   return [(jax.device_get(run.programs.host(m)), ran) for m, ran in pending]
 
 
-def _train_record(run: Run, step: int, first_step: int, fetched, record: dict,
-                  seconds: float) -> dict:
-  """The ``metrics.jsonl`` record at ``step`` of the dispatches ``fetched``.
-
-  ``fetched`` ran steps ``first_step + 1 .. step`` in ``seconds``.
-  """
-  train = reporting.train_metrics(fetched, first_step)
-  last = fetched[-1][0]  # the read-outs of the state now
-  if "sparsity" not in record and "density" in last:
-    record["sparsity"] = 1.0 - float(last["density"])
-  return {"step": step, "epoch": step / run.steps_per_epoch, **train,
-          "learning_rate": float(last["learning_rate"]),
-          "wall_time_s": time.time() - run.t_start,
-          "steps_per_s": (step - first_step) / max(seconds, 1e-9), **record}
-
-
-# The per-step metrics a record averages, carried over a preemption (_preempt).
-CARRIED_KEYS = ("train_loss", "train_accuracy", "finite")
-
-
-def _carried_metrics(meta: dict, step: int) -> tuple[list, int]:
-  """``([(metrics, steps)], first step)`` of the steps run since the last record.
-
-  A preempted run stops between two records: the next record (after the resume)
-  averages the steps before the preemption too, as the uninterrupted run's does.
-  """
-  carried = meta.get("since_last_record")
-  if not carried:
-    return [], step
-  metrics = {k: np.asarray(carried[k], dtype=carried["dtypes"][k]) for k in CARRIED_KEYS}
-  return [(metrics, len(metrics["finite"]))], int(carried["first_step"])
-
-
 def _preempt(run: Run, step: int, saved: int, carried, pending, first_step: int,
              signum: int):
   """Checkpoints ``step`` (unless it is), waits for it and raises ``Preempted``."""
   if step > saved:
     fetched, extra = carried + _fetch(run, pending), {}
-    if fetched:  # not a step with a record
-      reporting.train_metrics(fetched, first_step)  # raises if a step was not finite
-      since = {k: np.concatenate([np.asarray(m[k])[:ran] for m, ran in fetched])
-               for k in CARRIED_KEYS}
-      # JSON: a float32 (or bool) value round-trips exactly through a Python float.
-      extra["since_last_record"] = {
-          "first_step": first_step, "dtypes": {k: v.dtype.name for k, v in since.items()},
-          **{k: v.tolist() for k, v in since.items()}}
+    if fetched:  # not a step with a record; raises if a step was not finite
+      extra["since_last_record"] = reporting.since_last_record(fetched, first_step)
     _save(run, step, **extra)
   run.mngr.wait_until_finished()
   if run.is_main:
@@ -459,12 +405,8 @@ def _finish(run: Run, t_loop: float) -> dict:
   run.mngr.wait_until_finished()
   timings["checkpoint_s"] += time.time() - t
   timings["loop_s"] = time.time() - t_loop
-  final = state_lib.to_host(run.programs.host(run.state))
-  # Straight-through runs (ste, srste) checkpoint dense weights; their model is the
-  # masked one, exact zeros off the mask: summarised, counted and exported as such.
-  if steps_lib.is_straight_through(final.opt_state):
-    final = final.replace(params=state_lib.to_host(
-        steps_lib.forward_params(final.params, final.opt_state)))
+  # Straight-through runs (ste, srste): the masked weights, as the model computes.
+  final = steps_lib.with_forward_params(state_lib.to_host(run.programs.host(run.state)))
   sparse = config.sparsity.method != "dense"
   masks = sparse_jax.get_masks(final.opt_state) if sparse else None
   summary = reporting.final_summary(config, final, masks, run.best_acc, run.last_eval,
