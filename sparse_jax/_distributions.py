@@ -1,4 +1,4 @@
-"""Layer-wise density distributions and exact-count random masks (SPEC §2).
+"""Layer-wise density distributions and exact-count random masks (docs/algorithms.md §2).
 
 Densities and counts are static: they are computed in Python float64 from the
 layer shapes when a transformation is built, never inside jit (float32 is off by
@@ -131,7 +131,7 @@ def erk_densities(shapes: Sequence[tuple[int, ...]], density: float, *,
 
   Solves ``sum_l eps * raw_l * n_l = density * sum_l n_l``; any layer whose
   ``eps * raw_l`` exceeds 1 is made dense and the solve is repeated over the rest
-  (SPEC §2). Each layer's fan-in and fan-out are read by ``kernel_fans``.
+  (docs/algorithms.md §2). Each layer's fan-in and fan-out are read by ``kernel_fans``.
 
   Example:
     >>> erk_densities([(784, 300), (300, 100), (100, 10)], 0.1)

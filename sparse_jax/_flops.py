@@ -1,4 +1,4 @@
-"""FLOPs accounting of dense and sparse models and training runs (SPEC §10).
+"""FLOPs accounting of dense and sparse models and training runs (docs/algorithms.md §10).
 
 Counts follow RigL: a multiply-add is 2 FLOPs; a prunable layer at density d
 costs d times its dense FLOPs; the parts that are never pruned (biases,

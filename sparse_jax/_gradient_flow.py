@@ -1,4 +1,4 @@
-"""Gradient-flow measures (SPEC §8): effective gradient flow, gradient norm, g^T H g.
+"""Gradient-flow measures (docs/algorithms.md §8): effective gradient flow, gradient norm, g^T H g.
 
 Effective gradient flow (EGF, Tessera et al., "Keep the Gradients Flowing") is the
 gradient restricted to the active weights, measured per layer, normalised by the
@@ -175,7 +175,7 @@ def _gradient_hessian_gradient(loss_fn, params, v):
 
 def gradient_flow_measures(loss_fn: Callable[[PyTree], jax.Array], params: PyTree,
                            masks: PyTree | None = None) -> dict[str, Any]:
-  """Every gradient-flow measure of SPEC §8 at ``params``, from one gradient.
+  """Every gradient-flow measure of docs/algorithms.md §8 at ``params``, from one gradient.
 
   Example:
     >>> m = jax.jit(lambda p: sparse_jax.gradient_flow_measures(

@@ -136,7 +136,7 @@ def select_prunable(
 ) -> PyTree:
   """Decides which leaves of ``params`` are prunable.
 
-  By default a leaf is prunable by its role (``leaf_role``, SPEC §1): kernels are,
+  By default a leaf is prunable by its role (``leaf_role``, docs/algorithms.md §1): kernels are,
   biases (whatever their ndim), normalisation scales and embeddings are not; a leaf
   of role ``"other"`` (an unknown name) is prunable when its ``ndim >= 2``. Every
   prunable leaf has ``ndim >= min_ndim``. ``include`` replaces the role rule: then

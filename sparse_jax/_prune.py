@@ -1,4 +1,4 @@
-"""Pure magnitude pruning of mask trees (SPEC §4 and the drop step of §5).
+"""Pure magnitude pruning of mask trees (docs/algorithms.md §4 and the drop step of §5).
 
 Every public function maps (params, masks, counts) to new masks, is jittable
 with counts that are traced int32 values (they change with the step), and

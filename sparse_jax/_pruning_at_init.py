@@ -1,4 +1,4 @@
-"""Pruning at initialisation: SNIP, GraSP, SynFlow and random masks (SPEC §6).
+"""Pruning at initialisation: SNIP, GraSP, SynFlow and random masks (docs/algorithms.md §6).
 
 Each ``*_masks`` function maps params (and a loss and data, or for SynFlow only
 the model's forward) to a mask tree for ``sparse_jax.static(...,

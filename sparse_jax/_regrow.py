@@ -1,4 +1,4 @@
-"""Pure regrowth of mask trees (the grow step of SPEC §5).
+"""Pure regrowth of mask trees (the grow step of docs/algorithms.md §5).
 
 Regrowth switches on exactly ``num_grow[l]`` inactive positions of each layer,
 never one that is already active, ranked by a score: the dense gradient's

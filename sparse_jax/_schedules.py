@@ -1,4 +1,4 @@
-"""Sparsity and regrowth schedules (SPEC §3 and §5), plain functions of the step.
+"""Sparsity and regrowth schedules (docs/algorithms.md §3 and §5), plain functions of the step.
 
 ``t`` is the number of completed optimizer updates (1, 2, ...); a mask-update
 event happens right after the update whose ``t`` is a multiple of
@@ -122,7 +122,7 @@ def check_events(*, update_every: int, start_step: int, end_step: int, pruning: 
 
 def cubic_sparsity(k, *, initial_sparsity: float, final_sparsity: float,
                    k0: int, kf: int):
-  """Zhu & Gupta's cubic schedule in event units (SPEC §3).
+  """Zhu & Gupta's cubic schedule in event units (docs/algorithms.md §3).
 
   ``s_k = s_f + (s_i - s_f) * (1 - (k - k0) / (kf - k0))**3`` for ``k0 < k <= kf``,
   ``s_i`` before, ``s_f`` after. Works on Python numbers, NumPy or JAX arrays.
@@ -173,7 +173,7 @@ def is_event(t, update_every: int, start_step: int = 0, end_step: int | None = N
 
 def cosine_regrowth_rate(t, *, initial_rate: float, total_steps: int,
                          min_rate: float = 0.0):
-  """``r(t) = r_min + (r0 - r_min) * (1 + cos(pi * t / T)) / 2`` (SPEC §5).
+  """``r(t) = r_min + (r0 - r_min) * (1 + cos(pi * t / T)) / 2`` (docs/algorithms.md §5).
 
   Stepped every update; ``t`` past ``total_steps`` stays at ``min_rate``.
   """

@@ -1,4 +1,4 @@
-"""Gradient-flow measures (SPEC §8) against hand values and a dense Hessian."""
+"""Gradient-flow measures (docs/algorithms.md §8) against hand values and a dense Hessian."""
 
 import json
 import math

@@ -1,4 +1,4 @@
-"""Tests of sparse_jax._prune and sparse_jax._regrow (SPEC §4 and §5)."""
+"""Tests of sparse_jax._prune and sparse_jax._regrow (docs/algorithms.md §4 and §5)."""
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,6 @@
 """Leaf roles and kernel fans on attention models (issue 18, items 1, 2 and 5).
 
-Which leaves are prunable is decided by role (SPEC §1): kernels are, biases of any
+Which leaves are prunable is decided by role (docs/algorithms.md §1): kernels are, biases of any
 ndim, normalisation scales/offsets and embeddings are not. ER/ERK and the FLOPs
 count read each kernel's fan-in and fan-out from its kind (dense, attention input
 or output projection, conv).

@@ -3,7 +3,7 @@
 Each wrapper is driven through a jitted train step (grad -> tx.update ->
 optax.apply_updates) on a small MLP-like pytree with a softmax cross-entropy
 loss. The GraNet run with plain SGD is replayed event by event by an independent
-NumPy implementation of SPEC §3-§5 (prune -> drop -> grow, keep semantics).
+NumPy implementation of docs/algorithms.md §3-§5 (prune -> drop -> grow, keep semantics).
 """
 
 

@@ -1,4 +1,4 @@
-r"""ResNet-50 (CIFAR stem) on CIFAR-10/100 with the GraNet paper's recipe (SPEC §6).
+r"""ResNet-50 (CIFAR stem) on CIFAR-10/100 with the GraNet paper's recipe (docs/algorithms.md §6).
 
   python -m experiments.main --config=experiments/configs/cifar_resnet50.py:dataset=cifar100,sparsity=0.9 \
       --workdir=workdirs/resnet50_cifar100_s90 --config.data_dir=/path/to/tensorflow_datasets

@@ -1,4 +1,4 @@
-r"""VGG-19 on CIFAR-10/100 with the GraNet paper's recipe (SPEC §6).
+r"""VGG-19 on CIFAR-10/100 with the GraNet paper's recipe (docs/algorithms.md §6).
 
   python -m experiments.main --config=experiments/configs/cifar_vgg19.py:dataset=cifar10,sparsity=0.95 \
       --workdir=workdirs/vgg19_cifar10_s95 --config.data_dir=/path/to/tensorflow_datasets

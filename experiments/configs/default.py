@@ -34,7 +34,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model_kwargs = ml_collections.ConfigDict()
   config.dtype = "float32"
 
-  # Training recipe (SPEC §6: the GraNet code's CIFAR recipe).
+  # Training recipe (docs/algorithms.md §6: the GraNet code's CIFAR recipe).
   config.num_epochs = 30
   config.num_train_steps = config_dict.placeholder(int)  # overrides num_epochs if set
   config.optimizer = "sgd"  # sgd | adam | adamw | rmsprop | adagrad
@@ -102,7 +102,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # alone with it. False: one program that decides in the graph (lax.cond).
   config.host_mask_updates = True
   config.log_every_steps = 50
-  # Log the gradient-flow measures (SPEC §8) every this many steps and at step 0.
+  # Log the gradient-flow measures (docs/algorithms.md §8) every this many steps and at step 0.
   config.gradient_flow_every_steps = config_dict.placeholder(int)  # None: off
   config.eval_every_epochs = 1
   config.checkpoint_every_steps = 1000

@@ -3,7 +3,7 @@ r"""The gradient-flow study, converged (issue 15): the paper's grid with tuned r
 The recipe of ``gradient_flow_mnist5k.py`` trained 10x longer (30 epochs, cosine
 schedule), every setting's learning rate tuned on a validation split carved from
 the training set (``study.validation_fraction``; never the test set), and the
-paper's grid (SPEC §8): SGD, momentum, Adam, RMSProp, Adagrad x ReLU, Swish,
+paper's grid (docs/algorithms.md §8): SGD, momentum, Adam, RMSProp, Adagrad x ReLU, Swish,
 PReLU x none, L2, batch norm, data augmentation (random shifts of up to
 ``study.augment_shift`` = 2 pixels) x densities 0.05, 0.1, 0.2, 0.5, 1 x 3 seeds,
 sparse at width ``study.width`` vs the SC-SDC same-capacity dense net.

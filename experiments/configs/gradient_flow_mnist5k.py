@@ -1,4 +1,4 @@
-r"""The gradient-flow study (SPEC §8): sparse vs same-capacity dense, with EGF logged.
+r"""The gradient-flow study (docs/algorithms.md §8): sparse vs same-capacity dense, with EGF logged.
 
 One config holds the recipe shared by every run and the grid (``config.study``);
 ``experiments/studies/gradient_flow/sweep.py`` turns each grid point into a run config

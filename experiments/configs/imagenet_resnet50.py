@@ -1,4 +1,4 @@
-r"""ResNet-50 on ImageNet with the GraNet paper's recipe (SPEC §6).
+r"""ResNet-50 on ImageNet with the GraNet paper's recipe (docs/algorithms.md §6).
 
   python -m experiments.main --config=experiments/configs/imagenet_resnet50.py:sparsity=0.9 \
       --workdir=gs://bucket/granet_rn50_s90 --config.data_dir=gs://bucket/tensorflow_datasets
@@ -9,7 +9,7 @@ Recipe: 100 epochs, global batch 256 (scale ``learning_rate`` linearly with it),
 lr 0.1 with 5 warm-up epochs, x0.1 at epochs 30/60/90, label smoothing 0.1, weight
 decay 1e-4 not on batch-norm parameters or biases, SGD momentum 0.9, ΔT = 4000,
 pruning from epoch 0 to 30.
-Reference (SPEC, top-1 at 80% | 90%): dense 76.8; RigL 75.1 | 73.0; GMP 75.6 | 73.9;
+Reference (docs/algorithms.md, top-1 at 80% | 90%): dense 76.8; RigL 75.1 | 73.0; GMP 75.6 | 73.9;
 GraNet-ST at 80% with 2.5x training: 76.4.
 """
 

@@ -1,4 +1,4 @@
-"""A small width-scalable CNN, the convolutional family of the SC-SDC study (SPEC §8).
+"""A small width-scalable CNN, the convolutional family of the SC-SDC study (docs/algorithms.md §8).
 
   conv 3x3 w SAME -> (BN) -> act -> maxpool 2 -> conv 3x3 2w SAME -> (BN) -> act
   -> maxpool 2 -> (dropout) -> flatten -> dense classes

@@ -106,7 +106,7 @@ def _table_lines(rows, command, elapsed):
       "best evaluation during the run, which for one-shot includes its dense epochs "
       "before the prune (hence the same value at every sparsity).",
       "",
-      "FLOPs (SPEC §10, RigL's counting) are relative to dense: inference = forward pass "
+      "FLOPs (docs/algorithms.md §10, RigL's counting) are relative to dense: inference = forward pass "
       "of the final masked net; training = forward + input gradient + weight gradient "
       "summed over the run at the densities in force at each step (dense before "
       "GraNet/GMP/one-shot prune), with a dense weight gradient at the mask-update "

@@ -1,4 +1,4 @@
-r"""Pruning plasticity (SPEC §7, GraNet section 3): prune once during dense training.
+r"""Pruning plasticity (docs/algorithms.md §7, GraNet section 3): prune once during dense training.
 
 Trains a dense network once, keeping a snapshot (params and optimizer state)
 after each epoch ``e`` of ``--prune_epochs``. From every snapshot and every
@@ -11,7 +11,7 @@ to the end of the same budget under four settings:
   whole shape (same milestone fractions) over the remaining steps;
 - ``prune+regrow``: right after the prune, GraNet's zero-cost neuroregeneration:
   per layer drop ``ceil(r(t) * active_l)`` smallest weights and regrow as many by
-  dense |gradient| of the next batch (``r(t)`` the cosine rate of SPEC §5 at this
+  dense |gradient| of the next batch (``r(t)`` the cosine rate of docs/algorithms.md §5 at this
   step), so the density stays ``1 - p``;
 - ``prune+regrow+rewind``: both.
 

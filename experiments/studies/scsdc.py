@@ -1,4 +1,4 @@
-r"""Same-capacity sparse vs dense comparison (SC-SDC, SPEC §8).
+r"""Same-capacity sparse vs dense comparison (SC-SDC, docs/algorithms.md §8).
 
 A sparse network of width ``w`` at density ``d`` is compared with a dense network
 of the same family and depth whose width ``w'`` is reduced so that its number of
@@ -24,7 +24,8 @@ Both networks use the same initialisation scheme (the family's PyTorch-default
 in the sparse-training code bases) and the same training recipe: the config only
 differs in the width and in ``sparsity.method`` (``static`` vs ``dense``). The
 trainer's ``init_scaling="active_fan_in"`` instead rescales each sparse unit by its
-active fan-in (``experiments.trainer.state.scale_by_active_fan_in``), the study's initialisation factor.
+active fan-in (``experiments.trainer.state.scale_by_active_fan_in``), the study's
+initialisation factor.
 
   python -m experiments.studies.scsdc --family=mlp --width=256 --depth=2 \
       --densities=0.05,0.2,0.5

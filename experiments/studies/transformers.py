@@ -233,7 +233,7 @@ def _intro_lines(vit, gpt, post, seeds, command):
       "the heads); embeddings (token, position, class token), biases (the attention's "
       "[heads, head_dim] ones too) and LayerNorms stay dense. ERK layer densities for "
       "RigL/SET/static; GraNet and GMP prune globally by magnitude (cubic schedule). "
-      "FLOPs are relative to the dense run (SPEC §10): inference = forward pass of the "
+      "FLOPs are relative to the dense run (docs/algorithms.md §10): inference = forward pass of the "
       "final masked net; training = forward + input gradient + weight gradient summed "
       "over the run at the densities in force, with a dense weight gradient at "
       "GraNet's and RigL's mask updates. Non-kernel FLOPs (attention scores, softmax, "

@@ -1,4 +1,4 @@
-"""Training and inference FLOPs of a run, relative to dense (SPEC §10).
+"""Training and inference FLOPs of a run, relative to dense (docs/algorithms.md §10).
 
 The trainer calls ``run_flops`` at the end of every run; ``posthoc_run_flops``
 recomputes the same numbers for an earlier run from its workdir (the config in

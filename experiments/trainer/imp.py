@@ -1,4 +1,4 @@
-r"""Iterative magnitude pruning / lottery tickets, driven round by round (SPEC §6).
+r"""Iterative magnitude pruning / lottery tickets, driven round by round (docs/algorithms.md §6).
 
 Round 0 trains the dense net. Each later round prunes a fraction
 ``config.imp.prune_fraction`` of the weights that are still active (by

@@ -211,7 +211,7 @@ def eval_step(state: TrainState, batch, *, model, num_classes: int,
 
 
 def gradient_flow_step(state: TrainState, batch, *, model, config, num_classes: int):
-  """The gradient-flow measures (SPEC §8) of the training loss on one fixed batch.
+  """The gradient-flow measures (docs/algorithms.md §8) of the training loss on one fixed batch.
 
   The loss is the training-mode loss (batch statistics, a fixed dropout key);
   running statistics are not updated. Dense runs measure every kernel as a layer.

@@ -302,7 +302,7 @@ def _setup(config, workdir: str, is_main: bool, info, spe: int, t_segment: float
 
 
 def _setup_gradient_flow(run: Run):
-  """Gradient-flow measures on a fixed batch, off the hot path (SPEC §8).
+  """Gradient-flow measures on a fixed batch, off the hot path (docs/algorithms.md §8).
 
   One extra dispatch and host sync every ``gradient_flow_every_steps``, plus step 0.
   """

@@ -307,7 +307,7 @@ def _findings_lines(f: dict) -> list[str]:
   """The paper's findings (numbered as in docs/algorithms.md §8) and the init factor."""
   bn, ad, act, egf = f["batch_norm"], f["adaptive"], f["activation"], f["egf"]
   pct = formatting.pct
-  lines = ["## The paper's findings (SPEC §8) in these runs", "", stats.VERDICT_RULE, ""]
+  lines = ["## The paper's findings (docs/algorithms.md §8) in these runs", "", stats.VERDICT_RULE, ""]
   lines += _finding_lines(1, bn)
   lines[-1:] = [f"   Gain from batch norm: sparse {pct(bn['sparse_gain'])} points, "
                 f"same-capacity dense {pct(bn['dense_gain'])} points.", ""]
