@@ -8,10 +8,12 @@ inside any optimizer state (chains, ``MultiSteps``, ``apply_if_finite``, a Flax
 
 from __future__ import annotations
 
+import sys
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sparse_jax import _masks
@@ -116,14 +118,95 @@ def get_masks(opt_state) -> PyTree:
   return get_sparse_state(opt_state).masks
 
 
+def _flax_nnx():
+  # Only via sys.modules: importing flax.nnx costs seconds, and a tree can hold NNX
+  # objects only once the caller has imported it; linen-only users pay nothing.
+  return sys.modules.get("flax.nnx")
+
+
+def _named_leaves(tree: PyTree) -> dict[str, Any]:
+  # None leaves too: the mask of a dense leaf is None.
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
+  return {_masks.path_to_name(path): x for path, x in leaves}
+
+
+def _mismatch(values: PyTree, masks: PyTree) -> str | None:
+  """How the leaves of ``values`` differ from those of ``masks``; None if they match."""
+  is_none = lambda x: x is None
+  value_leaves, treedef = jax.tree.flatten(values, is_leaf=is_none)
+  mask_leaves, mask_treedef = jax.tree.flatten(masks, is_leaf=is_none)
+  if treedef == mask_treedef and all(m is None or np.shape(v) == np.shape(m)
+                                     for v, m in zip(value_leaves, mask_leaves)):
+    return None
+  # Only on the way to an error: the names of what differs.
+  got, want = _named_leaves(values), _named_leaves(masks)
+  if got.keys() != want.keys():
+    extra = [n for n in got if n not in want][:3]
+    missing = [n for n in want if n not in got][:3]
+    return (f"{len(got)} leaves for {len(want)} masks; not in the masks: {extra}, "
+            f"missing: {missing}")
+  shapes = [f"{n} {np.shape(got[n])} for a mask {np.shape(m)}" for n, m in want.items()
+            if m is not None and np.shape(got[n]) != np.shape(m)]
+  return ", ".join(shapes[:3]) or "the same names in other containers (e.g. FrozenDict for dict)"
+
+
+def _masked_like(params: PyTree, values: PyTree, masks: PyTree, caller: str) -> PyTree:
+  """``apply_masks(values, masks)`` in the structure of ``params``.
+
+  NNX ``Variable`` leaves (an ``nnx.State`` of ``nnx.Param``) are pytree nodes with
+  one child while the masks hold plain arrays; the masks are applied to the raw
+  values and the result is rebuilt with the params' own wrappers and metadata.
+
+  Raises:
+    ValueError: in one line, naming what was passed and what to pass, if the
+      leaves of ``values`` are not those of ``masks``.
+  """
+  values = _masks.unwrap_variables(values)
+  mismatch = _mismatch(values, masks)
+  if mismatch is not None:
+    raise ValueError(
+        f"{caller} got a {type(params).__name__} whose leaves do not match the masks "
+        f"({mismatch}); pass the params you gave tx.init (for NNX: nnx.state(model, "
+        "nnx.Param), the wrt of nnx.Optimizer; sparsify_params also takes the model).")
+  masked = _masks.apply_masks(values, masks)
+  return jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(masked))
+
+
 def sparsify_params(params: PyTree, opt_state) -> PyTree:
   """Applies the optimizer state's masks to freshly initialised params, once.
+
+  Takes the params given to ``tx.init`` (a linen dict, an ``nnx.State``, any
+  pytree) or, with Flax NNX, the model itself: the model's ``wrt`` variables
+  (those of the ``nnx.Optimizer``, else ``nnx.Param``) are masked in place with
+  ``nnx.update`` and the model is returned. ``opt_state`` may be an
+  ``nnx.Optimizer``.
 
   Example:
     >>> opt_state = tx.init(params)
     >>> params = sparse_jax.sparsify_params(params, opt_state)
+    >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)   # or with NNX
+    >>> sparse_jax.sparsify_params(model, optimizer)
+
+  Args:
+    params: the params given to ``tx.init``, in any pytree (``nnx.State``
+      included), or an ``nnx.Module``.
+    opt_state: the optimizer state of a sparse_jax method (alone or inside a
+      chain, ``MultiSteps``, ...), or an ``nnx.Optimizer``.
+
+  Returns:
+    ``params`` with zeros where the masks are False, in the same structure; an
+    ``nnx.Module`` is updated in place and returned.
+
+  Raises:
+    ValueError: if the leaves of ``params`` are not those of the masks.
   """
-  return _masks.apply_masks(params, get_masks(opt_state))
+  masks = get_masks(opt_state)
+  nnx = _flax_nnx()
+  if nnx is not None and isinstance(params, nnx.Module):
+    state = nnx.state(params, getattr(opt_state, "wrt", nnx.Param))
+    nnx.update(params, _masked_like(state, state, masks, "sparsify_params"))
+    return params
+  return _masked_like(params, params, masks, "sparsify_params")
 
 
 def apply_updates(params: PyTree, updates: PyTree, opt_state) -> PyTree:
@@ -134,7 +217,7 @@ def apply_updates(params: PyTree, updates: PyTree, opt_state) -> PyTree:
   finite values it gives the same bits as ``optax.apply_updates``; unlike it, it
   also zeroes masked weights that are NaN or infinite (see "Non-finite values" in
   the docstring of ``sparse_jax._transform``). Under jit the add and the ``where``
-  fuse into one pass per leaf.
+  fuse into one pass per leaf. An ``nnx.State`` of ``nnx.Param`` comes back as one.
 
   Example:
     >>> updates, opt_state = tx.update(grads, opt_state, params)
@@ -147,9 +230,11 @@ def apply_updates(params: PyTree, updates: PyTree, opt_state) -> PyTree:
     opt_state: the optimizer state returned with ``updates``.
 
   Returns:
-    The new params, exactly masked.
+    The new params, exactly masked, in the structure of ``params``.
   """
-  return _masks.apply_masks(optax.apply_updates(params, updates), get_masks(opt_state))
+  new_values = optax.apply_updates(_masks.unwrap_variables(params),
+                                   _masks.unwrap_variables(updates))
+  return _masked_like(params, new_values, get_masks(opt_state), "apply_updates")
 
 
 def mask_inner_state(inner: optax.GradientTransformation, inner_state: optax.OptState,
