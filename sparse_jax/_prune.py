@@ -127,6 +127,18 @@ def apply_global_plan(ws, ms, plan: GlobalPlan) -> list[_lazy.Lazy]:
   return _select.selected_masks(_forced_keys(ws, ms, plan.first), (0,) * len(ws), plan.sel)
 
 
+def _planned_masks(params: PyTree, masks: PyTree, counts, plan_fn, apply_fn) -> PyTree:
+  """The mask tree of ``apply_fn(ws, ms, plan_fn(ws, ms, counts))`` on the prunable leaves.
+
+  The one-call form of a selection (plan, then apply, both reading the same bits
+  of the params); the optimizer wrapper calls the plan and apply functions itself.
+  """
+  ws, ms, rebuild = split_prunable(params, masks)
+  ws = same_bits(ws)
+  plan = plan_fn(ws, ms, counts)
+  return rebuild([m.compute() for m in apply_fn(ws, ms, plan)])
+
+
 def global_magnitude_prune(params: PyTree, masks: PyTree, num_active) -> PyTree:
   """Keeps the ``num_active`` largest-magnitude active weights of the whole model.
 
@@ -148,10 +160,7 @@ def global_magnitude_prune(params: PyTree, masks: PyTree, num_active) -> PyTree:
   Returns:
     The new mask tree.
   """
-  ws, ms, rebuild = split_prunable(params, masks)
-  ws = same_bits(ws)
-  plan = global_prune_plan(ws, ms, num_active)
-  return rebuild([m.compute() for m in apply_global_plan(ws, ms, plan)])
+  return _planned_masks(params, masks, num_active, global_prune_plan, apply_global_plan)
 
 
 def layerwise_keep_counts(num_active, active) -> jax.Array:
@@ -191,10 +200,8 @@ def layerwise_magnitude_prune(params: PyTree, masks: PyTree, num_active) -> PyTr
   Returns:
     The new mask tree, a subset of ``masks``.
   """
-  ws, ms, rebuild = split_prunable(params, masks)
-  ws = same_bits(ws)
-  sel = layerwise_prune_plan(ws, ms, num_active)
-  return rebuild([m.compute() for m in apply_layerwise_plan(ws, ms, sel)])
+  return _planned_masks(params, masks, num_active, layerwise_prune_plan,
+                        apply_layerwise_plan)
 
 
 def drop_plan(ws, ms, num_drop) -> _select.Selection:
@@ -216,7 +223,4 @@ def drop_smallest(params: PyTree, masks: PyTree, num_drop) -> PyTree:
   Returns:
     The new mask tree, a subset of ``masks``.
   """
-  ws, ms, rebuild = split_prunable(params, masks)
-  ws = same_bits(ws)
-  sel = drop_plan(ws, ms, num_drop)
-  return rebuild([m.compute() for m in apply_layerwise_plan(ws, ms, sel)])
+  return _planned_masks(params, masks, num_drop, drop_plan, apply_layerwise_plan)

@@ -341,12 +341,10 @@ def main_run(*args, workdir):
     (["--config=experiments/configs/gradient_flow_mnist5k.py:x=1"],
      "error: Unknown config argument 'x' in 'x=1'. This config takes no argument: set "
      "fields with --config.FIELD=VALUE."),
-    ([f"--config={MAIN_JOB}", "--config.sparsity.finall=0.9"],
-     "error: Unknown config field --config.sparsity.finall; did you mean "
-     "--config.sparsity.final? (--help with --config=FILE lists the fields.)"),
-    ([f"--config={MAIN_JOB}", "--config.sparsity_final=0.9"],
-     "error: Unknown config field --config.sparsity_final; did you mean "
-     "--config.sparsity.final? (--help with --config=FILE lists the fields.)"),
+    *[([f"--config={MAIN_JOB}", f"--config.{typo}=0.9"],  # two typos, one suggestion
+       f"error: Unknown config field --config.{typo}; did you mean "
+       "--config.sparsity.final? (--help with --config=FILE lists the fields.)")
+      for typo in ("sparsity.finall", "sparsity_final")],
     ([f"--config={MAIN_JOB}", "--config.batch_size=abc"],
      "error: --config.batch_size=abc is not a valid int (invalid literal for int() with "
      "base 10: 'abc'); e.g. --config.batch_size=128."),

@@ -93,6 +93,28 @@ class NnxMLP(nnx.Module):
     return self.l2(jax.nn.relu(self.l1(x)))
 
 
+def nnx_train_step():
+  """An ``nnx.jit`` step (mean cross-entropy on integer labels), and its list of traces.
+
+  ``train_step(model, optimizer, x, y)`` updates both in place and returns the loss;
+  every trace appends to the list, so a test can check it compiled once.
+  """
+  traces = []
+
+  @nnx.jit
+  def train_step(model, optimizer, x, y):
+    traces.append(1)
+
+    def loss_fn(model):
+      return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+  return train_step, traces
+
+
 def test_nnx_optimizer():
   model = NnxMLP(nnx.Rngs(0))
   # N = 8*16 + 16*4 = 192; round(0.2 * 192) = 38.4 -> 38.
@@ -112,19 +134,7 @@ def test_nnx_optimizer():
     assert int(sj.count_active(masks)) == n  # dense start
 
   x, y = _data()
-  traces = []
-
-  @nnx.jit
-  def train_step(model, optimizer, x, y):
-    traces.append(1)
-
-    def loss_fn(model):
-      return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
-
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    optimizer.update(model, grads)
-    return loss
-
+  train_step, traces = nnx_train_step()
   losses = []
   for i in range(20):
     b = slice(16 * (i % 4), 16 * (i % 4 + 1))

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from tests import multidevice
+from tests.test_trainer import KEEP_SAVED_STATE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 420  # ~60 s on an idle 2-core CPU; generous for a loaded one
@@ -37,13 +38,7 @@ WORKER = textwrap.dedent(r"""
     num_processes, process_id = int(num_processes), int(process_id)
 
     # The final state the trainer checkpoints, as this process holds it.
-    saved = {}
-    save_checkpoint = checkpoints.save_checkpoint
-    def keep_and_save(mngr, state, step, *args):
-      saved["state"] = state
-      save_checkpoint(mngr, state, step, *args)
-    checkpoints.save_checkpoint = keep_and_save
-
+""") + KEEP_SAVED_STATE + textwrap.dedent(r"""
     # The first training batch this process reads (host-data path).
     first_batch = {}
     train_batches = input_pipeline.train_batches

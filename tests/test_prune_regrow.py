@@ -149,6 +149,28 @@ def _as_tree(ws, ms, dtype=jnp.float32):
   return params, masks
 
 
+def _layerwise_case(data, dtype, fn):
+  """Draws a tree and a count per layer, applies ``fn`` (jitted, counts int32 [L]).
+
+  Returns (values, mask, count, new flat mask) for each drawn layer.
+  """
+  vs, ms = _draw_tree(data)
+  ns = [data.draw(st.integers(0, int(np.prod(s)))) for s in SHAPES]
+  values, masks = _as_tree(vs, ms, dtype)
+  new = fn(values, masks, jnp.asarray(ns, jnp.int32))
+  return [(v, m, n, np.asarray(new[name]).reshape(-1))
+          for name, v, m, n in zip(("l0", "l1", "l2"), vs, ms, ns)]
+
+
+def _np_largest(values, eligible, n):
+  """Brute force, flat: the ``n`` eligible positions of largest |value| (ties: lower index)."""
+  flat = np.abs(values).reshape(-1)
+  order = np.lexsort((np.arange(flat.size), -flat, ~eligible.reshape(-1)))  # eligible first
+  out = np.zeros(flat.size, bool)
+  out[order[:n]] = True
+  return out
+
+
 @DTYPES
 @settings(deadline=None, max_examples=30)
 @given(data=st.data())
@@ -198,19 +220,10 @@ def test_layerwise_prune_hand_tree():
 @settings(deadline=None, max_examples=25)
 @given(data=st.data())
 def test_layerwise_prune_matches_brute_force(data, dtype):
-  ws, ms = _draw_tree(data)
-  ks = [data.draw(st.integers(0, int(np.prod(s)))) for s in SHAPES]
-  params, masks = _as_tree(ws, ms, dtype)
-  new = layerwise_prune(params, masks, jnp.asarray(ks, jnp.int32))
-  for name, w, m, k in zip(("l0", "l1", "l2"), ws, ms, ks):
-    flat_w = np.abs(w).reshape(-1)
-    flat_m = m.reshape(-1)
-    active = int(flat_m.sum())
-    kk = min(max(k, min(active, 1)), active)
-    order = np.lexsort((np.arange(flat_w.size), -flat_w, ~flat_m))
-    want = np.zeros(flat_w.size, bool)
-    want[order[:kk]] = True
-    np.testing.assert_array_equal(np.asarray(new[name]).reshape(-1), want)
+  for w, m, k, got in _layerwise_case(data, dtype, layerwise_prune):
+    active = int(m.sum())
+    want = _np_largest(w, m, min(max(k, min(active, 1)), active))
+    np.testing.assert_array_equal(got, want)
 
 
 def test_drop_smallest_hand_tree():
@@ -262,20 +275,12 @@ def test_regrow_by_gradient_hand():
 @settings(deadline=None, max_examples=25)
 @given(data=st.data())
 def test_regrow_by_gradient_matches_brute_force(data, dtype):
-  gs, ms = _draw_tree(data)
-  ns = [data.draw(st.integers(0, int(np.prod(s)))) for s in SHAPES]
-  grads, masks = _as_tree(gs, ms, dtype)
-  new = regrow_by_gradient(grads, masks, jnp.asarray(ns, jnp.int32))
-  for name, g, m, n in zip(("l0", "l1", "l2"), gs, ms, ns):
-    flat_g = np.abs(g).reshape(-1)
+  for g, m, n, got in _layerwise_case(data, dtype, regrow_by_gradient):
     flat_m = m.reshape(-1)
-    inactive = int((~flat_m).sum())
-    order = np.lexsort((np.arange(flat_g.size), -flat_g, flat_m))  # inactive first
-    want = flat_m.copy()
-    want[order[:min(n, inactive)]] = True
-    got = np.asarray(new[name]).reshape(-1)
+    grown = min(n, int((~flat_m).sum()))
+    want = flat_m | _np_largest(g, ~m, grown)
     np.testing.assert_array_equal(got, want)
-    assert got.sum() == flat_m.sum() + min(n, inactive)  # exactly n grown (clipped)
+    assert got.sum() == flat_m.sum() + grown  # exactly n grown (clipped)
     assert np.all(got[flat_m])  # a superset: active positions stay active
 
 

@@ -18,6 +18,7 @@ import sparse_jax as sj
 from experiments.models import get_model
 from sparse_jax import _distributions
 from sparse_jax import _masks
+from tests.test_flax_integration import nnx_train_step
 
 VOCAB, D, HEADS, L = 16, 8, 2, 4  # head_dim = D // HEADS = 4
 
@@ -443,19 +444,7 @@ def _train(tx, steps):
   model = NnxGPT(nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   tokens = jax.random.randint(jax.random.key(1), (4, L + 1), 0, VOCAB)
-  traces = []
-
-  @nnx.jit
-  def train_step(model, optimizer, x, y):
-    traces.append(1)
-
-    def loss_fn(model):
-      return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
-
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    optimizer.update(model, grads)
-    return loss
-
+  train_step, traces = nnx_train_step()
   for t in range(1, steps + 1):
     train_step(model, optimizer, tokens[:, :-1], tokens[:, 1:])
     yield t, model, sj.get_masks(optimizer)

@@ -804,17 +804,7 @@ def test_ste_argument_errors():
 
 def _mlp_and_cnn():
   import flax.linen as nn
-
-  class MLP(nn.Module):
-    features: tuple
-
-    @nn.compact
-    def __call__(self, x):
-      for i, f in enumerate(self.features):
-        x = nn.Dense(f)(x)
-        if i < len(self.features) - 1:
-          x = nn.relu(x)
-      return x
+  from tests.test_bcoo_export import MLP
 
   class CNN(nn.Module):
     features: tuple  # conv, conv, classes

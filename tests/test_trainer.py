@@ -15,7 +15,6 @@ import optax
 import pytest
 
 import sparse_jax
-from experiments.trainer import checkpoints
 from experiments.trainer import methods
 from experiments import models
 from experiments.trainer import state as state_lib
@@ -160,6 +159,17 @@ def test_big_models_build_and_step_shapes(name, shape, classes):
   assert names and all(n.endswith("kernel") for n in names)
 
 
+# Script lines (for a subprocess that imported ``checkpoints``) that keep the state
+# of each checkpoint the trainer saves in ``saved["state"]``, as the trainer holds it.
+KEEP_SAVED_STATE = textwrap.dedent("""\
+    saved = {}
+    save_checkpoint = checkpoints.save_checkpoint
+    def keep_and_save(mngr, state, step, *args):
+      saved["state"] = state
+      save_checkpoint(mngr, state, step, *args)
+    checkpoints.save_checkpoint = keep_and_save
+""")
+
 MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     import json, os, sys
     import jax
@@ -169,13 +179,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     from experiments.configs import default
 
     # The state of the last checkpoint (step 40, the end), as the trainer holds it.
-    saved = {}
-    save_checkpoint = checkpoints.save_checkpoint
-    def keep_and_save(mngr, state, step, *args):
-      saved["state"] = state
-      save_checkpoint(mngr, state, step, *args)
-    checkpoints.save_checkpoint = keep_and_save
-
+""") + KEEP_SAVED_STATE + textwrap.dedent("""
     def specs(state):
       # Shape and PartitionSpec of the params and optimizer state (masks, momentum).
       tree = {"params": state.params, "opt_state": state.opt_state}

@@ -14,6 +14,9 @@ import optax
 import pytest
 
 import sparse_jax as sj
+from tests.test_structured import np_drop
+from tests.test_structured import np_global_prune
+from tests.test_structured import np_top
 
 # ---------------------------------------------------------------------------
 # Models, data, and a generic runner
@@ -128,21 +131,6 @@ def param_shaped_state(inner_state, names, shapes):
 # ---------------------------------------------------------------------------
 
 
-def _np_top(keys_list, k, forced=None):
-  """The k largest of the concatenation (key desc, then index asc; forced first)."""
-  flat = np.concatenate([x.reshape(-1) for x in keys_list]).astype(np.float64)
-  f = (np.zeros(flat.size, bool) if forced is None
-       else np.concatenate([x.reshape(-1) for x in forced]))
-  order = np.lexsort((np.arange(flat.size), -flat, ~f))
-  sel = np.zeros(flat.size, bool)
-  sel[order[:k]] = True
-  out, off = [], 0
-  for x in keys_list:
-    out.append(sel[off:off + x.size].reshape(x.shape))
-    off += x.size
-  return out
-
-
 def np_granet_step(p_prev, g, m_old, t, *, lr, counts, update_every, start_step,
                    end_step, total_steps, r0, rmin, rate_fn):
   """Masks and kernel params after update t (lists over prunable layers)."""
@@ -156,28 +144,16 @@ def np_granet_step(p_prev, g, m_old, t, *, lr, counts, update_every, start_step,
   k, k0, kf = t // update_every, start_step // update_every, end_step // update_every
   m_pruned = m_old
   if k0 < k <= kf:
-    mag = [np.where(m, np.abs(x), -1.0) for x, m in zip(w, m_old)]  # inactive last
-    forced = []
-    for x, m in zip(mag, m_old):
-      f = np.zeros(x.size, bool)
-      if m.any():
-        f[int(np.argmax(x.reshape(-1)))] = True
-      forced.append(f.reshape(x.shape))
-    active = int(sum(m.sum() for m in m_old))
-    kk = min(max(int(counts[k]), sum(bool(m.any()) for m in m_old)), active)
-    m_pruned = _np_top(mag, kk, forced)
+    m_pruned = np_global_prune([np.abs(x) for x in w], m_old, counts[k])
   # 3. drop ceil(r * active_l) smallest per layer, 4. grow as many by dense |g|.
   if not 1 <= t <= total_steps - 1:
     return m_pruned, [np.where(m, x, np.float32(0)) for x, m in zip(w, m_pruned)]
   r = np.float32(rate_fn(t))
   m_new = []
   for x, gg, m in zip(w, g, m_pruned):
-    active = int(m.sum())
-    n = int(np.ceil(r * np.float32(active)))
-    keep_n = min(max(active - n, min(active, 1)), active)
-    (dropped,) = _np_top([np.where(m, np.abs(x), -1.0)], keep_n)
-    n_dropped = active - keep_n
-    (grown,) = _np_top([np.where(dropped, -1.0, np.abs(gg))], n_dropped)
+    dropped = np_drop(np.abs(x), m, r)
+    n_dropped = int(m.sum()) - int(dropped.sum())
+    (grown,) = np_top([np.where(dropped, -1.0, np.abs(gg))], n_dropped)
     m_new.append(dropped | grown)
   keep = [a & b for a, b in zip(m_new, m_pruned)]
   return m_new, [np.where(kp, x, np.float32(0)) for x, kp in zip(w, keep)]

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import jax
 import numpy as np
@@ -239,6 +239,30 @@ def train_batches(
               process_count)
 
 
+def _epochs(name: str, num_examples: int, local_batch: int, seed: int,
+            start_step: int, process_index: int,
+            read_epoch: Callable[[int, int], Iterator[Batch]]) -> Iterator[Batch]:
+  """Batches of epoch after epoch from `start_step` on, for both train readers.
+
+  `read_epoch(epoch_seed, skip)` yields one epoch of this process's shard (of
+  `num_examples`) from its batch `skip`; the first epoch is the one `start_step`
+  falls in. A shard smaller than one batch is refused here, before the first
+  next().
+  """
+  steps_per_epoch = num_examples // local_batch
+  if steps_per_epoch == 0:
+    raise ValueError(f'{name}: {num_examples} training examples per process '
+                     f'is less than one batch of {local_batch}.')
+
+  def generate() -> Iterator[Batch]:
+    epoch, skip = divmod(start_step, steps_per_epoch)
+    while True:
+      yield from read_epoch(_epoch_seed(seed, epoch, process_index), skip)
+      epoch, skip = epoch + 1, 0
+
+  return generate()
+
+
 def _tfds_train_batches(name: str, data_dir: Optional[str], local_batch: int,
                         seed: int, start_step: int, process_index: int,
                         process_count: int) -> Iterator[Batch]:
@@ -249,21 +273,13 @@ def _tfds_train_batches(name: str, data_dir: Optional[str], local_batch: int,
   split = tfds.split_for_jax_process(
       'train', process_index=process_index, process_count=process_count,
       drop_remainder=True)
-  num_examples = builder.info.splits[split].num_examples
-  steps_per_epoch = num_examples // local_batch
-  if steps_per_epoch == 0:
-    raise ValueError(f'{name}: {num_examples} training examples per process '
-                     f'is less than one batch of {local_batch}.')
 
-  def generate() -> Iterator[Batch]:
-    epoch, skip = divmod(start_step, steps_per_epoch)
-    while True:
-      ds = tfds_reads.train_epoch(builder, split, spec, local_batch,
-                                  _epoch_seed(seed, epoch, process_index), skip)
-      yield from ds.as_numpy_iterator()
-      epoch, skip = epoch + 1, 0
+  def read_epoch(epoch_seed: int, skip: int) -> Iterator[Batch]:
+    return tfds_reads.train_epoch(builder, split, spec, local_batch, epoch_seed,
+                                  skip).as_numpy_iterator()
 
-  return generate()
+  return _epochs(name, builder.info.splits[split].num_examples, local_batch, seed,
+                 start_step, process_index, read_epoch)
 
 
 def _array_train_batches(name: str, data_dir: Optional[str], local_batch: int,
@@ -278,21 +294,14 @@ def _array_train_batches(name: str, data_dir: Optional[str], local_batch: int,
   arrays = load_arrays(name, 'train', data_dir)
   n = len(arrays['label']) // process_count
   shard = {k: v[process_index * n:(process_index + 1) * n] for k, v in arrays.items()}
-  steps_per_epoch = n // local_batch
-  if steps_per_epoch == 0:
-    raise ValueError(f'{name}: {n} training examples per process is less than '
-                     f'one batch of {local_batch}.')
 
-  def generate() -> Iterator[Batch]:
-    epoch, skip = divmod(start_step, steps_per_epoch)
-    while True:
-      order = np.random.default_rng(_epoch_seed(seed, epoch, process_index)).permutation(n)
-      for b in range(skip, steps_per_epoch):
-        rows = order[b * local_batch:(b + 1) * local_batch]
-        yield {k: v[rows] for k, v in shard.items()}
-      epoch, skip = epoch + 1, 0
+  def read_epoch(epoch_seed: int, skip: int) -> Iterator[Batch]:
+    order = np.random.default_rng(epoch_seed).permutation(n)
+    for b in range(skip, n // local_batch):
+      rows = order[b * local_batch:(b + 1) * local_batch]
+      yield {k: v[rows] for k, v in shard.items()}
 
-  return generate()
+  return _epochs(name, n, local_batch, seed, start_step, process_index, read_epoch)
 
 
 def _eval_dataset(name: str, batch_size: int, data_dir: Optional[str],

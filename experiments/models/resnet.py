@@ -45,57 +45,58 @@ def _pad(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
   return ((p, p), (p, p))
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 convs with a residual connection (ResNet-18/34, CIFAR ResNets).
+class _ResidualBlock(nn.Module):
+  """What every residual block is built with; subclasses define ``__call__``.
 
   Attributes:
-    features: Output channels.
-    strides: Stride of the first conv (and of the projection shortcut).
+    features: Output channels (BasicBlock); the bottleneck width (Bottleneck,
+      which outputs ``4 * features`` channels).
+    strides: Stride of the strided conv (and of the projection shortcut).
     conv: Conv constructor (bias-free, with the model's dtype and init).
     norm: BatchNorm constructor (with train/eval mode bound).
     zero_init_residual: Init the last BN scale to zero so the block starts as
       identity (Goyal et al. 2017).
   """
 
-  expansion = 1
-
   features: int
   strides: int
   conv: ModuleDef
   norm: ModuleDef
   zero_init_residual: bool = False
+
+  def _close(self, x, y, bn_name: str):
+    """The last BN of the residual branch ``y``, plus the shortcut of ``x``, ReLU.
+
+    Called inside the subclass's compact ``__call__``, so the BN and the
+    projection become that block's children.
+    """
+    y = self.norm(
+        name=bn_name,
+        scale_init=nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones,
+    )(y)
+    return nn.relu(y + _shortcut(x, y, self.strides, self.conv, self.norm))
+
+
+class BasicBlock(_ResidualBlock):
+  """Two 3x3 convs with a residual connection (ResNet-18/34, CIFAR ResNets).
+
+  The first conv carries the stride.
+  """
+
+  expansion = 1
 
   @nn.compact
   def __call__(self, x):
     y = self.conv(self.features, (3, 3), self.strides, _pad(3), name='conv1')(x)
     y = nn.relu(self.norm(name='bn1')(y))
     y = self.conv(self.features, (3, 3), 1, _pad(3), name='conv2')(y)
-    y = self.norm(
-        name='bn2',
-        scale_init=nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones,
-    )(y)
-    return nn.relu(y + _shortcut(x, y, self.strides, self.conv, self.norm))
+    return self._close(x, y, 'bn2')
 
 
-class Bottleneck(nn.Module):
-  """1x1 reduce -> 3x3 (strided) -> 1x1 expand (x4), with a residual connection.
-
-  Attributes:
-    features: Bottleneck width; the block outputs ``4 * features`` channels.
-    strides: Stride of the 3x3 conv (and of the projection shortcut).
-    conv: Conv constructor (bias-free, with the model's dtype and init).
-    norm: BatchNorm constructor (with train/eval mode bound).
-    zero_init_residual: Init the last BN scale to zero so the block starts as
-      identity (Goyal et al. 2017).
-  """
+class Bottleneck(_ResidualBlock):
+  """1x1 reduce -> 3x3 (strided) -> 1x1 expand (x4), with a residual connection."""
 
   expansion = 4
-
-  features: int
-  strides: int
-  conv: ModuleDef
-  norm: ModuleDef
-  zero_init_residual: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -104,11 +105,7 @@ class Bottleneck(nn.Module):
     y = self.conv(self.features, (3, 3), self.strides, _pad(3), name='conv2')(y)
     y = nn.relu(self.norm(name='bn2')(y))
     y = self.conv(self.features * self.expansion, (1, 1), 1, 0, name='conv3')(y)
-    y = self.norm(
-        name='bn3',
-        scale_init=nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones,
-    )(y)
-    return nn.relu(y + _shortcut(x, y, self.strides, self.conv, self.norm))
+    return self._close(x, y, 'bn3')
 
 
 def _shortcut(x, y, strides: int, conv: Callable[..., nn.Module],

@@ -70,28 +70,49 @@ class Block(nn.Module):
     return x + nn.Dropout(self.dropout_rate, deterministic=not train)(h)
 
 
-class ViT(nn.Module):
-  """Vision transformer: patches -> [cls] + position embedding -> blocks -> head.
+class _Transformer(nn.Module):
+  """The fields both transformers share, and their stack of blocks.
 
   Attributes:
     num_classes: number of output logits.
-    patch_size: side of the square patches (4 on 28x28 MNIST: 49 patches).
     width: token width.
     depth: number of blocks.
     num_heads: attention heads per block.
-    mlp_dim: hidden width of each block's MLP; None: 2 * width.
+    mlp_dim: hidden width of each block's MLP; None: the model's default multiple
+      of ``width``.
     dropout_rate: dropout in the blocks.
     dtype: computation dtype; params stay float32.
   """
 
   num_classes: int
-  patch_size: int = 4
   width: int = 64
   depth: int = 4
   num_heads: int = 4
   mlp_dim: Optional[int] = None
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+
+  def _blocks(self, x, train: bool, mlp_ratio: int, **block_kwargs):
+    """``depth`` blocks ``block{i}`` over ``x`` [B, L, width].
+
+    Called inside the subclass's compact ``__call__``, so the blocks are its
+    children.
+    """
+    for i in range(self.depth):
+      x = Block(self.num_heads, self.mlp_dim or mlp_ratio * self.width, self.dropout_rate,
+                dtype=self.dtype, name=f'block{i}', **block_kwargs)(x, train)
+    return x
+
+
+class ViT(_Transformer):
+  """Vision transformer: patches -> [cls] + position embedding -> blocks -> head.
+
+  The fields are ``_Transformer``'s (width 64, depth 4; ``mlp_dim`` None:
+  2 * width) and ``patch_size``: the side of the square patches (4 on 28x28
+  MNIST: 49 patches).
+  """
+
+  patch_size: int = 4
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -104,9 +125,7 @@ class ViT(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)).astype(x.dtype),
                          x], axis=1)
     x = x + self.param('pos_embedding', _normal, (1, *x.shape[1:])).astype(x.dtype)
-    for i in range(self.depth):
-      x = Block(self.num_heads, self.mlp_dim or 2 * self.width, self.dropout_rate,
-                dtype=self.dtype, name=f'block{i}')(x, train)
+    x = self._blocks(x, train, mlp_ratio=2)
     x = nn.LayerNorm(dtype=self.dtype, name='ln_final')(x[:, 0])
     # Not zero-initialised as in Flax's and big_vision's ViT: global magnitude pruning
     # (GraNet, GMP) at the first events would then remove almost all of the head,
@@ -115,38 +134,23 @@ class ViT(nn.Module):
     return jnp.asarray(x, jnp.float32)
 
 
-class GPT(nn.Module):
+class GPT(_Transformer):
   """Causal decoder over tokens: embed + position embedding -> blocks -> head.
 
   ``num_classes`` is the vocabulary (256 for bytes), of the inputs and of the
-  next-token logits.
-
-  Attributes:
-    num_classes: vocabulary size.
-    width: token width.
-    depth: number of blocks.
-    num_heads: attention heads per block.
-    mlp_dim: hidden width of each block's MLP; None: 4 * width.
-    dropout_rate: dropout in the blocks.
-    dtype: computation dtype; params stay float32.
+  next-token logits. The other fields are ``_Transformer``'s, with width 128,
+  depth 2 and ``mlp_dim`` None: 4 * width.
   """
 
-  num_classes: int
   width: int = 128
   depth: int = 2
-  num_heads: int = 4
-  mlp_dim: Optional[int] = None
-  dropout_rate: float = 0.0
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, tokens, train: bool = True):
     x = nn.Embed(self.num_classes, self.width, embedding_init=_normal, dtype=self.dtype,
                  name='token_embed')(tokens)  # int [B, L] -> [B, L, width]
     x = x + self.param('pos_embedding', _normal, x.shape[1:]).astype(x.dtype)
-    for i in range(self.depth):
-      x = Block(self.num_heads, self.mlp_dim or 4 * self.width, self.dropout_rate,
-                causal=True, kernel_init=_normal, dtype=self.dtype, name=f'block{i}')(x, train)
+    x = self._blocks(x, train, mlp_ratio=4, causal=True, kernel_init=_normal)
     x = nn.LayerNorm(dtype=self.dtype, name='ln_final')(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=_normal, name='head')(x)
     return jnp.asarray(x, jnp.float32)  # [B, L, num_classes]
