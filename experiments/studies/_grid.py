@@ -138,11 +138,7 @@ def run_grid(runs: Sequence[GridRun], *, is_finished: Callable[[str], bool] = ha
 
 def read_summary(run_workdir: str) -> dict | None:
   """The run's ``summary.json``, or None while it has none."""
-  path = os.path.join(run_workdir, "summary.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return workdir_lib.read_json_if_present(os.path.join(run_workdir, "summary.json"))
 
 
 def with_flops(summary: dict, run_workdir: str) -> dict:

@@ -273,6 +273,14 @@ def _read_holder(fd) -> dict | None:
     return {"pid": "?", "host": "?", "started": "? (unreadable lock file)"}
 
 
+def read_json_if_present(path: str):
+  """The JSON value in ``path``, or None where there is no such file."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
 def read_json_object(path: str, what: str, fix: str) -> dict:
   """The JSON object in ``path``; ``WorkdirDamaged`` naming the file and ``fix`` if not.
 

@@ -85,11 +85,7 @@ def loss_drop(losses, fraction: float = 0.8) -> float | None:
 
 def load_tuning(workdir: str) -> dict | None:
   """The sweep's ``tuning.json`` (grids, validation accuracies, chosen rates), if any."""
-  path = os.path.join(workdir, "tuning.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return workdir_lib.read_json_if_present(os.path.join(workdir, "tuning.json"))
 
 
 def load_runs(workdir: str) -> list[dict]:
@@ -117,32 +113,23 @@ def is_finished(run_dir: str) -> bool:
   """
   if os.path.exists(os.path.join(run_dir, "diverged.json")):
     return True
-  path = os.path.join(run_dir, "summary.json")
-  if not os.path.exists(path):
-    return False
-  with open(path) as f:
-    return json.load(f).get("final_test_accuracy") is not None
+  summary = workdir_lib.read_json_if_present(os.path.join(run_dir, "summary.json"))
+  return summary is not None and summary.get("final_test_accuracy") is not None
 
 
 def tuning_outcome(run_dir: str) -> dict | None:
   """``{"accuracy": validation accuracy or None if diverged}``; None if not finished."""
   if os.path.exists(os.path.join(run_dir, "diverged.json")):
     return {"accuracy": None}
-  path = os.path.join(run_dir, "summary.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    acc = json.load(f).get("final_test_accuracy")
+  summary = workdir_lib.read_json_if_present(os.path.join(run_dir, "summary.json"))
+  acc = None if summary is None else summary.get("final_test_accuracy")
   return None if acc is None else {"accuracy": acc}
 
 
 def recorded_rate(run_dir: str) -> float | None:
   """The learning rate in a run's ``run.json`` (None without one)."""
-  path = os.path.join(run_dir, "run.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f).get("learning_rate")
+  run = workdir_lib.read_json_if_present(os.path.join(run_dir, "run.json"))
+  return None if run is None else run.get("learning_rate")
 
 
 def unstable_rates(workdir: str) -> dict[str, list[float]]:
@@ -154,11 +141,9 @@ def unstable_rates(workdir: str) -> dict[str, list[float]]:
   out = collections.defaultdict(set)
   for marker in (glob.glob(os.path.join(workdir, "*", "diverged.json"))
                  + glob.glob(os.path.join(workdir, "previous", "*", "diverged.json"))):
-    path = os.path.join(os.path.dirname(marker), "run.json")
-    if not os.path.exists(path):
+    run = workdir_lib.read_json_if_present(os.path.join(os.path.dirname(marker), "run.json"))
+    if run is None:
       continue
-    with open(path) as f:
-      run = json.load(f)
     if run.get("phase") == "final" and run.get("learning_rate") is not None:
       out[run["setting"]].add(float(run["learning_rate"]))
   return {k: sorted(v) for k, v in out.items()}
@@ -180,10 +165,7 @@ def write_tuning(workdir: str, tuning: dict):
   directories and leaves the others' entries as they are.
   """
   path = os.path.join(workdir, "tuning.json")
-  settings = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      settings = json.load(f).get("settings", {})
+  settings = (workdir_lib.read_json_if_present(path) or {}).get("settings", {})
   write_json(path, {**tuning, "settings": {**settings, **tuning["settings"]}})
 
 
