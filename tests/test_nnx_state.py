@@ -151,6 +151,11 @@ def test_sparsify_params_wrong_shape_is_a_value_error():
     sj.sparsify_params(params, optimizer)
 
 
+def _as_pure(state):
+  """Raw arrays in the State's structure (``nnx.pure`` in older flax, ``as_pure`` in newer)."""
+  return (getattr(nnx, "as_pure", None) or nnx.pure)(state)
+
+
 @pytest.mark.parametrize("wrapped_updates", [True, False])
 def test_apply_updates_on_nnx_state(wrapped_updates):
   model = _model()
@@ -159,7 +164,7 @@ def test_apply_updates_on_nnx_state(wrapped_updates):
   masks = sj.get_masks(optimizer)
   # Updates as tx.update returns them inside nnx.Optimizer (raw arrays) or as an
   # nnx.State of Params (a user's own loop); 0.5 everywhere, biases included.
-  raw = jax.tree.map(lambda p: jnp.full_like(p, 0.5), nnx.as_pure(params))
+  raw = jax.tree.map(lambda p: jnp.full_like(p, 0.5), _as_pure(params))
   updates = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params) if wrapped_updates else raw
 
   new = jax.jit(sj.apply_updates)(params, updates, optimizer.opt_state)
