@@ -18,6 +18,45 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+
+def explicit_sharding(x) -> NamedSharding | None:
+  """The sharding in ``x``'s type when its mesh has explicit axes, else None.
+
+  Under explicit axes JAX checks shardings when tracing: arrays built from a shape
+  (iotas, constants) are replicated and may not meet a sharded leaf in a select
+  or a scatter, so they are built with this sharding. Under auto axes (None) the
+  program is left as it was, for XLA to propagate.
+  """
+  s = getattr(jax.typeof(x), "sharding", None)
+  if not isinstance(s, NamedSharding) or s.mesh.empty:
+    return None
+  if AxisType.Explicit not in tuple(s.mesh.axis_types):
+    return None
+  return s
+
+
+def replicated_like(x) -> NamedSharding | None:
+  """Replicated over ``x``'s mesh when it has explicit axes (``explicit_sharding``)."""
+  s = explicit_sharding(x)
+  return None if s is None else NamedSharding(s.mesh, PartitionSpec())
+
+
+def shard_like(x: jax.Array, ref) -> jax.Array:
+  """``x`` with the sharding of ``ref`` (an array of ``x``'s shape).
+
+  A concrete ``ref`` on a mesh is matched exactly (``device_put``); one on a single
+  device leaves ``x`` uncommitted (committing it would pin it to that device, and
+  ``jax.pmap`` then refuses the stacked state). A traced ``ref`` is matched only
+  under explicit axes, where the types must agree (``reshard``).
+  """
+  if isinstance(ref, jax.Array) and not isinstance(ref, jax.core.Tracer):
+    if isinstance(ref.sharding, jax.sharding.SingleDeviceSharding):
+      return x
+    return jax.device_put(x, ref.sharding)
+  s = explicit_sharding(ref)
+  return x if s is None else jax.sharding.reshard(x, s)
 
 
 def _two_adic(n: int) -> int:

@@ -106,7 +106,13 @@ def _add_to_histogram(hist, lk: _lazy.Lazy, digits_fn) -> jax.Array:
     # axis would all-gather it, while an n-d scatter-add into a replicated
     # histogram is partitioned into per-shard histograms and one all-reduce.
     # Unsigned indices need no wrapping of negative ones.
-    return hist.at[idx].add(ones, mode="drop")
+    sharding = _lazy.explicit_sharding(idx)
+    if sharding is None:
+      return hist.at[idx].add(ones, mode="drop")
+    # Under explicit axes JAX wants the updates sharded like the indices and the
+    # (replicated) result named; the program is the same per-shard scatter.
+    return hist.at[idx].add(jax.sharding.reshard(ones, sharding), mode="drop",
+                            out_sharding=_lazy.replicated_like(idx))
 
   return _lazy.fold_lazy(scatter, hist, lk)
 

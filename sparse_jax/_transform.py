@@ -68,6 +68,7 @@ import optax
 from jax import lax
 
 from sparse_jax import _distributions
+from sparse_jax import _lazy
 from sparse_jax import _mask_update
 from sparse_jax import _masks
 from sparse_jax import _state
@@ -176,6 +177,10 @@ def _init(w: _Wrapper, params: PyTree) -> _state.SparseState:
   key = jax.random.PRNGKey(w.start.seed)
   mask_key, state_key = jax.random.split(key)
   masks = initial_masks(params, w.start, mask_key, w.events.structure)
+  # Built from shapes, the masks are replicated; a select of a replicated mask with
+  # a sharded gradient is an error under explicit axes.
+  masks = jax.tree.map(lambda p, m: None if m is None else _lazy.shard_like(m, p),
+                       _masks.unwrap_variables(params), masks)
   stored = w.store(masks)
   grad_momentum = None
   regrowth = w.events.regrowth
