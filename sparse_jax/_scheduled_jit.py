@@ -7,23 +7,46 @@ as fast as static sparse training) and an event step with it unconditionally
 as usual (``state.apply_gradients(...)`` or ``nnx.Optimizer.update``): it traces
 the function twice, once with each value set for every sparse_jax update inside
 it, and picks the program on the host from a step count it keeps itself, with no
-device-to-host transfer per step.
+device-to-host transfer on ordinary steps.
 
   @sparse_jax.scheduled_jit(tx)           # instead of @jax.jit
   def train_step(state, x, y): ...
 
-Each call must make exactly one ``tx.update`` (one optimizer step). A run that
-resumes from a checkpoint sets ``train_step.count`` to the steps already done.
+The host count follows the optimizer state. At the first call and at the call
+after each event program it reads the state's own update count
+(``SparseState.count``, one small device-to-host transfer per event) and takes it.
+So a resumed state needs no ``count=``, and calls that do not advance the count
+(``optax.apply_if_finite`` skipping a non-finite step, a client's own skip,
+``optax.MultiSteps`` accumulating) only run the event program early, which is
+correct at any step (the masks still follow the schedule in the graph) and is
+repeated until the state has taken its event. A count found off the prediction
+is warned about once; events skipped anyway (``SparseState.skipped_events``, e.g.
+updates made outside this step) are warned about every time.
+
+With ``jit=jax.jit`` or ``jax.pmap`` (and no static arguments) the event program
+compiles in a background thread from the first ordinary call's shapes and
+shardings, while ordinary steps run, so the first event does not stall training
+for a compile; other ``jit`` functions compile it at the first event, with a log
+line.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import logging
+import time
+import warnings
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
+from sparse_jax import _state
 from sparse_jax import _transform
+
+_LOG = logging.getLogger("sparse_jax")
+_PROGRAM_NAMES = {False: "ordinary", True: "mask-update"}
 
 
 def _traced_with(fn: Callable, mask_update: bool) -> Callable:
@@ -37,14 +60,60 @@ def _traced_with(fn: Callable, mask_update: bool) -> Callable:
   return traced
 
 
+def read_counts(args, kwargs) -> tuple[int, int] | None:
+  """``(count, skipped_events)`` of the one ``SparseState`` in a step's arguments.
+
+  One device-to-host transfer; None when the arguments hold no sparse_jax state
+  (or more than one). Under ``pmap`` the state has a copy per device: the first.
+  """
+  for x in (*args, *kwargs.values()):
+    try:
+      sparse = _state.get_sparse_state(x)
+    except (ValueError, TypeError):
+      continue
+    skipped = 0 if sparse.skipped_events is None else sparse.skipped_events
+    return tuple(int(_first_copy(v)) for v in jax.device_get((sparse.count, skipped)))
+  return None
+
+
+def _first_copy(x):
+  return np.asarray(x).reshape(-1)[0]
+
+
+def _abstract(tree, shardings: bool):
+  """``ShapeDtypeStruct``s of ``tree``'s arrays; other leaves as they are.
+
+  A program lowers from these in another thread while the buffers they describe
+  are donated to (or consumed by) the steps running meanwhile. ``shardings``:
+  keep the arrays' shardings (jit); pmap places its inputs itself, and its first
+  inputs (host-stacked arrays) are placed unlike its later ones (its outputs).
+  """
+  def leaf(x):
+    if not isinstance(x, jax.Array):
+      return x
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=x.aval.weak_type,
+                                sharding=x.sharding if shardings else None)
+  return jax.tree.map(leaf, tree)
+
+
+def _compile(program, args, kwargs):
+  t = time.time()
+  compiled = program.lower(*args, **kwargs).compile()
+  _LOG.debug("scheduled_jit: compiled a program in the background in %.1f s.",
+             time.time() - t)
+  return compiled
+
+
 class ScheduledStep:
   """A training step compiled twice: ordinary steps and mask-update (event) steps.
 
   Attributes:
-    count: optimizer steps done so far (the next call runs update ``count + 1``).
-    ordinary: the program of ordinary steps (a ``jax.jit`` function).
-    event: the program of event steps, compiled at the first event (or earlier
-      with ``event.lower(...).compile()``).
+    count: optimizer steps done so far (the next call runs update ``count + 1``),
+      re-read from the optimizer state at the first call and after each event.
+    ordinary: the program of ordinary steps (a ``jit`` function).
+    event: the program of event steps (a ``jit`` function), compiled ahead in the
+      background after the first call (``jax.jit``, ``jax.pmap``) or at the
+      first event.
   """
 
   def __init__(self, fn: Callable, tx, *, count: int = 0, jit: Callable = jax.jit,
@@ -56,13 +125,110 @@ class ScheduledStep:
     self.count = int(count)
     self.ordinary = jit(_traced_with(fn, False), **jit_kwargs)
     self.event = jit(_traced_with(fn, True), **jit_kwargs)
+    # Compiled ahead only where the arguments are plain pytrees of arrays and the
+    # compiled program takes the same call (NNX objects are mutated by the step
+    # running meanwhile; static arguments change the compiled call).
+    self._ahead = jit in (jax.jit, jax.pmap) and not any(
+        k.startswith("static") for k in jit_kwargs)
+    self._shardings = jit is jax.jit
+    self._compiled: dict[bool, concurrent.futures.Future] = {}
+    self._seen = set()
+    self._check_next = True  # read the state's count at the next call
+    self._calls = 0
+    self._warned_drift = False
+    self._skipped = 0
     functools.update_wrapper(self, fn)
 
   def __call__(self, *args, **kwargs) -> Any:
-    program = self.event if self._is_event(self.count + 1) else self.ordinary
-    out = program(*args, **kwargs)
+    if self._check_next:
+      self._follow_state(args, kwargs)
+    is_event = bool(self._is_event(self.count + 1))
+    # The event program compiles ahead from an ordinary call's shapes (taken before
+    # the call may donate the buffers); the ordinary one, the hot path, stays a jit.
+    ahead = None
+    if self._ahead and not is_event and True not in self._seen:
+      ahead = _abstract((args, kwargs), self._shardings)
+    out = self._run(is_event, args, kwargs)
+    if ahead is not None:
+      self._compile_ahead(*ahead)
     self.count += 1
+    self._calls += 1
+    # After an event program, check that the state took its event: a skipped
+    # (non-finite) or accumulating (MultiSteps) call leaves it for the next one.
+    self._check_next = is_event
     return out
+
+  def _run(self, is_event: bool, args, kwargs):
+    program = self.event if is_event else self.ordinary
+    future = self._compiled.get(is_event)
+    if future is not None:
+      if not future.done():
+        _LOG.info("scheduled_jit: waiting for the %s program to finish compiling...",
+                  _PROGRAM_NAMES[is_event])
+      try:
+        compiled = future.result()
+      except Exception as e:  # pylint: disable=broad-except
+        # The ahead-of-time compile is only a head start: the jit compiles it anyway.
+        _LOG.info("scheduled_jit: compiling ahead failed (%s); compiling now.", e)
+        self._compiled.pop(is_event)
+      else:
+        try:
+          return compiled(*args, **kwargs)
+        except (TypeError, ValueError) as e:
+          # Other shapes, types or placements than the first call's (checked before
+          # anything runs): from now on the jit, which compiles for these.
+          _LOG.info("scheduled_jit: compiling the %s program for other arguments "
+                    "(%s)...", _PROGRAM_NAMES[is_event], str(e).splitlines()[0])
+          self._compiled.pop(is_event)
+    elif is_event and True not in self._seen:
+      _LOG.info("scheduled_jit: compiling the mask-update program (first event)...")
+    self._seen.add(is_event)
+    return program(*args, **kwargs)
+
+  def _compile_ahead(self, args, kwargs):
+    executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="scheduled_jit")
+    self._compiled[True] = executor.submit(_compile, self.event, args, kwargs)
+    executor.shutdown(wait=False)  # the thread ends with the compile
+    self._seen.add(True)
+
+  def _follow_state(self, args, kwargs):
+    """Takes the optimizer state's count (one transfer), warning where it drifted."""
+    self._check_next = False
+    counts = read_counts(args, kwargs)
+    if counts is None:
+      return
+    count, skipped = counts
+    if count != self.count:
+      if self._calls == 0:
+        _LOG.info("scheduled_jit: the optimizer state has done %d updates; counting "
+                  "from there (not from count=%d).", count, self.count)
+      elif not self._warned_drift:
+        self._warned_drift = True
+        warnings.warn(_drift_message(count, self.count), RuntimeWarning, stacklevel=3)
+      self.count = count
+    if skipped > self._skipped and self._calls > 0:
+      warnings.warn(
+          f"scheduled_jit: {skipped - self._skipped} mask-update event(s) were run "
+          "without the mask update (SparseState.skipped_events = "
+          f"{skipped}): the optimizer state was updated outside this step, or a later "
+          "state was passed in. Pass every update through this step, or start a new "
+          "scheduled_jit from the state.", RuntimeWarning, stacklevel=3)
+    self._skipped = skipped
+
+
+def _drift_message(count: int, predicted: int) -> str:
+  if count < predicted:
+    return (
+        f"scheduled_jit: the optimizer state is at update {count}, not {predicted}: "
+        "some calls did not apply an update (optax.apply_if_finite skipping a "
+        "non-finite step, a step's own skip, optax.MultiSteps accumulating). "
+        "Following the state's count: the mask-update program runs until the state "
+        "takes each event, so no event is lost; nothing to fix.")
+  return (
+      f"scheduled_jit: the optimizer state is at update {count}, ahead of "
+      f"{predicted}: updates were made outside this step or a later state was "
+      "passed in, and an event in between may have run without the mask update. "
+      "Following the state's count from now on; pass every update through this step.")
 
 
 def scheduled_jit(tx, *, count: int = 0, jit: Callable = jax.jit, **jit_kwargs):
@@ -70,10 +236,14 @@ def scheduled_jit(tx, *, count: int = 0, jit: Callable = jax.jit, **jit_kwargs):
 
   Args:
     tx: the sparse_jax transformation the step updates with (as a factory returned
-      it, not a chain around it).
-    count: optimizer steps already done (e.g. ``int(state.step)`` on a resume).
-    jit: ``jax.jit`` (default) or ``flax.nnx.jit`` for NNX steps.
-    **jit_kwargs: passed to ``jit`` (``donate_argnums``, ``static_argnames``, ...).
+      it, not a chain around it; the chain, ``optax.apply_if_finite`` or
+      ``optax.MultiSteps`` around it goes in the step's optimizer as usual).
+    count: optimizer steps already done, used only when the step's arguments hold
+      no sparse_jax state to read it from (with one, it is read at the first call).
+    jit: ``jax.jit`` (default), ``jax.pmap`` (with ``axis_name=...``) or
+      ``flax.nnx.jit`` for NNX steps.
+    **jit_kwargs: passed to ``jit`` (``donate_argnums``, ``static_argnames``,
+      ``axis_name``, ...).
 
   Returns:
     A decorator giving a ``ScheduledStep``.
