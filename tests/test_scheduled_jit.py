@@ -12,13 +12,14 @@ import sparse_jax
 from sparse_jax import _transform
 
 
-def _params():
+def make_params(hidden=8):
+  """A 12-hidden-3 MLP's params (also used by tests/test_scheduled_jit_drift.py)."""
   k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-  return {"Dense_0": {"kernel": jax.random.normal(k1, (12, 8)), "bias": jnp.zeros(8)},
-          "Dense_1": {"kernel": jax.random.normal(k2, (8, 3)), "bias": jnp.zeros(3)}}
+  return {"Dense_0": {"kernel": jax.random.normal(k1, (12, hidden)), "bias": jnp.zeros(hidden)},
+          "Dense_1": {"kernel": jax.random.normal(k2, (hidden, 3)), "bias": jnp.zeros(3)}}
 
 
-def _apply(variables, x):
+def apply_mlp(variables, x):
   p = variables["params"]
   h = jax.nn.relu(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
   return h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
@@ -51,7 +52,7 @@ def test_same_bits_as_the_in_graph_decision(method):
   runs = {}
   for kind in ("jit", "scheduled"):
     tx = METHODS[method]()
-    state = train_state.TrainState.create(apply_fn=_apply, params=_params(), tx=tx)
+    state = train_state.TrainState.create(apply_fn=apply_mlp, params=make_params(), tx=tx)
     step = jax.jit(_step) if kind == "jit" else sparse_jax.scheduled_jit(tx)(_step)
     for x, y in _batches(20):
       state = step(state, x, y)
@@ -65,7 +66,7 @@ def test_same_bits_as_the_in_graph_decision(method):
 
 def test_programs_and_count():
   tx = METHODS["granet"]()
-  state = train_state.TrainState.create(apply_fn=_apply, params=_params(), tx=tx)
+  state = train_state.TrainState.create(apply_fn=apply_mlp, params=make_params(), tx=tx)
   traced = []
 
   def step(state, x, y):
@@ -84,11 +85,11 @@ def test_programs_and_count():
 def test_resume_count_picks_the_right_program():
   tx = METHODS["granet"]()
   batches = _batches(8)
-  full = train_state.TrainState.create(apply_fn=_apply, params=_params(), tx=tx)
+  full = train_state.TrainState.create(apply_fn=apply_mlp, params=make_params(), tx=tx)
   step = sparse_jax.scheduled_jit(tx)(_step)
   for x, y in batches:
     full = step(full, x, y)
-  part = train_state.TrainState.create(apply_fn=_apply, params=_params(), tx=tx)
+  part = train_state.TrainState.create(apply_fn=apply_mlp, params=make_params(), tx=tx)
   first = sparse_jax.scheduled_jit(tx)(_step)
   for x, y in batches[:3]:
     part = first(part, x, y)

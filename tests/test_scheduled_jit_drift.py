@@ -25,20 +25,10 @@ import sparse_jax
 from sparse_jax import _scheduled_jit
 from sparse_jax import _transform
 from tests import multidevice
+from tests.test_scheduled_jit import apply_mlp
+from tests.test_scheduled_jit import make_params
 
 STEPS = 24
-
-
-def make_params():
-  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-  return {"Dense_0": {"kernel": jax.random.normal(k1, (12, 16)), "bias": jnp.zeros(16)},
-          "Dense_1": {"kernel": jax.random.normal(k2, (16, 3)), "bias": jnp.zeros(3)}}
-
-
-def apply_mlp(variables, x):
-  p = variables["params"]
-  h = jax.nn.relu(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
-  return h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
 
 
 def grads_of(state, x, y):
@@ -77,7 +67,7 @@ def batches(n, nan_at=()):
 def run(step_fn, wrap, data, scheduled: bool, resume_at=None):
   """Trains on ``data``; ``resume_at``: a fresh step function from that call on."""
   tx = granet()
-  state = train_state.TrainState.create(apply_fn=apply_mlp, params=make_params(),
+  state = train_state.TrainState.create(apply_fn=apply_mlp, params=make_params(hidden=16),
                                         tx=wrap(tx))
   new = (lambda: sparse_jax.scheduled_jit(tx)(step_fn)) if scheduled else (
       lambda: jax.jit(step_fn))
@@ -144,7 +134,7 @@ def test_one_read_per_event_and_the_event_program_compiled_ahead(monkeypatch):
     return train_step(state, x, y)
 
   tx = granet()
-  state = train_state.TrainState.create(apply_fn=apply_mlp, params=make_params(), tx=tx)
+  state = train_state.TrainState.create(apply_fn=apply_mlp, params=make_params(hidden=16), tx=tx)
   scheduled = sparse_jax.scheduled_jit(tx)(step)
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # no drift here: nothing to warn about
