@@ -132,9 +132,9 @@ class ScheduledStep:
         k.startswith("static") for k in jit_kwargs)
     self._shardings = jit is jax.jit
     self._compiled: dict[bool, concurrent.futures.Future] = {}
-    self._seen = set()
+    self._event_started = False  # the event program compiled, compiling or run
     self._check_next = True  # read the state's count at the next call
-    self._calls = 0
+    self._called = False
     self._warned_drift = False
     self._skipped = 0
     functools.update_wrapper(self, fn)
@@ -146,13 +146,13 @@ class ScheduledStep:
     # The event program compiles ahead from an ordinary call's shapes (taken before
     # the call may donate the buffers); the ordinary one, the hot path, stays a jit.
     ahead = None
-    if self._ahead and not is_event and True not in self._seen:
+    if self._ahead and not is_event and not self._event_started:
       ahead = _abstract((args, kwargs), self._shardings)
     out = self._run(is_event, args, kwargs)
     if ahead is not None:
       self._compile_ahead(*ahead)
     self.count += 1
-    self._calls += 1
+    self._called = True
     # After an event program, check that the state took its event: a skipped
     # (non-finite) or accumulating (MultiSteps) call leaves it for the next one.
     self._check_next = is_event
@@ -180,16 +180,16 @@ class ScheduledStep:
           _LOG.info("scheduled_jit: compiling the %s program for other arguments "
                     "(%s)...", _PROGRAM_NAMES[is_event], str(e).splitlines()[0])
           self._compiled.pop(is_event)
-    elif is_event and True not in self._seen:
+    elif is_event and not self._event_started:
       _LOG.info("scheduled_jit: compiling the mask-update program (first event)...")
-    self._seen.add(is_event)
+    self._event_started |= is_event
     return program(*args, **kwargs)
 
   def _compile_ahead(self, args, kwargs):
     executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="scheduled_jit")
     self._compiled[True] = executor.submit(_compile, self.event, args, kwargs)
     executor.shutdown(wait=False)  # the thread ends with the compile
-    self._seen.add(True)
+    self._event_started = True
 
   def _follow_state(self, args, kwargs):
     """Takes the optimizer state's count (one transfer), warning where it drifted."""
@@ -199,14 +199,14 @@ class ScheduledStep:
       return
     count, skipped = counts
     if count != self.count:
-      if self._calls == 0:
+      if not self._called:
         _LOG.info("scheduled_jit: the optimizer state has done %d updates; counting "
                   "from there (not from count=%d).", count, self.count)
       elif not self._warned_drift:
         self._warned_drift = True
         warnings.warn(_drift_message(count, self.count), RuntimeWarning, stacklevel=3)
       self.count = count
-    if skipped > self._skipped and self._calls > 0:
+    if skipped > self._skipped and self._called:
       warnings.warn(
           f"scheduled_jit: {skipped - self._skipped} mask-update event(s) were run "
           "without the mask update (SparseState.skipped_events = "
