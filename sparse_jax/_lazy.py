@@ -43,6 +43,26 @@ def replicated_like(x) -> NamedSharding | None:
   return None if s is None else NamedSharding(s.mesh, PartitionSpec())
 
 
+def split_last_axis_only(x: jax.Array) -> jax.Array:
+  """``x`` split along its last axis only (gathered along the others) under explicit axes.
+
+  Merging a split axis into another is no reshape JAX can type under explicit axes,
+  so a ``PackedMask`` packs rows (its leading axes, merged) gathered; its users
+  place the unpacked mask like their parameter again (``shard_like``). Off explicit
+  axes, ``x`` itself.
+  """
+  s = explicit_sharding(x)
+  if s is None:
+    return x
+  explicit = {n for n, t in zip(s.mesh.axis_names, s.mesh.axis_types)
+              if t == AxisType.Explicit}
+  spec = tuple(s.spec) + (None,) * (jnp.ndim(x) - len(s.spec))
+  last = spec[-1] if jnp.ndim(x) > 1 else None
+  last = tuple(n for n in ((last,) if isinstance(last, str) else last or ()) if n in explicit)
+  return jax.sharding.reshard(x, NamedSharding(
+      s.mesh, PartitionSpec(*(None,) * (jnp.ndim(x) - 1), last or None)))
+
+
 def shard_like(x: jax.Array, ref) -> jax.Array:
   """``x`` with the sharding of ``ref`` (an array of ``x``'s shape).
 

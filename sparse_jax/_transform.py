@@ -210,6 +210,12 @@ def _mask_update_flag(mask_update) -> bool | None:
   return mask_update
 
 
+def _placed_like(masks: PyTree, params: PyTree) -> PyTree:
+  """Each mask (or packed mask's bits) placed like ``params``' leaf under explicit axes."""
+  return jax.tree.map(lambda p, m: None if m is None else _lazy.shard_like(m, p),
+                      params, masks)
+
+
 def _update(w: _Wrapper, updates, state: _state.SparseState, params, mask_update,
             extra_args):
   """``update_fn`` of ``sparse_wrapper``: the steps listed in the module docstring."""
@@ -222,8 +228,9 @@ def _update(w: _Wrapper, updates, state: _state.SparseState, params, mask_update
   stored, union = w.store(state.masks), w.store(state.union)
   # With packed storage every use unpacks its own copy, which XLA fuses into the
   # consumer; a cond must never take unpacked masks as an operand (a bool buffer of
-  # the whole mask, materialised on every step).
-  masks = _masks.unpack_masks(stored)
+  # the whole mask, materialised on every step). Packed masks unpack split along
+  # their last axis only (under explicit axes): placed like the params again.
+  masks = _placed_like(_masks.unpack_masks(stored), params)
   masked_grads = jax.tree.map(
       lambda g, m: g if m is None else jnp.where(m, g, jnp.zeros_like(g)), grads, masks)
   inner_updates, inner_state = w.inner.update(masked_grads, state.inner_state, params,
@@ -252,11 +259,12 @@ def _update(w: _Wrapper, updates, state: _state.SparseState, params, mask_update
       rng, event_rng = jax.random.split(state.rng)
       new_masks, keep = _mask_update.update_masks(w.events, params, inner_updates, grads,
                                                   masks, event_rng, t, grad_momentum)
-      new_stored = w.store(new_masks)
+      # Stored as the old masks are (packed bits are otherwise split on one axis).
+      new_stored = _placed_like(w.store(new_masks), stored)
       # On packed masks the or of the bytes is the or of the bits.
       new_union = None if union is None else jax.tree.map(
           lambda u, m: u | m, union, new_stored)
-      return new_stored, w.store(keep), rng, new_union
+      return new_stored, _placed_like(w.store(keep), stored), rng, new_union
 
     if mask_update:
       # The caller says this step may be an event: no cond. Every stage still checks
@@ -273,7 +281,7 @@ def _update(w: _Wrapper, updates, state: _state.SparseState, params, mask_update
 
   out = jax.tree.map(
       lambda u, p, k: u if k is None else jnp.where(k, u, -p).astype(u.dtype),
-      inner_updates, params, _masks.unpack_masks(kept))
+      inner_updates, params, _placed_like(_masks.unpack_masks(kept), params))
   if dynamic and mask_update is not False:
     # With masked gradients the inner state stays zero at inactive positions, so
     # only events (pruned and newly grown positions) need it zeroed.
