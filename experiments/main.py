@@ -43,8 +43,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  logging.basicConfig(level=logging.INFO, stream=sys.stdout,
-                      format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+  # force: app.run has put absl's handler on the root logger (stderr, a thread id
+  # and file:line on each line), which would make this call do nothing.
+  handler = logging.StreamHandler(sys.stdout)
+  handler.setFormatter(_LineFormatter())
+  logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
   for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   try:
@@ -66,6 +69,14 @@ def main(argv):
     print(f"final_test_accuracy={'none' if acc is None else f'{acc:.4f}'} "
           f"final_sparsity={summary['final_sparsity']:.4f} "
           f"wall_time_s={summary['wall_time_s']:.1f} workdir={FLAGS.workdir}")
+
+
+class _LineFormatter(logging.Formatter):
+  """``HH:MM:SS message``; a warning or an error is named: ``HH:MM:SS warning: message``."""
+
+  def format(self, record):
+    level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+    return f"{self.formatTime(record, '%H:%M:%S')} {level}{super().format(record)}"
 
 
 def _quiet_from_now_on():

@@ -15,9 +15,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import pathlib
 import re
+import time
 import uuid
 from typing import TYPE_CHECKING, Optional
 
@@ -31,6 +35,8 @@ from experiments.data import tfds_reads
 
 if TYPE_CHECKING:
   import tensorflow_datasets as tfds  # Annotations only: TF is imported on first use.
+
+log = logging.getLogger(__name__)
 
 DATA_DIR_ENV_VAR = 'SPARSE_JAX_DATA_DIR'
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -88,11 +94,12 @@ def prepare_dataset(name: str, data_dir: Optional[str] = None, *,
     # Imported here: TFDS registers the builder when its class is defined.
     from experiments.data.mnist5k import mnist5k_dataset_builder  # pylint: disable=g-import-not-at-top
     builder = mnist5k_dataset_builder.Builder(data_dir=data_dir)
-    if not builder.is_prepared():
-      # try_download_gcs=False: TFDS would otherwise ask GCS for a prebuilt
-      # copy, which fails slowly (or hangs) without network.
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    with _tfds_quiet():
+      if not builder.is_prepared():
+        # try_download_gcs=False: TFDS would otherwise ask GCS for a prebuilt
+        # copy, which fails slowly (or hangs) without network.
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     return builder
   builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
   if not builder.is_prepared():
@@ -136,6 +143,13 @@ def prepared_arrays(name: str, data_dir: Optional[str]) -> np.lib.npyio.NpzFile:
   """
   path = arrays_path(name, data_dir)
   if not path.exists():
+    # The longest silent phase of a first run (TensorFlow's import, the TFDS
+    # build, one read of each split): said before, timed after.
+    how = ('numpy windows of the Python documentation' if specs.spec(name).arrays_only
+           else 'a TFDS build through TensorFlow, ~10 s')
+    log.info('Preparing the %s data set in %s (once: %s)...', name,
+             data_dir if data_dir is not None else default_data_dir(name), how)
+    t = time.time()
     if specs.spec(name).arrays_only:
       arrays = bytes_pydoc.build_arrays()
     else:
@@ -150,7 +164,32 @@ def prepared_arrays(name: str, data_dir: Optional[str]) -> np.lib.npyio.NpzFile:
     tmp = path.with_name(f'{path.stem}.{os.getpid()}.{uuid.uuid4().hex}.tmp.npz')
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
+    log.info('Prepared %s in %.1f s (later runs read %s).', name, time.time() - t, path)
   return np.load(path)
+
+
+@contextlib.contextmanager
+def _tfds_quiet():
+  """TFDS's reports of building a bundled data set, which has nothing to download, left out.
+
+  Its banner ("Downloading and preparing dataset Unknown size ...") is printed on
+  stdout by design, and its progress bars are tqdm's escape codes in a log file;
+  `prepared_arrays` says what happens instead. Its "Variant folder ... has no
+  dataset_info.json" warning only means: not built yet. Errors still raise.
+  """
+  tfds = tf_import.tensorflow_datasets()
+  absl_logger = logging.getLogger('absl')
+  not_built_yet = lambda record: not (record.levelno == logging.WARNING and
+                                      str(record.msg).startswith('Variant folder '))
+  absl_logger.addFilter(not_built_yet)
+  tfds.disable_progress_bar()
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    # TFDS's default: bars for the standard data sets a user downloads explicitly.
+    tfds.enable_progress_bar()
+    absl_logger.removeFilter(not_built_yet)
 
 
 def arrays_split(name: str, split: str) -> Optional[tuple[str, Optional[int]]]:

@@ -12,11 +12,17 @@ Example:
 """
 
 import functools
+import os
 
 
 @functools.cache
 def tensorflow():
   """TensorFlow, imported on first use and kept off the accelerators."""
+  # Read by TF's C++ runtime when it loads: without it, importing TF prints lines
+  # about CPU instructions, oneDNN and missing CUDA/TensorRT that concern TF's own
+  # kernels, which only feed data here. Level 2 keeps errors; a value already
+  # set (TF_CPP_MIN_LOG_LEVEL=0 to debug TF) is kept.
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   # TF only feeds data here; hiding accelerators keeps it from reserving GPU
   # memory that JAX needs. Fails if TF already initialised its devices, in which

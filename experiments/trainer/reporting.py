@@ -305,15 +305,22 @@ def carried_metrics(meta: dict, step: int) -> tuple[list, int]:
   return [(metrics, len(metrics["finite"]))], int(carried["first_step"])
 
 
-def log_line(record: dict, total_steps: int):
-  """One progress line: step, epoch, loss, accuracy, sparsity, learning rate, speed."""
+def log_line(record: dict, total_steps: int, compile_wait_s: float = 0.0):
+  """One progress line: step, epoch, loss, accuracy, sparsity, learning rate, speed.
+
+  ``compile_wait_s``: the seconds of the interval spent waiting for a program to
+  compile (the first interval, the first mask update), said on the line: its
+  steps/s is of the wall clock, as ``metrics.jsonl`` records it.
+  """
   test = (f" test_acc {record['test_accuracy']:.4f}" if "test_accuracy" in record else "")
   if "test_bits_per_byte" in record:
     test += f" test_bpb {record['test_bits_per_byte']:.4f}"
+  compiling = (f" (includes {compile_wait_s:.1f} s compiling)" if compile_wait_s >= 0.05
+               else "")
   log.info("step %d/%d epoch %.1f loss %.4f train_acc %.4f%s sparsity %.4f lr %.4g "
-           "%.1f steps/s", record["step"], total_steps, record["epoch"],
+           "%.1f steps/s%s", record["step"], total_steps, record["epoch"],
            record["train_loss"], record["train_accuracy"], test, record.get("sparsity", 0.0),
-           record["learning_rate"], record["steps_per_s"])
+           record["learning_rate"], record["steps_per_s"], compiling)
 
 
 def final_summary(config, final, masks, best_acc: float, last_eval: dict,

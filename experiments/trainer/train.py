@@ -111,7 +111,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       step, pending, saved = run.start_step, [], run.start_step
       # Steps run since the last record, fetched before a preemption (checkpoint meta).
       carried, steps_at_log = reporting.carried_metrics(run.meta, step)
-      t_log = time.time()
+      t_log, waited_at_log = time.time(), run.timings["compile_wait_s"]
       t_loop = time.time()
       run.timings["before_loop_s"] = t_loop - run.t_segment
       while step < run.total_steps:
@@ -140,9 +140,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               steps_per_epoch=run.steps_per_epoch, seconds=time.time() - t_log,
               t_start=run.t_start)
           carried, pending, t_log, steps_at_log = [], [], time.time(), step
+          waited, waited_at_log = (run.timings["compile_wait_s"] - waited_at_log,
+                                   run.timings["compile_wait_s"])
           run.writer.write(record)
           if is_main:
-            reporting.log_line(record, run.total_steps)
+            reporting.log_line(record, run.total_steps, compile_wait_s=waited)
         if save:
           _save(run, step)
           saved = step
