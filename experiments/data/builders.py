@@ -3,7 +3,7 @@
 * `default_data_dir`: where a data set is read from when no `data_dir` is given.
 * `prepare_dataset`: builds `mnist5k` and `bytes_pydoc` locally (they need no
   network); finds a standard TFDS data set in its `data_dir`, never downloading
-  it implicitly.
+  it implicitly (under `tfds.testing.mock_data`, its mocked builder).
 * `prepared_arrays`: the .npz of a locally built data set (see below), written
   on first use.
 
@@ -67,7 +67,8 @@ def prepare_dataset(name: str, data_dir: Optional[str] = None, *,
   the first call; later calls only read its metadata. `bytes_pydoc` is written
   as its prepared arrays (there is no TFDS builder: `None` is returned).
   Standard data sets are never downloaded unless `download=True` is passed
-  explicitly.
+  explicitly. Under `tfds.testing.mock_data` a standard data set needs no files:
+  its mocked builder, which makes random examples, is returned.
 
   Args:
     name: one of `KNOWN_DATASETS`.
@@ -81,7 +82,7 @@ def prepare_dataset(name: str, data_dir: Optional[str] = None, *,
   Raises:
     ValueError: if `name` is unknown.
     FileNotFoundError: if a standard data set is missing and `download` is
-      False.
+      False (and TFDS is not mocked).
   """
   spec = specs.spec(name)
   if spec.arrays_only:
@@ -102,7 +103,9 @@ def prepare_dataset(name: str, data_dir: Optional[str] = None, *,
             download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     return builder
   builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
-  if not builder.is_prepared():
+  # A mocked builder is never prepared (mock_data points it at a data_dir of its
+  # own) and need not be: its reads make examples without files.
+  if not builder.is_prepared() and not tfds_reads.mock_data_active():
     if not download:
       where = data_dir or '~/tensorflow_datasets (or $TFDS_DATA_DIR)'
       raise FileNotFoundError(
@@ -143,6 +146,11 @@ def prepared_arrays(name: str, data_dir: Optional[str]) -> np.lib.npyio.NpzFile:
   """
   path = arrays_path(name, data_dir)
   if not path.exists():
+    if not specs.spec(name).arrays_only and tfds_reads.mock_data_active():
+      # Its TFDS build would be a mocked one, kept here as the real arrays.
+      raise RuntimeError(
+          f'{name} is not prepared in {path.parent} and tfds.testing.mock_data is '
+          f'active: prepare it outside mock_data first (prepare_dataset({name!r})).')
     # The longest silent phase of a first run (TensorFlow's import, the TFDS
     # build, one read of each split): said before, timed after.
     how = ('numpy windows of the Python documentation' if specs.spec(name).arrays_only

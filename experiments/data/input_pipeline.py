@@ -29,7 +29,9 @@ Data directories. `data_dir=None` means:
 Nothing is ever downloaded implicitly: standard data sets are loaded with
 `download=False` semantics, and a missing one raises `FileNotFoundError`
 saying how to prepare it (e.g. `tfds build cifar10 --data_dir=...` on a
-machine with internet access, then copy the directory over).
+machine with internet access, then copy the directory over). Under
+`tfds.testing.mock_data` they need no files: the mocked builders' random examples
+are read, as many as its `num_examples` whatever the split.
 
 Batch sizes are global (over all processes), as in big_vision: each process
 yields `batch_size // process_count` examples per batch from its own shard.
@@ -147,11 +149,11 @@ def dataset_info(name: str, data_dir: Optional[str] = None) -> DatasetInfo:
           eval_split=spec.eval_split,
           input_dtype=spec.input_dtype,
           byte_level=spec.byte_level)
-  info = prepare_dataset(name, data_dir).info
+  builder = prepare_dataset(name, data_dir)
   return DatasetInfo(
-      num_train_examples=info.splits['train'].num_examples,
-      num_eval_examples=info.splits[spec.eval_split].num_examples,
-      num_classes=info.features['label'].num_classes,
+      num_train_examples=tfds_reads.num_examples(builder, 'train'),
+      num_eval_examples=tfds_reads.num_examples(builder, spec.eval_split),
+      num_classes=builder.info.features['label'].num_classes,
       input_shape=spec.input_shape,
       eval_split=spec.eval_split)
 
@@ -278,7 +280,7 @@ def _tfds_train_batches(name: str, data_dir: Optional[str], local_batch: int,
     return tfds_reads.train_epoch(builder, split, spec, local_batch, epoch_seed,
                                   skip).as_numpy_iterator()
 
-  return _epochs(name, builder.info.splits[split].num_examples, local_batch, seed,
+  return _epochs(name, tfds_reads.num_examples(builder, split), local_batch, seed,
                  start_step, process_index, read_epoch)
 
 
@@ -312,7 +314,7 @@ def _eval_dataset(name: str, batch_size: int, data_dir: Optional[str],
   local_batch = _local_batch_size(batch_size, process_count)
   builder = prepare_dataset(name, data_dir)
   split = split or spec.eval_split
-  total = builder.info.splits[split].num_examples
+  total = tfds_reads.num_examples(builder, split)
   # Shards differ by at most one example; every process yields the number of
   # batches of the largest shard so that collective ops stay in lockstep.
   num_batches = math.ceil(math.ceil(total / process_count) / local_batch)
@@ -413,7 +415,7 @@ def load_arrays(name: str, split: str = 'train',
     raise ValueError(f'{name}: split {split!r} is not a split name or a prefix '
                      "slice like 'train[:128]'.")
   builder = prepare_dataset(name, data_dir)
-  num_examples = builder.info.splits[split].num_examples
+  num_examples = tfds_reads.num_examples(builder, split)
   num_bytes = num_examples * math.prod(spec.input_shape) * 4
   if num_bytes > _MAX_ARRAY_BYTES:
     raise ValueError(f'{name}[{split}] would take {num_bytes / 2**30:.1f} GiB '

@@ -5,6 +5,9 @@ Each function takes a prepared `tfds.core.DatasetBuilder` (see
 arrays. Images are read encoded (`SkipDecoding`) and preprocessed by `ops`.
 Reads are deterministic: parallel maps keep their input order.
 
+Under `tfds.testing.mock_data` (`mock_data_active`) the builders make random
+examples of their features, without files; `num_examples` then counts those.
+
 Example:
   ds = tfds_reads.train_epoch(builder, 'train', specs.spec('cifar10'), 128,
                               epoch_seed=1234, skip_batches=0)
@@ -20,6 +23,58 @@ from experiments.data import tf_import
 
 if TYPE_CHECKING:
   import tensorflow as tf  # Annotations only: TF is imported on first use.
+
+
+# The module of `tfds.testing.mock_data`, whose own functions replace
+# `DatasetBuilder`'s methods while it is active.
+_TFDS_MOCKING_MODULE = 'tensorflow_datasets.testing.mocking'
+
+
+def mock_data_active() -> bool:
+  """Whether `tfds.testing.mock_data` is active: builders then make random examples.
+
+  TFDS has no public flag for it; `mock_data` replaces
+  `DatasetBuilder.download_and_prepare` by a no-op of its own module for as long
+  as it lasts (TFDS 4.9 does; an implementation detail), and that is checked.
+  """
+  tfds = tf_import.tensorflow_datasets()
+  patched = tfds.core.DatasetBuilder.download_and_prepare
+  return getattr(patched, '__module__', None) == _TFDS_MOCKING_MODULE
+
+
+def num_examples(builder, split) -> int:
+  """The number of examples `builder` reads from `split` (a name, slice or subsplit).
+
+  Under `tfds.testing.mock_data` the mocked builder's count (its `num_examples`,
+  whatever the split): without metadata files it knows no splits, and with them
+  their sizes are the real data set's, not what it yields.
+  """
+  if not mock_data_active():
+    return builder.info.splits[split].num_examples
+  tfds = tf_import.tensorflow_datasets()
+  ds = as_dataset(builder, split, shuffle_files=False, read_config=tfds.ReadConfig())
+  count = int(ds.cardinality())
+  if count < 0:  # A custom `as_dataset_fn` of unknown length: counted (mocks are small).
+    count = int(ds.reduce(0, lambda n, _: n + 1))
+  return count
+
+
+def as_dataset(builder, split, *, shuffle_files: bool, read_config,
+               decoders=None) -> tf.data.Dataset:
+  """`builder.as_dataset(...)` of `split`, its examples unbatched.
+
+  Under `tfds.testing.mock_data` the mocked reader is called directly: the
+  mocked `as_dataset` around it redirects every file access of the process
+  into a temporary directory while it runs (TFDS's `MockFs`), so that a
+  checkpoint written by another thread at that moment fails. The reader itself
+  needs no files.
+  """
+  kwargs = dict(split=split, shuffle_files=shuffle_files, read_config=read_config,
+                decoders=decoders)
+  if mock_data_active():
+    # The hook mock_data replaces (`FileReaderBuilder._as_dataset`).
+    return builder._as_dataset(**kwargs)  # pylint: disable=protected-access
+  return builder.as_dataset(**kwargs)
 
 
 def deterministic_options() -> tf.data.Options:
@@ -47,10 +102,10 @@ def train_epoch(builder, split: str, spec: specs.Spec, local_batch: int,
     A dataset of {'image', 'label'} batches.
   """
   tf, tfds = tf_import.tensorflow(), tf_import.tensorflow_datasets()
-  num_examples = builder.info.splits[split].num_examples
+  count = num_examples(builder, split)
   preprocess = ops.preprocess_fn(spec, train=True)
-  ds = builder.as_dataset(
-      split=split,
+  ds = as_dataset(
+      builder, split,
       # File order is shuffled too (it matters for multi-file data sets),
       # deterministically thanks to the explicit shuffle_seed. TFDS forbids
       # it for ordered data sets (mnist5k: a single file anyway).
@@ -60,7 +115,7 @@ def train_epoch(builder, split: str, spec: specs.Spec, local_batch: int,
       decoders={'image': tfds.decode.SkipDecoding()})
   # tf.data mixes this op seed with TF's global seed, which should thus be
   # left unset (or set identically) for runs to be reproducible.
-  ds = ds.shuffle(min(num_examples, spec.shuffle_buffer), seed=epoch_seed)
+  ds = ds.shuffle(min(count, spec.shuffle_buffer), seed=epoch_seed)
   # Position in the epoch, counted before skipping so that a resumed run
   # gets the same augmentation seeds as an uninterrupted one.
   ds = ds.enumerate()
@@ -82,8 +137,8 @@ def eval_dataset(builder, split: str, spec: specs.Spec, local_batch: int,
   """
   tf, tfds = tf_import.tensorflow(), tf_import.tensorflow_datasets()
   process_split = tfds.even_splits(split, n=process_count)[process_index]
-  ds = builder.as_dataset(
-      split=process_split, shuffle_files=False,
+  ds = as_dataset(
+      builder, process_split, shuffle_files=False,
       read_config=tfds.ReadConfig(options=deterministic_options()),
       decoders={'image': tfds.decode.SkipDecoding()})
   preprocess = ops.preprocess_fn(spec, train=False)
@@ -101,13 +156,13 @@ def eval_dataset(builder, split: str, spec: specs.Spec, local_batch: int,
 def read_split(builder, spec: specs.Spec, split: str) -> specs.Batch:
   """A whole split through TFDS, preprocessed without augmentation, in file order."""
   tf, tfds = tf_import.tensorflow(), tf_import.tensorflow_datasets()
-  num_examples = builder.info.splits[split].num_examples
-  ds = builder.as_dataset(
-      split=split, shuffle_files=False,
+  count = num_examples(builder, split)
+  ds = as_dataset(
+      builder, split, shuffle_files=False,
       read_config=tfds.ReadConfig(options=deterministic_options()),
       decoders={'image': tfds.decode.SkipDecoding()})
   preprocess = ops.preprocess_fn(spec, train=False)
   ds = ds.map(lambda ex: preprocess(ex, None),
               num_parallel_calls=tf.data.AUTOTUNE)
   # One batch holding the whole split.
-  return next(ds.batch(num_examples).as_numpy_iterator())
+  return next(ds.batch(count).as_numpy_iterator())
