@@ -116,7 +116,8 @@ COMMON = textwrap.dedent(r"""
 """)
 
 # A gemma-like decoder in NNX: nnx.Einsum projections, a gated MLP, RMSNorm and a
-# tied embedding, every param annotated with nnx.with_partitioning.
+# tied embedding, every param annotated with nnx.with_partitioning; stepped as the
+# README's NNX recipe (sparsify_params on the model, scheduled_jit with nnx.jit).
 NNX = textwrap.dedent(r"""
     from flax import nnx
 
@@ -169,8 +170,7 @@ NNX = textwrap.dedent(r"""
           x = layer(x)
         return self.embedder.attend(self.final_norm(x))
 
-    @nnx.jit
-    def step(model, optimizer, x, y):
+    def step_fn(model, optimizer, x, y):
       def loss_fn(model):
         return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
       optimizer.update(model, nnx.grad(loss_fn)(model))
@@ -178,8 +178,11 @@ NNX = textwrap.dedent(r"""
     def train(tx, mesh):
       xs, ys = batches()
       def run():
+        # As the README's NNX recipe: params masked in place, two programs.
         model = Gemma(nnx.Rngs(0))
         optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        sparse_jax.sparsify_params(model, optimizer)
+        step = sparse_jax.scheduled_jit(tx, jit=nnx.jit)(step_fn)
         r, masks = {}, []
         for i in range(STEPS):
           step(model, optimizer, xs[i], ys[i])
