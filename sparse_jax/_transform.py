@@ -179,8 +179,7 @@ def _init(w: _Wrapper, params: PyTree) -> _state.SparseState:
   masks = initial_masks(params, w.start, mask_key, w.events.structure)
   # Built from shapes, the masks are replicated; a select of a replicated mask with
   # a sharded gradient is an error under explicit axes.
-  masks = jax.tree.map(lambda p, m: None if m is None else _lazy.shard_like(m, p),
-                       _masks.unwrap_variables(params), masks)
+  masks = _placed_like(masks, _masks.unwrap_variables(params))
   stored = w.store(masks)
   grad_momentum = None
   regrowth = w.events.regrowth

@@ -15,7 +15,9 @@ environment) reads and writes ``experiments.trainer.compilation_cache``'s direct
 """
 
 import os
+import socket
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 from experiments.trainer import compilation_cache
@@ -29,6 +31,17 @@ _ci = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if _ci else "dev"))
 
 compilation_cache.enable()
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+  """Makes any connection attempt fail loudly instead of hanging (data tests)."""
+
+  def refuse(*args, **kwargs):
+    raise AssertionError(f"Network access attempted: {args}")
+
+  monkeypatch.setattr(socket.socket, "connect", refuse)
+  monkeypatch.setattr(socket.socket, "connect_ex", refuse)
 
 
 def pytest_configure(config):

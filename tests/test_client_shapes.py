@@ -72,8 +72,11 @@ COMMON = textwrap.dedent(r"""
       r[f"apply_masks_{tag}"] = all(
           bool(jnp.array_equal(a, kernels[n]))
           for n, a in sparse_jax.apply_masks(kernels, masks).items())
-      r[f"sharded_{tag}"] = {n: m.sharding.is_equivalent_to(params[n].sharding, m.ndim)
-                             or r["packed"] for n, m in masks.items()}
+      if not PACKED[0]:
+        # Packed masks come out of get_masks placed as unpacking their bits puts
+        # them, not always like the params; apply_masks (above) places them.
+        r[f"sharded_{tag}"] = {n: m.sharding.is_equivalent_to(params[n].sharding, m.ndim)
+                               for n, m in masks.items()}
       r[f"zeros_{tag}"] = all(bool(np.all(np.asarray(params[n])[~np.asarray(m)] == 0))
                               for n, m in masks.items())
       r["names"] = sorted(masks)
@@ -321,7 +324,8 @@ def _check(r):
   # The events did prune: GraNet from 0.5 towards 0.1, RigL stays at 0.1.
   assert r["density"] == r["reference_density"] and r["density"] < 0.5
   for i in range(5):
-    assert r[f"sharded_{i}"] == {n: True for n in r["names"]}, (i, r[f"sharded_{i}"])
+    if not r["packed"]:
+      assert r[f"sharded_{i}"] == {n: True for n in r["names"]}, (i, r[f"sharded_{i}"])
     assert r[f"zeros_{i}"], i
     assert r[f"apply_masks_{i}"], i
 

@@ -8,7 +8,6 @@ import dataclasses
 import importlib.util
 import itertools
 import os
-import socket
 import time
 
 import numpy as np
@@ -32,17 +31,6 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope='session')
 def csv_data():
   return mnist5k.load_csv(mnist5k.mnist5k_csv_path())
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-  """Makes any connection attempt fail loudly instead of hanging."""
-
-  def refuse(*args, **kwargs):
-    raise AssertionError(f'Network access attempted: {args}')
-
-  monkeypatch.setattr(socket.socket, 'connect', refuse)
-  monkeypatch.setattr(socket.socket, 'connect_ex', refuse)
 
 
 def _raw_split(data_dir, split):

@@ -5,7 +5,6 @@ examples of their features, without files. No test here touches the network or
 writes in the data directory; outside `mock_data` an unprepared set is refused.
 """
 
-import socket
 
 import numpy as np
 import pytest
@@ -18,17 +17,6 @@ from experiments.data import tfds_reads
 from experiments.trainer import train
 
 NUM_EXAMPLES = 64
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-  """Makes any connection attempt fail loudly instead of hanging."""
-
-  def refuse(*args, **kwargs):
-    raise AssertionError(f'Network access attempted: {args}')
-
-  monkeypatch.setattr(socket.socket, 'connect', refuse)
-  monkeypatch.setattr(socket.socket, 'connect_ex', refuse)
 
 
 @pytest.fixture

@@ -144,27 +144,27 @@ def prepared_arrays(name: str, data_dir: Optional[str]) -> np.lib.npyio.NpzFile:
 
   Written on first use from TFDS (building the data set if needed).
   """
-  path = arrays_path(name, data_dir)
+  path, spec = arrays_path(name, data_dir), specs.spec(name)
   if not path.exists():
-    if not specs.spec(name).arrays_only and tfds_reads.mock_data_active():
+    if not spec.arrays_only and tfds_reads.mock_data_active():
       # Its TFDS build would be a mocked one, kept here as the real arrays.
       raise RuntimeError(
           f'{name} is not prepared in {path.parent} and tfds.testing.mock_data is '
           f'active: prepare it outside mock_data first (prepare_dataset({name!r})).')
     # The longest silent phase of a first run (TensorFlow's import, the TFDS
     # build, one read of each split): said before, timed after.
-    how = ('numpy windows of the Python documentation' if specs.spec(name).arrays_only
+    how = ('numpy windows of the Python documentation' if spec.arrays_only
            else 'a TFDS build through TensorFlow, ~10 s')
     log.info('Preparing the %s data set in %s (once: %s)...', name,
              data_dir if data_dir is not None else default_data_dir(name), how)
     t = time.time()
-    if specs.spec(name).arrays_only:
+    if spec.arrays_only:
       arrays = bytes_pydoc.build_arrays()
     else:
       builder = prepare_dataset(name, data_dir)
       arrays = {'num_classes': np.asarray(builder.info.features['label'].num_classes)}
       for split in builder.info.splits:
-        for key, value in tfds_reads.read_split(builder, specs.spec(name), split).items():
+        for key, value in tfds_reads.read_split(builder, spec, split).items():
           arrays[f'{split}/{key}'] = value
     path.parent.mkdir(parents=True, exist_ok=True)
     # A name of this process's own: processes preparing at once (test workers, the
