@@ -13,6 +13,9 @@ from sparse_jax._distributions import layer_counts
 from sparse_jax._distributions import layer_densities_for
 from sparse_jax._distributions import proportional_counts
 from sparse_jax._distributions import random_masks
+from sparse_jax._layers import LAYER_AXIS_NAMES
+from sparse_jax._layers import detect as layer_axes_of
+from sparse_jax._layers import layer_densities
 from sparse_jax._gradient_flow import effective_gradient_flow
 from sparse_jax._gradient_flow import gradient_flow_measures
 from sparse_jax._gradient_flow import gradient_hessian_gradient
@@ -33,7 +36,6 @@ from sparse_jax._masks import check_mask_tree
 from sparse_jax._masks import count_active
 from sparse_jax._masks import count_prunable
 from sparse_jax._masks import density
-from sparse_jax._masks import layer_densities
 from sparse_jax._masks import leaf_names
 from sparse_jax._masks import leaf_role
 from sparse_jax._masks import ROLES
@@ -150,6 +152,8 @@ __all__ = [
     "count_prunable",
     "density",
     "layer_densities",
+    "layer_axes_of",
+    "LAYER_AXIS_NAMES",
     "leaf_names",
     "leaf_role",
     "ROLES",

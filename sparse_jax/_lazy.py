@@ -11,6 +11,7 @@ are strided slices of a sharded axis.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -121,11 +122,46 @@ def flat_index(shape: Sequence[int]) -> jax.Array:
   return _index(shape, shape)
 
 
+@dataclasses.dataclass(frozen=True)
+class Slice:
+  """Layer ``at`` of a stacked ``array`` (``array[at]``), sliced only where it is read.
+
+  A ``Lazy`` source: the chunk loops and selections slice it inside their fused
+  kernels, so a stacked leaf (scan over layers) is never copied layer by layer.
+  A pytree whose only leaf is ``array`` (``at`` is static), so it goes through
+  barriers and loops as the stacked array itself.
+  """
+  array: jax.Array
+  at: tuple[int, ...]
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.array.shape[len(self.at):])
+
+  def read(self) -> jax.Array:
+    """The slice itself (fused into its consumer when that is elementwise)."""
+    return _index_leading(self.array, self.at)
+
+
+jax.tree_util.register_dataclass(Slice, data_fields=["array"], meta_fields=["at"])
+
+
+def _index_leading(x: jax.Array, at: Sequence[int]) -> jax.Array:
+  for i in at:
+    x = lax.index_in_dim(x, i, 0, keepdims=False)
+  return x
+
+
+def _read(source) -> jax.Array:
+  return source.read() if isinstance(source, Slice) else source
+
+
 class Lazy(NamedTuple):
   """An array computed where it is needed, from arrays that exist anyway.
 
   ``fn(index, *sources)`` must be elementwise: it returns the values of any slice
-  of the ``sources`` (arrays of one shape), given the slice's flat row-major
+  of the ``sources`` (arrays, or ``Slice``s of stacked arrays, of one shape), given
+  the slice's flat row-major
   ``index`` in the full array. Keys and masks of the mask update are ``Lazy``:
   the selector histograms large leaves chunk by chunk and calls ``fn`` per
   chunk, and the final masks are computed in one elementwise pass, so no keys,
@@ -149,14 +185,14 @@ class Lazy(NamedTuple):
 
   def compute(self) -> jax.Array:
     """The whole array (fused into its consumer when that is elementwise)."""
-    return self.fn(flat_index(self.shape), *self.sources)
+    return self.fn(flat_index(self.shape), *[_read(x) for x in self.sources])
 
 
 def lazy(x) -> Lazy:
   """``x`` itself if it is ``Lazy``, else a ``Lazy`` that reads the array ``x``."""
   if isinstance(x, Lazy):
     return x
-  return Lazy(lambda index, x: x, (jnp.asarray(x),))
+  return Lazy(lambda index, x: x, (x if isinstance(x, Slice) else jnp.asarray(x),))
 
 
 def lazy_map(f, *inputs) -> Lazy:
@@ -241,21 +277,30 @@ def _tree_add(a, b):
   return jax.tree.map(jnp.add, a, b)
 
 
-def _chunks(sources: Sequence[jax.Array]):
+def _chunks(sources: Sequence):
   """``(c, chunk)``: the number of chunks of ``sources`` (``chunk_plan``) and a
-  function of the chunk number returning its flat indices and slices."""
-  sources = [jnp.asarray(x) for x in sources]
+  function of the chunk number returning its flat indices and slices.
+
+  ``sources``: arrays, or ``Slice``s of stacked arrays, of one shape.
+  """
+  sources = [x if isinstance(x, Slice) else jnp.asarray(x) for x in sources]
   shape = tuple(sources[0].shape)
   plan = chunk_plan(shape)
   if plan is None:
-    return 1, lambda i: (flat_index(shape), *sources)
+    return 1, lambda i: (flat_index(shape), *[_read(x) for x in sources])
   axis, c = plan
   split = shape[:axis] + (shape[axis] // c, c) + shape[axis + 1:]
   chunk_shape = shape[:axis] + (shape[axis] // c,) + shape[axis + 1:]
-  views = [x.reshape(split) for x in sources]
+  # A Slice is chunked in its stacked array (the chunk axis shifted by its layer
+  # axes), then indexed: both slices fuse into the chunk's consumer.
+  ats = [x.at if isinstance(x, Slice) else () for x in sources]
+  views = [x.array.reshape(x.array.shape[:len(x.at)] + split) if isinstance(x, Slice)
+           else x.reshape(split) for x in sources]
 
   def chunk(i):
-    parts = [lax.dynamic_index_in_dim(v, i, axis + 1, keepdims=False) for v in views]
+    parts = [_index_leading(lax.dynamic_index_in_dim(v, i, len(at) + axis + 1,
+                                                     keepdims=False), at)
+             for v, at in zip(views, ats)]
     return (_index(chunk_shape, shape, axis, c, i), *parts)
 
   return c, chunk

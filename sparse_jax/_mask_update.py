@@ -20,6 +20,7 @@ import numpy as np
 from jax import lax
 
 from sparse_jax import _distributions
+from sparse_jax import _layers
 from sparse_jax import _lazy
 from sparse_jax import _prune
 from sparse_jax import _regrow
@@ -61,6 +62,8 @@ class MaskUpdateConfig(NamedTuple):
   pruning: Pruning | None
   regrowth: Regrowth | None
   structure: Any  # NM, Block, Channels or None (unstructured)
+  # Which leaves are stacked layers (their metadata's axes added at tx.init).
+  layer_axes: _layers.LayerAxes = _layers.LayerAxes()
 
 
 def is_event(config: MaskUpdateConfig, t) -> jax.Array:
@@ -114,10 +117,15 @@ def update_masks(config: MaskUpdateConfig, params: PyTree, updates: PyTree, grad
   # arithmetic into an FMA in one and not another), so it is stored once behind a
   # barrier.
   ws = _prune.same_bits([w + u for w, u in zip(ws, us)])
+  # Every stage below works on layers: a stacked leaf's layers are lazy slices of
+  # it (docs/algorithms.md §2), joined again at the end.
+  layers = _layers.split_of(config.layer_axes, params, masks)
   # Blocks and channels: every stage below ranks units (their RMS) on unit arrays;
   # N:M: the prune and the growth work within groups (_structured_masks).
   # Unstructured: the identity.
-  st = _structure.leaf_structure(config.structure, params, masks)
+  st = _structure.layer_structure(config.structure, layers.layer_names(),
+                                  layers.layer_shapes())
+  ws, ms = layers.split(ws, arrays=st.structure is not None), layers.split(ms)
   ws, ms = _structured_masks.unit_scores(st, ws), _structured_masks.unit_masks(st, ms)
   # The pruned and the dropped masks are materialised (bool): left lazy, every
   # later pass and mask re-emitted their selections' chains, and the event
@@ -130,11 +138,12 @@ def update_masks(config: MaskUpdateConfig, params: PyTree, updates: PyTree, grad
   if config.regrowth is not None:
     # What growth ranks: the dense gradient or its momentum (random growth: neither).
     ranked = grads if config.regrowth.mode == "gradient" else grad_momentum
-    m_new = _regrowth_stage(config.regrowth, st, ws, m_pruned, t, rng, ranked, masks)
+    m_new = _regrowth_stage(config.regrowth, st, ws, m_pruned, t, rng, ranked, masks,
+                            layers)
   keep = [_lazy.lazy_map(lambda index, a, b: a & b, a, b) for a, b in zip(m_new, m_pruned)]
   new_masks = _structured_masks.from_units(st, [_lazy.lazy(m).compute() for m in m_new])
-  return rebuild(new_masks), rebuild(_structured_masks.from_units(
-      st, [m.compute() for m in keep]))
+  return rebuild(layers.join(new_masks)), rebuild(layers.join(_structured_masks.from_units(
+      st, [m.compute() for m in keep])))
 
 
 def layerwise_count_table(counts, ms) -> np.ndarray:
@@ -181,7 +190,7 @@ def _prune_stage(config: MaskUpdateConfig, st, ws, ms, t) -> list:
   return [m.compute() for m in _prune.apply_layerwise_plan(ws, ms, sel)]
 
 
-def _growth_scores(regrowth: Regrowth, st, ranked, masks):
+def _growth_scores(regrowth: Regrowth, st, ranked, masks, layers: _layers.Split):
   """The growth scores of the prunable leaves of ``ranked`` (units' RMS for blocks
   and channels), or None for random growth."""
   if regrowth.mode == "random":
@@ -192,14 +201,14 @@ def _growth_scores(regrowth: Regrowth, st, ranked, masks):
   # the bfloat16 momentum (or gradients computed in the same program) was kept in
   # float32 in one fusion and rounded in the other (XLA's excess precision), and a
   # grown position was lost (6 -> 5 active).
-  scores = _prune.same_bits(scores)
+  scores = layers.split(_prune.same_bits(scores), arrays=st.structure is not None)
   return _structured_masks.unit_scores(st, scores)
 
 
-def _growth(regrowth: Regrowth, st, rng, m_pruned, ranked, masks):
+def _growth(regrowth: Regrowth, st, rng, m_pruned, ranked, masks, layers):
   """``(plan, apply, nothing)`` of the growth stage (see ``group_growth``)."""
   num_layers = len(m_pruned)
-  scores = _growth_scores(regrowth, st, ranked, masks)
+  scores = _growth_scores(regrowth, st, ranked, masks, layers)
   if regrowth.mode == "random":
     grow_plan = functools.partial(_regrow.random_grow_plan, rng)
     apply_grow = _regrow.apply_random_grow
@@ -214,7 +223,8 @@ def _growth(regrowth: Regrowth, st, rng, m_pruned, ranked, masks):
   return grow_plan, apply_grow, no_growth
 
 
-def _regrowth_stage(regrowth: Regrowth, st, ws, m_pruned, t, rng, ranked, masks) -> list:
+def _regrowth_stage(regrowth: Regrowth, st, ws, m_pruned, t, rng, ranked, masks,
+                    layers: _layers.Split) -> list:
   """The masks after the event's drop and regrowth (``m_pruned`` if none is due).
 
   ``ranked``: the tree growth ranks by (``masks`` picks its prunable leaves).
@@ -228,7 +238,8 @@ def _regrowth_stage(regrowth: Regrowth, st, ws, m_pruned, t, rng, ranked, masks)
         min_rate=regrowth.min_rate)
   else:
     rate = _schedules.constant_rate(t, initial_rate=regrowth.rate)
-  grow_plan, apply_grow, no_growth = _growth(regrowth, st, rng, m_pruned, ranked, masks)
+  grow_plan, apply_grow, no_growth = _growth(regrowth, st, rng, m_pruned, ranked, masks,
+                                             layers)
 
   def plans():
     active = jnp.stack([_lazy.count_true(m) for m in m_pruned])

@@ -22,6 +22,7 @@ from typing import Any
 import optax
 
 from sparse_jax import _arguments
+from sparse_jax import _layers
 from sparse_jax import _mask_update
 from sparse_jax import _schedules
 from sparse_jax import _structure
@@ -40,8 +41,8 @@ def granet(inner: optax.GradientTransformation, *, sparsity: float | None = None
            include=None, exclude=None, keep_first_dense: bool = False,
            keep_last_dense: bool = False,
            embeddings: bool = False, track_union: bool = False,
-           packed_masks: bool = False, structure=None
-           ) -> optax.GradientTransformationExtraArgs:
+           packed_masks: bool = False, structure=None,
+           layer_axes=None) -> optax.GradientTransformationExtraArgs:
   """GraNet: gradual magnitude pruning with zero-cost neuroregeneration.
 
   Prunes globally by magnitude on Zhu & Gupta's cubic schedule from
@@ -101,6 +102,14 @@ def granet(inner: optax.GradientTransformation, *, sparsity: float | None = None
       and regrows inside each group, so every group keeps its count. ``Block`` and
       ``Channels``: counts, sparsities and the global ranking are in units (blocks,
       output units), ranked by their RMS.
+    layer_axes: which prunable leaves hold stacked layers (scan over layers): a
+      mapping from leaf-name regex to its number of leading layer axes, e.g.
+      ``{"blocks/.*": 1}`` for ``nn.scan``/``nnx.scan`` over ``blocks``, or one
+      regex (1 axis). Each slice along those axes is then a layer for every
+      per-layer rule (densities, counts, the global ranking's one weight kept per
+      layer, structure). Leaves whose partitioning metadata names a leading axis
+      ``"layers"`` (``sparse_jax.LAYER_AXIS_NAMES``) are found at ``tx.init``
+      without it; ``sparse_jax.layer_axes_of(params)`` shows what was found.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a ``SparseState``.
@@ -121,7 +130,8 @@ def granet(inner: optax.GradientTransformation, *, sparsity: float | None = None
                           end_step=end_step, pruning=True, total_steps=total_steps)
   start = _transform.Start(s_i, distribution, sampling, seed, initial_masks,
                            _arguments.selector(include, exclude, keep_first_dense,
-                                               keep_last_dense, embeddings))
+                                               keep_last_dense, embeddings),
+                           _layers.check_layer_axes(layer_axes))
   pruning = _mask_update.Pruning(s_i, s_f, start_step, end_step, update_every, scope)
   regrowth = _mask_update.Regrowth(growth, rate, "cosine", min_rate, total_steps,
                                    start_step, total_steps - 1, update_every)
@@ -136,8 +146,8 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float | None = None,
         keep_first_dense: bool = False, keep_last_dense: bool = False,
         embeddings: bool = False,
         initial_masks: PyTree | None = None, track_union: bool = False,
-        packed_masks: bool = False, structure=None
-        ) -> optax.GradientTransformationExtraArgs:
+        packed_masks: bool = False, structure=None,
+        layer_axes=None) -> optax.GradientTransformationExtraArgs:
   """Gradual magnitude pruning (Zhu & Gupta) from dense, no regrowth.
 
   The same cubic schedule and global (or layer-wise) magnitude prune as
@@ -157,6 +167,7 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float | None = None,
     packed_masks: store the masks (and the union) 1 bit per weight, as
       ``PackedMask`` leaves, instead of a bool byte (see ``granet``).
     structure: N:M, blocks or channels, as in ``granet`` (default unstructured).
+    layer_axes: which prunable leaves hold stacked layers, as in ``granet``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a ``SparseState``.
@@ -175,7 +186,8 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float | None = None,
                           end_step=end_step, pruning=True)
   start = _transform.Start(0.0, "erk", "exact", 0, initial_masks,
                            _arguments.selector(include, exclude, keep_first_dense,
-                                               keep_last_dense, embeddings))
+                                               keep_last_dense, embeddings),
+                           _layers.check_layer_axes(layer_axes))
   pruning = _mask_update.Pruning(s_i, s_f, start_step, end_step, update_every, scope)
   return _transform.sparse_wrapper(inner, start, pruning, None, track_union, packed_masks,
                                    structure)
@@ -183,7 +195,8 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float | None = None,
 
 def _dst(inner, *, sparsity, total_steps, update_every, start_step, end_step, end_note,
          distribution, rate, rate_schedule, growth, seed, sampling, initial_masks,
-         selector, track_union=False, packed_masks=False, structure=None):
+         selector, track_union=False, packed_masks=False, structure=None,
+         layer_axes=None):
   structure, sparsity = _structure.check_arguments(structure, sparsity,
                                                    distribution=distribution,
                                                    sampling=sampling)
@@ -198,7 +211,8 @@ def _dst(inner, *, sparsity, total_steps, update_every, start_step, end_step, en
   _schedules.check_events(update_every=update_every, start_step=start_step,
                           end_step=end_step, pruning=False, total_steps=total_steps,
                           note="" if end_note is None else f" {end_note}")
-  start = _transform.Start(s, distribution, sampling, seed, initial_masks, selector)
+  start = _transform.Start(s, distribution, sampling, seed, initial_masks, selector,
+                           _layers.check_layer_axes(layer_axes))
   regrowth = _mask_update.Regrowth(growth, rate, rate_schedule, 0.0, max(end_step, 1),
                                    start_step, end_step, update_every)
   return _transform.sparse_wrapper(inner, start, None, regrowth, track_union, packed_masks,
@@ -213,8 +227,8 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: float | None = None,
          initial_masks: PyTree | None = None, include=None, exclude=None,
          keep_first_dense: bool = False, keep_last_dense: bool = False,
          embeddings: bool = False,
-         track_union: bool = False, packed_masks: bool = False, structure=None
-         ) -> optax.GradientTransformationExtraArgs:
+         track_union: bool = False, packed_masks: bool = False, structure=None,
+         layer_axes=None) -> optax.GradientTransformationExtraArgs:
   """RigL: sparse from the start; per layer drop the smallest, grow by |gradient|.
 
   Defaults follow the RigL paper: ERK start at ``sparsity``, ΔT = 100, drop
@@ -245,6 +259,7 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: float | None = None,
       ``NM(n, m)``: a random N:M start (``sparsity`` may be omitted); each event
       drops the layer's smallest weights and regrows, inside every group, as many
       as it lost (SRigL's constant fan-in), so every group keeps exactly ``n``.
+    layer_axes: which prunable leaves hold stacked layers, as in ``granet``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a ``SparseState``.
@@ -261,7 +276,8 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: float | None = None,
               initial_masks=initial_masks,
               selector=_arguments.selector(include, exclude, keep_first_dense,
                                            keep_last_dense, embeddings),
-              track_union=track_union, packed_masks=packed_masks, structure=structure)
+              track_union=track_union, packed_masks=packed_masks, structure=structure,
+              layer_axes=layer_axes)
 
 
 def sparse_evolutionary_training(
@@ -271,8 +287,8 @@ def sparse_evolutionary_training(
     regrowth_schedule: str = "constant", seed: int = 0, sampling: str = "exact",
     initial_masks: PyTree | None = None, include=None, exclude=None,
     keep_first_dense: bool = False, keep_last_dense: bool = False, embeddings: bool = False,
-    track_union: bool = False, packed_masks: bool = False, structure=None
-    ) -> optax.GradientTransformationExtraArgs:
+    track_union: bool = False, packed_masks: bool = False, structure=None,
+    layer_axes=None) -> optax.GradientTransformationExtraArgs:
   """SET: sparse from the start; per layer drop the smallest, grow at random.
 
   Exported as ``sparse_jax.set``. Defaults follow the SET paper: a constant
@@ -296,6 +312,7 @@ def sparse_evolutionary_training(
       ``PackedMask`` leaves, instead of a bool byte (see ``granet``).
     structure: N:M, blocks or channels, as in ``rigl`` (growth at random inside
       each group for N:M, among inactive units for blocks and channels).
+    layer_axes: which prunable leaves hold stacked layers, as in ``granet``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a ``SparseState``.
@@ -315,7 +332,8 @@ def sparse_evolutionary_training(
               sampling=sampling, initial_masks=initial_masks,
               selector=_arguments.selector(include, exclude, keep_first_dense,
                                            keep_last_dense, embeddings),
-              track_union=track_union, packed_masks=packed_masks, structure=structure)
+              track_union=track_union, packed_masks=packed_masks, structure=structure,
+              layer_axes=layer_axes)
 
 
 def static(inner: optax.GradientTransformation, *, sparsity: float | None = None,
@@ -323,8 +341,8 @@ def static(inner: optax.GradientTransformation, *, sparsity: float | None = None
            sampling: str = "exact", initial_masks: PyTree | None = None, include=None,
            exclude=None, keep_first_dense: bool = False, keep_last_dense: bool = False,
            embeddings: bool = False,
-           track_union: bool = False, packed_masks: bool = False, structure=None
-           ) -> optax.GradientTransformationExtraArgs:
+           track_union: bool = False, packed_masks: bool = False, structure=None,
+           layer_axes=None) -> optax.GradientTransformationExtraArgs:
   """Static sparse training: a fixed mask (random, or ``initial_masks`` e.g. SNIP).
 
   Example:
@@ -343,6 +361,7 @@ def static(inner: optax.GradientTransformation, *, sparsity: float | None = None
       ``PackedMask`` leaves, instead of a bool byte (see ``granet``).
     structure: a random N:M, block or channel mask (see ``granet``); given
       ``initial_masks`` must then fit it.
+    layer_axes: which prunable leaves hold stacked layers, as in ``granet``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a ``SparseState``.
@@ -356,7 +375,8 @@ def static(inner: optax.GradientTransformation, *, sparsity: float | None = None
   _arguments.check_initial_masks(initial_masks, start=s, structure=structure)
   start = _transform.Start(s, distribution, sampling, seed, initial_masks,
                            _arguments.selector(include, exclude, keep_first_dense,
-                                               keep_last_dense, embeddings))
+                                               keep_last_dense, embeddings),
+                           _layers.check_layer_axes(layer_axes))
   return _transform.sparse_wrapper(inner, start, None, None, track_union, packed_masks,
                                    structure)
 
@@ -367,8 +387,8 @@ def one_shot(inner: optax.GradientTransformation, *, sparsity: float | None = No
              keep_first_dense: bool = False, keep_last_dense: bool = False,
              embeddings: bool = False,
              initial_masks: PyTree | None = None, track_union: bool = False,
-             packed_masks: bool = False, structure=None
-             ) -> optax.GradientTransformationExtraArgs:
+             packed_masks: bool = False, structure=None,
+             layer_axes=None) -> optax.GradientTransformationExtraArgs:
   """Trains dense, prunes once by magnitude after update ``prune_step``, then fine-tunes.
 
   After the event the mask never changes (the pruned weights stay exactly 0 with
@@ -392,6 +412,7 @@ def one_shot(inner: optax.GradientTransformation, *, sparsity: float | None = No
     track_union: keep the union of all masks so far in ``SparseState.union``.
     packed_masks: store the masks 1 bit per weight (see ``granet``).
     structure: prune to N:M groups, blocks or channels (see ``granet``).
+    layer_axes: which prunable leaves hold stacked layers, as in ``granet``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a ``SparseState``.
@@ -407,7 +428,8 @@ def one_shot(inner: optax.GradientTransformation, *, sparsity: float | None = No
   _arguments.check_initial_masks(initial_masks, final=s, structure=structure)
   start = _transform.Start(0.0, "erk", "exact", 0, initial_masks,
                            _arguments.selector(include, exclude, keep_first_dense,
-                                               keep_last_dense, embeddings))
+                                               keep_last_dense, embeddings),
+                           _layers.check_layer_axes(layer_axes))
   # One event, at t = prune_step (k = 1 = kf), where the cubic schedule is already
   # at its final sparsity: the gradual prune of gmp with update_every = end_step.
   pruning = _mask_update.Pruning(0.0, s, 0, prune_step, prune_step, scope)

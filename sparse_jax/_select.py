@@ -138,8 +138,13 @@ def _in_every_pass(leaves, p, numbers):
   per weight). Sources and numbers (``leaf_numbers``; a zero offsets the
   indices) that come out of a barrier with ``p`` are not invariant.
   """
-  sources, zero, numbers, _ = lax.optimization_barrier(
-      ([lk.sources for lk in leaves], jnp.uint32(0), numbers, p))
+  flat, tree = jax.tree.flatten([lk.sources for lk in leaves])
+  # Each array once: the layers of a stacked leaf (``_lazy.Slice``) share theirs.
+  unique = {id(x): x for x in flat}
+  barred, zero, numbers, _ = lax.optimization_barrier(
+      (list(unique.values()), jnp.uint32(0), numbers, p))
+  after = dict(zip(unique, barred))
+  sources = jax.tree.unflatten(tree, [after[id(x)] for x in flat])
   return [_lazy.Lazy(lambda index, *s, fn=lk.fn: fn(index + zero, *s), tuple(src))
           for lk, src in zip(leaves, sources)], zero, numbers
 

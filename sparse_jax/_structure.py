@@ -185,8 +185,17 @@ def leaf_structure(structure, tree: PyTree, masks: PyTree) -> LeafStructure:
     return LeafStructure(None, ())
   flat, treedef = jax.tree_util.tree_flatten_with_path(_masks.unwrap_variables(tree))
   flags = treedef.flatten_up_to(_masks.unwrap_variables(masks))
-  views = tuple(kernel_view(_masks.path_to_name(p), np.shape(x))
-                for (p, x), f in zip(flat, flags) if _is_masked(f))
+  chosen = [(_masks.path_to_name(p), np.shape(x))
+            for (p, x), f in zip(flat, flags) if _is_masked(f)]
+  return layer_structure(structure, [n for n, _ in chosen], [s for _, s in chosen])
+
+
+def layer_structure(structure, names, shapes) -> LeafStructure:
+  """The ``LeafStructure`` of layers given by name and shape, each checked
+  (``check_layer``); the layers of stacked leaves are named ``name[i]``."""
+  if structure is None:
+    return LeafStructure(None, ())
+  views = tuple(kernel_view(n, s) for n, s in zip(names, shapes))
   for v in views:
     check_layer(structure, v)
   return LeafStructure(structure, views)

@@ -171,33 +171,39 @@ def group_growth(st: _structure.LeafStructure, mode: str, rng, scores, before: l
 
 def random_masks(structure, key, params: PyTree, prunable: PyTree, sparsity: float,
                  distribution, sampling: str) -> PyTree:
-  """Random structured start masks at ``sparsity`` (a tree like ``params``).
+  """Random structured start masks at ``sparsity`` (a tree like ``params``;
+  ``random_layer_masks`` of its prunable leaves)."""
+  params = _masks.unwrap_variables(params)
+  st = _structure.leaf_structure(structure, params, prunable)
+  leaves, treedef = jax.tree.flatten(params)
+  flags = treedef.flatten_up_to(prunable)
+  it = iter(random_layer_masks(st, key, sparsity, distribution, sampling))
+  return jax.tree.unflatten(treedef, [next(it) if f else None for f in flags])
+
+
+def random_layer_masks(st: _structure.LeafStructure, key, sparsity: float, distribution,
+                       sampling: str) -> list:
+  """Random structured start masks at ``sparsity``, one per layer of ``st``.
 
   N:M: ``group_count(sparsity, m)`` random weights in every group. Blocks and
   channels: ``_distributions.random_masks`` on the unit arrays, with the layer
   densities of ``distribution`` (read from the kernels' shapes) turned into exact
   unit counts that add up to ``active_count(sparsity, total units)``.
   """
-  params = _masks.unwrap_variables(params)
-  st = _structure.leaf_structure(structure, params, prunable)
-  leaves, treedef = jax.tree.flatten(params)
-  flags = treedef.flatten_up_to(prunable)
+  structure = st.structure
   if st.grouped:
     c = _structure.group_count(sparsity, structure.m)
     keys = jax.random.split(key, len(st.views))
-    chosen = [select_in_groups(structure.m, v,
-                               (jax.random.bits(k, v.shape, jnp.uint32) >> 1) + 1, c)
-              for k, v in zip(keys, st.views)]
-  else:
-    layers = [_masks.LayerInfo(v.name, v.shape, math.prod(v.shape)) for v in st.views]
-    densities = _distributions.layer_densities_for(layers, sparsity, distribution)
-    shapes = [_structure.unit_shape(structure, v) for v in st.views]
-    unit_layers = [_masks.LayerInfo(v.name, s, math.prod(s)) for v, s in zip(st.views, shapes)]
-    total = None if isinstance(distribution, Mapping) else _distributions.active_count(
-        sparsity, sum(l.size for l in unit_layers))
-    counts = _distributions.layer_counts(unit_layers, densities, total)
-    units = _distributions.random_masks(key, [np.zeros(s, bool) for s in shapes],
-                                        [True] * len(shapes), counts, sampling=sampling)
-    chosen = from_units(st, units)
-  it = iter(chosen)
-  return jax.tree.unflatten(treedef, [next(it) if f else None for f in flags])
+    return [select_in_groups(structure.m, v,
+                             (jax.random.bits(k, v.shape, jnp.uint32) >> 1) + 1, c)
+            for k, v in zip(keys, st.views)]
+  layers = [_masks.LayerInfo(v.name, v.shape, math.prod(v.shape)) for v in st.views]
+  densities = _distributions.layer_densities_for(layers, sparsity, distribution)
+  shapes = [_structure.unit_shape(structure, v) for v in st.views]
+  unit_layers = [_masks.LayerInfo(v.name, s, math.prod(s)) for v, s in zip(st.views, shapes)]
+  total = None if isinstance(distribution, Mapping) else _distributions.active_count(
+      sparsity, sum(l.size for l in unit_layers))
+  counts = _distributions.layer_counts(unit_layers, densities, total)
+  units = _distributions.random_masks(key, [np.zeros(s, bool) for s in shapes],
+                                      [True] * len(shapes), counts, sampling=sampling)
+  return from_units(st, units)

@@ -68,6 +68,7 @@ import optax
 from jax import lax
 
 from sparse_jax import _distributions
+from sparse_jax import _layers
 from sparse_jax import _lazy
 from sparse_jax import _mask_update
 from sparse_jax import _masks
@@ -92,6 +93,7 @@ class Start:
   seed: int
   initial_masks: Any
   selector: Mapping[str, Any]  # the keyword arguments of select_prunable
+  layer_axes: _layers.LayerAxes = _layers.LayerAxes()  # which leaves are stacked layers
 
 
 class _Wrapper(NamedTuple):
@@ -104,34 +106,54 @@ class _Wrapper(NamedTuple):
   # on masks already stored that way, so a state given the other kind (bool masks
   # put in with ``_replace``) is converted at the next update instead of failing.
   store: Callable[[PyTree], PyTree]
+  # The layer axes read from the params' metadata at the last tx.init (leaf name
+  # -> axes): updates get plain arrays, without metadata.
+  detected: dict
 
 
-def initial_masks(params: PyTree, start: Start, key: jax.Array, structure=None) -> PyTree:
-  """The bool start masks of ``params`` (None on dense leaves) that ``start`` describes."""
+def initial_masks(params: PyTree, start: Start, key: jax.Array, structure=None,
+                  detected: Mapping[str, int] | None = None) -> PyTree:
+  """The bool start masks of ``params`` (None on dense leaves) that ``start`` describes.
+
+  ``detected``: the leaves' layer axes read from their metadata (``_layers.detect``).
+  """
+  layer_axes = start.layer_axes.with_detected(detected)
   params = _masks.unwrap_variables(params)
   if start.initial_masks is not None:
     given = _masks.unwrap_variables(start.initial_masks)
     _masks.check_mask_tree(params, given)
     given = _masks.unpack_masks(given)
-    _structure.leaf_structure(structure, params, given)  # every layer fits it
+    _layer_structure(structure, _layers.split_of(layer_axes, params, given))  # all fit it
     # Bool already (checked by the factory); asarray puts NumPy masks on the device.
     return jax.tree.map(lambda p, m: None if m is None else jnp.asarray(m).astype(bool),
                         params, given)
   prunable = _masks.select_prunable(params, **start.selector)
-  _structure.leaf_structure(structure, params, prunable)  # every layer fits it
+  layers = _layers.split_of(layer_axes, params, prunable)
+  st = _layer_structure(structure, layers)  # every layer fits it
   if start.sparsity == 0.0:
     return jax.tree.map(lambda p, f: jnp.ones(np.shape(p), bool) if f else None,
                         params, prunable)
   if structure is not None:
-    return _structured_masks.random_masks(structure, key, params, prunable, start.sparsity,
-                                          start.distribution, start.sampling)
-  layers = _masks.prunable_layers(params, prunable)
-  densities = _distributions.layer_densities_for(layers, start.sparsity, start.distribution)
-  total = _distributions.active_count(start.sparsity, sum(l.size for l in layers))
-  if isinstance(start.distribution, Mapping):
-    total = None
-  counts = _distributions.layer_counts(layers, densities, total)
-  return _distributions.random_masks(key, params, prunable, counts, sampling=start.sampling)
+    chosen = _structured_masks.random_layer_masks(st, key, start.sparsity,
+                                                  start.distribution, start.sampling)
+  else:
+    infos = layers.layers()
+    densities = _distributions.layer_densities_for(infos, start.sparsity, start.distribution)
+    total = _distributions.active_count(start.sparsity, sum(l.size for l in infos))
+    if isinstance(start.distribution, Mapping):
+      total = None
+    counts = _distributions.layer_counts(infos, densities, total)
+    shapes = [jax.ShapeDtypeStruct(l.shape, bool) for l in infos]
+    chosen = _distributions.random_masks(key, shapes, [True] * len(shapes), counts,
+                                         sampling=start.sampling)
+  leaves, treedef = jax.tree.flatten(params)
+  it = iter(layers.join(chosen))
+  return jax.tree.unflatten(treedef, [next(it) if f else None
+                                      for f in treedef.flatten_up_to(prunable)])
+
+
+def _layer_structure(structure, layers: _layers.Split):
+  return _structure.layer_structure(structure, layers.layer_names(), layers.layer_shapes())
 
 
 def sparse_wrapper(inner: optax.GradientTransformation, start: Start,
@@ -155,7 +177,7 @@ def sparse_wrapper(inner: optax.GradientTransformation, start: Start,
   """
   w = _Wrapper(optax.with_extra_args_support(inner), start,
                _mask_update.MaskUpdateConfig(pruning, regrowth, structure), track_union,
-               _masks.pack_masks if packed_masks else _masks.unpack_masks)
+               _masks.pack_masks if packed_masks else _masks.unpack_masks, {})
 
   def init_fn(params):
     return _init(w, params)
@@ -176,7 +198,9 @@ def _is_dynamic(w: _Wrapper) -> bool:
 def _init(w: _Wrapper, params: PyTree) -> _state.SparseState:
   key = jax.random.PRNGKey(w.start.seed)
   mask_key, state_key = jax.random.split(key)
-  masks = initial_masks(params, w.start, mask_key, w.events.structure)
+  w.detected.clear()
+  w.detected.update(_layers.detect(params))
+  masks = initial_masks(params, w.start, mask_key, w.events.structure, w.detected)
   # Built from shapes, the masks are replicated; a select of a replicated mask with
   # a sharded gradient is an error under explicit axes.
   masks = _placed_like(masks, _masks.unwrap_variables(params))
@@ -256,7 +280,8 @@ def _update(w: _Wrapper, updates, state: _state.SparseState, params, mask_update
       # state (an earlier design) kept the old state alive across the cond, so XLA
       # copied the momentum and the masked gradients on every step.
       rng, event_rng = jax.random.split(state.rng)
-      new_masks, keep = _mask_update.update_masks(w.events, params, inner_updates, grads,
+      events = w.events._replace(layer_axes=w.start.layer_axes.with_detected(w.detected))
+      new_masks, keep = _mask_update.update_masks(events, params, inner_updates, grads,
                                                   masks, event_rng, t, grad_momentum)
       # Stored as the old masks are (packed bits are otherwise split on one axis).
       new_stored = _placed_like(w.store(new_masks), stored)
