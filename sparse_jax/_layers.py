@@ -206,6 +206,24 @@ class Split(NamedTuple):
     return out
 
 
+def check_keep_dense(spec: LayerAxes, params: PyTree, selector: Mapping[str, Any]) -> None:
+  """Refuses ``keep_first_dense``/``keep_last_dense`` that would pick a stacked leaf.
+
+  They keep one *leaf* dense; on a stacked leaf that is all its layers, not the
+  first or last layer of the model.
+  """
+  plain = {**selector, "keep_first_dense": False, "keep_last_dense": False}
+  split = split_of(spec, params, _masks.select_prunable(params, **plain))
+  for flag, i in (("keep_first_dense", 0), ("keep_last_dense", -1)):
+    if selector.get(flag) and split.axes[i]:
+      raise ValueError(
+          f"{flag}=True would keep the stacked leaf {split.names[i]!r} dense: all "
+          f"{math.prod(split.shapes[i][:split.axes[i]])} of its layers, not one. Leave "
+          f"{flag} off and give the layers you want dense density 1 in a density map "
+          f"(distribution={{{split.names[i] + '[0]'!r}: 1.0, ...}}), or exclude a "
+          "leaf that is not stacked.")
+
+
 def split_of(spec: LayerAxes, tree: PyTree, masks: PyTree) -> Split:
   """The ``Split`` of the leaves of ``tree`` that have a mask (or flag) in ``masks``."""
   flat, treedef = jax.tree_util.tree_flatten_with_path(_masks.unwrap_variables(tree))

@@ -127,6 +127,7 @@ def initial_masks(params: PyTree, start: Start, key: jax.Array, structure=None,
     # Bool already (checked by the factory); asarray puts NumPy masks on the device.
     return jax.tree.map(lambda p, m: None if m is None else jnp.asarray(m).astype(bool),
                         params, given)
+  _layers.check_keep_dense(layer_axes, params, start.selector)
   prunable = _masks.select_prunable(params, **start.selector)
   layers = _layers.split_of(layer_axes, params, prunable)
   st = _layer_structure(structure, layers)  # every layer fits it

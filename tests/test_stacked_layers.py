@@ -213,6 +213,10 @@ def test_bad_layer_axes_are_named_at_init():
   with pytest.raises(ValueError, match=r"not a valid regex"):
     sparse_jax.granet(optax.sgd(0.1), sparsity=0.9, total_steps=10, end_step=5,
                       update_every=2, layer_axes="blocks/(")
+  with pytest.raises(ValueError, match=r"keep_first_dense=True would keep the stacked leaf "
+                     r"'blocks/w1' dense: all 3 of its layers"):
+    sparse_jax.static(optax.sgd(0.1), sparsity=0.9, layer_axes=LAYERS,
+                      keep_first_dense=True).init(params)
   # N:M that does not divide a stacked kernel's input axis names the layer.
   odd = {"blocks": {"w": jnp.ones((L, 6, 8))}}
   with pytest.raises(ValueError, match=r"blocks/w\[0\].*m=4, which does not divide 6"):
