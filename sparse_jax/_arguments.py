@@ -129,3 +129,14 @@ def check_initial_masks(initial_masks, *, start: float | None = None,
         f"pruning only removes weights, so the run would end at {have:.4f}. Give a "
         "final sparsity at least that of the masks.")
   _structure.check_initial_masks(structure, initial_masks)
+
+
+def check_warmup(warmup, update_every: int) -> int:
+  """``regrowth_warmup`` as an int in [0, update_every]."""
+  warmup = _schedules.check_int(warmup, "regrowth_warmup")
+  if not 0 <= warmup <= update_every:
+    raise ValueError(
+        f"regrowth_warmup={warmup} must be in [0, update_every={update_every}]: one "
+        "cohort of regrown weights warms up at a time, before the next event grows "
+        "another. Lower it (or raise update_every).")
+  return warmup

@@ -55,6 +55,9 @@ class Regrowth:
   end_step: int  # last t at which an event may regrow (inclusive)
   update_every: int
   momentum: float = 0.9  # decay of the dense-gradient momentum (growth="momentum")
+  # Updates after which a grown weight takes full steps: its update is scaled by
+  # j / warmup at the j-th update after the event (0: full steps at once).
+  warmup: int = 0
 
 
 class MaskUpdateConfig(NamedTuple):

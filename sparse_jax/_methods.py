@@ -42,7 +42,8 @@ def granet(inner: optax.GradientTransformation, *, sparsity: float | None = None
            keep_last_dense: bool = False,
            embeddings: bool = False, track_union: bool = False,
            packed_masks: bool = False, structure=None,
-           layer_axes=None) -> optax.GradientTransformationExtraArgs:
+           layer_axes=None,
+    regrowth_warmup: int = 0) -> optax.GradientTransformationExtraArgs:
   """GraNet: gradual magnitude pruning with zero-cost neuroregeneration.
 
   Prunes globally by magnitude on Zhu & Gupta's cubic schedule from
@@ -102,6 +103,11 @@ def granet(inner: optax.GradientTransformation, *, sparsity: float | None = None
       and regrows inside each group, so every group keeps its count. ``Block`` and
       ``Channels``: counts, sparsities and the global ranking are in units (blocks,
       output units), ranked by their RMS.
+    regrowth_warmup: updates over which a regrown weight's learning rate warms
+      up from 0 (its update scaled by j / regrowth_warmup at the j-th update after
+      the event; at most ``update_every``). 0 (default, the papers): full steps at
+      once, which with Adam's empty moments are ~3 learning rates each
+      (docs/algorithms.md §5).
     layer_axes: which prunable leaves hold stacked layers (scan over layers): a
       mapping from leaf-name regex to its number of leading layer axes, e.g.
       ``{"blocks/.*": 1}`` for ``nn.scan``/``nnx.scan`` over ``blocks``, or one
@@ -134,7 +140,8 @@ def granet(inner: optax.GradientTransformation, *, sparsity: float | None = None
                            _layers.check_layer_axes(layer_axes))
   pruning = _mask_update.Pruning(s_i, s_f, start_step, end_step, update_every, scope)
   regrowth = _mask_update.Regrowth(growth, rate, "cosine", min_rate, total_steps,
-                                   start_step, total_steps - 1, update_every)
+                                   start_step, total_steps - 1, update_every,
+                                   warmup=_arguments.check_warmup(regrowth_warmup, update_every))
   return _transform.sparse_wrapper(inner, start, pruning, regrowth, track_union,
                                    packed_masks, structure)
 
@@ -196,7 +203,7 @@ def gmp(inner: optax.GradientTransformation, *, sparsity: float | None = None,
 def _dst(inner, *, sparsity, total_steps, update_every, start_step, end_step, end_note,
          distribution, rate, rate_schedule, growth, seed, sampling, initial_masks,
          selector, track_union=False, packed_masks=False, structure=None,
-         layer_axes=None):
+         layer_axes=None, regrowth_warmup=0):
   structure, sparsity = _structure.check_arguments(structure, sparsity,
                                                    distribution=distribution,
                                                    sampling=sampling)
@@ -214,7 +221,8 @@ def _dst(inner, *, sparsity, total_steps, update_every, start_step, end_step, en
   start = _transform.Start(s, distribution, sampling, seed, initial_masks, selector,
                            _layers.check_layer_axes(layer_axes))
   regrowth = _mask_update.Regrowth(growth, rate, rate_schedule, 0.0, max(end_step, 1),
-                                   start_step, end_step, update_every)
+                                   start_step, end_step, update_every,
+                                   warmup=_arguments.check_warmup(regrowth_warmup, update_every))
   return _transform.sparse_wrapper(inner, start, None, regrowth, track_union, packed_masks,
                                    structure)
 
@@ -228,7 +236,8 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: float | None = None,
          keep_first_dense: bool = False, keep_last_dense: bool = False,
          embeddings: bool = False,
          track_union: bool = False, packed_masks: bool = False, structure=None,
-         layer_axes=None) -> optax.GradientTransformationExtraArgs:
+         layer_axes=None,
+    regrowth_warmup: int = 0) -> optax.GradientTransformationExtraArgs:
   """RigL: sparse from the start; per layer drop the smallest, grow by |gradient|.
 
   Defaults follow the RigL paper: ERK start at ``sparsity``, ΔT = 100, drop
@@ -259,6 +268,7 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: float | None = None,
       ``NM(n, m)``: a random N:M start (``sparsity`` may be omitted); each event
       drops the layer's smallest weights and regrows, inside every group, as many
       as it lost (SRigL's constant fan-in), so every group keeps exactly ``n``.
+    regrowth_warmup: the regrown weights' learning-rate warm-up, as in ``granet``.
     layer_axes: which prunable leaves hold stacked layers, as in ``granet``.
 
   Returns:
@@ -277,7 +287,7 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: float | None = None,
               selector=_arguments.selector(include, exclude, keep_first_dense,
                                            keep_last_dense, embeddings),
               track_union=track_union, packed_masks=packed_masks, structure=structure,
-              layer_axes=layer_axes)
+              layer_axes=layer_axes, regrowth_warmup=regrowth_warmup)
 
 
 def sparse_evolutionary_training(
@@ -288,7 +298,8 @@ def sparse_evolutionary_training(
     initial_masks: PyTree | None = None, include=None, exclude=None,
     keep_first_dense: bool = False, keep_last_dense: bool = False, embeddings: bool = False,
     track_union: bool = False, packed_masks: bool = False, structure=None,
-    layer_axes=None) -> optax.GradientTransformationExtraArgs:
+    layer_axes=None,
+    regrowth_warmup: int = 0) -> optax.GradientTransformationExtraArgs:
   """SET: sparse from the start; per layer drop the smallest, grow at random.
 
   Exported as ``sparse_jax.set``. Defaults follow the SET paper: a constant
@@ -312,6 +323,7 @@ def sparse_evolutionary_training(
       ``PackedMask`` leaves, instead of a bool byte (see ``granet``).
     structure: N:M, blocks or channels, as in ``rigl`` (growth at random inside
       each group for N:M, among inactive units for blocks and channels).
+    regrowth_warmup: the regrown weights' learning-rate warm-up, as in ``granet``.
     layer_axes: which prunable leaves hold stacked layers, as in ``granet``.
 
   Returns:
@@ -333,7 +345,7 @@ def sparse_evolutionary_training(
               selector=_arguments.selector(include, exclude, keep_first_dense,
                                            keep_last_dense, embeddings),
               track_union=track_union, packed_masks=packed_masks, structure=structure,
-              layer_axes=layer_axes)
+              layer_axes=layer_axes, regrowth_warmup=regrowth_warmup)
 
 
 def static(inner: optax.GradientTransformation, *, sparsity: float | None = None,

@@ -41,6 +41,15 @@ class SparseState(NamedTuple):
   # Mask-update events skipped because the caller passed mask_update=False on an
   # event step (int32 []; should stay 0).
   skipped_events: jax.Array | None = None
+  # The weights grown at the last event and that event's update count, kept only
+  # with regrowth_warmup > 0 (None otherwise): their updates are scaled up from 0.
+  regrown: "Regrown | None" = None
+
+
+class Regrown(NamedTuple):
+  """The weights whose learning rate is warming up after they regrew."""
+  masks: PyTree  # stored like SparseState.masks (bool or PackedMask), None on dense leaves
+  at: jax.Array  # int32 [], the update count of the event that grew them
 
 
 class StraightThroughState(NamedTuple):

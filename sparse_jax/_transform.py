@@ -216,7 +216,14 @@ def _init(w: _Wrapper, params: PyTree) -> _state.SparseState:
       inner_state=w.inner.init(params), grad_momentum=grad_momentum,
       # A copy: the same buffer twice in the state breaks buffer donation.
       union=jax.tree.map(jnp.copy, stored) if w.track_union else None,
-      skipped_events=jnp.zeros((), jnp.int32) if _is_dynamic(w) else None)
+      skipped_events=jnp.zeros((), jnp.int32) if _is_dynamic(w) else None,
+      regrown=_state.Regrown(w.store(jax.tree.map(jnp.zeros_like, masks)),
+                             jnp.zeros((), jnp.int32)) if _warmup(w) else None)
+
+
+def _warmup(w: _Wrapper) -> int:
+  """The wrapper's regrowth warm-up (0: none)."""
+  return 0 if w.events.regrowth is None else w.events.regrowth.warmup
 
 
 def _mask_update_flag(mask_update) -> bool | None:
@@ -269,6 +276,7 @@ def _update(w: _Wrapper, updates, state: _state.SparseState, params, mask_update
   dynamic = _is_dynamic(w)
   if dynamic:
     is_event = _mask_update.is_event(w.events, t)
+  regrown = state.regrown
   if not dynamic or mask_update is False:
     # No mask update in this step (static, or the caller knows it is not an event):
     # the masks pass through. A wrong False is counted in skipped_events (a host
@@ -289,24 +297,30 @@ def _update(w: _Wrapper, updates, state: _state.SparseState, params, mask_update
       # On packed masks the or of the bytes is the or of the bits.
       new_union = None if union is None else jax.tree.map(
           lambda u, m: u | m, union, new_stored)
-      return new_stored, _placed_like(w.store(keep), stored), rng, new_union
+      new_regrown = None if regrown is None else _state.Regrown(_placed_like(w.store(
+          jax.tree.map(lambda n, k: n & ~k, new_masks, keep)), stored), t)
+      return new_stored, _placed_like(w.store(keep), stored), rng, new_union, new_regrown
 
     if mask_update:
       # The caller says this step may be an event: no cond. Every stage still checks
       # the schedule, so a non-event leaves the masks (and rng) as they are.
-      new_stored, kept, rng, union = event()
+      new_stored, kept, rng, union, grown = event()
       rng = jnp.where(is_event, rng, state.rng)
+      if regrown is not None:
+        regrown = jax.tree.map(lambda a, b: jnp.where(is_event, a, b), grown, regrown)
     else:
       # Ordinary steps hand the stored masks through a lax.cond. Its outputs are
       # copies, and its operands (the updates) must be materialised: 1.3-1.6x a dense
       # step at 30M parameters, against 1.06-1.13x with mask_update=False
       # (experiments/benchmarks/README.md).
-      new_stored, kept, rng, union = lax.cond(
-          is_event, event, lambda: (stored, stored, state.rng, union))
+      new_stored, kept, rng, union, regrown = lax.cond(
+          is_event, event, lambda: (stored, stored, state.rng, union, regrown))
 
   out = jax.tree.map(
       lambda u, p, k: u if k is None else jnp.where(k, u, -p).astype(u.dtype),
       inner_updates, params, _placed_like(_masks.unpack_masks(kept), params))
+  if regrown is not None:
+    out = _warm_up(out, regrown, t, _warmup(w), params)
   if dynamic and mask_update is not False:
     # With masked gradients the inner state stays zero at inactive positions, so
     # only events (pruned and newly grown positions) need it zeroed.
@@ -318,7 +332,22 @@ def _update(w: _Wrapper, updates, state: _state.SparseState, params, mask_update
     skipped = skipped + is_event.astype(jnp.int32)
   return out, _state.SparseState(count=t, masks=new_stored, rng=rng,
                                  inner_state=inner_state, grad_momentum=grad_momentum,
-                                 union=union, skipped_events=skipped)
+                                 union=union, skipped_events=skipped, regrown=regrown)
+
+
+def _warm_up(updates: PyTree, regrown: _state.Regrown, t, steps: int, params) -> PyTree:
+  """``updates`` with those of the weights grown at the last event scaled by j / steps.
+
+  ``j = t - regrown.at`` updates after the event (at the event itself they are 0:
+  grown weights restart at 0). Adam's first steps on a weight with empty moments
+  are ~(1 - b1) / sqrt(1 - b2) = 3.2 learning rates whatever the gradient's size;
+  scaling them in over ``steps`` updates keeps an event from kicking the loss.
+  """
+  factor = jnp.clip((t - regrown.at).astype(jnp.float32) / steps, 0.0, 1.0)
+  warm = _placed_like(_masks.unpack_masks(regrown.masks), params)
+  return jax.tree.map(
+      lambda u, m: u if m is None else jnp.where(m, u * factor.astype(u.dtype), u),
+      updates, warm)
 
 
 def event_schedule(tx):
