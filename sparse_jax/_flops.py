@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_jax import _distributions
+from sparse_jax import _layers
 from sparse_jax import _masks
 
 PyTree = Any
@@ -146,9 +147,28 @@ def model_flops(model, variables: PyTree, input_shape: Sequence[int], *,
         and module.has_variable("params", "kernel")):
       kernel = module.get_variable("params", "kernel")
       name = "/".join((*module.path, "kernel"))
-      layers[name] = layers.get(name, 0) + _product_flops(
-          module, tuple(args[0].shape), tuple(y.shape), tuple(kernel.shape))
+      f = _product_flops(module, tuple(args[0].shape), tuple(y.shape), tuple(kernel.shape))
+      scanned = _scanned_layers(name, (*module.path, "kernel"), np.ndim(kernel))
+      if scanned is None:
+        layers[name] = layers.get(name, 0) + f
+      # Linen traces a scan body more than once: its calls count once per layer.
+      layers.update(dict.fromkeys(scanned or (), f))
     return y
+
+  def _scanned_layers(name, path, ndim):
+    """``name[i]`` for each layer when ``nn.scan`` stacks the kernel, else None.
+
+    Inside a scan the module sees one layer's kernel: the stored leaf has the
+    layer axes in front, and each layer does the same work.
+    """
+    full = variables.get("params", {})
+    for key in path:
+      full = full.get(key, {}) if isinstance(full, Mapping) else {}
+    full = getattr(full, "value", full)  # a partitioning box
+    n = np.ndim(full) - ndim if hasattr(full, "shape") else 0
+    if n <= 0:
+      return None
+    return [_layers.layer_name(name, i) for i in np.ndindex(*np.shape(full)[:n])]
 
   x = jax.ShapeDtypeStruct(tuple(input_shape), input_dtype)
   with nn.intercept_methods(record):
@@ -166,7 +186,12 @@ def model_flops(model, variables: PyTree, input_shape: Sequence[int], *,
 
 
 def _density_of(name, densities: Mapping[str, float]) -> float:
-  return float(densities.get(name, 1.0))
+  """A layer's density; a stacked leaf's layer ``name[i]`` may take its leaf's."""
+  return float(densities.get(name, densities.get(_base_name(name), 1.0)))
+
+
+def _base_name(name: str) -> str:
+  return name.split("[", 1)[0]
 
 
 def inference_flops(flops: ModelFlops, densities: Mapping[str, float] | PyTree) -> float:
@@ -184,7 +209,7 @@ def inference_flops(flops: ModelFlops, densities: Mapping[str, float] | PyTree) 
     FLOPs as a float.
   """
   densities = as_layer_densities(densities)
-  unknown = set(densities) - set(flops.layers)
+  unknown = set(densities) - set(flops.layers) - {_base_name(n) for n in flops.layers}
   if unknown:
     raise ValueError(f"Densities given for {sorted(unknown)}, which are not Dense, "
                      f"DenseGeneral or Conv kernels of the model ({sorted(flops.layers)}).")

@@ -222,3 +222,31 @@ def test_bad_layer_axes_are_named_at_init():
   with pytest.raises(ValueError, match=r"blocks/w\[0\].*m=4, which does not divide 6"):
     sparse_jax.rigl(optax.sgd(0.1), structure=sparse_jax.NM(2, 4), total_steps=10,
                     update_every=2, layer_axes=LAYERS).init(odd)
+
+
+class _Unscanned(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    for i in range(L):
+      x, _ = _Block(name=f"block{i}")(x, None)
+    return nn.Dense(10, name="head")(x)
+
+
+def test_flops_count_every_scanned_layer():
+  x = jnp.zeros((2, 16))
+  init = lambda model: nn.unbox(model.init(jax.random.PRNGKey(0), x))
+  scanned = sparse_jax.model_flops(_Scanned(), init(_Scanned()), (2, 16), count_other=False)
+  plain = sparse_jax.model_flops(_Unscanned(), init(_Unscanned()), (2, 16), count_other=False)
+  assert sum(scanned.layers.values()) == sum(plain.layers.values()) == 2 * 2 * (
+      L * 2 * 16 * 32 + 16 * 10)
+  assert scanned.layers["blocks/mlp_in/kernel[2]"] == plain.layers["block2/mlp_in/kernel"]
+  # Per-layer densities (layer_densities with layer_axes) or one per stacked leaf.
+  params = init(_Scanned())["params"]
+  masks = sparse_jax.get_masks(sparse_jax.static(
+      optax.sgd(0.1), sparsity=0.8, layer_axes=LAYERS).init(params))
+  by_layer = sparse_jax.inference_flops(scanned, sparse_jax.layer_densities(masks, LAYERS))
+  by_leaf = sparse_jax.inference_flops(scanned, sparse_jax.layer_densities(masks))
+  active = sum(float(v) * scanned.layers[k] for k, v in
+               sparse_jax.layer_densities(masks, LAYERS).items())
+  assert by_layer == pytest.approx(active, rel=1e-6)
+  assert by_leaf == pytest.approx(active, rel=1e-6)  # equal ERK per layer here
