@@ -267,12 +267,7 @@ def _update(w: _Wrapper, updates, state: _state.SparseState, params, mask_update
   inner_updates, inner_state = w.inner.update(masked_grads, state.inner_state, params,
                                               **extra_args)
   t = state.count + 1
-  grad_momentum = state.grad_momentum
-  if grad_momentum is not None:
-    prunable_grads = jax.tree.map(lambda g, m: None if m is None else g, grads, masks)
-    momentum = w.events.regrowth.momentum
-    grad_momentum = jax.tree.map(lambda v, g: momentum * v + g.astype(v.dtype),
-                                 grad_momentum, prunable_grads)
+  grad_momentum = _grad_momentum(w, state.grad_momentum, grads, masks)
   dynamic = _is_dynamic(w)
   if dynamic:
     is_event = _mask_update.is_event(w.events, t)
@@ -333,6 +328,16 @@ def _update(w: _Wrapper, updates, state: _state.SparseState, params, mask_update
   return out, _state.SparseState(count=t, masks=new_stored, rng=rng,
                                  inner_state=inner_state, grad_momentum=grad_momentum,
                                  union=union, skipped_events=skipped, regrown=regrown)
+
+
+def _grad_momentum(w: _Wrapper, grad_momentum, grads, masks):
+  """The dense-gradient momentum after this step (``growth="momentum"``), or None."""
+  if grad_momentum is None:
+    return None
+  prunable_grads = jax.tree.map(lambda g, m: None if m is None else g, grads, masks)
+  momentum = w.events.regrowth.momentum
+  return jax.tree.map(lambda v, g: momentum * v + g.astype(v.dtype), grad_momentum,
+                      prunable_grads)
 
 
 def _warm_up(updates: PyTree, regrown: _state.Regrown, t, steps: int, params) -> PyTree:
