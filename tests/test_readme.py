@@ -15,6 +15,8 @@ import sys
 import jax
 import pytest
 
+import sparse_jax
+
 from tests import multidevice
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,7 +109,7 @@ def test_readme_data_parallel_example_runs_on_four_devices():
 
 def test_readme_transformer_example_runs():
   blocks = readme_blocks("Transformers")
-  assert len(blocks) == 1  # the NNX miniGPT
+  assert len(blocks) == 2  # the NNX miniGPT, the scanned linen GPT
   out = run_program(blocks[0])
   sizes_line = next(line for line in out.splitlines() if line.startswith("{"))
   # Kernels only: q/k/v [64, 4, 16], out [4, 16, 64], MLP 64x256 twice, head 64x256.
@@ -117,3 +119,22 @@ def test_readme_transformer_example_runs():
   assert ast.literal_eval(sizes_line) == sizes
   # GraNet's cubic schedule reaches 80% at end_step=20: round(0.2 * n) weights kept.
   assert printed(out, "active") == [str(round(0.2 * sum(sizes.values())))]
+
+
+def test_readme_scanned_transformer_example_runs():
+  out = run_program(readme_blocks("Transformers")[1]).splitlines()
+  assert ast.literal_eval(out[0]) == {"bias": (4, 256), "kernel": (4, 64, 256)}
+  # Each of the 4 stacked mlp_in layers has the ERK density of a 64x256 Dense in a
+  # block of q/k/v [64, 4, 16], out [4, 16, 64], mlp_in 64x256, mlp_out 256x64 (x4),
+  # and a 64x256 head: what the unscanned model's layers get.
+  block = [("query", (64, 4, 16)), ("key", (64, 4, 16)), ("value", (64, 4, 16)),
+           ("out", (4, 16, 64)), ("mlp_in", (64, 256)), ("mlp_out", (256, 64))]
+  names = [f"blocks{i}/{n}/kernel" for i in range(4) for n, _ in block] + ["head/kernel"]
+  shapes = [s for _ in range(4) for _, s in block] + [(64, 256)]
+  expected = sparse_jax.erk_densities(shapes, 0.1, names=names)[4]
+  densities = ast.literal_eval(out[1])
+  assert list(densities) == [f"blocks/mlp_in/kernel[{i}]" for i in range(4)]
+  for d in densities.values():
+    assert abs(d - expected) < 1.5e-4  # exact counts; printed to 4 decimals
+  # 10% of 4 * (3 * 4096 + 4096 + 2 * 16384) + 16384 kernel weights.
+  assert printed("\n".join(out[2:]), "active") == [str(round(0.1 * (4 * 49152 + 16384)))]
