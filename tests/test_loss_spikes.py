@@ -38,3 +38,19 @@ def test_an_event_without_its_earlier_losses_is_skipped():
   spikes = loss_spikes.LossSpikes([20], window=5)
   assert spikes.add(18, _fetched(np.ones(10, np.float32), [8, 2])) == {}
   assert spikes.events == [] and spikes.losses == {}
+
+
+def test_config_regrowth_warmup_reaches_regrowing_methods_only():
+  import jax.numpy as jnp
+  import optax
+  import pytest
+  from experiments.configs import default
+  from experiments.trainer import methods
+  params = {"Dense_0": {"kernel": jnp.ones((8, 4))}, "Dense_1": {"kernel": jnp.ones((4, 2))}}
+  config = default.get_base_config()
+  config.sparsity.method, config.sparsity.regrowth_warmup = "rigl", 7
+  state = methods.create_sparse_tx(config, optax.adam(1e-3), 100).init(params)
+  assert state.regrown is not None
+  config.sparsity.method = "gmp"
+  with pytest.raises(ValueError, match="regrowth_warmup=7 warms up regrown weights, and gmp"):
+    methods.create_sparse_tx(config, optax.adam(1e-3), 100)

@@ -10,6 +10,7 @@ import json
 import math
 import os
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -277,3 +278,33 @@ def test_sweep_skips_recorded_runs(tmp_path, monkeypatch):
                       lambda config, d: trained.append((config.seed, d)))
   sweep.run_all(workdir, ["vit"], ["rigl"], [0.75], [0, 1])
   assert trained == [(1, sweep.run_dir(workdir, "vit", "rigl", 0.75, 1))]
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_scanned_gpt_is_the_unscanned_gpt_with_stacked_params(remat):
+  """``scan_layers``: one ``blocks`` leaf per block leaf, stacked [depth, ...]; the
+  unscanned GPT given slice ``i`` as ``block{i}`` computes the same logits."""
+  kwargs = dict(width=32, depth=3, num_heads=4, mlp_dim=48, remat=remat)
+  scanned = get_model("gpt", num_classes=256, scan_layers=True, **kwargs)
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 256)
+  params = jax.jit(lambda k: scanned.init(k, tokens, train=False))(jax.random.key(0))["params"]
+  names = {"/".join(p): x.shape for p, x in flax.traverse_util.flatten_dict(params).items()}
+  assert names["blocks/attn/query/kernel"] == (3, 32, 4, 8)
+  assert names["blocks/attn/out/kernel"] == (3, 4, 8, 32)
+  assert names["blocks/mlp_in/kernel"] == (3, 32, 48)
+  assert names["blocks/mlp_out/kernel"] == (3, 48, 32)
+  assert names["blocks/ln1/scale"] == (3, 32) and not any("block0" in n for n in names)
+  unstacked = {k: v for k, v in params.items() if k != "blocks"}
+  for i in range(3):
+    unstacked[f"block{i}"] = jax.tree.map(lambda x: x[i], params["blocks"])
+  plain = get_model("gpt", num_classes=256, **kwargs)
+  expected = plain.apply({"params": unstacked}, tokens, train=False)
+  got = scanned.apply({"params": params}, tokens, train=False)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  # The same loss gradient, restacked (remat recomputes; it changes no number).
+  loss = lambda m: lambda p: m.apply({"params": p}, tokens, train=True).mean()
+  g_scan = jax.grad(loss(scanned))(params)["blocks"]["mlp_in"]["kernel"]
+  g_plain = jax.grad(loss(plain))(unstacked)
+  np.testing.assert_allclose(
+      g_scan, np.stack([g_plain[f"block{i}"]["mlp_in"]["kernel"] for i in range(3)]),
+      rtol=1e-4, atol=1e-7)

@@ -77,6 +77,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Store the masks 1 bit per weight in the optimizer state (very large models);
   # results are identical to the bool (1 byte) masks.
   config.sparsity.packed_masks = False
+  # Leading layer axes of stacked leaves: {leaf-name regex: count}, e.g.
+  # {"blocks/.*": 1} for a model whose blocks are one nn.scan (params
+  # [depth, ...]): each of the depth slices is pruned and counted as its own layer.
+  # None: every leaf is one layer. Passed to the sparse_jax factory as layer_axes.
+  config.sparsity.layer_axes = config_dict.placeholder(dict)
+  # granet/rigl/set: updates over which a regrown weight's learning rate warms up
+  # from 0 (at most update_every; 0: full steps at once, as the papers).
+  config.sparsity.regrowth_warmup = 0
   # Keep the masks after every event (bit-packed, <workdir>/mask_history.npz) and the
   # union of all masks on the device (ITOP); see experiments/trainer/mask_history.py.
   config.record_mask_history = False
@@ -88,6 +96,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   # "fsdp" (each leaf split along its largest axis divisible by the device count,
   # else replicated; experiments/trainer/sharding.py). fsdp needs parallelism="mesh".
   config.param_sharding = "replicated"
+  # A 2-D (data, model) mesh, "DxM" (e.g. "4x2": D * M must be the device count):
+  # the batch split over "data", the attention and MLP kernels split over "model"
+  # by name (tensor parallel: heads, MLP units; experiments/trainer/sharding.py), and
+  # with param_sharding="fsdp" every leaf also split over "data". None: one "data"
+  # axis over every device. Needs parallelism="mesh".
+  config.mesh_shape = config_dict.placeholder(str)
   config.distributed = False  # call jax.distributed.initialize() (multi-host)
   # Passed to jax.distributed.initialize when set (CPU/GPU clusters without
   # auto-detection); on TPU pods leave them unset.

@@ -12,6 +12,14 @@ Both are linen modules built from ``nn.MultiHeadDotProductAttention``,
   LayerNorms' ``scale``/``bias`` (``block{i}/ln1``, ``ln2``, ``ln_final``),
   ``pos_embedding``, the ViT's ``cls`` token and the GPT's ``token_embed/embedding``.
 
+With ``scan_layers=True`` the blocks are one ``nn.scan`` named ``blocks``, as
+TPU-pod transformers are written (one compiled block, whatever the depth): every
+block leaf gets a leading layer axis, e.g. ``blocks/attn/query/kernel``
+[depth, width, heads, head_dim] and ``blocks/mlp_in/kernel`` [depth, width, mlp]
+(``sparse_jax``'s ``layer_axes={"blocks/.*": 1}`` then prunes it as ``depth``
+layers). ``remat=True`` recomputes each block's activations in the backward pass
+(``nn.remat``).
+
 The position embedding has one row per position of the input the model is
 initialised with (as Flax's ViT example does), so the context length is the
 data set's.
@@ -70,6 +78,19 @@ class Block(nn.Module):
     return x + nn.Dropout(self.dropout_rate, deterministic=not train)(h)
 
 
+class _ScanBlock(Block):
+  """``Block`` as the body of ``nn.scan``: ``(x, None) -> (x, None)``.
+
+  ``train`` is a field, not an argument: scan's arguments are carried or scanned
+  arrays, and dropout needs a Python bool.
+  """
+
+  train: bool = False
+
+  def __call__(self, x, _):
+    return super().__call__(x, self.train), None
+
+
 class _Transformer(nn.Module):
   """The fields both transformers share, and their stack of blocks.
 
@@ -82,6 +103,10 @@ class _Transformer(nn.Module):
       of ``width``.
     dropout_rate: dropout in the blocks.
     dtype: computation dtype; params stay float32.
+    scan_layers: the blocks as one ``nn.scan`` named ``blocks`` (params stacked on
+      a leading layer axis) instead of ``block0`` .. ``block{depth-1}``.
+    remat: recompute each block's activations in the backward pass (less memory,
+      one more forward per block).
   """
 
   num_classes: int
@@ -91,16 +116,29 @@ class _Transformer(nn.Module):
   mlp_dim: Optional[int] = None
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+  scan_layers: bool = False
+  remat: bool = False
 
   def _blocks(self, x, train: bool, mlp_ratio: int, **block_kwargs):
-    """``depth`` blocks ``block{i}`` over ``x`` [B, L, width].
+    """``depth`` blocks over ``x`` [B, L, width]: ``block{i}``, or one scanned ``blocks``.
 
     Called inside the subclass's compact ``__call__``, so the blocks are its
     children.
     """
+    args = (self.num_heads, self.mlp_dim or mlp_ratio * self.width, self.dropout_rate)
+    if self.scan_layers:
+      # prevent_cse=False: inside a scan, CSE cannot merge the recomputation away.
+      body = nn.remat(_ScanBlock, prevent_cse=False) if self.remat else _ScanBlock
+      blocks = nn.scan(body, variable_axes={'params': 0},
+                       split_rngs={'params': True, 'dropout': True}, length=self.depth,
+                       metadata_params={nn.PARTITION_NAME: 'layers'})
+      x, _ = blocks(*args, dtype=self.dtype, train=train, name='blocks',
+                    **block_kwargs)(x, None)
+      return x
+    # static_argnums counts the module: (self, x, train).
+    block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
     for i in range(self.depth):
-      x = Block(self.num_heads, self.mlp_dim or mlp_ratio * self.width, self.dropout_rate,
-                dtype=self.dtype, name=f'block{i}', **block_kwargs)(x, train)
+      x = block(*args, dtype=self.dtype, name=f'block{i}', **block_kwargs)(x, train)
     return x
 
 

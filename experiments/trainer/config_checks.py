@@ -17,14 +17,18 @@ import inspect
 import math
 import os
 import re
+from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 
 import sparse_jax
 from experiments.trainer import baselines
 from experiments.data import input_pipeline
 from experiments.trainer import methods
+from experiments.trainer import sharding
 from experiments import models
 from experiments.trainer import state as state_lib
 from experiments.trainer import workdir as workdir_lib
@@ -77,6 +81,10 @@ def _compiles(pattern) -> bool:
 
 REGEX = optional(Rule(lambda v: isinstance(v, str) and _compiles(v),
                       "a valid regular expression over parameter names"))
+_LAYER_AXES = optional(Rule(lambda v: isinstance(v, Mapping) and all(
+    isinstance(k, str) and _compiles(k) and _is_int(n) and n >= 1 for k, n in v.items()),
+    "a mapping from leaf-name regex to its number of leading layer axes (an int >= 1), "
+    "e.g. {'blocks/.*': 1}"))
 _FRACTIONS = Rule(lambda v: isinstance(v, (tuple, list)) and all(
     _is_real(m) and 0.0 <= m <= 1.0 for m in v), "a tuple of fractions of training in [0, 1]")
 
@@ -106,6 +114,7 @@ FIELD_RULES = {
     "sparsity.srste_decay": (real(0.0), "SR-STE's lambda_w"),
     "sparsity.include": (REGEX, "the parameters to sparsify"),
     "sparsity.exclude": (REGEX, "the parameters to keep dense"),
+    "sparsity.layer_axes": (_LAYER_AXES, "stacked layers, e.g. a model's nn.scan blocks"),
     "num_processes": (optional(integer(1)), "processes of a multi-host run"),
     "process_id": (optional(integer(0)), "this process's index"),
     "steps_per_dispatch": (integer(1), "steps run in one lax.scan"),
@@ -211,6 +220,55 @@ def _check_parallelism(config):
     raise ValueError(f"param_sharding='fsdp' needs parallelism='mesh' (got "
                      f"{config.parallelism!r}): pmap keeps a full copy of the state on "
                      "every device.")
+  if config.get("mesh_shape") is not None:
+    sharding.parse_mesh_shape(config.mesh_shape)  # raises on a malformed shape
+    if config.parallelism != "mesh":
+      raise ValueError(f"mesh_shape={config.mesh_shape!r} needs parallelism='mesh' (got "
+                       f"{config.parallelism!r}); unset mesh_shape for pmap.")
+
+
+def check_mesh(config, num_classes: int, input_shape, input_dtype="float32",
+               device_count: int | None = None):
+  """``config.mesh_shape`` fits this run's devices and its model's tensor-parallel leaves.
+
+  Called at trainer start, once the devices are known (after
+  ``jax.distributed.initialize``), before any data is read or anything compiled:
+  the model's parameter shapes are traced (``jax.eval_shape``), not built.
+
+  Raises:
+    ValueError: data x model is not the device count, or the model axis does not
+      divide a kernel's heads or MLP units (or the model has no such kernel).
+  """
+  if config.get("mesh_shape") is None:
+    return
+  data, model = sharding.parse_mesh_shape(config.mesh_shape)
+  devices = jax.device_count() if device_count is None else device_count
+  if data * model != devices:
+    raise ValueError(f"mesh_shape={config.mesh_shape!r} is {data} x {model} = "
+                     f"{data * model} devices, but this run has {devices}: give DATAxMODEL "
+                     f"with DATA * MODEL = {devices} (e.g. '{devices}x1'), or unset "
+                     "mesh_shape for one data axis.")
+  if model == 1:
+    return
+  net = state_lib.create_model(config, num_classes)
+  shapes = jax.eval_shape(lambda: net.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, *input_shape), input_dtype), train=False))
+  split = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(shapes.get("params", {}))[0]:
+    name = sparse_jax.path_to_name(path)
+    axis = sharding.tensor_parallel_axis(name, leaf.shape)
+    if axis is not None and leaf.shape[axis] % model:
+      what = "heads" if "/attn/" in f"/{name}" else "MLP units"
+      raise ValueError(f"mesh_shape={config.mesh_shape!r}: the model axis ({model}) does "
+                       f"not divide the {leaf.shape[axis]} {what} of {name} (shape "
+                       f"{tuple(leaf.shape)}); use a model size that divides num_heads and "
+                       "mlp_dim (model_kwargs), or a smaller one.")
+    split += axis is not None
+  if not split:
+    raise ValueError(f"mesh_shape={config.mesh_shape!r}: model {config.model!r} has no "
+                     "attention or MLP kernel the model axis splits (tensor parallel: "
+                     "attn/{query,key,value,out}/kernel, mlp_in/kernel, mlp_out/kernel); "
+                     f"use mesh_shape='{devices}x1' or leave it unset.")
 
 
 def _lookup(config, path: str):

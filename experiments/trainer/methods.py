@@ -147,9 +147,9 @@ def _straight_through_tx(config, inner):
   if structure is None and not sp.final > 0.0:
     raise ValueError(f"{sp.method} needs sparsity.final > 0 or an N:M / block / "
                      f"channels structure (got final={sp.final}, unstructured).")
-  for field in ("packed_masks",):
+  for field in ("packed_masks", "layer_axes"):
     if sp.get(field, False):
-      raise ValueError(f"sparsity.{field}=True is not supported by {sp.method}.")
+      raise ValueError(f"sparsity.{field}={sp.get(field)!r} is not supported by {sp.method}.")
   if config.get("record_mask_history", False):
     raise ValueError(f"record_mask_history=True is not supported by {sp.method}.")
   decay = float(sp.get("srste_decay", SRSTE_DECAY)) if sp.method == "srste" else 0.0
@@ -162,6 +162,12 @@ def _straight_through_tx(config, inner):
 def _sparse_tx(config, inner, steps_per_epoch: int, initial_masks):
   sp = config.sparsity
   method = sp.method
+  # Regrown weights' learning-rate warm-up (docs/algorithms.md §5): regrowing methods.
+  warmup = dict(regrowth_warmup=sp.get("regrowth_warmup", 0))
+  if warmup["regrowth_warmup"] and method not in ("granet", "rigl", "set"):
+    raise ValueError(f"sparsity.regrowth_warmup={sp.regrowth_warmup} warms up regrown "
+                     f"weights, and {method} regrows none: use granet, rigl or set, or "
+                     "leave it at 0.")
   if method == "dense":
     return inner
   if method in STRAIGHT_THROUGH:
@@ -181,6 +187,8 @@ def _sparse_tx(config, inner, steps_per_epoch: int, initial_masks):
                   track_union=bool(config.get("record_mask_history", False)),
                   packed_masks=bool(sp.get("packed_masks", False)),
                   structure=parse_structure(sp.get("structure", "unstructured")))
+  if sp.get("layer_axes"):  # stacked (scanned) layers; absent: the factory's default
+    selector["layer_axes"] = dict(sp.layer_axes)
   if method == "granet":
     return sparse_jax.granet(
         inner, sparsity=sp.final, total_steps=total, end_step=epoch(sp.end_epoch),
@@ -188,7 +196,7 @@ def _sparse_tx(config, inner, steps_per_epoch: int, initial_masks):
         start_step=epoch(sp.start_epoch), distribution=sp.distribution,
         regrowth_rate=sp.regrowth_rate, min_regrowth_rate=sp.min_regrowth_rate,
         growth=sp.growth, scope=sp.scope, seed=config.seed, sampling=sp.sampling,
-        **selector)
+        **warmup, **selector)
   if method == "gmp":
     return sparse_jax.gmp(
         inner, sparsity=sp.final, end_step=epoch(sp.end_epoch),
@@ -203,13 +211,13 @@ def _sparse_tx(config, inner, steps_per_epoch: int, initial_masks):
         inner, sparsity=sp.final, total_steps=total, update_every=sp.update_every,
         end_step=mask_end, start_step=epoch(sp.start_epoch),
         distribution=sp.distribution, regrowth_rate=sp.regrowth_rate, growth=sp.growth,
-        seed=config.seed, sampling=sp.sampling, **selector)
+        seed=config.seed, sampling=sp.sampling, **warmup, **selector)
   if method == "set":
     return sparse_jax.set(
         inner, sparsity=sp.final, total_steps=total, update_every=sp.update_every,
         end_step=mask_end, start_step=epoch(sp.start_epoch),
         distribution=sp.distribution, regrowth_rate=sp.regrowth_rate, seed=config.seed,
-        sampling=sp.sampling, **selector)
+        sampling=sp.sampling, **warmup, **selector)
   return sparse_jax.static(inner, sparsity=sp.final, distribution=sp.distribution,
                            seed=config.seed, sampling=sp.sampling, **selector)
 

@@ -62,10 +62,13 @@ class Programs:
                                                       **eval_kwargs), axis_name="batch")}
       return
     repl = NamedSharding(mesh, P())
-    # One sharding for the whole state (replicated), or one per leaf (fsdp).
+    # One sharding for the whole state (replicated), or one per leaf (fsdp, or a
+    # model axis: tensor parallel).
     param_sharding = config.get("param_sharding", "replicated")
-    self.state_sharding = repl if param_sharding == "replicated" else (
-        state_lib.state_shardings(state, mesh, param_sharding))
+    self.state_sharding = repl if (param_sharding == "replicated"
+                                   and "model" not in mesh.shape) else (
+        state_lib.state_shardings(state, mesh, param_sharding,
+                                  config.sparsity.get("layer_axes")))
     self.data_sharding = (repl,) * 3 if on_device else NamedSharding(mesh, P(None, "data"))
     self._fns = {"eval": jax.jit(functools.partial(steps.eval_step, **eval_kwargs),
                                  in_shardings=(self.state_sharding,

@@ -89,20 +89,29 @@ def create_train_state(config, model, tx_fn, input_shape, rng,
 PARAM_SHARDINGS = ("replicated", "fsdp")
 
 
-def state_shardings(state: TrainState, mesh, param_sharding: str = "replicated"):
+def state_shardings(state: TrainState, mesh, param_sharding: str = "replicated",
+                    layer_axes=None):
   """The ``NamedSharding`` of every leaf of ``state`` (arrays or abstract) on ``mesh``.
 
   ``"replicated"``: a full copy on every device. ``"fsdp"``: params, batch stats and
   the optimizer state (sparse_jax masks, momentum, ...) split with
   ``experiments.trainer.sharding.fsdp_shardings`` over the mesh axis ``"data"``; the step
-  and the dropout key stay replicated.
+  and the dropout key stay replicated. On a ``("data", "model")`` mesh the attention
+  and MLP kernels, and their masks and moments, are also split over ``"model"``
+  (``sharding.mesh_shardings``; ``layer_axes``: the leading layer axes never split).
   """
   repl = NamedSharding(mesh, P())
-  if param_sharding == "replicated":
-    return jax.tree.map(lambda _: repl, state)
-  if param_sharding != "fsdp":
+  if param_sharding not in PARAM_SHARDINGS:
     raise ValueError(f"Unknown param_sharding {param_sharding!r}; use one of "
                      f"{PARAM_SHARDINGS}.")
+  if "model" in mesh.shape:
+    shard = lambda tree: sharding_lib.mesh_shardings(
+        tree, mesh, state.params, fsdp=param_sharding == "fsdp", layer_axes=layer_axes)
+    return TrainState(step=repl, params=shard(state.params),
+                      batch_stats=shard(state.batch_stats),
+                      opt_state=shard(state.opt_state), rng=repl)
+  if param_sharding == "replicated":
+    return jax.tree.map(lambda _: repl, state)
   return TrainState(step=repl, params=sharding_lib.fsdp_shardings(state.params, mesh),
                     batch_stats=sharding_lib.fsdp_shardings(state.batch_stats, mesh),
                     opt_state=sharding_lib.fsdp_shardings(state.opt_state, mesh), rng=repl)
@@ -123,17 +132,19 @@ def create_sharded_train_state(config, model, tx_fn, input_shape, rng, mesh=None
   # still are: sparse_jax builds them into the optimizer).
   def init(key):
     return create_train_state(config, model, tx_fn, input_shape, key, input_dtype)
+  layer_axes = config.sparsity.get("layer_axes")
   place = lambda state: state if mesh is None else jax.device_put(
-      state, state_shardings(state, mesh, param_sharding))
+      state, state_shardings(state, mesh, param_sharding, layer_axes))
   if config.init_from and param_sharding == "replicated":
     return place(init(rng))  # compiled, the exported arrays would be program constants
   try:
     if mesh is None:
       out_shardings = None
-    elif param_sharding == "replicated":
+    elif param_sharding == "replicated" and "model" not in mesh.shape:
       out_shardings = NamedSharding(mesh, P())
     else:
-      out_shardings = state_shardings(jax.eval_shape(init, rng), mesh, param_sharding)
+      out_shardings = state_shardings(jax.eval_shape(init, rng), mesh, param_sharding,
+                                      layer_axes)
     return jax.jit(init, out_shardings=out_shardings)(rng)
   except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
           jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError):

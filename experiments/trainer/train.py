@@ -44,6 +44,7 @@ from experiments.trainer import config_checks
 from experiments.trainer import feed as feed_lib
 from experiments.trainer import flops as run_flops_lib
 from experiments.data import input_pipeline
+from experiments.trainer import loss_spikes
 from experiments.trainer import mask_history
 from experiments.trainer import methods
 from experiments.trainer import preemption
@@ -135,8 +136,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         save = _checkpoint_due(run, step)
         if step % config.log_every_steps == 0 or record or save or step == run.total_steps:
           # Raises at a non-finite loss or gradient, before the state is checkpointed.
+          fetched = carried + _fetch(run, pending)
+          record.update(run.spikes.add(steps_at_log, fetched))
           record = reporting.train_record(
-              step, steps_at_log, carried + _fetch(run, pending), record,
+              step, steps_at_log, fetched, record,
               steps_per_epoch=run.steps_per_epoch, seconds=time.time() - t_log,
               t_start=run.t_start)
           carried, pending, t_log, steps_at_log = [], [], time.time(), step
@@ -186,6 +189,7 @@ class Run:
   keep_history: bool = False
   gf_every: int | None = None
   gradient_flow: Callable | None = None
+  spikes: Any = None  # loss_spikes.LossSpikes of the events
 
   def __enter__(self):
     return self
@@ -223,6 +227,7 @@ def _dataset_and_schedule(config):
   if config.batch_size % jax.device_count():
     raise ValueError(f"batch_size={config.batch_size} is not divisible by the "
                      f"{jax.device_count()} devices: use a multiple of them.")
+  config_checks.check_mesh(config, info.num_classes, info.input_shape, info.input_dtype)
   methods.create_sparse_tx(config, optax.identity(), spe)
   return info, spe
 
@@ -293,7 +298,8 @@ def _setup(config, workdir: str, is_main: bool, info, spe: int, t_segment: float
       best_acc=float(meta.get("best_test_accuracy", 0.0)),
       last_eval=dict(meta.get("last_eval", {})), masks0=masks0,
       densities0=None if masks0 is None else reporting.host_layer_densities(masks0),
-      keep_history=sparse and config.get("record_mask_history", False), gf_every=gf_every)
+      keep_history=sparse and config.get("record_mask_history", False), gf_every=gf_every,
+      spikes=loss_spikes.LossSpikes(events))
   if run.keep_history and is_main:
     # Masks after every event, bit-packed on the host (experiments/trainer/mask_history.py).
     run.recorder = mask_history.Recorder.for_run(workdir, masks0, start_step=start_step,

@@ -47,7 +47,7 @@ RESUMABLE_FIELDS = frozenset({
     "eval_batch_size", "gradient_flow_every_steps", "halt_after_step",
     "compilation_cache_dir", "steps_per_dispatch", "host_mask_updates", "data_dir",
     "distributed", "coordinator_address", "num_processes", "process_id", "parallelism",
-    "param_sharding", "if_finished", "nonfinite", "allow_changed"})
+    "param_sharding", "mesh_shape", "if_finished", "nonfinite", "allow_changed"})
 EXTEND_FIELDS = frozenset({"num_epochs", "num_train_steps"})
 
 log = logging.getLogger("sparse_jax.train")
