@@ -1,16 +1,20 @@
-r"""Device check: the accelerator road measured on one GPU or TPU chip, in ~5 minutes.
+r"""Device check: the accelerator road measured on one GPU or TPU chip, in under 8 minutes.
 
-Prints the device, then for ResNet-50 (ImageNet shapes, 224x224, 1000 classes) and
+Prints the device, then for a byte-level GPT language model (``lm_bytes_scan.py``'s
+recipe: scanned blocks, remat, bfloat16 compute, AdamW; here 31.9M weights, windows
+of 256 bytes, batch 64), ResNet-50 (ImageNet shapes, 224x224, 1000 classes) and
 VGG-19 (CIFAR shapes, 32x32, 10 classes), each on synthetic data with its config's
 recipe (``imagenet_resnet50.py``, ``cifar_vgg19.py``): steps/s of the trainer's train
 step for dense, GraNet and RigL, ordinary steps (compiled without the mask-update
 branch) and event steps (with it, each call a mask update inside the pruning window),
-their ratios to dense, each program's XLA peak memory (arguments + outputs +
-temporaries - donated) and compile seconds (the event programs' too). Then one short
-run of the real recipe (``cifar_vgg19.py``, the whole trainer: tf.data, evaluation,
-checkpoints, export) on a synthetic CIFAR-10 prepared by TFDS's builder
-(experiments/data/synthetic.py). Everything goes to ``--out`` as JSON, written
-after each part so a cut-off run keeps what it measured.
+their ratios to dense and each event's to its ordinary step (the mask update's cost),
+each program's XLA peak memory (arguments + outputs + temporaries - donated) and
+compile seconds (the event programs' too); tokens/s for the language model. Then one
+short run of the real recipe (``cifar_vgg19.py``, the whole trainer: tf.data,
+evaluation, checkpoints, export) on a synthetic CIFAR-10 prepared by TFDS's builder
+(experiments/data/synthetic.py). Everything goes to ``--out`` as JSON (the language
+model's rows under ``lm_rows``), written after each part so a cut-off run keeps what
+it measured; a part not started within ``--budget_s`` is skipped.
 
   python -m experiments.benchmarks.device_check --out=device_check.json
 
@@ -29,6 +33,7 @@ import os
 import statistics
 import tempfile
 import time
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,18 +45,46 @@ from experiments.trainer import steps as steps_lib
 from experiments.benchmarks import _harness
 from experiments.configs import cifar_vgg19
 from experiments.configs import imagenet_resnet50
+from experiments.configs import lm_bytes_scan
 
-# name -> (config module, input shape, classes, training set size, model kwargs).
+# The language model's config: a byte-level GPT with scanned, rematerialised blocks,
+# bfloat16 compute, AdamW (tests/test_export_accelerators.py lowers its programs for
+# TPU and CUDA).
+LM_CONFIG = lm_bytes_scan
+
+
+class Bench(NamedTuple):
+  """One model of the check, trained on synthetic data with its config's recipe."""
+  config: Any  # the config module (experiments/configs)
+  input_shape: tuple[int, ...]
+  classes: int  # the labels; the vocabulary of a language model
+  n_train: int  # training examples: sets steps per epoch, so the sparse schedules
+  model_kwargs: dict  # "model" replaces config.model, the rest update model_kwargs
+  input_dtype: str = "float32"  # "int32": token windows, the next token at every position
+
+
 BENCHMARKS = {
-    "resnet50_imagenet": (imagenet_resnet50, (224, 224, 3), 1000, 1_281_167, {}),
-    "vgg19_cifar10": (cifar_vgg19, (32, 32, 3), 10, 50_000, {}),
+    "resnet50_imagenet": Bench(imagenet_resnet50, (224, 224, 3), 1000, 1_281_167, {}),
+    "vgg19_cifar10": Bench(cifar_vgg19, (32, 32, 3), 10, 50_000, {}),
 }
 # --smoke: the same code on models a 2-core CPU runs in seconds.
 SMOKE = {
-    "resnet50_imagenet": (imagenet_resnet50, (16, 16, 3), 1000, 1_281_167,
-                          {"model": "small_cnn", "width": 4}),
-    "vgg19_cifar10": (cifar_vgg19, (16, 16, 3), 10, 50_000,
-                      {"model": "small_cnn", "width": 4}),
+    "resnet50_imagenet": Bench(imagenet_resnet50, (16, 16, 3), 1000, 1_281_167,
+                               {"model": "small_cnn", "width": 4}),
+    "vgg19_cifar10": Bench(cifar_vgg19, (16, 16, 3), 10, 50_000,
+                           {"model": "small_cnn", "width": 4}),
+}
+# The language model (issue 30): LM_CONFIG's byte-level GPT at 31.9M weights (10 blocks
+# of width 512, MLP 2048) on windows of 256 bytes. The training set size only sets the
+# schedules: 1000 steps an epoch at batch 64, so the first event (ΔT) lies inside
+# GraNet's pruning window.
+LM_BENCHMARKS = {
+    "lm_bytes_32m": Bench(LM_CONFIG, (256,), 256, 64_000,
+                          dict(width=512, depth=10, num_heads=8, mlp_dim=2048), "int32"),
+}
+LM_SMOKE = {
+    "lm_bytes_32m": Bench(LM_CONFIG, (16,), 256, 64_000,
+                          dict(width=32, depth=2, num_heads=2, mlp_dim=64), "int32"),
 }
 VARIANTS = ("dense", "granet/ordinary", "granet/event", "rigl/ordinary", "rigl/event")
 
@@ -65,23 +98,28 @@ def _config(module, method: str, batch: int, model_kwargs: dict):
   return config
 
 
-def build_method(bench, method: str, batch: int):
+def build_method(bench: Bench, method: str, batch: int):
   """The trainer's train step of ``method`` as ``fn(mask_update)``, its state and a batch."""
-  module, shape, classes, n_train, model_kwargs = bench
-  config = _config(module, method, batch, model_kwargs)
-  info = input_pipeline.DatasetInfo(num_train_examples=n_train, num_eval_examples=0,
-                                    num_classes=classes, input_shape=shape,
-                                    eval_split="test")
-  model = state_lib.create_model(config, classes)
-  tx_fn = methods_lib.create_tx_fn(config, model, info, n_train // batch)
-  state = state_lib.create_sharded_train_state(config, model, tx_fn, shape,
-                                               jax.random.PRNGKey(0))
+  config = _config(bench.config, method, batch, bench.model_kwargs)
+  info = input_pipeline.DatasetInfo(num_train_examples=bench.n_train, num_eval_examples=0,
+                                    num_classes=bench.classes, input_shape=bench.input_shape,
+                                    eval_split="test", input_dtype=bench.input_dtype)
+  model = state_lib.create_model(config, bench.classes)
+  tx_fn = methods_lib.create_tx_fn(config, model, info, bench.n_train // batch)
+  state = state_lib.create_sharded_train_state(config, model, tx_fn, bench.input_shape,
+                                               jax.random.PRNGKey(0),
+                                               input_dtype=bench.input_dtype)
   step = lambda mask_update: jax.jit(functools.partial(
       steps_lib.train_step, model=model, tx=tx_fn(None), config=config,
-      num_classes=classes, mask_update=mask_update), donate_argnums=0)
+      num_classes=bench.classes, mask_update=mask_update), donate_argnums=0)
   keys = jax.random.split(jax.random.PRNGKey(1))
-  data = {"image": jax.random.normal(keys[0], (batch, *shape), jnp.float32),
-          "label": jax.random.randint(keys[1], (batch,), 0, classes)}
+  shape = (batch, *bench.input_shape)
+  if bench.input_dtype == "int32":  # token ids, and the next token at every position
+    data = {"image": jax.random.randint(keys[0], shape, 0, bench.classes),
+            "label": jax.random.randint(keys[1], shape, 0, bench.classes)}
+  else:
+    data = {"image": jax.random.normal(keys[0], shape, jnp.float32),
+            "label": jax.random.randint(keys[1], (batch,), 0, bench.classes)}
   return step, state, data, config
 
 
@@ -132,7 +170,12 @@ def time_variants(built: dict, programs: dict, rounds: int, reps: int) -> dict:
   return {v: statistics.median(ts) for v, ts in times.items()}
 
 
-def bench_model(name: str, bench, batch: int, rounds: int, reps: int) -> list[dict]:
+def bench_model(name: str, bench: Bench, batch: int, rounds: int, reps: int) -> list[dict]:
+  """A row per entry of ``VARIANTS``: steps/s, XLA peak and compile seconds.
+
+  Each also against dense; an event row's ``time_vs_ordinary`` (None on the others) is
+  the mask update's cost. A language model's rows also give tokens/s.
+  """
   built = build_variants(bench, batch)
   # Compiled side by side, as the trainer compiles its programs (each program's compile
   # seconds are then its wall time alongside the others).
@@ -149,8 +192,26 @@ def bench_model(name: str, bench, batch: int, rounds: int, reps: int) -> list[di
         "xla_peak_bytes": p["xla_peak_bytes"],
         "peak_vs_dense": (None if p["xla_peak_bytes"] is None
                           else p["xla_peak_bytes"] / dense["xla_peak_bytes"]),
-        "compile_s": p["compile_s"], "compile_vs_dense": p["compile_s"] / dense["compile_s"]})
+        "compile_s": p["compile_s"], "compile_vs_dense": p["compile_s"] / dense["compile_s"],
+        "time_vs_ordinary": (seconds[v] / seconds[v.replace("/event", "/ordinary")]
+                             if v.endswith("/event") else None)})
+    if bench.input_dtype == "int32":
+      rows[-1]["tokens_per_s"] = batch * bench.input_shape[0] / seconds[v]
   return rows
+
+
+def print_rows(name: str, batch: int, seconds: float, rows: list[dict]):
+  """``bench_model``'s rows as a table; ``seconds``: the part's wall time."""
+  print(f"\n{name}, batch {batch} ({seconds:.0f} s)\n"
+        f"{'variant':16s} {'steps/s':>8s} {'x dense':>8s} {'x ordin.':>8s} "
+        f"{'XLA peak MB':>12s} {'x dense':>8s} {'compile s':>10s} {'x dense':>8s}")
+  for r in rows:
+    peak = "n/a" if r["xla_peak_bytes"] is None else f"{r['xla_peak_bytes'] / 2**20:.0f}"
+    ratio = "n/a" if r["peak_vs_dense"] is None else f"{r['peak_vs_dense']:.2f}"
+    event = "" if r["time_vs_ordinary"] is None else f"{r['time_vs_ordinary']:.2f}"
+    print(f"{r['variant']:16s} {r['steps_per_s']:8.2f} {r['time_vs_dense']:8.2f} "
+          f"{event:>8s} {peak:>12s} {ratio:>8s} {r['compile_s']:10.1f} "
+          f"{r['compile_vs_dense']:8.2f}", flush=True)
 
 
 def real_recipe_run(smoke: bool) -> dict:
@@ -191,11 +252,15 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch", type=int, default=128, help="64-256 on a GPU or TPU")
   parser.add_argument("--models", default=",".join(BENCHMARKS))
+  parser.add_argument("--lm_models", default=",".join(LM_BENCHMARKS),
+                      help="language models, measured first ('' for none)")
+  parser.add_argument("--lm_batch", type=int, default=64, help="sequences per batch")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--reps", type=int, default=10, help="steps per timed round")
   parser.add_argument("--skip_run", action="store_true", help="no real-recipe run")
-  parser.add_argument("--budget_s", type=float, default=270.0,
-                      help="parts not started by then are skipped (and said so)")
+  parser.add_argument("--budget_s", type=float, default=300.0,
+                      help="parts not started by then are skipped (and said so); the "
+                           "default leaves the last part 3 minutes of the 8")
   parser.add_argument("--smoke", action="store_true",
                       help="run on any backend with tiny models (tests the script)")
   parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -217,11 +282,12 @@ def main():
     print(f"Device check skipped: {result['skipped']} (--smoke runs it on CPU anyway).")
     write()
     return
-  benches = SMOKE if args.smoke else BENCHMARKS
+  benches, lm_benches = (SMOKE, LM_SMOKE) if args.smoke else (BENCHMARKS, LM_BENCHMARKS)
   batch, rounds, reps = (8, 2, 2) if args.smoke else (args.batch, args.rounds, args.reps)
+  lm_batch = 8 if args.smoke else args.lm_batch
   print(f"Device: {device} ({result['device_kind']}, backend {backend}, "
         f"{jax.device_count()} devices); jax {jax.__version__}", flush=True)
-  result["rows"], result["skipped_parts"] = [], []
+  result["lm_rows"], result["rows"], result["skipped_parts"] = [], [], []
   t_start = time.perf_counter()
 
   def over_budget(part: str) -> bool:
@@ -232,21 +298,17 @@ def main():
     write()
     return True
 
-  for name in args.models.split(","):
+  # The language models first (issue 30), their rows apart ("lm_rows": tokens/s too).
+  parts = [(name, lm_benches[name], lm_batch, "lm_rows")
+           for name in args.lm_models.split(",") if name]
+  parts += [(name, benches[name], batch, "rows") for name in args.models.split(",") if name]
+  for name, bench, part_batch, key in parts:
     if over_budget(name):
       continue
     t = time.perf_counter()
-    rows = bench_model(name, benches[name], batch, rounds, reps)
-    result["rows"] += rows
-    print(f"\n{name}, batch {batch} ({time.perf_counter() - t:.0f} s)\n"
-          f"{'variant':16s} {'steps/s':>8s} {'x dense':>8s} {'XLA peak MB':>12s} "
-          f"{'x dense':>8s} {'compile s':>10s} {'x dense':>8s}")
-    for r in rows:
-      peak = "n/a" if r["xla_peak_bytes"] is None else f"{r['xla_peak_bytes'] / 2**20:.0f}"
-      ratio = "n/a" if r["peak_vs_dense"] is None else f"{r['peak_vs_dense']:.2f}"
-      print(f"{r['variant']:16s} {r['steps_per_s']:8.2f} {r['time_vs_dense']:8.2f} "
-            f"{peak:>12s} {ratio:>8s} {r['compile_s']:10.1f} {r['compile_vs_dense']:8.2f}",
-            flush=True)
+    rows = bench_model(name, bench, part_batch, rounds, reps)
+    result[key] += rows
+    print_rows(name, part_batch, time.perf_counter() - t, rows)
     write()
   if not args.skip_run and not over_budget("real_recipe_run"):
     run = real_recipe_run(args.smoke)
