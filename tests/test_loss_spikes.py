@@ -1,5 +1,7 @@
 """The trainer's loss-spike measure around mask-update events, against hand values."""
 
+import json
+
 import numpy as np
 
 from experiments.trainer import loss_spikes
@@ -31,6 +33,19 @@ def test_spike_is_the_mean_after_over_the_mean_before():
   assert got == [{"loss_spike": 3.0, "loss_spike_events": 1},
                  {"loss_spike": 2.0 / 3.0, "loss_spike_events": 1}]
   assert records[2] == got[0] and records[3] == got[1]
+
+
+def test_a_resumed_collector_gives_the_uninterrupted_records():
+  losses = np.arange(1, 41, dtype=np.float32)
+  whole = loss_spikes.LossSpikes([20], window=5)
+  first = loss_spikes.LossSpikes([20], window=5)
+  assert first.add(0, _fetched(losses, [8, 8, 2])) == {}
+  saved = json.loads(json.dumps(first.state()))  # through a checkpoint's meta
+  resumed = loss_spikes.LossSpikes([20], window=5, state=saved)
+  expected = whole.add(0, _fetched(losses, [8, 8, 8, 6]))
+  spike = np.mean(losses[20:25], dtype=float) / np.mean(losses[15:20], dtype=float)
+  assert expected == {"loss_spike": spike, "loss_spike_events": 1}
+  assert resumed.add(18, _fetched(losses[18:], [8, 4])) == expected
 
 
 def test_an_event_without_its_earlier_losses_is_skipped():

@@ -6,8 +6,9 @@ computed before it: above 1, the loss jumped after the event (grown weights with
 an empty optimizer state take large first steps; ``regrowth_warmup``,
 docs/algorithms.md §5). The trainer feeds the per-step losses it fetches anyway;
 the first record after an event's window closes gets ``loss_spike`` (the mean over
-the events that closed) and ``loss_spike_events`` (how many). A run resumed inside
-a window skips that event (its earlier losses are not in the checkpoint).
+the events that closed) and ``loss_spike_events`` (how many). The losses still
+needed go into each checkpoint's meta (``state``), so a resumed run writes the
+records the uninterrupted run writes.
 """
 
 from __future__ import annotations
@@ -20,10 +21,18 @@ WINDOW = 10  # updates on each side of an event
 class LossSpikes:
   """Collects the losses around ``events`` and gives each event's spike once."""
 
-  def __init__(self, events, window: int = WINDOW):
+  def __init__(self, events, window: int = WINDOW, state: dict | None = None):
     self.events = sorted(int(e) for e in events)
     self.window = int(window)
     self.losses: dict[int, float] = {}
+    if state:  # a checkpoint's (``state``): the events still open, their losses
+      self.events = [int(e) for e in state["events"]]
+      self.losses = {int(k): float(v) for k, v in state["losses"].items()}
+
+  def state(self) -> dict:
+    """What a checkpoint's meta keeps (JSON; float32 losses round-trip exactly)."""
+    return {"events": list(self.events),
+            "losses": {str(k): v for k, v in sorted(self.losses.items())}}
 
   def _needed(self, step: int) -> bool:
     return any(e - self.window < step <= e + self.window for e in self.events)

@@ -299,7 +299,7 @@ def _setup(config, workdir: str, is_main: bool, info, spe: int, t_segment: float
       last_eval=dict(meta.get("last_eval", {})), masks0=masks0,
       densities0=None if masks0 is None else reporting.host_layer_densities(masks0),
       keep_history=sparse and config.get("record_mask_history", False), gf_every=gf_every,
-      spikes=loss_spikes.LossSpikes(events))
+      spikes=loss_spikes.LossSpikes(events, state=meta.get("loss_spikes")))
   if run.keep_history and is_main:
     # Masks after every event, bit-packed on the host (experiments/trainer/mask_history.py).
     run.recorder = mask_history.Recorder.for_run(workdir, masks0, start_step=start_step,
@@ -399,7 +399,8 @@ def _preempt(run: Run, step: int, saved: int, carried, pending, first_step: int,
 def _save(run: Run, step: int, **extra_meta):
   t = time.time()
   meta = {"best_test_accuracy": run.best_acc, "last_eval": run.last_eval,
-          "wall_time_s": time.time() - run.t_start, **extra_meta}
+          "wall_time_s": time.time() - run.t_start, "loss_spikes": run.spikes.state(),
+          **extra_meta}
   checkpoints.save_checkpoint(run.mngr, run.programs.host(run.state), step, meta)
   run.timings["checkpoint_s"] += time.time() - t
   if run.recorder is not None:
