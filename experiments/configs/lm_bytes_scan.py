@@ -33,6 +33,7 @@ this size); not measured yet.
 
 import sparse_jax
 from experiments.configs import default
+from experiments.configs import gpt_bytes
 from experiments.trainer import methods
 
 
@@ -41,9 +42,9 @@ def get_config(arg: str | None = None):
       arg, {"method": "granet", "sparsity": 0.9, "structure": "unstructured", "seed": 0,
             "mesh": "none"},
       choices={"method": default.TRANSFORMER_METHODS})
-  config = default.transformer_family(None, method=args["method"],
-                                      sparsity=args["sparsity"])
-  config.seed = args["seed"]
+  # gpt_bytes's data and recipe; the model and its compute here.
+  config = gpt_bytes.get_config(
+      f"method={args['method']},sparsity={args['sparsity']},seed={args['seed']}")
   structure = methods.parse_structure(args["structure"])  # raises on a bad form
   config.sparsity.structure = args["structure"]
   if isinstance(structure, sparse_jax.NM):  # N:M fixes the sparsity
@@ -55,20 +56,9 @@ def get_config(arg: str | None = None):
   if args["mesh"] != "none":
     config.mesh_shape = args["mesh"]  # checked at trainer start (config_checks)
     config.param_sharding = "fsdp"
-  config.dataset = "bytes_pydoc"
-  config.model = "gpt"
   config.model_kwargs = dict(width=128, depth=4, num_heads=4, mlp_dim=512,
                              dropout_rate=0.0, scan_layers=True, remat=True)
   config.dtype = "bfloat16"  # compute; params stay float32 (state.create_model)
   # The scanned blocks' leaves are [depth, ...]: depth layers each.
   config.sparsity.layer_axes = {"blocks/.*": 1}
-  config.batch_size = 32
-  config.eval_batch_size = 704  # the validation split in one batch
-  config.num_epochs = 4
-  config.learning_rate = 2e-3
-  config.warmup_epochs = 0.25
-  config.sparsity.update_every = 50
-  config.sparsity.end_epoch = 2.5
-  config.log_every_steps = 101
-  config.steps_per_dispatch = 5
   return config
