@@ -88,7 +88,9 @@ COMMON = textwrap.dedent(r"""
       losses = [json.loads(l) for l in open(os.path.join(OUT, tag, "metrics.jsonl"))]
       return {"summary": {k: summary.get(k) for k in ("final_test_loss", "steps",
                                                       "halted_at_step")},
-              "train_loss": {r["step"]: r["train_loss"] for r in losses if "train_loss" in r}}
+              "train_loss": {r["step"]: r["train_loss"] for r in losses if "train_loss" in r},
+              "layer_density": {r["step"]: r["layer_density"] for r in losses
+                                if "layer_density" in r}}
 """)
 
 ONE_DEVICE = COMMON + textwrap.dedent(r"""
@@ -194,6 +196,15 @@ def test_masks_on_the_4x2_mesh_equal_one_device(runs, method):
   losses, ref = found[f"{method}_4x2"]["train_loss"], found[f"{method}_one"]["train_loss"]
   for s, loss in losses.items():
     assert loss == pytest.approx(ref[s], rel=1e-6), s
+  # The metrics' layer densities: one per layer of each stacked leaf (layer_axes).
+  events = found[f"{method}_one"]["layer_density"]  # at each event; masks fixed after it
+  logged = events[max(events, key=int)]
+  assert sorted(logged) == sorted([f"{n}[{i}]" for n in one if n.startswith("blocks/")
+                                   for i in range(2)] + ["head/kernel"])
+  for name, m in one.items():
+    for i in range(2 if name.startswith("blocks/") else 1):
+      key, layer = (f"{name}[{i}]", m[i]) if name.startswith("blocks/") else (name, m)
+      assert logged[key] == pytest.approx(layer.mean(), abs=1e-6), key
 
 
 def _whole_weight(shape, weights):

@@ -171,20 +171,22 @@ def dispatch_steps(state: TrainState, data, num_steps, *, max_steps: int, lr_fn,
     unconstrained = batches
     batches = lambda i: jax.lax.with_sharding_constraint(unconstrained(i), batch_sharding)
   state, metrics = train_steps(state, batches, num_steps, max_steps=max_steps, **kwargs)
-  return state, {**metrics, **state_readouts(state, lr_fn, sparse)}
+  layer_axes = kwargs["config"].sparsity.get("layer_axes") if "config" in kwargs else None
+  return state, {**metrics, **state_readouts(state, lr_fn, sparse, layer_axes)}
 
 
-def state_readouts(state: TrainState, lr_fn, sparse: bool) -> dict:
+def state_readouts(state: TrainState, lr_fn, sparse: bool, layer_axes=None) -> dict:
   """What the host logs of the state after a dispatch, computed inside it.
 
   The learning rate of the last step and, for sparse runs, the masks' density
-  and layer densities: no separate program, no op-by-op dispatch per log line.
+  and layer densities (each layer of a stacked leaf as ``name[i]``, with
+  ``sparsity.layer_axes``): no separate program, no op-by-op dispatch per log line.
   """
   out = {"learning_rate": lr_fn(state.step - 1)}
   if sparse:
     masks = sparse_jax.get_masks(state.opt_state)
-    out.update(density=sparse_jax.density(masks),
-               layer_density=sparse_jax.layer_densities(masks))
+    out.update(density=sparse_jax.density(masks), layer_density=sparse_jax.layer_densities(
+        masks, dict(layer_axes) if layer_axes else None))
   return out
 
 
