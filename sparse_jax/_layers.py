@@ -214,14 +214,16 @@ def check_keep_dense(spec: LayerAxes, params: PyTree, selector: Mapping[str, Any
   """
   plain = {**selector, "keep_first_dense": False, "keep_last_dense": False}
   split = split_of(spec, params, _masks.select_prunable(params, **plain))
-  for flag, i in (("keep_first_dense", 0), ("keep_last_dense", -1)):
-    if selector.get(flag) and split.axes[i]:
+  kept = split_of(LayerAxes(), params, _masks.select_prunable(params, **selector))
+  for name, shape, n in zip(split.names, split.shapes, split.axes):
+    if n and name not in kept.names:
+      flags = [f for f in ("keep_first_dense", "keep_last_dense") if selector.get(f)]
       raise ValueError(
-          f"{flag}=True would keep the stacked leaf {split.names[i]!r} dense: all "
-          f"{math.prod(split.shapes[i][:split.axes[i]])} of its layers, not one. Leave "
-          f"{flag} off and give the layers you want dense density 1 in a density map "
-          f"(distribution={{{split.names[i] + '[0]'!r}: 1.0, ...}}), or exclude a "
-          "leaf that is not stacked.")
+          f"{'/'.join(flags)}=True would keep the stacked leaf {name!r} dense: all "
+          f"{math.prod(shape[:n])} of its layers, not one. Leave it off and give the "
+          f"layers you want dense density 1 in a density map "
+          f"(distribution={{{name + '[0]'!r}: 1.0, ...}}), or exclude a leaf that is "
+          "not stacked.")
 
 
 def split_of(spec: LayerAxes, tree: PyTree, masks: PyTree) -> Split:

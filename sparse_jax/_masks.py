@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_jax import _lazy
+from sparse_jax import _paths
 
 PyTree = Any
 
@@ -50,32 +51,9 @@ def unwrap_variables(tree: PyTree) -> PyTree:
       is_leaf=_is_nnx_variable)
 
 
-def path_to_name(path) -> str:
-  """Joins a ``jax.tree_util`` key path into ``"layer/sub/kernel"``.
-
-  NNX paths end in a ``value`` attribute of the ``Variable``; it is dropped so the
-  same selector matches linen and NNX parameter trees.
-  """
-  parts = []
-  for key in path:
-    if isinstance(key, jax.tree_util.DictKey):
-      parts.append(str(key.key))
-    elif isinstance(key, jax.tree_util.GetAttrKey):
-      parts.append(key.name)
-    elif isinstance(key, jax.tree_util.SequenceKey):
-      parts.append(str(key.idx))
-    elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-      parts.append(str(key.key))
-    else:
-      parts.append(str(key))
-  if parts and parts[-1] in ("value", "raw_value"):
-    parts = parts[:-1]
-  return "/".join(parts)
-
-
-def leaf_names(tree: PyTree) -> list[str]:
-  """Names (``path_to_name``) of the leaves of ``tree`` in flattening order."""
-  return [path_to_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+path_to_name = _paths.path_to_name
+leaf_names = _paths.leaf_names
+model_order = _paths.model_order
 
 
 class LayerInfo(NamedTuple):
@@ -155,8 +133,10 @@ def select_prunable(
     exclude: regex or list of regexes; matching leaves are never prunable.
     min_ndim: smallest rank of a prunable leaf.
     embeddings: also prune the leaves of role ``"embedding"`` (without ``include``).
-    keep_first_dense: keep the first prunable leaf (in flattening order) dense.
-    keep_last_dense: keep the last prunable leaf dense.
+    keep_first_dense: keep the first prunable leaf dense: the first in the model's
+      order (``model_order``: dicts in insertion order, the order layers are
+      created in), which jax's sorted flattening order may not be.
+    keep_last_dense: keep the last prunable leaf (in that order) dense.
 
   Returns:
     A pytree like ``params`` of Python bools.
@@ -187,7 +167,11 @@ def select_prunable(
     if any(r.fullmatch(name) for r in excludes):
       ok = False
     flags.append(ok)
-  chosen = [i for i, f in enumerate(flags) if f]
+  # First and last in the model's order (dicts keep their insertion order, which is
+  # the order linen and NNX create layers in), not jax's sorted-key flattening
+  # order: on a ResNet that put "head/kernel" first.
+  order = model_order(params)
+  chosen = sorted((i for i, f in enumerate(flags) if f), key=order.__getitem__)
   if keep_first_dense and chosen:
     flags[chosen[0]] = False
   if keep_last_dense and chosen:

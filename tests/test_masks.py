@@ -253,3 +253,17 @@ def test_check_mask_tree_wrong_shape_names_leaf():
   nested = {"x": {"kernel": jnp.ones((3, 2))}}
   with pytest.raises(ValueError, match="'x/kernel'"):
     sj.check_mask_tree(nested, {"x": {"kernel": jnp.ones((2, 3), bool)}})
+
+
+def test_keep_first_and_last_dense_follow_the_model_order_not_sorted_keys():
+  """A ResNet-like tree: created stem, stage, head; jax flattens head before stem/stage."""
+  params = {"stem": {"kernel": jnp.ones((3, 3, 3, 8))},
+            "stage1": {"kernel": jnp.ones((3, 3, 8, 8))},
+            "head": {"kernel": jnp.ones((8, 10))}}
+  assert sj.leaf_names(params) == ["head/kernel", "stage1/kernel", "stem/kernel"]
+  flags = sj.select_prunable(params, keep_first_dense=True)
+  assert flags == {"stem": {"kernel": False}, "stage1": {"kernel": True},
+                   "head": {"kernel": True}}
+  flags = sj.select_prunable(params, keep_last_dense=True)
+  assert flags == {"stem": {"kernel": True}, "stage1": {"kernel": True},
+                   "head": {"kernel": False}}
