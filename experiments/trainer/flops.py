@@ -100,8 +100,7 @@ def run_flops(config, model, variables, input_shape, steps_per_epoch: int, total
     return {"train_flops_vs_dense": 1.0, "inference_flops_vs_dense": 1.0,
             "dense_inference_flops": dense_inf}
   start = [(0, _kernel_densities(initial_masks, flops))]
-  changes = start + [(t, {k: v for k, v in d.items() if k in flops.layers})
-                     for t, d in events if t < total_steps]
+  changes = start + [(t, _kernel_densities(d, flops)) for t, d in events if t < total_steps]
   train = sparse_jax.training_flops(
       flops, changes, total_steps,
       dense_gradient_steps(config, steps_per_epoch, mask_update_steps))
@@ -114,8 +113,13 @@ def run_flops(config, model, variables, input_shape, steps_per_epoch: int, total
 
 
 def _kernel_densities(masks, flops) -> dict[str, float]:
-  """Densities of the model's kernels from a mask tree or a ``{name: density}`` dict."""
-  return {k: v for k, v in sparse_jax.as_layer_densities(masks).items() if k in flops.layers}
+  """Densities of the model's kernels from a mask tree or a ``{name: density}`` dict.
+
+  A scanned kernel's layers are ``name[i]`` in ``flops``; its density may be given
+  per layer or for the whole stacked leaf ``name``.
+  """
+  kernels = set(flops.layers) | {k.split("[", 1)[0] for k in flops.layers}
+  return {k: v for k, v in sparse_jax.as_layer_densities(masks).items() if k in kernels}
 
 
 def posthoc_run_flops(workdir: str) -> dict[str, float]:
