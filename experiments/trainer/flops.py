@@ -130,7 +130,8 @@ def posthoc_run_flops(workdir: str) -> dict[str, float]:
   """
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)
-  config = ml_collections.ConfigDict(summary["config"])
+  # Dotted keys: sparsity.layer_axes maps leaf-name regexes ("blocks/.*").
+  config = ml_collections.ConfigDict(summary["config"], allow_dotted_keys=True)
   info = input_pipeline.dataset_info(config.dataset, config.data_dir)
   steps_per_epoch = info.num_train_examples // config.batch_size
   total = methods.num_train_steps(config, steps_per_epoch)
