@@ -5,6 +5,7 @@ import json
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 import pytest
 
 import sparse_jax
@@ -12,6 +13,7 @@ from experiments.trainer import flops as run_flops_lib
 from experiments import models
 from experiments.trainer import train
 from experiments.configs import default
+from tests import test_stacked_layers
 
 
 def test_dense_mlp_matches_closed_form_and_xla():
@@ -114,3 +116,19 @@ def test_trainer_writes_flops_ratios_and_posthoc_agrees(tmp_path):
   posthoc = run_flops_lib.posthoc_run_flops(str(tmp_path))
   for key in ("train_flops_vs_dense", "inference_flops_vs_dense"):
     assert posthoc[key] == pytest.approx(saved[key], rel=1e-6)
+
+
+def test_trainer_flops_read_stacked_leaf_densities():
+  """The trainer's FLOPs filter kept only exact layer names: scanned blocks counted dense."""
+  scanned, layers = test_stacked_layers._Scanned, test_stacked_layers.LAYERS
+  x = jnp.zeros((2, 16))
+  variables = nn.unbox(scanned().init(jax.random.PRNGKey(0), x))
+  flops = sparse_jax.model_flops(scanned(), variables, (2, 16), count_other=False)
+  masks = sparse_jax.get_masks(sparse_jax.static(
+      optax.sgd(0.1), sparsity=0.8, layer_axes=layers).init(variables["params"]))
+  for densities in (sparse_jax.layer_densities(masks), sparse_jax.layer_densities(masks, layers),
+                    masks):
+    kept = run_flops_lib._kernel_densities(densities, flops)
+    assert sparse_jax.inference_flops(flops, kept) == pytest.approx(
+        sparse_jax.inference_flops(flops, sparse_jax.layer_densities(masks, layers)), rel=1e-6)
+    assert sparse_jax.inference_flops(flops, kept) < 0.3 * sparse_jax.inference_flops(flops, {})

@@ -251,18 +251,3 @@ def test_flops_count_every_scanned_layer():
   assert by_layer == pytest.approx(active, rel=1e-6)
   assert by_leaf == pytest.approx(active, rel=1e-6)  # equal ERK per layer here
 
-
-def test_trainer_flops_read_stacked_leaf_densities():
-  """The trainer's FLOPs filter kept only exact layer names: scanned blocks counted dense."""
-  from experiments.trainer import flops as run_flops
-  x = jnp.zeros((2, 16))
-  variables = nn.unbox(_Scanned().init(jax.random.PRNGKey(0), x))
-  flops = sparse_jax.model_flops(_Scanned(), variables, (2, 16), count_other=False)
-  masks = sparse_jax.get_masks(sparse_jax.static(
-      optax.sgd(0.1), sparsity=0.8, layer_axes=LAYERS).init(variables["params"]))
-  for densities in (sparse_jax.layer_densities(masks), sparse_jax.layer_densities(masks, LAYERS),
-                    masks):
-    kept = run_flops._kernel_densities(densities, flops)
-    assert sparse_jax.inference_flops(flops, kept) == pytest.approx(
-        sparse_jax.inference_flops(flops, sparse_jax.layer_densities(masks, LAYERS)), rel=1e-6)
-    assert sparse_jax.inference_flops(flops, kept) < 0.3 * sparse_jax.inference_flops(flops, {})
