@@ -82,6 +82,11 @@ LM_BENCHMARKS = {
     "lm_bytes_32m": Bench(LM_CONFIG, (256,), 256, 64_000,
                           dict(width=512, depth=10, num_heads=8, mlp_dim=2048), "int32"),
 }
+# --memory_only at two sizes (XLA's peak of each compiled program; runs on a CPU too):
+# the 32M model and 126M weights (10 blocks of width 1024, MLP 4096).
+LM_BENCHMARKS["lm_bytes_126m"] = Bench(LM_CONFIG, (256,), 256, 64_000,
+                                       dict(width=1024, depth=10, num_heads=16, mlp_dim=4096),
+                                       "int32")
 LM_SMOKE = {
     "lm_bytes_32m": Bench(LM_CONFIG, (16,), 256, 64_000,
                           dict(width=32, depth=2, num_heads=2, mlp_dim=64), "int32"),
@@ -200,6 +205,14 @@ def bench_model(name: str, bench: Bench, batch: int, rounds: int, reps: int) -> 
   return rows
 
 
+def memory_rows(name: str, bench: Bench, batch: int) -> list[dict]:
+  """A row per entry of ``VARIANTS``: XLA peak bytes and the ratio to dense, no timing."""
+  built = build_variants(bench, batch)
+  peaks = {v: compile_variant(*b[:3])["xla_peak_bytes"] for v, b in built.items()}
+  return [{"model": name, "batch": batch, "variant": v, "xla_peak_bytes": peaks[v],
+           "peak_vs_dense": peaks[v] / peaks["dense"]} for v in VARIANTS]
+
+
 def print_rows(name: str, batch: int, seconds: float, rows: list[dict]):
   """``bench_model``'s rows as a table; ``seconds``: the part's wall time."""
   print(f"\n{name}, batch {batch} ({seconds:.0f} s)\n"
@@ -252,7 +265,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch", type=int, default=128, help="64-256 on a GPU or TPU")
   parser.add_argument("--models", default=",".join(BENCHMARKS))
-  parser.add_argument("--lm_models", default=",".join(LM_BENCHMARKS),
+  parser.add_argument("--lm_models", default="lm_bytes_32m",
                       help="language models, measured first ('' for none)")
   parser.add_argument("--lm_batch", type=int, default=64, help="sequences per batch")
   parser.add_argument("--rounds", type=int, default=5)
@@ -261,6 +274,9 @@ def main():
   parser.add_argument("--budget_s", type=float, default=300.0,
                       help="parts not started by then are skipped (and said so); the "
                            "default leaves the last part 3 minutes of the 8")
+  parser.add_argument("--memory_only", action="store_true",
+                      help="only XLA's peak memory of each LM program (compiled, not run; "
+                           "on a CPU too), e.g. --lm_models=lm_bytes_32m,lm_bytes_126m")
   parser.add_argument("--smoke", action="store_true",
                       help="run on any backend with tiny models (tests the script)")
   parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -277,6 +293,17 @@ def main():
       with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 
+  if args.memory_only:
+    result["lm_memory_rows"] = []
+    for name in args.lm_models.split(","):
+      rows = memory_rows(name, LM_BENCHMARKS[name], args.lm_batch)
+      result["lm_memory_rows"] += rows
+      for r in rows:
+        print(f"{name} batch {args.lm_batch} {r['variant']:16s} peak "
+              f"{r['xla_peak_bytes'] / 2**20:8.1f} MiB  {r['peak_vs_dense']:.3f}x dense",
+              flush=True)
+      write()
+    return
   if backend == "cpu" and not args.smoke:
     result["skipped"] = "no GPU or TPU: jax.default_backend() is 'cpu'"
     print(f"Device check skipped: {result['skipped']} (--smoke runs it on CPU anyway).")
