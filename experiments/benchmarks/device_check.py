@@ -213,6 +213,19 @@ def memory_rows(name: str, bench: Bench, batch: int) -> list[dict]:
            "peak_vs_dense": peaks[v] / peaks["dense"]} for v in VARIANTS]
 
 
+def memory_only(args, result: dict, write):
+  """``--memory_only``: ``memory_rows`` of each ``--lm_models``, printed and written."""
+  result["lm_memory_rows"] = []
+  for name in args.lm_models.split(","):
+    rows = memory_rows(name, LM_BENCHMARKS[name], args.lm_batch)
+    result["lm_memory_rows"] += rows
+    for r in rows:
+      print(f"{name} batch {args.lm_batch} {r['variant']:16s} peak "
+            f"{r['xla_peak_bytes'] / 2**20:8.1f} MiB  {r['peak_vs_dense']:.3f}x dense",
+            flush=True)
+    write()
+
+
 def print_rows(name: str, batch: int, seconds: float, rows: list[dict]):
   """``bench_model``'s rows as a table; ``seconds``: the part's wall time."""
   print(f"\n{name}, batch {batch} ({seconds:.0f} s)\n"
@@ -294,15 +307,7 @@ def main():
         json.dump(result, f, indent=1)
 
   if args.memory_only:
-    result["lm_memory_rows"] = []
-    for name in args.lm_models.split(","):
-      rows = memory_rows(name, LM_BENCHMARKS[name], args.lm_batch)
-      result["lm_memory_rows"] += rows
-      for r in rows:
-        print(f"{name} batch {args.lm_batch} {r['variant']:16s} peak "
-              f"{r['xla_peak_bytes'] / 2**20:8.1f} MiB  {r['peak_vs_dense']:.3f}x dense",
-              flush=True)
-      write()
+    memory_only(args, result, write)
     return
   if backend == "cpu" and not args.smoke:
     result["skipped"] = "no GPU or TPU: jax.default_backend() is 'cpu'"
