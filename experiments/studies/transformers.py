@@ -289,6 +289,8 @@ def _gpt_lines(gpt, info):
         f"{_ms([r['final_test_loss'] for r in runs], digits=3)} | "
         f"{_ms([r['final_test_bits_per_byte'] for r in runs], digits=3)} | "
         f"{_ms([r['final_test_accuracy'] for r in runs], 100)} | {_cost_cells(runs)}")
+  lines += ["", "The same GPT written as TPU-pod models are (4 blocks as one `nn.scan`, remat, "
+            "bfloat16 compute, masks per block): [lm_scan.md](lm_scan.md)."]
   return lines
 
 
