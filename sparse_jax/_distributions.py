@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparse_jax import _layers
 from sparse_jax import _masks
 from sparse_jax import _select
 
@@ -65,7 +66,6 @@ def conv_kernel_fans(shape: Sequence[int]) -> KernelFans:
 # MultiHeadAttention) are DenseGeneral/LinearGeneral submodules with these names.
 _ATTENTION_INPUTS = ("query", "key", "value")
 _ATTENTION_OUTPUT = "out"
-_LAYER_SUFFIX = re.compile(r"\[[\d,]+\]$")
 
 
 def kernel_fans(name: str, shape: Sequence[int]) -> KernelFans:
@@ -99,7 +99,7 @@ def kernel_fans(name: str, shape: Sequence[int]) -> KernelFans:
     raise ValueError(
         f"Leaf {name!r} of shape {shape} has no fan-in/fan-out: ER/ERK read kernels "
         "of 2 or more dims; use distribution='uniform' or a density map for it.")
-  parts = _LAYER_SUFFIX.sub("", name).split("/")  # a stacked leaf's layer: "…/kernel[2]"
+  parts = _layers.base_name(name).split("/")  # a stacked leaf's layer: "…/kernel[2]"
   if len(shape) == 3 and len(parts) >= 2 and parts[-1] == "kernel":
     if parts[-2] in _ATTENTION_INPUTS:
       return dense_kernel_fans(shape, 1)
@@ -189,7 +189,7 @@ def layer_densities_for(
     out = []
     for l in layers:
       # A stacked leaf's layer "name[i]" takes the entry of "name" too.
-      base = _LAYER_SUFFIX.sub("", l.name)
+      base = _layers.base_name(l.name)
       hits = [v for k, v in distribution.items()
               if k in (l.name, base) or re.fullmatch(k, l.name) or re.fullmatch(k, base)]
       if not hits:

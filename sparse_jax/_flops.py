@@ -187,11 +187,7 @@ def model_flops(model, variables: PyTree, input_shape: Sequence[int], *,
 
 def _density_of(name, densities: Mapping[str, float]) -> float:
   """A layer's density; a stacked leaf's layer ``name[i]`` may take its leaf's."""
-  return float(densities.get(name, densities.get(_base_name(name), 1.0)))
-
-
-def _base_name(name: str) -> str:
-  return name.split("[", 1)[0]
+  return float(densities.get(name, densities.get(_layers.base_name(name), 1.0)))
 
 
 def inference_flops(flops: ModelFlops, densities: Mapping[str, float] | PyTree) -> float:
@@ -209,7 +205,7 @@ def inference_flops(flops: ModelFlops, densities: Mapping[str, float] | PyTree) 
     FLOPs as a float.
   """
   densities = as_layer_densities(densities)
-  unknown = set(densities) - set(flops.layers) - {_base_name(n) for n in flops.layers}
+  unknown = set(densities) - set(flops.layers) - {_layers.base_name(n) for n in flops.layers}
   if unknown:
     raise ValueError(f"Densities given for {sorted(unknown)}, which are not Dense, "
                      f"DenseGeneral or Conv kernels of the model ({sorted(flops.layers)}).")

@@ -34,6 +34,7 @@ from sparse_jax import _masks
 PyTree = Any
 # Partition (mesh-axis) names that mark a leading axis as a layer axis.
 LAYER_AXIS_NAMES = ("layers", "layer", "stages", "stage")
+_LAYER_SUFFIX = re.compile(r"\[[\d,]+\]$")  # "name[2]", "name[0,3]"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +150,11 @@ def leaf_axes(spec: LayerAxes, names: Sequence[str],
 def layer_name(name: str, index: Sequence[int]) -> str:
   """The name of layer ``index`` of the stacked leaf ``name``: ``name[i]``, ``name[i,j]``."""
   return f"{name}[{','.join(str(int(i)) for i in index)}]"
+
+
+def base_name(name: str) -> str:
+  """The stacked leaf a layer name belongs to: ``name[i]`` -> ``name`` (others unchanged)."""
+  return _LAYER_SUFFIX.sub("", name)
 
 
 class Split(NamedTuple):

@@ -269,12 +269,6 @@ def sparsity(masks: PyTree) -> jax.Array:
   return 1.0 - density(masks)
 
 
-def layer_densities(masks: PyTree) -> dict[str, jax.Array]:
-  """Density of each prunable leaf, keyed by leaf name ("Dense_0/kernel")."""
-  flat = jax.tree_util.tree_flatten_with_path(unpack_masks(masks))[0]
-  return {path_to_name(p): jnp.mean(m.astype(jnp.float32)) for p, m in flat}
-
-
 def params_sparsity(params: PyTree, prunable: PyTree | None = None) -> jax.Array:
   """Fraction of exact zeros among the prunable params (measured, not the target)."""
   params = unwrap_variables(params)

@@ -147,7 +147,7 @@ def initial_masks(params: PyTree, start: Start, key: jax.Array, structure=None,
     shapes = [jax.ShapeDtypeStruct(l.shape, bool) for l in infos]
     chosen = _distributions.random_masks(key, shapes, [True] * len(shapes), counts,
                                          sampling=start.sampling)
-  leaves, treedef = jax.tree.flatten(params)
+  treedef = jax.tree.structure(params)
   it = iter(layers.join(chosen))
   return jax.tree.unflatten(treedef, [next(it) if f else None
                                       for f in treedef.flatten_up_to(prunable)])
