@@ -297,20 +297,31 @@ def summarize(rows: list[dict]) -> dict:
           for k, v in groups.items()}
 
 
-def plot(rows: list[dict], path: str, lr_milestones=None, num_epochs=None):
-  """Final accuracy minus dense (points) against e.
+def _title(rows: list[dict]) -> str:
+  """The model, data and protocol of ``rows`` (all runs use ``plasticity_config``)."""
+  scopes = "/".join(sorted({r["scope"] for r in rows}))
+  epochs = "/".join(str(n) for n in sorted({r["num_epochs"] for r in rows}))
+  seeds = len({r["seed"] for r in rows})
+  return (f"Pruning plasticity of LeNet-300-100 on the MNIST subset (4,000 train / 1,000 "
+          f"test): one {scopes} magnitude prune after epoch e of {epochs}, mean ± std over "
+          f"{seeds} seed{'s' if seeds > 1 else ''}")
+
+
+def figure(rows: list[dict], lr_milestones=None, num_epochs=None):
+  """Final accuracy minus dense (points) against e, as a matplotlib ``Figure``.
 
   Top row: one panel per setting, a line per fraction p (as in the GraNet paper).
-  Bottom row: one panel per p, a line per setting.
+  Bottom row: one panel per p, a line per setting. Dotted: the learning-rate decays.
+  A bare ``Figure`` (no pyplot) leaves the caller's backend alone: a notebook
+  displays it, ``plot`` saves it.
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   stats = summarize(rows)
   settings = [s for s in SETTINGS if any(k[0] == s for k in stats)]
   fractions = sorted({k[1] for k in stats})
   ncols = max(len(settings), len(fractions))
-  fig, axes = plt.subplots(2, ncols, figsize=(4 * ncols, 6.8), sharey=True, squeeze=False)
+  fig = Figure(figsize=(4 * ncols + 1.6, 7.2))
+  axes = fig.subplots(2, ncols, sharey=True, squeeze=False)
 
   def curve(ax, s, p, label):
     es = sorted(k[2] for k in stats if k[0] == s and k[1] == p)
@@ -318,27 +329,34 @@ def plot(rows: list[dict], path: str, lr_milestones=None, num_epochs=None):
     err = [100 * stats[(s, p, e)]["delta_std"] for e in es]
     ax.errorbar(es, ys, yerr=err, marker="o", ms=3, capsize=2, label=label)
 
-  panels = [(axes[0][i], s, [(s, p, f"p={p}") for p in fractions])
-            for i, s in enumerate(settings)]
-  panels += [(axes[1][i], f"p={p}", [(s, p, s) for s in settings])
-             for i, p in enumerate(fractions)]
-  for ax, title, lines in panels:
-    for s, p, label in lines:
-      curve(ax, s, p, label)
-    if lr_milestones and num_epochs:
-      for m in lr_milestones:
-        ax.axvline(m * num_epochs, color="gray", ls=":", lw=1)
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_title(title)
-    ax.set_xlabel("pruning epoch e")
-    ax.legend(fontsize=7)
-  for ax in axes.ravel()[len(panels):]:
-    ax.set_visible(False)
-  for row in axes:
+  rows_of_panels = [
+      [(axes[0][i], s, [(s, p, f"p={p}") for p in fractions]) for i, s in enumerate(settings)],
+      [(axes[1][i], f"p={p}", [(s, p, s) for s in settings]) for i, p in enumerate(fractions)]]
+  for panels in rows_of_panels:
+    for ax, title, lines in panels:
+      for s, p, label in lines:
+        curve(ax, s, p, label)
+      if lr_milestones and num_epochs:
+        for m in lr_milestones:
+          ax.axvline(m * num_epochs, color="gray", ls=":", lw=1)
+      ax.axhline(0, color="black", lw=0.8)
+      ax.set_title(title)
+      ax.set_xlabel("pruning epoch e")
+    # The panels of a row share their lines: one legend, right of the row's last
+    # panel, where it hides no data.
+    panels[-1][0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+  for row, panels in zip(axes, rows_of_panels):
+    for ax in row[len(panels):]:
+      ax.set_visible(False)
     row[0].set_ylabel("final accuracy - dense (points)")
+  fig.suptitle(_title(rows), fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  return fig
+
+
+def plot(rows: list[dict], path: str, lr_milestones=None, num_epochs=None):
+  """Writes ``figure(rows, lr_milestones, num_epochs)`` to ``path`` (PNG)."""
+  figure(rows, lr_milestones, num_epochs).savefig(path, dpi=110)
 
 
 def table(rows: list[dict]) -> str:

@@ -20,6 +20,31 @@ def _pyplot():
   return plt
 
 
+# Readable names of the records' "family" and "dataset" fields, for the titles.
+FAMILIES = {"mlp": "MLP", "cnn": "small CNN"}
+DATASETS = {"mnist5k": "the MNIST subset (mnist5k)"}
+
+
+def subject(records) -> str:
+  """The model family and data set of ``records``: the second line of every title."""
+  families = sorted({FAMILIES.get(r.get("family"), str(r.get("family", "?"))) for r in records})
+  widths = sorted({r["sparse_width"] for r in records if "sparse_width" in r})
+  datasets = sorted({DATASETS.get(r.get("dataset"), str(r.get("dataset", "?")))
+                     for r in records})
+  width = f" (sparse width {', '.join(map(str, widths))})" if widths else ""
+  return f"{' / '.join(families)}{width} on {' / '.join(datasets)}"
+
+
+def _title(fig, what: str, about: str):
+  """``what`` the figure shows over ``about`` (``subject``), if given."""
+  fig.suptitle(f"{what}\n{about}" if about else what, fontsize=10)
+
+
+def _outside_legend(ax, **kwargs):
+  """``ax``'s legend right of it, where it hides no data (``_save`` makes room)."""
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), **kwargs)
+
+
 def _save(fig, path):
   """Writes ``fig`` to ``path`` and closes it (a report draws many figures)."""
   plt = _pyplot()
@@ -28,14 +53,17 @@ def _save(fig, path):
   plt.close(fig)
 
 
-def plot_sparse_minus_dense(table, path):
-  """Heat map of sparse − dense accuracy by optimizer x regularisation (CI as text)."""
+def plot_sparse_minus_dense(table, path, about: str = ""):
+  """Heat map of sparse − dense accuracy by optimizer x regularisation (CI as text).
+
+  ``about``: the models and data (``subject``), for the title.
+  """
   plt = _pyplot()
   opts = sorted({o for o, _ in table})
   regs = sorted({g for _, g in table})
   values = np.array([[100 * table[(o, g)]["effect"] if table[(o, g)]["n"] else np.nan
                       for g in regs] for o in opts])
-  fig, ax = plt.subplots(figsize=(1.8 * len(regs) + 2, 0.8 * len(opts) + 1.5))
+  fig, ax = plt.subplots(figsize=(1.8 * len(regs) + 2, 0.8 * len(opts) + 1.9))
   bound = np.nanmax(np.abs(values)) if np.isfinite(values).any() else 1.0
   im = ax.imshow(values, cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
   for (i, o), (j, g) in itertools.product(enumerate(opts), enumerate(regs)):
@@ -45,15 +73,18 @@ def plot_sparse_minus_dense(table, path):
     ax.text(j, i, text, ha="center", va="center", fontsize=7)
   ax.set_xticks(range(len(regs)), regs)
   ax.set_yticks(range(len(opts)), opts)
-  ax.set_title("sparse − same-capacity dense accuracy (points), density < 1", fontsize=9)
+  _title(fig, "sparse − same-capacity dense accuracy (points), density < 1", about)
   fig.colorbar(im, ax=ax)
   _save(fig, path)
 
 
-def plot_tau_ci(taus, path):
-  """Kendall's tau of each measure vs accuracy with its 95% CI (all / within)."""
+def plot_tau_ci(taus, path, about: str = ""):
+  """Kendall's tau of each measure vs accuracy with its 95% CI (all / within).
+
+  ``about``: the models and data (``subject``), for the title.
+  """
   plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(7, 3.4))
+  fig, ax = plt.subplots(figsize=(8.5, 3.8))
   keys, measures = list(taus), records_lib.MEASURES
   width = 0.8 / len(keys)
   for k, key in enumerate(keys):
@@ -66,14 +97,18 @@ def plot_tau_ci(taus, path):
   ax.axhline(0, color="gray", lw=0.5)
   ax.set_xticks(range(len(measures)), measures, fontsize=8)
   ax.set_ylabel("Kendall's tau vs final accuracy")
-  ax.legend(fontsize=7)
+  _outside_legend(ax)
+  _title(fig, "Kendall's tau of each measure vs final accuracy, 95% CI", about)
   _save(fig, path)
 
 
-def plot_budget_check(check, path):
-  """Test accuracy at the recipe's budget vs the same run trained longer."""
+def plot_budget_check(check, path, about: str = ""):
+  """Test accuracy at the recipe's budget vs the same run trained longer.
+
+  ``about``: the models and data (``subject``), for the title.
+  """
   plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(4.5, 4.5))
+  fig, ax = plt.subplots(figsize=(6.2, 4.9))
   opts = sorted({p["optimizer"] for p in check["pairs"]})
   colors = dict(zip(opts, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
   for p in check["pairs"]:
@@ -83,20 +118,25 @@ def plot_budget_check(check, path):
   ax.plot([lo, 100], [lo, 100], "k:", lw=1)
   for o in opts:
     ax.scatter([], [], color=colors[o], label=o)
-  ax.legend(fontsize=7, title="o sparse, s dense", title_fontsize=7)
+  _outside_legend(ax, title="o sparse, s dense", title_fontsize=7)
   ep = formatting.epochs
   ax.set_xlabel(f"test accuracy (%), {ep(check['epochs'])} epochs")
   ax.set_ylabel(f"test accuracy (%), {ep(check['longer_epochs'])} epochs")
+  _title(fig, "budget check: the same runs trained longer", about)
   _save(fig, path)
 
 
-def plot_sparse_vs_dense(records, path):
-  """Test accuracy vs density, sparse and same-capacity dense, one panel per setting."""
+def plot_sparse_vs_dense(records, path, about: str = ""):
+  """Test accuracy vs density, sparse and same-capacity dense, one panel per setting.
+
+  ``about``: the models and data (``subject``), for the title.
+  """
   plt = _pyplot()
   opts = sorted({r["optimizer"] for r in records})
   acts = sorted({r["activation"] for r in records})
   regs = sorted({r["regularisation"] for r in records})
-  fig, axes = plt.subplots(len(opts), len(acts), figsize=(4 * len(acts), 3 * len(opts)),
+  fig, axes = plt.subplots(len(opts), len(acts), figsize=(4 * len(acts) + 1.6,
+                                                         3 * len(opts) + 0.6),
                            squeeze=False, sharey=True)
   colors = dict(zip(regs, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
   for (i, o), (j, a) in itertools.product(enumerate(opts), enumerate(acts)):
@@ -116,15 +156,22 @@ def plot_sparse_vs_dense(records, path):
     ax.set_xlabel("density (dense: same capacity)")
     if j == 0:
       ax.set_ylabel("test accuracy (%)")
-  axes[0][0].legend(fontsize=7)
+  # Every panel draws the same (kind, regularisation) lines in the same styles.
+  _outside_legend(axes[0][-1])
+  _title(fig, "test accuracy vs density: sparse and same-capacity dense (mean ± std "
+         "over seeds)", about)
   _save(fig, path)
 
 
-def plot_measures(records, corr, path):
-  """Final accuracy vs each measure (averaged over training), with its tau."""
+def plot_measures(records, corr, path, about: str = ""):
+  """Final accuracy vs each measure (averaged over training), with its tau.
+
+  ``about``: the models and data (``subject``), for the title.
+  """
   plt = _pyplot()
   measures = records_lib.MEASURES
-  fig, axes = plt.subplots(1, len(measures), figsize=(3.6 * len(measures), 3.4), sharey=True)
+  fig, axes = plt.subplots(1, len(measures), figsize=(3.6 * len(measures) + 1.2, 3.8),
+                           sharey=True)
   for ax, m in zip(axes, measures):
     for kind, marker in (("sparse", "o"), ("dense", "s")):
       rs = [r for r in records if (r["kind"] == kind) and m in r.get("measures", {})]
@@ -134,16 +181,21 @@ def plot_measures(records, corr, path):
     ax.set_xlabel(f"{m} (mean over training)")
     ax.set_title(f"tau = {formatting.tau(corr[m]['all'][0])}", fontsize=9)
   axes[0].set_ylabel("final test accuracy (%)")
-  axes[0].legend(fontsize=7)
+  _outside_legend(axes[-1])
+  _title(fig, "final test accuracy vs each gradient-flow measure (mean over training)",
+         about)
   _save(fig, path)
 
 
-def plot_egf_over_training(records, path, measure="egf_p2"):
-  """``measure`` over the training steps, mean over the runs of each kind and density."""
+def plot_egf_over_training(records, path, measure="egf_p2", about: str = ""):
+  """``measure`` over the training steps, mean over the runs of each kind and density.
+
+  ``about``: the models and data (``subject``), for the title.
+  """
   plt = _pyplot()
   regs = sorted({r["regularisation"] for r in records})
-  fig, axes = plt.subplots(1, len(regs), figsize=(4.5 * len(regs), 3.4), squeeze=False,
-                           sharey=True)
+  fig, axes = plt.subplots(1, len(regs), figsize=(4.5 * len(regs) + 1.2, 3.8),
+                           squeeze=False, sharey=True)
   for ax, reg in zip(axes[0], regs):
     groups = collections.defaultdict(list)
     for r in records:
@@ -158,6 +210,9 @@ def plot_egf_over_training(records, path, measure="egf_p2"):
     ax.set_xlabel("step")
     ax.set_title(f"regularisation: {reg}", fontsize=9)
   axes[0][0].set_ylabel(f"{measure} (fixed batch)")
-  if axes[0][0].get_legend_handles_labels()[0]:
-    axes[0][0].legend(fontsize=7)
+  # The panels share their (kind, density) lines, in the same order and colours.
+  if axes[0][-1].get_legend_handles_labels()[0]:
+    _outside_legend(axes[0][-1])
+  _title(fig, f"{measure} over training (mean over the runs of each kind and density)",
+         about)
   _save(fig, path)

@@ -336,13 +336,16 @@ def _findings_lines(f: dict) -> list[str]:
 
 
 def _write_plots(out_dir, records, main_grid, table, taus, corr_mean, budget):
+  about = plots.subject(records)
   if budget and budget["n"]:
-    plots.plot_budget_check(budget, os.path.join(out_dir, "budget_check.png"))
-  plots.plot_sparse_vs_dense(main_grid, os.path.join(out_dir, "sparse_vs_dense.png"))
-  plots.plot_sparse_minus_dense(table, os.path.join(out_dir, "sparse_minus_dense.png"))
-  plots.plot_tau_ci(taus, os.path.join(out_dir, "tau_ci.png"))
-  plots.plot_measures(records, corr_mean, os.path.join(out_dir, "measures_vs_accuracy.png"))
-  plots.plot_egf_over_training(main_grid, os.path.join(out_dir, "egf_over_training.png"))
+    plots.plot_budget_check(budget, os.path.join(out_dir, "budget_check.png"), about)
+  plots.plot_sparse_vs_dense(main_grid, os.path.join(out_dir, "sparse_vs_dense.png"), about)
+  plots.plot_sparse_minus_dense(table, os.path.join(out_dir, "sparse_minus_dense.png"), about)
+  plots.plot_tau_ci(taus, os.path.join(out_dir, "tau_ci.png"), about)
+  plots.plot_measures(records, corr_mean, os.path.join(out_dir, "measures_vs_accuracy.png"),
+                      about)
+  plots.plot_egf_over_training(main_grid, os.path.join(out_dir, "egf_over_training.png"),
+                               about=about)
 
 
 def write_report(records, out_dir, command: str = "", note: str = "", tuning=None,
