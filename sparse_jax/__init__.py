@@ -21,6 +21,9 @@ from sparse_jax._gradient_flow import gradient_flow_measures
 from sparse_jax._gradient_flow import gradient_hessian_gradient
 from sparse_jax._gradient_flow import gradient_norm
 from sparse_jax._gradient_flow import layer_gradient_flow
+from sparse_jax._condense import condense_train_state
+from sparse_jax._condense import CondensedState
+from sparse_jax._condense import mask_batch_stats
 from sparse_jax._export import bcoo_compress
 from sparse_jax._export import bcoo_dense
 from sparse_jax._export import bcoo_kernels
@@ -142,6 +145,9 @@ __all__ = [
     "bcoo_nbytes",
     "Condensed",
     "condense_channels",
+    "condense_train_state",
+    "CondensedState",
+    "mask_batch_stats",
     "NMKernel",
     "nm_compress",
     "nm_decompress",

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse as jsparse
 
+from sparse_jax import _chains
 from sparse_jax import _masks
 from sparse_jax import _structure
 
@@ -42,57 +43,10 @@ class Condensed(NamedTuple):
   batch_stats: PyTree = None  # the shrunk batch statistics; None when none were given
 
 
-def _get(tree, name: str):
-  for key in name.split("/"):
-    if not isinstance(tree, Mapping) or key not in tree:
-      raise ValueError(f"condense_channels: no layer {name!r} in the params "
-                       "(give module paths like 'Dense_0' or 'block/Conv_1').")
-    tree = tree[key]
-  return tree
-
-
-def _set(tree, name: str, value):
-  keys = name.split("/")
-  out = dict(tree)
-  out[keys[0]] = value if len(keys) == 1 else _set(tree[keys[0]], "/".join(keys[1:]), value)
-  return out
-
-
-def _kernel_mask(masks, name: str):
-  """The kernel mask of the layer ``name``; None (dense) where the tree has none."""
-  node = masks
-  for key in (*name.split("/"), "kernel"):
-    if not isinstance(node, Mapping) or key not in node:
-      return None
-    node = node[key]
-  return node
-
-
-def _alive_units(mask, kernel) -> np.ndarray:
-  fan_out = kernel.shape[-1]
-  if mask is None:
-    return np.ones(fan_out, bool)
-  return np.asarray(mask).reshape(-1, fan_out).any(axis=0)
-
-
-def _norm_constants(name: str, norm: str, norm_params, norm_stats, y, epsilon):
-  """``BatchNorm(y)`` (eval mode) of a dead unit's constant pre-norm output ``y``."""
-  if not isinstance(norm_stats, Mapping) or not {"mean", "var"} <= set(norm_stats):
-    raise ValueError(f"condense_channels: the batch norm {norm!r} after {name!r} has no "
-                     "'mean' and 'var' in batch_stats (pass the 'batch_stats' collection).")
-  mean, var = np.asarray(norm_stats["mean"]), np.asarray(norm_stats["var"])
-  z = (y - mean) / np.sqrt(var + np.float32(epsilon))
-  if "scale" in norm_params:
-    z = z * np.asarray(norm_params["scale"])
-  if "bias" in norm_params:
-    z = z + np.asarray(norm_params["bias"])
-  return z
-
-
 def _shrink_entries(tree, name: str, keep: np.ndarray):
   """``tree`` with the per-unit entries of the module ``name`` cut to ``keep``."""
-  return _set(tree, name, {k: jnp.asarray(np.asarray(v)[..., keep])
-                           for k, v in _get(tree, name).items()})
+  return _chains.set_module(tree, name, {k: jnp.asarray(np.asarray(v)[..., keep])
+                                         for k, v in _chains.get_module(tree, name).items()})
 
 
 def condense_channels(params: PyTree, masks: PyTree, layers: Sequence[str], *,
@@ -160,19 +114,20 @@ def condense_channels(params: PyTree, masks: PyTree, layers: Sequence[str], *,
   params = _masks.unwrap_variables(params)
   masks = _masks.unpack_masks(_masks.unwrap_variables(masks))
   norms = dict(norms or {})
-  _check_chain_arguments(layers, norms, batch_stats)
-  layer = {n: {k: np.asarray(v) for k, v in _get(params, n).items()} for n in layers}
+  _chains.check_arguments(layers, norms, batch_stats)
+  layer = {n: {k: np.asarray(v) for k, v in _chains.get_module(params, n).items()}
+           for n in layers}
   alive = []
   for i, name in enumerate(layers):
     kernel = layer[name]["kernel"]
-    mask = _kernel_mask(masks, name)
-    alive.append(_alive_units(mask, kernel) if i < len(layers) - 1
+    mask = _chains.kernel_mask(masks, name)
+    alive.append(_chains.alive_units(mask, kernel) if i < len(layers) - 1
                  else np.ones(kernel.shape[-1], bool))
   for i, (name, nxt) in enumerate(zip(layers[:-1], layers[1:])):
     out = layer[name]
-    positions = _chain_positions(name, nxt, out["kernel"], layer[nxt]["kernel"])
-    constant = _dead_unit_outputs(name, out, params, batch_stats, norms, activation,
-                                  epsilon)
+    positions = _chains.chain_positions(name, nxt, out["kernel"], layer[nxt]["kernel"])
+    constant = _chains.dead_unit_outputs(name, out, params, batch_stats, norms,
+                                         activation, epsilon)
     if keep_constant_channels and layer[nxt]["kernel"].ndim != 2:
       alive[i] = alive[i] | (constant != 0)  # their zero filters stay: exact
     keep = alive[i]
@@ -182,42 +137,6 @@ def condense_channels(params: PyTree, masks: PyTree, layers: Sequence[str], *,
     if out.get("bias") is not None:
       out["bias"] = out["bias"][keep]
   return _condensed(params, batch_stats, layers, layer, norms, alive)
-
-
-def _check_chain_arguments(layers, norms, batch_stats) -> None:
-  if len(layers) < 1:
-    raise ValueError("condense_channels needs at least one layer.")
-  if set(norms) - set(layers):
-    raise ValueError(f"condense_channels: norms name layers {sorted(set(norms) - set(layers))} "
-                     "that are not in the chain.")
-  if norms and batch_stats is None:
-    raise ValueError("condense_channels: norms need batch_stats (their mean and var).")
-
-
-def _chain_positions(name: str, nxt: str, kernel, nkernel) -> int:
-  """How many inputs of ``nxt`` each output unit of ``name`` feeds (a flatten: > 1)."""
-  channels, rows = kernel.shape[-1], nkernel.shape[-2]
-  if rows == channels:
-    return 1
-  if nkernel.ndim == 2 and rows % channels == 0:
-    return rows // channels  # a flatten of [*spatial, channels]
-  raise ValueError(
-      f"condense_channels: layer {nxt!r} takes {rows} inputs, which do not follow "
-      f"the {channels} outputs of {name!r} (nor a flatten of them): the layers must "
-      "form a chain, each feeding the next (residual connections are not "
-      "supported: a skip would need the same units alive on both of its ends).")
-
-
-def _dead_unit_outputs(name: str, out, params, batch_stats, norms, activation,
-                       epsilon) -> np.ndarray:
-  """Each unit's constant output if it is dead (float64): ``activation(y)`` of its
-  bias ``y`` (0 without one), through the layer's batch norm if it has one."""
-  kernel, bias = out["kernel"], out.get("bias")
-  y = bias if bias is not None else np.zeros(kernel.shape[-1], kernel.dtype)
-  if name in norms:
-    y = _norm_constants(name, norms[name], _get(params, norms[name]),
-                        _get(batch_stats, norms[name]), y, epsilon)
-  return np.asarray(activation(jnp.asarray(y)), np.float64)
 
 
 def _cut_inputs(name: str, nxt: str, nlayer, keep: np.ndarray, const: np.ndarray,
@@ -249,8 +168,9 @@ def _condensed(params, batch_stats, layers, layer, norms, alive) -> Condensed:
   """The ``Condensed`` of the shrunk ``layer`` arrays (and their norms' entries)."""
   new, new_stats = params, batch_stats
   for i, name in enumerate(layers):
-    new = _set(new, name, {**_get(params, name),
-                           **{k: jnp.asarray(v) for k, v in layer[name].items()}})
+    new = _chains.set_module(new, name, {
+        **_chains.get_module(params, name),
+        **{k: jnp.asarray(v) for k, v in layer[name].items()}})
     if name in norms and i < len(layers) - 1:
       new = _shrink_entries(new, norms[name], alive[i])
       new_stats = _shrink_entries(new_stats, norms[name], alive[i])

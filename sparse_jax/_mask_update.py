@@ -149,23 +149,34 @@ def update_masks(config: MaskUpdateConfig, params: PyTree, updates: PyTree, grad
       st, [m.compute() for m in keep])))
 
 
-def layerwise_count_table(counts, ms) -> np.ndarray:
+def layerwise_count_table(counts, ms, sizes=None) -> np.ndarray:
   """Each event's overall count split over the layers ``ms`` by size (int32 [K, L]).
 
   Static, on the host (float64): each row is ``proportional_counts`` of one
-  event's exact total.
+  event's exact total. ``sizes``: the layers' sizes if not those of ``ms``.
   """
-  sizes = [int(m.size) for m in ms]
+  sizes = [int(m.size) for m in ms] if sizes is None else sizes
   return np.asarray([_distributions.proportional_counts(sizes, int(c)) for c in counts],
                     np.int32)
+
+
+def _pruned_sizes(structure, st, ms) -> list[int]:
+  """The sizes the schedule counts: each layer's, or its original units for a model
+  condensed during training (``Channels.units``: the targets stay those of the
+  original widths, the dead units it lost being inactive)."""
+  if not isinstance(structure, _structure.Channels) or not structure.units:
+    return [int(m.size) for m in ms]
+  return [structure.unit_count(_layers.base_name(v.name), int(m.size))
+          for v, m in zip(st.views, ms)]
 
 
 def _prune_stage(config: MaskUpdateConfig, st, ws, ms, t) -> list:
   """The masks after the event's magnitude prune (``ms`` itself if none is due)."""
   pruning, structure = config.pruning, config.structure
   num_layers = len(ms)
+  sizes = _pruned_sizes(structure, st, ms)
   counts = _schedules.gradual_active_counts(
-      sum(int(m.size) for m in ms), initial_sparsity=pruning.initial_sparsity,
+      sum(sizes), initial_sparsity=pruning.initial_sparsity,
       final_sparsity=pruning.final_sparsity, start_step=pruning.start_step,
       end_step=pruning.end_step, update_every=pruning.update_every)
   k0 = pruning.start_step // pruning.update_every
@@ -187,7 +198,7 @@ def _prune_stage(config: MaskUpdateConfig, st, ws, ms, t) -> list:
     return [m.compute() for m in _prune.apply_global_plan(ws, ms, plan)]
   # Layer-wise: each event's exact total, split over the layers in proportion to
   # their sizes by largest remainder.
-  per_layer = jnp.asarray(layerwise_count_table(counts, ms))[jnp.clip(k, 0, kf)]
+  per_layer = jnp.asarray(layerwise_count_table(counts, ms, sizes))[jnp.clip(k, 0, kf)]
   sel = lax.cond(prune_now, lambda: _prune.layerwise_prune_plan(ws, ms, per_layer),
                  lambda: _select.Selection.all_positive(num_layers))
   return [m.compute() for m in _prune.apply_layerwise_plan(ws, ms, sel)]

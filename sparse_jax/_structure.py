@@ -114,11 +114,57 @@ class Channels:
   ``sparsity`` then counts units: 0.75 removes 75% of the prunable output units.
   Keep the classifier dense (``keep_last_dense=True``): its units are the classes.
 
+  A dead unit is made exactly dead (docs/algorithms.md §2 "Channels"): with
+  ``attach=True`` its layer's ``bias`` and the ``scale``/``bias`` of the
+  normalisation after it are masked with its kernel column (held at their
+  initial values while it is dead, a scale at 1 and biases at 0, where a
+  regrown unit restarts), so it outputs ``activation(0)`` in training (in
+  evaluation too once ``mask_batch_stats`` zeroed its running mean), and
+  ``condense_channels`` / ``condense_train_state`` remove it exactly. The norm
+  after a layer is found in the params' own order (the next module, named
+  ``*Norm*``, whose leaves have one entry per unit) or named in ``norms``.
+
   Example:
     >>> tx = sparse_jax.granet(optax.sgd(0.1, momentum=0.9), sparsity=0.5,
     ...                        total_steps=1000, end_step=700, update_every=100,
     ...                        structure=sparse_jax.Channels(), keep_last_dense=True)
+
+  Attributes:
+    attach: mask each unit's bias and normalisation with it (False: only the
+      kernels are masked, as before 0.2).
+    norms: ``{layer module: norm module}`` (e.g. ``{"Conv_0": "BatchNorm_0"}``)
+      where the order of the params does not tell; ``None`` for a layer: no norm.
+    units: ``{kernel leaf: units}`` of a model condensed during training
+      (``condense_train_state`` returns them): the sparsity schedule counts units
+      of these original widths, not of the smaller kernels.
   """
+  attach: bool = True
+  norms: Any = ()
+  units: Any = ()
+
+  def __post_init__(self):
+    if not isinstance(self.attach, bool):
+      raise TypeError(f"Channels(attach={self.attach!r}) must be True or False.")
+    for field in ("norms", "units"):
+      value = getattr(self, field)
+      pairs = tuple(sorted(dict(value).items())) if isinstance(value, Mapping) else value
+      if not isinstance(pairs, tuple) or any(
+          not (isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str)) for p in pairs):
+        raise TypeError(f"Channels({field}=...) must be a dict keyed by name, got {value!r}.")
+      object.__setattr__(self, field, pairs)
+    for name, n in self.units:
+      if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"Channels(units={{{name!r}: {n!r}}}): a unit count is a "
+                         "positive int (the layer's original width).")
+
+  def unit_count(self, name: str, default: int) -> int:
+    """The original units of the kernel leaf ``name`` (``default``: its own)."""
+    return int(dict(self.units).get(name, default))
+
+  def __repr__(self):
+    fields = [f"{f}={getattr(self, f)!r}" for f, d in (("attach", True), ("norms", ()),
+                                                        ("units", ())) if getattr(self, f) != d]
+    return f"Channels({', '.join(fields)})"
 
 
 STRUCTURES = (NM, Block, Channels)

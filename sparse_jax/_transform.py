@@ -67,6 +67,7 @@ import numpy as np
 import optax
 from jax import lax
 
+from sparse_jax import _attached
 from sparse_jax import _distributions
 from sparse_jax import _layers
 from sparse_jax import _lazy
@@ -109,6 +110,9 @@ class _Wrapper(NamedTuple):
   # The layer axes read from the params' metadata at the last tx.init (leaf name
   # -> axes): updates get plain arrays, without metadata.
   detected: dict
+  # The leaves attached to channels (``_attached.find``), read at the last tx.init
+  # from the params' order, which jit's flattening loses.
+  attached: list
 
 
 def initial_masks(params: PyTree, start: Start, key: jax.Array, structure=None,
@@ -178,7 +182,7 @@ def sparse_wrapper(inner: optax.GradientTransformation, start: Start,
   """
   w = _Wrapper(optax.with_extra_args_support(inner), start,
                _mask_update.MaskUpdateConfig(pruning, regrowth, structure), track_union,
-               _masks.pack_masks if packed_masks else _masks.unpack_masks, {})
+               _masks.pack_masks if packed_masks else _masks.unpack_masks, {}, [])
 
   def init_fn(params):
     return _init(w, params)
@@ -202,6 +206,8 @@ def _init(w: _Wrapper, params: PyTree) -> _state.SparseState:
   w.detected.clear()
   w.detected.update(_layers.detect(params))
   masks = initial_masks(params, w.start, mask_key, w.events.structure, w.detected)
+  w.attached[:] = _attached.find(w.events.structure, params, masks,
+                                 w.start.layer_axes.with_detected(w.detected))
   # Built from shapes, the masks are replicated; a select of a replicated mask with
   # a sharded gradient is an error under explicit axes.
   masks = _placed_like(masks, _masks.unwrap_variables(params))
@@ -263,7 +269,8 @@ def _update(w: _Wrapper, updates, state: _state.SparseState, params, mask_update
   # their last axis only (under explicit axes): placed like the params again.
   masks = _placed_like(_masks.unpack_masks(stored), params)
   masked_grads = jax.tree.map(
-      lambda g, m: g if m is None else jnp.where(m, g, jnp.zeros_like(g)), grads, masks)
+      lambda g, m: g if m is None else jnp.where(m, g, jnp.zeros_like(g)), grads,
+      _attached.extend(masks, w.attached, params))
   inner_updates, inner_state = w.inner.update(masked_grads, state.inner_state, params,
                                               **extra_args)
   t = state.count + 1
@@ -311,11 +318,9 @@ def _update(w: _Wrapper, updates, state: _state.SparseState, params, mask_update
       new_stored, kept, rng, union, regrown = lax.cond(
           is_event, event, lambda: (stored, stored, state.rng, union, regrown))
 
-  out = jax.tree.map(
-      lambda u, p, k: u if k is None else jnp.where(k, u, -p).astype(u.dtype),
-      inner_updates, params, _placed_like(_masks.unpack_masks(kept), params))
-  if regrown is not None:
-    out = _warm_up(out, regrown, t, _warmup(w), params)
+  kept = _attached.extend(_placed_like(_masks.unpack_masks(kept), params), w.attached,
+                          params)
+  out = _kept_updates(w, inner_updates, params, kept, regrown, t)
   if dynamic and mask_update is not False:
     # With masked gradients the inner state stays zero at inactive positions, so
     # only events (pruned and newly grown positions) need it zeroed.
@@ -328,6 +333,17 @@ def _update(w: _Wrapper, updates, state: _state.SparseState, params, mask_update
   return out, _state.SparseState(count=t, masks=new_stored, rng=rng,
                                  inner_state=inner_state, grad_momentum=grad_momentum,
                                  union=union, skipped_events=skipped, regrown=regrown)
+
+
+def _kept_updates(w: _Wrapper, inner_updates, params, kept, regrown, t):
+  """``where(keep, u, -p)``: outside ``keep`` the weights go to 0 (a dead channel's
+  attached scale to 1), grown ones warm up."""
+  out = jax.tree.map(
+      lambda u, p, k, r: u if k is None else jnp.where(k, u, r - p if r else -p).astype(
+          u.dtype), inner_updates, params, kept, _attached.restarts(params, w.attached))
+  if regrown is not None:
+    out = _warm_up(out, regrown, t, _warmup(w), params)
+  return out
 
 
 def _grad_momentum(w: _Wrapper, grad_momentum, grads, masks):
