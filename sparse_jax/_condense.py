@@ -48,7 +48,8 @@ def condense_train_state(params: PyTree, opt_state: PyTree, layers: Sequence[str
                          batch_stats: PyTree | None = None,
                          norms: Mapping[str, str] | None = None,
                          activation: Callable = jax.nn.relu,
-                         epsilon: float = 1e-5) -> CondensedState:
+                         epsilon: float = 1e-5,
+                         keep: Mapping[str, Any] | None = None) -> CondensedState:
   """Removes the dead units of a chain of layers from a ``Channels()`` train state.
 
   The chain is that of ``condense_channels`` (module paths in forward order;
@@ -78,6 +79,9 @@ def condense_train_state(params: PyTree, opt_state: PyTree, layers: Sequence[str
     norms: ``{layer: batch norm module path}`` of the layers followed by one.
     activation: the function after each layer (and its norm) but the last.
     epsilon: the batch norms' epsilon.
+    keep: ``{layer: bool [units]}``, the units to keep where not all dead ones
+      should go (e.g. those dead for fewer events than a patience); every alive
+      unit must be kept. Default: the alive units.
 
   Returns:
     A ``CondensedState``; pass its ``structure`` to the factory of the next
@@ -97,7 +101,8 @@ def condense_train_state(params: PyTree, opt_state: PyTree, layers: Sequence[str
   _chains.check_arguments(layers, norms, batch_stats, _CALLER)
   params = _masks.unwrap_variables(params)
   masks = _state.get_masks(opt_state)
-  cuts, kept = _plan(params, masks, layers, batch_stats, norms, activation, epsilon)
+  cuts, kept = _plan(params, masks, layers, batch_stats, norms, activation, epsilon,
+                     dict(keep or {}))
   shapes = {n: np.shape(x) for n, x in _named(params).items()}
   units = {**dict(structure.units), **{
       f"{n}/kernel": structure.unit_count(f"{n}/kernel", shapes[f"{n}/kernel"][-1])
@@ -117,7 +122,7 @@ def _named(tree) -> dict:
   return {_paths.path_to_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _plan(params, masks, layers, batch_stats, norms, activation, epsilon):
+def _plan(params, masks, layers, batch_stats, norms, activation, epsilon, chosen):
   """``({leaf: [(axis, indices)]}, kept indices per layer)`` of the dead units."""
   cuts: dict[str, list] = {}
   kept = []
@@ -125,13 +130,19 @@ def _plan(params, masks, layers, batch_stats, norms, activation, epsilon):
     out = {k: np.asarray(v) for k, v in _chains.get_module(params, name, _CALLER).items()}
     nkernel = np.asarray(_chains.get_module(params, nxt, _CALLER)["kernel"])
     alive = _chains.alive_units(_chains.kernel_mask(masks, name), out["kernel"])
-    if not alive.any():
+    kept_units = alive
+    if name in chosen:
+      kept_units = np.asarray(chosen[name], bool)
+      if kept_units.shape != alive.shape or np.any(alive & ~kept_units):
+        raise ValueError(f"{_CALLER}: keep[{name!r}] must be a bool [{alive.size}] that "
+                         "keeps every alive unit (only dead units can be removed).")
+    if not kept_units.any():
       raise ValueError(f"{_CALLER}: every unit of {name!r} is dead; a layer keeps at least "
                        "one unit (the methods' rankings keep one per layer: were these "
                        "masks set by hand?).")
     constant = _chains.dead_unit_outputs(name, out, params, batch_stats, norms, activation,
                                          epsilon, _CALLER)
-    bad = np.flatnonzero((constant != 0) & ~alive)
+    bad = np.flatnonzero((constant != 0) & ~kept_units)
     if bad.size:
       raise ValueError(
           f"{_CALLER}: dead units {bad[:5].tolist()} of {name!r} output "
@@ -139,7 +150,7 @@ def _plan(params, masks, layers, batch_stats, norms, activation, epsilon):
           "bias or batch norm is not masked with them (train with structure="
           "sparse_jax.Channels(attach=True), the default) or their norm's running "
           "mean is not 0 (call sparse_jax.mask_batch_stats after each event).")
-    keep = np.flatnonzero(alive)
+    keep = np.flatnonzero(kept_units)
     kept.append(keep)
     leaves = [f"{name}/{k}" for k in out]
     if name in norms:

@@ -85,6 +85,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   # granet/rigl/set: updates over which a regrown weight's learning rate warms up
   # from 0 (at most update_every; 0: full steps at once, as the papers).
   config.sparsity.regrowth_warmup = 0
+  # structure="channels" (granet/gmp/rigl/set, chain models): remove the units dead
+  # for condense_patience events in a row and train on the smaller dense model
+  # (experiments/trainer/condensing.py); a removed unit never comes back.
+  config.sparsity.condense = False
+  config.sparsity.condense_patience = 1
   # Keep the masks after every event (bit-packed, <workdir>/mask_history.npz) and the
   # union of all masks on the device (ITOP); see experiments/trainer/mask_history.py.
   config.record_mask_history = False

@@ -151,17 +151,24 @@ def save_checkpoint(mngr: ocp.CheckpointManager, state, step: int, meta: dict | 
 def restore(mngr: ocp.CheckpointManager, target):
   """The newest readable checkpoint: ``(state, meta)``, or ``(target, None)`` if none.
 
-  Restored into the structure and shardings of ``target``. Unreadable newer
+  Restored into the structure and shardings of ``target``: a state, or ``meta ->
+  state`` (``None`` when there is no checkpoint) where the state's shapes depend on
+  the checkpoint (a condensed run's smaller model). Unreadable newer
   checkpoints are moved aside with a warning (module docstring); if every one is
   unreadable, raises instead of starting over.
   """
+  target_for = target if callable(target) else (lambda meta: target)
   steps = sorted(mngr.all_steps(), reverse=True)
   if not steps:
-    return target, None
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    return target_for(None), None
   failures = []
   for step in steps:
     try:
+      if callable(target):  # its shapes depend on the checkpoint's meta
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target(dict(meta["meta"])))
+      else:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
       restored = mngr.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
       meta = dict(restored["meta"])

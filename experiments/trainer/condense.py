@@ -83,7 +83,7 @@ def _vgg_widths(name, kwargs, features):
 
 # model name -> (its chain: (layers, {layer: norm}), the constructor kwargs at new widths,
 # the registry name of the family's model that takes those widths).
-_FAMILIES = {
+FAMILIES = {
     "mlp": (_mlp_chain, _features_widths, "mlp"),
     "lenet300_100": (_mlp_chain, _features_widths, "mlp"),
     "lenet5": (_lenet5_chain, _features_widths, "lenet5"),
@@ -107,10 +107,30 @@ def check_condensable(model_name: str):
         f"condense_model: {model_name!r} has residual connections; a skip adds a block's "
         "input to its output, so a channel could only be removed where it is dead on both "
         "ends of every skip it joins. Only chain models are condensed: "
-        f"{', '.join(sorted(_FAMILIES))}.")
-  if model_name not in _FAMILIES:
+        f"{', '.join(sorted(FAMILIES))}.")
+  if model_name not in FAMILIES:
     raise ValueError(f"condense_model: no channel condensation for {model_name!r}; "
-                     f"supported: {', '.join(sorted(_FAMILIES))}.")
+                     f"supported: {', '.join(sorted(FAMILIES))}.")
+
+
+def chain_of(model_name: str, params: PyTree, model_kwargs=None):
+  """``(layers, {layer: norm})``: the chain of a registered model's params."""
+  check_condensable(model_name)
+  return FAMILIES[model_name][0](params, dict(model_kwargs or {}))
+
+
+def activation_of(model_name: str, model_kwargs=None):
+  """The stateless activation between the chain's layers."""
+  return _activation(model_name, dict(model_kwargs or {}))
+
+
+def model_at(model_name: str, num_classes: int, features, model_kwargs=None, **extra):
+  """The model of ``model_name``'s family with the chain's output widths ``features``
+  (the last being the logits); ``extra``: more constructor kwargs (e.g. dtype)."""
+  check_condensable(model_name)
+  kwargs = dict(model_kwargs or {})
+  _, widths, family = FAMILIES[model_name]
+  return models.get_model(family, num_classes, **widths(model_name, kwargs, features), **extra)
 
 
 def condense_model(model_name: str, num_classes: int, params: PyTree, masks: PyTree, *,
@@ -137,15 +157,12 @@ def condense_model(model_name: str, num_classes: int, params: PyTree, masks: PyT
     ValueError: for a residual or unsupported model, or what
       ``sparse_jax.condense_channels`` cannot fold.
   """
-  check_condensable(model_name)
-  kwargs = dict(model_kwargs or {})
-  chain, widths, family = _FAMILIES[model_name]
-  layers, norms = chain(params, kwargs)
+  layers, norms = chain_of(model_name, params, model_kwargs)
   small = sparse_jax.condense_channels(
-      params, masks, layers, activation=_activation(model_name, kwargs),
+      params, masks, layers, activation=activation_of(model_name, model_kwargs),
       batch_stats=batch_stats if norms else None, norms=norms,
       keep_constant_channels=keep_constant_channels)
-  model = models.get_model(family, num_classes, **widths(model_name, kwargs, small.features))
+  model = model_at(model_name, num_classes, small.features, model_kwargs)
   variables = {"params": small.params}
   if batch_stats is not None:
     variables["batch_stats"] = small.batch_stats if norms else batch_stats

@@ -27,6 +27,7 @@ import ml_collections
 import sparse_jax
 from experiments.trainer import baselines
 from experiments.data import input_pipeline
+from experiments.trainer import condensing
 from experiments.trainer import methods
 from experiments.trainer import sharding
 from experiments import models
@@ -212,6 +213,7 @@ def _check_sparsity(config):
                        f"sparsity.sampling='exact' (got {config.sparsity.sampling!r}).")
   if method in methods.STRAIGHT_THROUGH:
     methods.check_straight_through(config)
+  condensing.check_config(config)
 
 
 def _check_parallelism(config):

@@ -10,6 +10,8 @@ them to the host).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,14 +108,15 @@ def parse_structure(text: str):
 
 
 def create_sparse_tx(config, inner: optax.GradientTransformation, steps_per_epoch: int,
-                     initial_masks=None) -> optax.GradientTransformation:
+                     initial_masks=None, units=None) -> optax.GradientTransformation:
   """Wraps ``inner`` in the sparse method named by ``config.sparsity.method``.
 
   The method checks its arguments here; a mistake is reported in the config's
-  terms (epochs become steps at ``steps_per_epoch``).
+  terms (epochs become steps at ``steps_per_epoch``). ``units``: a condensed run's
+  original widths (``sparse_jax.Channels(units=...)``).
   """
   try:
-    return _sparse_tx(config, inner, steps_per_epoch, initial_masks)
+    return _sparse_tx(config, inner, steps_per_epoch, initial_masks, units)
   except (ValueError, TypeError) as e:
     sp = config.sparsity
     raise type(e)(
@@ -159,7 +162,7 @@ def _straight_through_tx(config, inner):
       keep_first_dense=sp.keep_first_dense, keep_last_dense=sp.keep_last_dense)
 
 
-def _sparse_tx(config, inner, steps_per_epoch: int, initial_masks):
+def _sparse_tx(config, inner, steps_per_epoch: int, initial_masks, units=None):
   sp = config.sparsity
   method = sp.method
   # Regrown weights' learning-rate warm-up (docs/algorithms.md §5): regrowing methods.
@@ -187,6 +190,8 @@ def _sparse_tx(config, inner, steps_per_epoch: int, initial_masks):
                   track_union=bool(config.get("record_mask_history", False)),
                   packed_masks=bool(sp.get("packed_masks", False)),
                   structure=parse_structure(sp.get("structure", "unstructured")))
+  if units:  # a condensed run counts the schedule in its original widths
+    selector["structure"] = dataclasses.replace(selector["structure"], units=units)
   if sp.get("layer_axes"):  # stacked (scanned) layers; absent: the factory's default
     selector["layer_axes"] = dict(sp.layer_axes)
   if method == "granet":
@@ -246,13 +251,13 @@ def mask_update_steps(config, steps_per_epoch: int, tx=None) -> set[int]:
   return {t for t in range(1, num_train_steps(config, steps_per_epoch) + 1) if is_event(t)}
 
 
-def create_tx_fn(config, model, info, steps_per_epoch: int):
+def create_tx_fn(config, model, info, steps_per_epoch: int, units=None):
   """``tx_fn(initial_masks)``: the run's optimizer, as ``create_train_state`` takes it.
 
   SNIP, GraSP and SynFlow score the params at ``init`` (experiments/trainer/baselines.py).
   """
   inner = create_optimizer(config, steps_per_epoch)
-  tx_fn = lambda masks: create_sparse_tx(config, inner, steps_per_epoch, masks)
+  tx_fn = lambda masks: create_sparse_tx(config, inner, steps_per_epoch, masks, units)
   if config.sparsity.method in baselines.PRUNING_AT_INIT:
     tx_fn = baselines.pruning_at_init_tx_fn(config, model, info.num_classes,
                                             info.input_shape, tx_fn)

@@ -1,0 +1,205 @@
+"""Condensed training (``config.sparsity.condense``, issue 32; docs/algorithms.md §2).
+
+A ``structure="channels"`` run of a chain model (MLP, LeNet-300-100, LeNet-5,
+VGG) removes its dead units at mask-update events and trains on the smaller
+dense model: ``sparse_jax.condense_train_state`` cuts params, batch statistics,
+optimizer moments and masks consistently, the model is rebuilt at the new widths
+(``condense.model_at``) and the step recompiled. A unit is removed once it has
+been dead after ``condense_patience`` consecutive events (default 1: at the event
+that kills it); a removed unit never comes back, so a regrowing method regrows
+among the units still in the model (those dead for fewer events). Everything the
+run reports (densities, sparsity, FLOPs) stays in units of the original widths.
+
+``Condenser`` holds the chain, the original shapes, which original units each
+layer still has and how long each has been dead; ``meta`` / ``for_run(meta)``
+carry that through checkpoints, so a resume after a shrink builds the smaller
+model before restoring into it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any
+
+
+import numpy as np
+
+import sparse_jax
+from experiments.trainer import condense
+
+log = logging.getLogger("sparse_jax.train")
+META_KEY = "condensed"
+
+
+CONDENSED_METHODS = ("granet", "gmp", "rigl", "set")
+
+
+def check_config(config) -> None:
+  """Raises a ``ValueError`` naming the field and the fix if ``sparsity.condense`` cannot
+  run with this config (before any data is read or model built)."""
+  sp = config.sparsity
+  if not sp.get("condense", False):
+    return
+  why = None
+  if sp.get("structure", "unstructured") != "channels":
+    why = (f"needs sparsity.structure='channels' (got {sp.get('structure')!r}): only "
+           "whole units can be removed")
+  elif sp.method not in CONDENSED_METHODS:
+    why = (f"needs a method with mask-update events, one of {CONDENSED_METHODS} (got "
+           f"{sp.method!r})")
+  elif config.model in condense.RESIDUAL_MODELS or config.model not in condense.FAMILIES:
+    why = (f"cannot condense model {config.model!r}: chain models only "
+           f"({', '.join(sorted(condense.FAMILIES))}); a residual block's skip needs the "
+           "same units on both of its ends")
+  elif config.get("param_sharding", "replicated") != "replicated" or config.get("mesh_shape"):
+    why = "runs with replicated params only (unset param_sharding/mesh_shape)"
+  elif config.get("record_mask_history") or config.get("gradient_flow_every_steps"):
+    why = "does not record mask history or gradient flow (their arrays change shape)"
+  elif not (isinstance(sp.get("condense_patience", 1), int)
+            and sp.get("condense_patience", 1) >= 1):
+    why = f"needs sparsity.condense_patience >= 1 (got {sp.get('condense_patience')!r})"
+  if why:
+    raise ValueError(f"sparsity.condense=True {why}; or set sparsity.condense=False.")
+
+
+@dataclasses.dataclass
+class Condenser:
+  """The condensation of one run (host side)."""
+  model_name: str
+  model_kwargs: dict
+  num_classes: int
+  chain: list[str]
+  norms: dict
+  original: dict[str, tuple[int, ...]]  # kernel leaf -> its shape in the full model
+  prunable: tuple[str, ...]  # the kernel leaves with masks
+  # Chain layer (but the last) -> the original indices of the units it still has,
+  # and how many events in a row each has been dead.
+  index: dict[str, np.ndarray]
+  dead_for: dict[str, np.ndarray]
+  patience: int = 1
+
+  @classmethod
+  def for_run(cls, config, num_classes: int, params, masks) -> "Condenser":
+    """The condenser of a run from its full-width ``params`` (shapes) and masks."""
+    kwargs = dict(config.model_kwargs)
+    chain, norms = condense.chain_of(config.model, params, kwargs)
+    original = {f"{n}/kernel": tuple(np.shape(params[n]["kernel"])) for n in chain}
+    index = {n: np.arange(original[f"{n}/kernel"][-1]) for n in chain[:-1]}
+    prunable = tuple(k for k in original
+                     if (masks.get(k.split("/")[0]) or {}).get("kernel") is not None)
+    return cls(config.model, kwargs, num_classes, chain, norms, original, prunable, index,
+               {n: np.zeros(len(i), np.int64) for n, i in index.items()},
+               int(config.sparsity.get("condense_patience", 1)))
+
+  def resumed(self, meta) -> "Condenser":
+    """This condenser as a checkpoint's ``meta`` left it (itself if not condensed)."""
+    saved = (meta or {}).get(META_KEY)
+    if not saved:
+      return self
+    return dataclasses.replace(
+        self, index={n: np.asarray(v, np.int64) for n, v in saved["index"].items()},
+        dead_for={n: np.asarray(v, np.int64) for n, v in saved["dead_for"].items()})
+
+  @property
+  def features(self) -> tuple[int, ...]:
+    """The chain's current output widths (the last: the logits)."""
+    return (*(len(self.index[n]) for n in self.chain[:-1]),
+            self.original[f"{self.chain[-1]}/kernel"][-1])
+
+  @property
+  def condensed(self) -> bool:
+    return any(len(i) < self.original[f"{n}/kernel"][-1] for n, i in self.index.items())
+
+  def units(self) -> dict[str, int]:
+    """``Channels(units=...)``: each kernel's original number of units."""
+    return {k: s[-1] for k, s in self.original.items()}
+
+  def structure(self) -> sparse_jax.Channels:
+    """The structure the run's optimizer is built with (methods.create_tx_fn)."""
+    return sparse_jax.Channels(units=self.units())
+
+  def model(self, **extra):
+    """The model at the current widths (``extra``: e.g. its dtype)."""
+    return condense.model_at(self.model_name, self.num_classes, self.features,
+                             self.model_kwargs, **extra)
+
+  def meta(self) -> dict:
+    """What a checkpoint keeps to rebuild the current model (JSON)."""
+    return {META_KEY: {"features": list(self.features), "shrunk": self.condensed,
+                       "index": {n: i.tolist() for n, i in self.index.items()},
+                       "dead_for": {n: d.tolist() for n, d in self.dead_for.items()}}}
+
+  def at_event(self, state) -> tuple[Any, bool]:
+    """The host ``state`` after an event: dead units' running means zeroed, and the
+    units dead for ``patience`` events removed. Returns ``(state, shrunk)``."""
+    masks = sparse_jax.get_masks(state.opt_state)
+    stats = state.batch_stats
+    if self.norms:
+      stats = sparse_jax.mask_batch_stats(stats, masks, self.norms)
+    remove = {}
+    for n in self.chain[:-1]:
+      m = (masks.get(n) or {}).get("kernel")
+      m = None if m is None else np.asarray(m)
+      alive = np.ones(len(self.index[n]), bool) if m is None else (
+          m.reshape(-1, m.shape[-1]).any(0))
+      self.dead_for[n] = np.where(alive, 0, self.dead_for[n] + 1)
+      remove[n] = self.dead_for[n] >= self.patience
+    if not any(r.any() for r in remove.values()):
+      return state.replace(batch_stats=stats), False
+    return self._shrink(state.replace(batch_stats=stats), remove), True
+
+  def _shrink(self, state, remove):
+    """``state`` without the units of ``remove`` (those dead long enough)."""
+    c = sparse_jax.condense_train_state(
+        state.params, state.opt_state, self.chain, structure=self.structure(),
+        batch_stats=state.batch_stats or None, norms=self.norms,
+        activation=condense.activation_of(self.model_name, self.model_kwargs),
+        keep={n: ~r for n, r in remove.items()})
+    before = self.features
+    for n, keep in zip(self.chain[:-1], c.kept):
+      self.index[n], self.dead_for[n] = self.index[n][keep], self.dead_for[n][keep]
+    total = sum(self.original[f"{n}/kernel"][-1] for n in self.chain[:-1])
+    log.info("Condensed: widths %s -> %s (%.1f%% of the original units); recompiling.",
+             before, self.features, 100 * sum(self.features[:-1]) / total)
+    return state.replace(params=c.params, batch_stats=c.batch_stats or state.batch_stats,
+                         opt_state=c.opt_state)
+
+  def original_densities(self, layer_density: dict, params) -> dict:
+    """``layer_density`` (of the current kernels) in terms of the original ones."""
+    out = {}
+    for k, d in layer_density.items():
+      shape = self.original.get(k)
+      current = _leaf_shape(params, k)
+      out[k] = d if shape is None or current is None else (
+          d * math.prod(current) / math.prod(shape))
+    return out
+
+
+  def reported(self, record: dict, params) -> dict:
+    """``record`` (a log record or the summary) with its densities and sparsities in
+    units of the original widths: the active (and nonzero) weights over the full
+    model's (``params``: those the record's numbers were computed on)."""
+    if "layer_density" in record:
+      record["layer_density"] = self.original_densities(record["layer_density"], params)
+    current = sum(math.prod(_leaf_shape(params, k)) for k in self.prunable)
+    fraction = current / max(1, sum(math.prod(self.original[k]) for k in self.prunable))
+    for key in ("sparsity", "final_sparsity", "mask_sparsity"):
+      if record.get(key) is not None:
+        record[key] = 1.0 - (1.0 - float(record[key])) * fraction
+    return record
+
+
+def shrunk(meta) -> bool:
+  """Whether a checkpoint's ``meta`` is of a condensed run that has shrunk."""
+  return bool(((meta or {}).get(META_KEY) or {}).get("shrunk"))
+
+
+def _leaf_shape(params, name: str):
+  node = params
+  for key in name.split("/"):
+    if not hasattr(node, "get") or key not in node:
+      return None
+    node = node[key]
+  return tuple(np.shape(node))

@@ -1,0 +1,80 @@
+"""``config.sparsity.condense`` in the trainer (issue 32): a channel run that shrinks.
+
+LeNet-300-100 on the MNIST subset, GMP to 75% of the hidden units layer-wise
+(events at steps 10, 20, 30). References: the hand count of the weights the
+condensed model keeps, the masked run's unit counts, and the uninterrupted run.
+"""
+
+import numpy as np
+import pytest
+
+from experiments.trainer import config_checks
+from experiments.trainer import train
+from tests.test_trainer import read_export
+from tests.test_trainer import small_config
+
+
+def _config(**kw):
+  config = small_config("gmp", keep_last_dense=True, scope="layerwise")
+  config.sparsity.structure = "channels"
+  config.sparsity.final = 0.75
+  config.sparsity.condense = True
+  for k, v in kw.items():
+    setattr(config.sparsity, k, v)
+  return config
+
+
+def test_condensed_run_shrinks_and_reports_in_original_units(tmp_path):
+  summary = train.train_and_evaluate(_config(), str(tmp_path / "condensed"))
+  masked_config = _config(condense=False)
+  masked = train.train_and_evaluate(masked_config, str(tmp_path / "masked"))
+  # 75 of 300 and 25 of 100 hidden units, as the masked run keeps.
+  assert summary["condensed_widths"] == [75, 25, 10]
+  exported = read_export(tmp_path / "masked")
+  assert [int(exported[f"masks/Dense_{i}/kernel"].any(0).sum()) for i in (0, 1)] == [75, 25]
+  # The condensed model's weights, over the full model's prunable ones (784x300 +
+  # 300x100): Dense_1 lost the rows of Dense_0's 225 removed units too.
+  active = 784 * 75 + 75 * 25
+  assert summary["mask_sparsity"] == pytest.approx(1 - active / (784 * 300 + 300 * 100))
+  assert masked["mask_sparsity"] == pytest.approx(1 - (784 * 75 + 300 * 25) / 265_200)
+  small = read_export(tmp_path / "condensed")
+  assert small["params/Dense_0/kernel"].shape == (784, 75)
+  assert small["params/Dense_1/kernel"].shape == (75, 25)
+  assert small["params/Dense_2/kernel"].shape == (25, 10)
+  assert summary["final_test_accuracy"] > 0.5
+  assert summary["inference_flops_vs_dense"] < masked["inference_flops_vs_dense"]
+
+
+def test_resume_after_a_shrink_equals_the_uninterrupted_run(tmp_path):
+  whole = train.train_and_evaluate(_config(), str(tmp_path / "whole"))
+  config = _config()
+  config.halt_after_step = 25  # after the shrinks at 10 and 20
+  assert train.train_and_evaluate(config, str(tmp_path / "resumed")) == {
+      "halted_at_step": 25}
+  config.halt_after_step = None
+  resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  assert resumed["final_test_accuracy"] == whole["final_test_accuracy"]
+  a, b = read_export(tmp_path / "whole"), read_export(tmp_path / "resumed")
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(structure="unstructured"), "structure='channels'"),
+    (dict(method="static"), "mask-update events"),
+    (dict(condense_patience=0), "condense_patience >= 1"),
+])
+def test_condense_refuses_what_it_cannot_do_before_any_data(change, match, monkeypatch):
+  config = _config(**change)
+  monkeypatch.setattr(train.input_pipeline, "load_arrays",
+                      lambda *a, **k: pytest.fail("data read before the check"))
+  with pytest.raises(ValueError, match=match):
+    config_checks.validate(config)
+
+
+def test_condense_refuses_a_residual_model():
+  config = _config()
+  config.model = "resnet20"
+  with pytest.raises(ValueError, match="chain models only"):
+    config_checks.validate(config)
