@@ -88,8 +88,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   # structure="channels" (granet/gmp/rigl/set, chain models): remove the units dead
   # for condense_patience events in a row and train on the smaller dense model
   # (experiments/trainer/condensing.py); a removed unit never comes back.
+  # Each shrink recompiles (seconds): it waits until condense_min_fraction of the
+  # current units can go (the last event removes whatever is dead).
   config.sparsity.condense = False
   config.sparsity.condense_patience = 1
+  config.sparsity.condense_min_fraction = 0.1
   # Keep the masks after every event (bit-packed, <workdir>/mask_history.npz) and the
   # union of all masks on the device (ITOP); see experiments/trainer/mask_history.py.
   config.record_mask_history = False

@@ -60,6 +60,9 @@ def check_config(config) -> None:
   elif not (isinstance(sp.get("condense_patience", 1), int)
             and sp.get("condense_patience", 1) >= 1):
     why = f"needs sparsity.condense_patience >= 1 (got {sp.get('condense_patience')!r})"
+  elif not 0.0 <= sp.get("condense_min_fraction", 0.0) < 1.0:
+    why = ("needs sparsity.condense_min_fraction in [0, 1) (got "
+           f"{sp.get('condense_min_fraction')!r})")
   if why:
     raise ValueError(f"sparsity.condense=True {why}; or set sparsity.condense=False.")
 
@@ -79,6 +82,7 @@ class Condenser:
   index: dict[str, np.ndarray]
   dead_for: dict[str, np.ndarray]
   patience: int = 1
+  min_fraction: float = 0.0  # shrink once this fraction of the current units can go
 
   @classmethod
   def for_run(cls, config, num_classes: int, params, masks) -> "Condenser":
@@ -91,7 +95,8 @@ class Condenser:
                      if (masks.get(k.split("/")[0]) or {}).get("kernel") is not None)
     return cls(config.model, kwargs, num_classes, chain, norms, original, prunable, index,
                {n: np.zeros(len(i), np.int64) for n, i in index.items()},
-               int(config.sparsity.get("condense_patience", 1)))
+               int(config.sparsity.get("condense_patience", 1)),
+               float(config.sparsity.get("condense_min_fraction", 0.0)))
 
   def resumed(self, meta) -> "Condenser":
     """This condenser as a checkpoint's ``meta`` left it (itself if not condensed)."""
@@ -131,9 +136,11 @@ class Condenser:
                        "index": {n: i.tolist() for n, i in self.index.items()},
                        "dead_for": {n: d.tolist() for n, d in self.dead_for.items()}}}
 
-  def at_event(self, state) -> tuple[Any, bool]:
+  def at_event(self, state, last: bool = False) -> tuple[Any, bool]:
     """The host ``state`` after an event: dead units' running means zeroed, and the
-    units dead for ``patience`` events removed. Returns ``(state, shrunk)``."""
+    units dead for ``patience`` events removed once they are ``min_fraction`` of the
+    current units (at the ``last`` event, whatever their number): each shrink
+    recompiles. Returns ``(state, shrunk)``."""
     masks = sparse_jax.get_masks(state.opt_state)
     stats = state.batch_stats
     if self.norms:
@@ -146,7 +153,9 @@ class Condenser:
           m.reshape(-1, m.shape[-1]).any(0))
       self.dead_for[n] = np.where(alive, 0, self.dead_for[n] + 1)
       remove[n] = self.dead_for[n] >= self.patience
-    if not any(r.any() for r in remove.values()):
+    removable = sum(int(r.sum()) for r in remove.values())
+    current = sum(len(i) for i in self.index.values())
+    if not removable or (removable < self.min_fraction * current and not last):
       return state.replace(batch_stats=stats), False
     return self._shrink(state.replace(batch_stats=stats), remove), True
 

@@ -144,7 +144,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           if is_main:
             reporting.log_line(record, run.total_steps, compile_wait_s=waited)
         if run.condenser is not None and step in run.events:
-          _condense(run)  # before the checkpoint: a resume continues from the smaller model
+          _condense(run, step)  # before the checkpoint: a resume continues from the smaller model
         if save:
           _save(run, step)
           saved = step
@@ -223,10 +223,11 @@ def _event_record(run: setup_lib.Run, step: int, metrics) -> dict:
   return record
 
 
-def _condense(run: setup_lib.Run):
+def _condense(run: setup_lib.Run, step: int):
   """Zeroes the dead units' running means; removes the units dead long enough and
   rebuilds the programs for the smaller model (experiments/trainer/condensing.py)."""
-  state, shrunk = run.condenser.at_event(state_lib.to_host(run.programs.host(run.state)))
+  state, shrunk = run.condenser.at_event(state_lib.to_host(run.programs.host(run.state)),
+                                         last=step == run.sorted_events[-1])
   if shrunk:
     run.model, tx = setup_lib.model_and_tx(run.config, run.info, run.steps_per_epoch,
                                            run.condenser, state.params)
