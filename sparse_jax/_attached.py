@@ -1,4 +1,4 @@
-"""A channel's bias and normalisation, masked with its kernel column (docs/algorithms.md §2).
+"""A channel's bias and normalisation, masked with its kernel column (docs/algorithms.md §6).
 
 Under ``Channels(attach=True)`` a unit whose kernel column is masked must output
 exactly ``activation(0)``: its layer's ``bias`` and the ``scale``/``bias`` of the
@@ -88,7 +88,7 @@ def find(structure, params: PyTree, masks: PyTree,
   leaves = {n: tuple(np.shape(x)) for n, (_, x) in zip(names, flat)}
   order = _paths.model_order(params)
   ordered = [names[i] for i in sorted(range(len(names)), key=order.__getitem__)]
-  flags = treedef.flatten_up_to(_masks.unwrap_variables(masks))
+  flags = _paths.flatten_up_to(treedef, _masks.unwrap_variables(masks))
   kernels = [n for n, f in zip(names, flags) if f is not None and f is not False]
   axes = _layers.leaf_axes(layer_axes, kernels, [leaves[n] for n in kernels])
   norms = dict(structure.norms)
@@ -118,7 +118,7 @@ def extend(masks: PyTree, attached: Sequence[Attached], params: PyTree) -> PyTre
     return masks
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   names = [_paths.path_to_name(p) for p, _ in flat]
-  values = treedef.flatten_up_to(masks)
+  values = _paths.flatten_up_to(treedef, masks)
   index = {n: i for i, n in enumerate(names)}
   for a in attached:
     values[index[a.leaf]] = _unit_mask(values[index[a.kernel]], a.layer_axes)

@@ -1,6 +1,5 @@
 """Condensed training: the dead units of a ``Channels()`` run removed from the whole
-train state, so training goes on with a smaller dense model (docs/algorithms.md §2
-"Condensed training").
+train state, so training goes on with a smaller dense model (docs/algorithms.md §6).
 
 ``condense_train_state`` cuts each dead unit out of its layer (kernel column or
 conv filter, bias, the batch norm after it: params, statistics and every

@@ -49,6 +49,7 @@ import numpy as np
 
 from sparse_jax import _distributions
 from sparse_jax import _masks
+from sparse_jax import _paths
 from sparse_jax import _schedules
 
 PyTree = Any
@@ -114,7 +115,7 @@ class Channels:
   ``sparsity`` then counts units: 0.75 removes 75% of the prunable output units.
   Keep the classifier dense (``keep_last_dense=True``): its units are the classes.
 
-  A dead unit is made exactly dead (docs/algorithms.md §2 "Channels"): with
+  A dead unit is made exactly dead (docs/algorithms.md §6): with
   ``attach=True`` its layer's ``bias`` and the ``scale``/``bias`` of the
   normalisation after it are masked with its kernel column (held at their
   initial values while it is dead, a scale at 1 and biases at 0, where a
@@ -168,6 +169,7 @@ class Channels:
 
 
 STRUCTURES = (NM, Block, Channels)
+Structure = NM | Block | Channels  # a factory's structure= (None: unstructured)
 
 
 class KernelView(NamedTuple):
@@ -230,7 +232,7 @@ def leaf_structure(structure, tree: PyTree, masks: PyTree) -> LeafStructure:
   if structure is None:
     return LeafStructure(None, ())
   flat, treedef = jax.tree_util.tree_flatten_with_path(_masks.unwrap_variables(tree))
-  flags = treedef.flatten_up_to(_masks.unwrap_variables(masks))
+  flags = _paths.flatten_up_to(treedef, _masks.unwrap_variables(masks))
   chosen = [(_masks.path_to_name(p), np.shape(x))
             for (p, x), f in zip(flat, flags) if _is_masked(f)]
   return layer_structure(structure, [n for n, _ in chosen], [s for _, s in chosen])

@@ -1,4 +1,4 @@
-"""Condensed training (``config.sparsity.condense``, issue 32; docs/algorithms.md §2).
+"""Condensed training (``config.sparsity.condense``, issue 32; docs/algorithms.md §6).
 
 A ``structure="channels"`` run of a chain model (MLP, LeNet-300-100, LeNet-5,
 VGG) removes its dead units at mask-update events and trains on the smaller
@@ -139,8 +139,8 @@ class Condenser:
   def at_event(self, state, last: bool = False) -> tuple[Any, bool]:
     """The host ``state`` after an event: dead units' running means zeroed, and the
     units dead for ``patience`` events removed once they are ``min_fraction`` of the
-    current units (at the ``last`` event, whatever their number): each shrink
-    recompiles. Returns ``(state, shrunk)``."""
+    current units (each shrink recompiles); at the ``last`` event every dead unit,
+    whatever their number. Returns ``(state, shrunk)``."""
     masks = sparse_jax.get_masks(state.opt_state)
     stats = state.batch_stats
     if self.norms:
@@ -152,7 +152,8 @@ class Condenser:
       alive = np.ones(len(self.index[n]), bool) if m is None else (
           m.reshape(-1, m.shape[-1]).any(0))
       self.dead_for[n] = np.where(alive, 0, self.dead_for[n] + 1)
-      remove[n] = self.dead_for[n] >= self.patience
+      # After the last event no unit can regrow: every dead one goes.
+      remove[n] = (self.dead_for[n] >= self.patience) | (last & ~alive)
     removable = sum(int(r.sum()) for r in remove.values())
     current = sum(len(i) for i in self.index.values())
     if not removable or (removable < self.min_fraction * current and not last):
