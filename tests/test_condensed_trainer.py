@@ -78,3 +78,18 @@ def test_condense_refuses_a_residual_model():
   config.model = "resnet20"
   with pytest.raises(ValueError, match="chain models only"):
     config_checks.validate(config)
+
+
+def test_condensed_rigl_regrows_among_units_waiting_out_their_patience(tmp_path):
+  # RigL keeps 25% of the hidden units from the start; its events (10, 20, 30) drop
+  # and regrow whole units. With patience 2 a unit dropped at one event can regrow
+  # at the next before it is removed; the counts stay RigL's.
+  config = _config(method="rigl", condense_patience=2, distribution="uniform",
+                   regrowth_rate=0.3)
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary["condensed_widths"] == [75, 25, 10]
+  small = read_export(tmp_path)
+  for name in ("Dense_0/kernel", "Dense_1/kernel"):
+    mask = small[f"masks/{name}"]
+    assert mask.all(), name  # every unit left is alive: the dead ones were removed
+  assert summary["mask_sparsity"] == pytest.approx(1 - (784 * 75 + 75 * 25) / 265_200)
