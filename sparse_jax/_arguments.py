@@ -7,7 +7,7 @@ check returns the value it checked in the form the wrapper uses (ints, floats).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -22,6 +22,10 @@ SCOPES = ("global", "layerwise")
 # How far a sparsity given with initial_masks may be from theirs: a value computed
 # from the masks in float32 (sparse_jax.sparsity) is off by ~1e-7.
 MASK_SPARSITY_TOLERANCE = 1e-4
+
+# The types of the factories' include= / exclude= and structure= arguments.
+Regexes = str | Sequence[str] | None  # regexes over leaf names (select_prunable)
+StructureArg = _structure.Structure | None  # None: unstructured
 
 
 def selector(include, exclude, keep_first_dense, keep_last_dense, embeddings=False):

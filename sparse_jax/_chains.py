@@ -9,6 +9,7 @@ unit outputs.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 import jax.numpy as jnp
 import numpy as np
@@ -51,7 +52,8 @@ def alive_units(mask, kernel) -> np.ndarray:
   fan_out = kernel.shape[-1]
   if mask is None:
     return np.ones(fan_out, bool)
-  return np.asarray(mask).reshape(-1, fan_out).any(axis=0)
+  # NumPy's stubs type any(axis=...) as possibly a scalar; of a 2-d array it is 1-d.
+  return cast(np.ndarray, np.asarray(mask).reshape(-1, fan_out).any(axis=0))
 
 
 

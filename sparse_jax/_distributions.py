@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,10 @@ import numpy as np
 
 from sparse_jax import _layers
 from sparse_jax import _masks
+from sparse_jax import _paths
 from sparse_jax import _select
+
+PyTree = Any
 
 DISTRIBUTIONS = ("uniform", "er", "erk")
 
@@ -278,8 +281,8 @@ _select_jit = jax.jit(_select.top_k_masks, static_argnums=2)
 
 
 def random_masks(
-    key: jax.Array, params, prunable, counts: Sequence[int], *,
-    sampling: str = "exact") -> object:
+    key: jax.Array, params: PyTree, prunable: PyTree, counts: Sequence[int], *,
+    sampling: str = "exact") -> PyTree:
   """Random masks with ``counts[l]`` active weights in prunable layer ``l``.
 
   Args:
@@ -296,10 +299,10 @@ def random_masks(
   """
   params = _masks.unwrap_variables(params)
   leaves, treedef = jax.tree.flatten(params)
-  flags = treedef.flatten_up_to(prunable)
+  flags = _paths.flatten_up_to(treedef, prunable)
   keys = jax.random.split(key, max(1, sum(flags)))
   out, li = [], 0
-  scores = []
+  scores: list[jax.Array | None] = []
   for p, f in zip(leaves, flags):
     if not f:
       scores.append(None)

@@ -28,9 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse as jsparse
+from jax.typing import ArrayLike
 
 from sparse_jax import _chains
 from sparse_jax import _masks
+from sparse_jax import _paths
 from sparse_jax import _structure
 
 PyTree = Any
@@ -206,7 +208,8 @@ jax.tree_util.register_dataclass(NMKernel, data_fields=["values", "indices"],
                                  meta_fields=["shape", "n", "m"])
 
 
-def nm_compress(kernel, mask, structure: _structure.NM, name: str = "kernel") -> NMKernel:
+def nm_compress(kernel: ArrayLike, mask: ArrayLike, structure: _structure.NM,
+                name: str = "kernel") -> NMKernel:
   """The ``NMKernel`` of a masked kernel whose every group has exactly ``n`` active.
 
   Example:
@@ -269,7 +272,7 @@ def nm_dense(x: jax.Array, k: NMKernel) -> jax.Array:
 # ---------------------------------------------------------------------------
 
 
-def bcoo_compress(kernel, mask, name: str = "kernel") -> jsparse.BCOO:
+def bcoo_compress(kernel: ArrayLike, mask: ArrayLike, name: str = "kernel") -> jsparse.BCOO:
   """A masked 2-D ``[in, out]`` kernel as ``jax.experimental.sparse.BCOO``.
 
   Stored transposed, ``[out, in]``: ``bcoo_dense`` then multiplies the sparse
@@ -324,7 +327,7 @@ def bcoo_kernels(params: PyTree, masks: PyTree) -> PyTree:
   params = _masks.unwrap_variables(params)
   masks = _masks.unpack_masks(_masks.unwrap_variables(masks))
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  flags = treedef.flatten_up_to(masks)
+  flags = _paths.flatten_up_to(treedef, masks)
   out = []
   for (path, p), m in zip(flat, flags):
     name = _masks.path_to_name(path)

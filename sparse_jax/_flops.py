@@ -14,8 +14,8 @@ ints and floats), computed once per run.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,9 @@ import numpy as np
 from sparse_jax import _distributions
 from sparse_jax import _layers
 from sparse_jax import _masks
+
+if TYPE_CHECKING:  # flax is optional: model_flops imports it when called
+  import flax.linen
 
 PyTree = Any
 
@@ -89,7 +92,7 @@ def _axes(axis) -> tuple[int, ...]:
   return (axis,) if isinstance(axis, int) else tuple(axis)
 
 
-def xla_flops(fn, *args) -> float | None:
+def xla_flops(fn: Callable[..., Any], *args: Any) -> float | None:
   """FLOPs of ``jax.jit(fn)(*args)`` from XLA's cost analysis (None if unavailable).
 
   Example:
@@ -106,9 +109,9 @@ def xla_flops(fn, *args) -> float | None:
   return float(cost["flops"])
 
 
-def model_flops(model, variables: PyTree, input_shape: Sequence[int], *,
-                count_other: bool = True, input_dtype: Any = jnp.float32,
-                **apply_kwargs) -> ModelFlops:
+def model_flops(model: flax.linen.Module, variables: PyTree, input_shape: Sequence[int],
+                *, count_other: bool = True, input_dtype: Any = jnp.float32,
+                **apply_kwargs: Any) -> ModelFlops:
   """Dense forward FLOPs of each Dense, DenseGeneral and Conv kernel of a linen model.
 
   The kernels' FLOPs come from the shapes seen by each layer (traced with
@@ -145,7 +148,7 @@ def model_flops(model, variables: PyTree, input_shape: Sequence[int], *,
         and isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Conv))
         and not _axes(getattr(module, "batch_dims", ()))
         and module.has_variable("params", "kernel")):
-      kernel = module.get_variable("params", "kernel")
+      kernel: jax.Array = module.get_variable("params", "kernel")
       name = "/".join((*module.path, "kernel"))
       f = _product_flops(module, tuple(args[0].shape), tuple(y.shape), tuple(kernel.shape))
       scanned = _scanned_layers(name, (*module.path, "kernel"), np.ndim(kernel))
@@ -212,7 +215,7 @@ def inference_flops(flops: ModelFlops, densities: Mapping[str, float] | PyTree) 
   return sum(_density_of(n, densities) * f for n, f in flops.layers.items()) + flops.other
 
 
-def as_layer_densities(densities) -> dict[str, float]:
+def as_layer_densities(densities: Mapping[str, float] | PyTree) -> dict[str, float]:
   """A ``{name: density}`` dict from such a dict or a mask tree."""
   if isinstance(densities, Mapping) and all(
       isinstance(v, (int, float, np.floating, np.integer)) for v in densities.values()):

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from sparse_jax import _masks
+from sparse_jax import _paths
 
 PyTree = Any
 
@@ -36,7 +37,7 @@ def _layer_pairs(grads: PyTree, masks: PyTree | None):
   if masks is None:
     flags = jax.tree.leaves(_masks.select_prunable(grads))
     return [(_masks.path_to_name(p), g, None) for (p, g), f in zip(flat, flags) if f]
-  mask_leaves = treedef.flatten_up_to(_masks.unwrap_variables(masks))
+  mask_leaves = _paths.flatten_up_to(treedef, _masks.unwrap_variables(masks))
   return [(_masks.path_to_name(p), g, m) for (p, g), m in zip(flat, mask_leaves)
           if m is not None]
 
@@ -141,7 +142,7 @@ def gradient_norm(grads: PyTree, masks: PyTree | None = None) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(jnp.asarray(g, jnp.float32))) for g in leaves))
 
 
-def _vdot(a: PyTree, b: PyTree) -> jax.Array:
+def _vdot(a: PyTree, b: PyTree) -> jax.Array | int:  # 0 for trees without leaves
   return sum(jnp.vdot(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 

@@ -30,11 +30,14 @@ import numpy as np
 
 from sparse_jax import _lazy
 from sparse_jax import _masks
+from sparse_jax import _paths
 
 PyTree = Any
 # Partition (mesh-axis) names that mark a leading axis as a layer axis.
 LAYER_AXIS_NAMES = ("layers", "layer", "stages", "stage")
 _LAYER_SUFFIX = re.compile(r"\[[\d,]+\]$")  # "name[2]", "name[0,3]"
+# A factory's layer_axes=: a regex (one leading layer axis), or regex -> axes.
+LayerAxesArg = str | Mapping[str, int] | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +55,7 @@ class LayerAxes:
     return dataclasses.replace(self, detected=tuple(sorted((detected or {}).items())))
 
 
-def check_layer_axes(layer_axes) -> LayerAxes:
+def check_layer_axes(layer_axes: LayerAxesArg) -> LayerAxes:
   """The ``LayerAxes`` of a factory's ``layer_axes`` argument.
 
   Args:
@@ -169,7 +172,7 @@ class Split(NamedTuple):
 
   def layer_names(self) -> list[str]:
     """``name`` for a plain leaf, ``name[i]`` (``name[i,j]``) for its layers."""
-    out = []
+    out: list[str] = []
     for name, shape, n in zip(self.names, self.shapes, self.axes):
       if n:
         out.extend(layer_name(name, i) for i in np.ndindex(*shape[:n]))
@@ -235,7 +238,7 @@ def check_keep_dense(spec: LayerAxes, params: PyTree, selector: Mapping[str, Any
 def split_of(spec: LayerAxes, tree: PyTree, masks: PyTree) -> Split:
   """The ``Split`` of the leaves of ``tree`` that have a mask (or flag) in ``masks``."""
   flat, treedef = jax.tree_util.tree_flatten_with_path(_masks.unwrap_variables(tree))
-  flags = treedef.flatten_up_to(_masks.unwrap_variables(masks))
+  flags = _paths.flatten_up_to(treedef, _masks.unwrap_variables(masks))
   chosen = [(_masks.path_to_name(p), tuple(np.shape(x)))
             for (p, x), f in zip(flat, flags) if f is not None and f is not False]
   names = tuple(n for n, _ in chosen)
@@ -243,7 +246,7 @@ def split_of(spec: LayerAxes, tree: PyTree, masks: PyTree) -> Split:
   return Split(names, shapes, leaf_axes(spec, names, shapes))
 
 
-def layer_densities(masks: PyTree, layer_axes=None) -> dict[str, jax.Array]:
+def layer_densities(masks: PyTree, layer_axes: LayerAxesArg = None) -> dict[str, jax.Array]:
   """Density of each prunable layer, keyed by name; a stacked leaf's layers by ``name[i]``.
 
   Example:

@@ -173,7 +173,7 @@ class Lazy(NamedTuple):
     >>> pruned.compute()                                  # a bool array
   """
   fn: Callable[..., jax.Array]
-  sources: tuple[jax.Array, ...]
+  sources: tuple[jax.Array | Slice, ...]
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -201,7 +201,8 @@ def lazy_map(f, *inputs) -> Lazy:
   Sources shared by several inputs (the same array object) are passed once.
   """
   ins = [lazy(x) for x in inputs]
-  sources, slots = [], []
+  sources: list[jax.Array | Slice] = []
+  slots: list[list[int]] = []
   for l in ins:
     slot = []
     for src in l.sources:
@@ -306,14 +307,15 @@ def _chunks(sources: Sequence):
   return c, chunk
 
 
-def map_reduce_chunks(fn, sources: Sequence[jax.Array], combine=_tree_add):
+def map_reduce_chunks(fn, sources: Sequence[jax.Array | Slice], combine=_tree_add):
   """``combine``-reduction of ``fn(index, *chunk)`` over the chunks of ``sources``.
 
-  ``sources`` are arrays of one shape, split by ``chunk_plan``; ``fn`` gets each
-  chunk's slices and flat indices and returns a (small) pytree, and the results
-  are folded with ``combine`` (an associative, commutative function). Elementwise
-  work inside ``fn`` then allocates chunk-sized temporaries only: XLA:CPU
-  materialises a whole converted array before many reductions and scatters.
+  ``sources`` are arrays (or ``Slice``s) of one shape, split by ``chunk_plan``;
+  ``fn`` gets each chunk's slices and flat indices and returns a (small) pytree,
+  and the results are folded with ``combine`` (an associative, commutative
+  function). Elementwise work inside ``fn`` then allocates chunk-sized
+  temporaries only: XLA:CPU materialises a whole converted array before many
+  reductions and scatters.
 
   Example:
     >>> count = map_reduce_chunks(lambda i, m: jnp.sum(m, dtype=jnp.int32), [mask])

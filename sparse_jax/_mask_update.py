@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -136,7 +137,7 @@ def update_masks(config: MaskUpdateConfig, params: PyTree, updates: PyTree, grad
   # stayed 650 MB.
   m_pruned = ms
   if config.pruning is not None:
-    m_pruned = _prune_stage(config, st, ws, ms, t)
+    m_pruned = _prune_stage(config.pruning, config.structure, st, ws, ms, t)
   m_new = m_pruned
   if config.regrowth is not None:
     # What growth ranks: the dense gradient or its momentum (random growth: neither).
@@ -170,9 +171,8 @@ def _pruned_sizes(structure, st, ms) -> list[int]:
           for v, m in zip(st.views, ms)]
 
 
-def _prune_stage(config: MaskUpdateConfig, st, ws, ms, t) -> list:
+def _prune_stage(pruning: Pruning, structure, st, ws, ms, t) -> list:
   """The masks after the event's magnitude prune (``ms`` itself if none is due)."""
-  pruning, structure = config.pruning, config.structure
   num_layers = len(ms)
   sizes = _pruned_sizes(structure, st, ms)
   counts = _schedules.gradual_active_counts(
@@ -223,6 +223,10 @@ def _growth(regrowth: Regrowth, st, rng, m_pruned, ranked, masks, layers):
   """``(plan, apply, nothing)`` of the growth stage (see ``group_growth``)."""
   num_layers = len(m_pruned)
   scores = _growth_scores(regrowth, st, ranked, masks, layers)
+  # The two growths' plans differ in type (RandomPlan or Selection).
+  grow_plan: Callable[..., Any]
+  apply_grow: Callable[..., Any]
+  no_growth: _regrow.RandomPlan | _select.Selection
   if regrowth.mode == "random":
     grow_plan = functools.partial(_regrow.random_grow_plan, rng)
     apply_grow = _regrow.apply_random_grow

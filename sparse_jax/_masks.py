@@ -17,7 +17,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -207,7 +207,7 @@ def check_mask_tree(params: PyTree, masks: PyTree) -> None:
   masks = unwrap_variables(masks)
   p_def = jax.tree.structure(params)
   try:
-    pairs = p_def.flatten_up_to(masks)
+    pairs = _paths.flatten_up_to(p_def, masks)
   except (ValueError, TypeError) as e:
     raise ValueError(
         "The mask tree does not match the params tree: masks must have the params' "
@@ -229,7 +229,7 @@ def check_mask_tree(params: PyTree, masks: PyTree) -> None:
 def _pairs(params, masks):
   params = unwrap_variables(params)
   masks = unwrap_variables(masks)
-  return jax.tree.leaves(params), jax.tree.structure(params).flatten_up_to(masks)
+  return jax.tree.leaves(params), _paths.flatten_up_to(jax.tree.structure(params), masks)
 
 
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
@@ -245,8 +245,8 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
 
 # The measures below also take PackedMask leaves, whose pytree leaves are the packed
 # bytes: summing those as masks would be silently wrong.
-def count_active(masks: PyTree) -> jax.Array:
-  """Number of active prunable weights (an int32 scalar)."""
+def count_active(masks: PyTree) -> jax.Array | int:
+  """Number of active prunable weights (an int32 scalar; the int 0 without any)."""
   # Padding bits are 0, so a packed mask's count is the popcount of its bytes.
   return sum(jnp.sum(jax.lax.population_count(m.bits), dtype=jnp.int32) if _is_packed(m)
              else jnp.sum(m, dtype=jnp.int32)
@@ -261,7 +261,9 @@ def count_prunable(masks: PyTree) -> int:
 
 def density(masks: PyTree) -> jax.Array:
   """Overall density: active prunable weights / all prunable weights."""
-  return count_active(masks) / count_prunable(masks)
+  # An array: count_active is the int 0 only when count_prunable is 0 too, and then
+  # the division raises.
+  return cast(jax.Array, count_active(masks) / count_prunable(masks))
 
 
 def sparsity(masks: PyTree) -> jax.Array:
@@ -276,7 +278,8 @@ def params_sparsity(params: PyTree, prunable: PyTree | None = None) -> jax.Array
     prunable = select_prunable(params)
   leaves = [p for p, f in zip(jax.tree.leaves(params), jax.tree.leaves(prunable)) if f]
   zeros = sum(jnp.sum(p == 0, dtype=jnp.int32) for p in leaves)
-  return zeros / sum(int(np.size(p)) for p in leaves)
+  # An array: zeros is the int 0 only without leaves, and then the division raises.
+  return cast(jax.Array, zeros / sum(int(np.size(p)) for p in leaves))
 
 
 def masks_from_params(params: PyTree, prunable: PyTree | None = None) -> PyTree:

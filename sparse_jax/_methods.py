@@ -29,20 +29,22 @@ from sparse_jax import _structure
 from sparse_jax import _transform
 
 PyTree = Any
+Regexes = _arguments.Regexes
+StructureArg = _arguments.StructureArg
+LayerAxesArg = _layers.LayerAxesArg
 
 
 def granet(inner: optax.GradientTransformation, *, sparsity: float | None = None,
-           total_steps: int, end_step: int, update_every: int,
-           initial_sparsity: float = 0.0,
+           total_steps: int, end_step: int, update_every: int, initial_sparsity: float = 0.0,
            start_step: int = 0, distribution: str | Mapping[str, float] = "erk",
            regrowth_rate: float = 0.5, min_regrowth_rate: float = 0.005,
            growth: str = "gradient", scope: str = "global", seed: int = 0,
            sampling: str = "exact", initial_masks: PyTree | None = None,
-           include=None, exclude=None, keep_first_dense: bool = False,
-           keep_last_dense: bool = False,
+           include: Regexes = None, exclude: Regexes = None,
+           keep_first_dense: bool = False, keep_last_dense: bool = False,
            embeddings: bool = False, track_union: bool = False,
-           packed_masks: bool = False, structure=None,
-           layer_axes=None,
+           packed_masks: bool = False, structure: StructureArg = None,
+           layer_axes: LayerAxesArg = None,
     regrowth_warmup: int = 0) -> optax.GradientTransformationExtraArgs:
   """GraNet: gradual magnitude pruning with zero-cost neuroregeneration.
 
@@ -148,13 +150,12 @@ def granet(inner: optax.GradientTransformation, *, sparsity: float | None = None
 
 def gmp(inner: optax.GradientTransformation, *, sparsity: float | None = None,
         end_step: int, update_every: int, initial_sparsity: float = 0.0,
-        start_step: int = 0,
-        scope: str = "global", include=None, exclude=None,
-        keep_first_dense: bool = False, keep_last_dense: bool = False,
-        embeddings: bool = False,
+        start_step: int = 0, scope: str = "global", include: Regexes = None,
+        exclude: Regexes = None, keep_first_dense: bool = False,
+        keep_last_dense: bool = False, embeddings: bool = False,
         initial_masks: PyTree | None = None, track_union: bool = False,
-        packed_masks: bool = False, structure=None,
-        layer_axes=None) -> optax.GradientTransformationExtraArgs:
+        packed_masks: bool = False, structure: StructureArg = None,
+        layer_axes: LayerAxesArg = None) -> optax.GradientTransformationExtraArgs:
   """Gradual magnitude pruning (Zhu & Gupta) from dense, no regrowth.
 
   The same cubic schedule and global (or layer-wise) magnitude prune as
@@ -232,11 +233,11 @@ def rigl(inner: optax.GradientTransformation, *, sparsity: float | None = None,
          update_every: int = 100, end_step: int | None = None, start_step: int = 0,
          distribution: str | Mapping[str, float] = "erk", regrowth_rate: float = 0.3,
          growth: str = "gradient", seed: int = 0, sampling: str = "exact",
-         initial_masks: PyTree | None = None, include=None, exclude=None,
-         keep_first_dense: bool = False, keep_last_dense: bool = False,
-         embeddings: bool = False,
-         track_union: bool = False, packed_masks: bool = False, structure=None,
-         layer_axes=None,
+         initial_masks: PyTree | None = None, include: Regexes = None,
+         exclude: Regexes = None, keep_first_dense: bool = False,
+         keep_last_dense: bool = False, embeddings: bool = False,
+         track_union: bool = False, packed_masks: bool = False,
+         structure: StructureArg = None, layer_axes: LayerAxesArg = None,
     regrowth_warmup: int = 0) -> optax.GradientTransformationExtraArgs:
   """RigL: sparse from the start; per layer drop the smallest, grow by |gradient|.
 
@@ -295,10 +296,10 @@ def sparse_evolutionary_training(
     total_steps: int, update_every: int = 100, end_step: int | None = None, start_step: int = 0,
     distribution: str | Mapping[str, float] = "erk", regrowth_rate: float = 0.3,
     regrowth_schedule: str = "constant", seed: int = 0, sampling: str = "exact",
-    initial_masks: PyTree | None = None, include=None, exclude=None,
+    initial_masks: PyTree | None = None, include: Regexes = None, exclude: Regexes = None,
     keep_first_dense: bool = False, keep_last_dense: bool = False, embeddings: bool = False,
-    track_union: bool = False, packed_masks: bool = False, structure=None,
-    layer_axes=None,
+    track_union: bool = False, packed_masks: bool = False, structure: StructureArg = None,
+    layer_axes: LayerAxesArg = None,
     regrowth_warmup: int = 0) -> optax.GradientTransformationExtraArgs:
   """SET: sparse from the start; per layer drop the smallest, grow at random.
 
@@ -350,11 +351,12 @@ def sparse_evolutionary_training(
 
 def static(inner: optax.GradientTransformation, *, sparsity: float | None = None,
            distribution: str | Mapping[str, float] = "erk", seed: int = 0,
-           sampling: str = "exact", initial_masks: PyTree | None = None, include=None,
-           exclude=None, keep_first_dense: bool = False, keep_last_dense: bool = False,
-           embeddings: bool = False,
-           track_union: bool = False, packed_masks: bool = False, structure=None,
-           layer_axes=None) -> optax.GradientTransformationExtraArgs:
+           sampling: str = "exact", initial_masks: PyTree | None = None,
+           include: Regexes = None, exclude: Regexes = None,
+           keep_first_dense: bool = False, keep_last_dense: bool = False,
+           embeddings: bool = False, track_union: bool = False, packed_masks: bool = False,
+           structure: StructureArg = None,
+           layer_axes: LayerAxesArg = None) -> optax.GradientTransformationExtraArgs:
   """Static sparse training: a fixed mask (random, or ``initial_masks`` e.g. SNIP).
 
   Example:
@@ -394,13 +396,12 @@ def static(inner: optax.GradientTransformation, *, sparsity: float | None = None
 
 
 def one_shot(inner: optax.GradientTransformation, *, sparsity: float | None = None,
-             prune_step: int,
-             scope: str = "global", include=None, exclude=None,
-             keep_first_dense: bool = False, keep_last_dense: bool = False,
-             embeddings: bool = False,
+             prune_step: int, scope: str = "global", include: Regexes = None,
+             exclude: Regexes = None, keep_first_dense: bool = False,
+             keep_last_dense: bool = False, embeddings: bool = False,
              initial_masks: PyTree | None = None, track_union: bool = False,
-             packed_masks: bool = False, structure=None,
-             layer_axes=None) -> optax.GradientTransformationExtraArgs:
+             packed_masks: bool = False, structure: StructureArg = None,
+             layer_axes: LayerAxesArg = None) -> optax.GradientTransformationExtraArgs:
   """Trains dense, prunes once by magnitude after update ``prune_step``, then fine-tunes.
 
   After the event the mask never changes (the pruned weights stay exactly 0 with

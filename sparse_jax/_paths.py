@@ -14,7 +14,7 @@ import jax
 PyTree = Any
 
 
-def path_to_name(path) -> str:
+def path_to_name(path: jax.tree_util.KeyPath) -> str:
   """Joins a ``jax.tree_util`` key path into ``"layer/sub/kernel"``.
 
   NNX paths end in a ``value`` attribute of the ``Variable``; it is dropped so the
@@ -35,6 +35,15 @@ def path_to_name(path) -> str:
   if parts and parts[-1] in ("value", "raw_value"):
     parts = parts[:-1]
   return "/".join(parts)
+
+
+def flatten_up_to(treedef: Any, tree: PyTree) -> list[Any]:
+  """``treedef.flatten_up_to(tree)``: the subtrees of ``tree`` at ``treedef``'s leaves.
+
+  Typed ``Any`` because jaxlib ships no type stub for ``PyTreeDef``, so a type
+  checker does not know the method; every call in the package goes through here.
+  """
+  return treedef.flatten_up_to(tree)
 
 
 def leaf_names(tree: PyTree) -> list[str]:

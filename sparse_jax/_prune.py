@@ -21,9 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.typing import ArrayLike
 
 from sparse_jax import _lazy
 from sparse_jax import _masks
+from sparse_jax import _paths
 from sparse_jax import _select
 
 PyTree = _masks.PyTree
@@ -39,7 +41,7 @@ def split_prunable(tree: PyTree, masks: PyTree):
   tree = _masks.unwrap_variables(tree)
   masks = _masks.unwrap_variables(masks)
   leaves, treedef = jax.tree.flatten(tree)
-  mask_leaves = treedef.flatten_up_to(masks)
+  mask_leaves = _paths.flatten_up_to(treedef, masks)
   idx = [i for i, m in enumerate(mask_leaves) if m is not None]
 
   def rebuild(new):
@@ -139,7 +141,7 @@ def _planned_masks(params: PyTree, masks: PyTree, counts, plan_fn, apply_fn) -> 
   return rebuild([m.compute() for m in apply_fn(ws, ms, plan)])
 
 
-def global_magnitude_prune(params: PyTree, masks: PyTree, num_active) -> PyTree:
+def global_magnitude_prune(params: PyTree, masks: PyTree, num_active: ArrayLike) -> PyTree:
   """Keeps the ``num_active`` largest-magnitude active weights of the whole model.
 
   One ranking of |w| over all prunable layers together (no per-layer
@@ -188,7 +190,8 @@ def apply_layerwise_plan(ws, ms, sel: _select.Selection) -> list[_lazy.Lazy]:
   return _select.selected_masks(keys, tuple(range(len(ws))), sel)
 
 
-def layerwise_magnitude_prune(params: PyTree, masks: PyTree, num_active) -> PyTree:
+def layerwise_magnitude_prune(params: PyTree, masks: PyTree,
+                              num_active: ArrayLike) -> PyTree:
   """Keeps the ``num_active[l]`` largest-magnitude active weights of each layer.
 
   Args:
@@ -210,7 +213,7 @@ def drop_plan(ws, ms, num_drop) -> _select.Selection:
   return layerwise_prune_plan(ws, ms, active - jnp.asarray(num_drop, jnp.int32))
 
 
-def drop_smallest(params: PyTree, masks: PyTree, num_drop) -> PyTree:
+def drop_smallest(params: PyTree, masks: PyTree, num_drop: ArrayLike) -> PyTree:
   """Drops the ``num_drop[l]`` smallest-magnitude active weights of each layer.
 
   The drop count is clipped so each layer keeps at least one active weight.

@@ -21,6 +21,7 @@ from jax import lax
 
 from sparse_jax import _distributions
 from sparse_jax import _masks
+from sparse_jax import _paths
 from sparse_jax import _prune
 from sparse_jax import _select
 
@@ -99,7 +100,8 @@ def masks_from_scores(scores: PyTree, sparsity: float, *,
   names = [_masks.path_to_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(scores)[0]]
   if not leaves:
     raise ValueError("The score tree has no array; score at least one prunable leaf.")
-  cands = [None] * len(leaves) if candidates is None else treedef.flatten_up_to(candidates)
+  cands = ([None] * len(leaves) if candidates is None
+           else _paths.flatten_up_to(treedef, candidates))
   # Behind a barrier: under a caller's jit every selection pass must read the same
   # keys (see _prune.same_bits).
   keys = _prune.same_bits([signed_score_keys(x, c) for x, c in zip(leaves, cands)])
@@ -123,7 +125,7 @@ def _mean_grad(loss_fn, params, batches):
   return jax.tree.map(lambda *g: sum(g) / len(g), *grads)
 
 
-def snip_scores(params: PyTree, loss_fn: LossFn, batches, *,
+def snip_scores(params: PyTree, loss_fn: LossFn, batches: Any, *,
                 prunable: PyTree | None = None) -> PyTree:
   """SNIP connection sensitivity ``|w * dL/dw|`` (Lee et al., 2019).
 
@@ -147,7 +149,7 @@ def snip_scores(params: PyTree, loss_fn: LossFn, batches, *,
   return jax.tree.map(lambda w, gw, f: jnp.abs(w * gw) if f else None, params, g, prunable)
 
 
-def grasp_scores(params: PyTree, loss_fn: LossFn, batches, *,
+def grasp_scores(params: PyTree, loss_fn: LossFn, batches: Any, *,
                  prunable: PyTree | None = None) -> PyTree:
   """GraSP scores ``w * (H g)``; the LARGEST are kept (Wang et al., 2020).
 
@@ -217,9 +219,9 @@ def synflow_scores(params: PyTree, apply_fn: Callable[[PyTree, jax.Array], jax.A
   return jax.tree.map(lambda w, g, f: w * g if f else None, abs_params, r_grad, prunable)
 
 
-def snip_masks(params: PyTree, loss_fn: LossFn, batches, sparsity: float, *,
+def snip_masks(params: PyTree, loss_fn: LossFn, batches: Any, sparsity: float, *,
                distribution: str | Mapping[str, float] = "global",
-               **selector) -> PyTree:
+               **selector: Any) -> PyTree:
   """SNIP masks: keep the largest ``|w * dL/dw|`` on a batch (global by default).
 
   Example:
@@ -247,9 +249,9 @@ def snip_masks(params: PyTree, loss_fn: LossFn, batches, sparsity: float, *,
   return masks_from_scores(scores, sparsity, distribution=distribution)
 
 
-def grasp_masks(params: PyTree, loss_fn: LossFn, batches, sparsity: float, *,
+def grasp_masks(params: PyTree, loss_fn: LossFn, batches: Any, sparsity: float, *,
                 distribution: str | Mapping[str, float] = "global",
-                **selector) -> PyTree:
+                **selector: Any) -> PyTree:
   """GraSP masks: prune the largest ``-w * Hg`` (keep the largest ``w * Hg``).
 
   Example:
@@ -269,7 +271,7 @@ def synflow_masks(params: PyTree, apply_fn: Callable[[PyTree, jax.Array], jax.Ar
                   input_shape: Sequence[int], sparsity: float, *,
                   num_iterations: int = 100, precision: str = "float64",
                   distribution: str | Mapping[str, float] = "global",
-                  **selector) -> PyTree:
+                  **selector: Any) -> PyTree:
   """Iterative SynFlow masks (data-free).
 
   Round ``k = 1..n`` rescores the masked net and keeps the top
@@ -345,7 +347,7 @@ def synflow_masks(params: PyTree, apply_fn: Callable[[PyTree, jax.Array], jax.Ar
 
 def random_pruning_masks(key: jax.Array, params: PyTree, sparsity: float, *,
                          distribution: str | Mapping[str, float] = "erk",
-                         **selector) -> PyTree:
+                         **selector: Any) -> PyTree:
   """Random masks with exact per-layer counts (the PaI reference baseline).
 
   The same masks ``sparse_jax.static(..., sparsity, distribution, seed)`` starts

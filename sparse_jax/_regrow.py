@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from sparse_jax import _lazy
 from sparse_jax import _masks
@@ -54,7 +55,7 @@ def apply_score_grow(ss, ms, sel: _select.Selection) -> list[_lazy.Lazy]:
   return _apply_grow(growth_keys(ss, ms), ms, sel)
 
 
-def regrow_by_score(scores: PyTree, masks: PyTree, num_grow) -> PyTree:
+def regrow_by_score(scores: PyTree, masks: PyTree, num_grow: ArrayLike) -> PyTree:
   """Activates the ``num_grow[l]`` inactive positions of largest |score| per layer.
 
   Args:
@@ -72,7 +73,7 @@ def regrow_by_score(scores: PyTree, masks: PyTree, num_grow) -> PyTree:
   return rebuild([m.compute() for m in apply_score_grow(ss, ms, sel)])
 
 
-def regrow_by_gradient(grads: PyTree, masks: PyTree, num_grow) -> PyTree:
+def regrow_by_gradient(grads: PyTree, masks: PyTree, num_grow: ArrayLike) -> PyTree:
   """RigL/GraNet growth: inactive positions with the largest dense |gradient|.
 
   Example:
@@ -81,7 +82,7 @@ def regrow_by_gradient(grads: PyTree, masks: PyTree, num_grow) -> PyTree:
   return regrow_by_score(grads, masks, num_grow)
 
 
-def regrow_by_momentum(momentum: PyTree, masks: PyTree, num_grow) -> PyTree:
+def regrow_by_momentum(momentum: PyTree, masks: PyTree, num_grow: ArrayLike) -> PyTree:
   """Sparse-momentum growth: inactive positions with the largest |momentum|."""
   return regrow_by_score(momentum, masks, num_grow)
 
@@ -119,7 +120,7 @@ def apply_random_grow(ms, plan: RandomPlan) -> list[_lazy.Lazy]:
   return _apply_grow(random_keys(ms, plan.words), ms, plan.sel)
 
 
-def regrow_random(key: jax.Array, masks: PyTree, num_grow) -> PyTree:
+def regrow_random(key: jax.Array, masks: PyTree, num_grow: ArrayLike) -> PyTree:
   """SET growth: ``num_grow[l]`` inactive positions of each layer uniformly at random.
 
   Each position's random key is a hash of its flat index and two words drawn from

@@ -41,6 +41,7 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+import optax
 
 from sparse_jax import _state
 from sparse_jax import _transform
@@ -72,7 +73,8 @@ def read_counts(args, kwargs) -> tuple[int, int] | None:
     except (ValueError, TypeError):
       continue
     skipped = 0 if sparse.skipped_events is None else sparse.skipped_events
-    return tuple(int(_first_copy(v)) for v in jax.device_get((sparse.count, skipped)))
+    count, skipped = (int(_first_copy(v)) for v in jax.device_get((sparse.count, skipped)))
+    return count, skipped
   return None
 
 
@@ -116,8 +118,8 @@ class ScheduledStep:
       first event.
   """
 
-  def __init__(self, fn: Callable, tx, *, count: int = 0, jit: Callable = jax.jit,
-               **jit_kwargs):
+  def __init__(self, fn: Callable, tx: optax.GradientTransformation, *, count: int = 0,
+               jit: Callable = jax.jit, **jit_kwargs: Any) -> None:
     if hasattr(fn, "lower"):  # already jitted: its trace cache would serve both programs
       raise TypeError("scheduled_jit takes the plain step function and jits it itself: "
                       "remove the @jax.jit (or @nnx.jit) decorator, or pass jit=nnx.jit.")
@@ -139,7 +141,7 @@ class ScheduledStep:
     self._skipped = 0
     functools.update_wrapper(self, fn)
 
-  def __call__(self, *args, **kwargs) -> Any:
+  def __call__(self, *args: Any, **kwargs: Any) -> Any:
     if self._check_next:
       self._follow_state(args, kwargs)
     is_event = bool(self._is_event(self.count + 1))
@@ -231,7 +233,9 @@ def _drift_message(count: int, predicted: int) -> str:
       "Following the state's count from now on; pass every update through this step.")
 
 
-def scheduled_jit(tx, *, count: int = 0, jit: Callable = jax.jit, **jit_kwargs):
+def scheduled_jit(tx: optax.GradientTransformation, *, count: int = 0,
+                  jit: Callable = jax.jit,
+                  **jit_kwargs: Any) -> Callable[[Callable[..., Any]], ScheduledStep]:
   """Decorator: ``jit`` a training step as two programs chosen by ``tx``'s schedule.
 
   Args:

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import overload
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from sparse_jax import _distributions
 
@@ -120,8 +123,18 @@ def check_events(*, update_every: int, start_step: int, end_step: int, pruning: 
       f"{' or '.join(fixes)}.")
 
 
-def cubic_sparsity(k, *, initial_sparsity: float, final_sparsity: float,
-                   k0: int, kf: int):
+@overload
+def cubic_sparsity(k: int | np.integer, *, initial_sparsity: float,
+                   final_sparsity: float, k0: int, kf: int) -> float: ...
+@overload
+def cubic_sparsity(k: jax.Array | np.ndarray, *, initial_sparsity: float,
+                   final_sparsity: float, k0: int, kf: int) -> jax.Array: ...
+@overload  # a float k: an array when kf <= k0
+def cubic_sparsity(k: float, *, initial_sparsity: float,
+                   final_sparsity: float, k0: int, kf: int) -> float | jax.Array: ...
+def cubic_sparsity(k: float | np.integer | jax.Array | np.ndarray, *,
+                   initial_sparsity: float, final_sparsity: float,
+                   k0: int, kf: int) -> float | jax.Array:
   """Zhu & Gupta's cubic schedule in event units (docs/algorithms.md §3).
 
   ``s_k = s_f + (s_i - s_f) * (1 - (k - k0) / (kf - k0))**3`` for ``k0 < k <= kf``,
@@ -130,11 +143,11 @@ def cubic_sparsity(k, *, initial_sparsity: float, final_sparsity: float,
   if kf <= k0:
     return jnp.where(k >= kf, final_sparsity, initial_sparsity) if not isinstance(
         k, (int, np.integer)) else (final_sparsity if k >= kf else initial_sparsity)
-  frac = (k - k0) / (kf - k0)
+  frac: float | jax.Array
   if isinstance(k, (int, np.integer, float)):
-    frac = min(max(frac, 0.0), 1.0)
+    frac = min(max((k - k0) / (kf - k0), 0.0), 1.0)
   else:
-    frac = jnp.clip(frac, 0.0, 1.0)
+    frac = jnp.clip((k - k0) / (kf - k0), 0.0, 1.0)
   return final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - frac) ** 3
 
 
@@ -159,7 +172,14 @@ def gradual_active_counts(num_prunable: int, *, initial_sparsity: float,
       for k in range(kf + 1)], np.int64)
 
 
-def is_event(t, update_every: int, start_step: int = 0, end_step: int | None = None):
+@overload
+def is_event(t: int, update_every: int, start_step: int = 0,
+             end_step: int | None = None) -> bool: ...
+@overload
+def is_event(t: jax.Array, update_every: int, start_step: int = 0,
+             end_step: int | None = None) -> jax.Array: ...
+def is_event(t: int | jax.Array, update_every: int, start_step: int = 0,
+             end_step: int | None = None) -> bool | jax.Array:
   """True after the update ``t`` (1-based) when a mask update is due.
 
   Events are at multiples of ``update_every`` from ``start_step`` on (not at
@@ -171,8 +191,8 @@ def is_event(t, update_every: int, start_step: int = 0, end_step: int | None = N
   return ok
 
 
-def cosine_regrowth_rate(t, *, initial_rate: float, total_steps: int,
-                         min_rate: float = 0.0):
+def cosine_regrowth_rate(t: ArrayLike, *, initial_rate: float, total_steps: int,
+                         min_rate: float = 0.0) -> jax.Array:
   """``r(t) = r_min + (r0 - r_min) * (1 + cos(pi * t / T)) / 2`` (docs/algorithms.md §5).
 
   Stepped every update; ``t`` past ``total_steps`` stays at ``min_rate``.
@@ -181,6 +201,6 @@ def cosine_regrowth_rate(t, *, initial_rate: float, total_steps: int,
   return min_rate + (initial_rate - min_rate) * 0.5 * (1.0 + jnp.cos(math.pi * frac))
 
 
-def constant_rate(t, *, initial_rate: float):
+def constant_rate(t: ArrayLike, *, initial_rate: float) -> jax.Array:
   """A constant regrowth rate (SET's zeta)."""
   return jnp.full((), initial_rate, jnp.float32) + 0.0 * jnp.asarray(t, jnp.float32)

@@ -24,7 +24,8 @@ PyTree = Any
 
 class SparseState(NamedTuple):
   """State of a sparse-training wrapper."""
-  count: jax.Array  # int32 [], optimizer updates completed
+  # The field shadows tuple.count, as optax's states' do (a public name, kept).
+  count: jax.Array  # type: ignore[assignment]  # int32 [], optimizer updates completed
   # bool arrays on prunable leaves (PackedMask with packed_masks=True), None on
   # dense leaves; get_masks / get_sparse_state always return bool masks.
   masks: PyTree
@@ -54,7 +55,8 @@ class Regrown(NamedTuple):
 
 class StraightThroughState(NamedTuple):
   """State of ``ste``: the masks of the forward pass and the inner optimizer's state."""
-  count: jax.Array  # int32 [], optimizer updates completed
+  # The field shadows tuple.count, as optax's states' do (a public name, kept).
+  count: jax.Array  # type: ignore[assignment]  # int32 [], optimizer updates completed
   masks: PyTree  # bool on prunable leaves, None elsewhere
   inner_state: optax.OptState
 
@@ -73,7 +75,7 @@ def _find_straight_through_states(opt_state) -> list[StraightThroughState]:
   return [x for x in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(x)]
 
 
-def get_sparse_state(opt_state) -> SparseState:
+def get_sparse_state(opt_state: optax.OptState) -> SparseState:
   """The ``SparseState`` inside any optimizer state (chains, MultiSteps, NNX).
 
   Flax NNX optimizer variables are unwrapped to plain arrays, and packed masks
@@ -90,7 +92,7 @@ def get_sparse_state(opt_state) -> SparseState:
                         union=_masks.unpack_masks(state.union))
 
 
-def is_straight_through(opt_state) -> bool:
+def is_straight_through(opt_state: optax.OptState) -> bool:
   """Whether ``opt_state`` holds a ``sparse_jax.ste`` state (dense weights, masked forward).
 
   Example:
@@ -100,7 +102,7 @@ def is_straight_through(opt_state) -> bool:
   return bool(_find_straight_through_states(opt_state))
 
 
-def get_straight_through_state(opt_state) -> StraightThroughState:
+def get_straight_through_state(opt_state: optax.OptState) -> StraightThroughState:
   """The ``StraightThroughState`` inside any optimizer state (chains, NNX).
 
   Example:
@@ -114,7 +116,7 @@ def get_straight_through_state(opt_state) -> StraightThroughState:
   return _masks.unwrap_variables(found[0])
 
 
-def get_masks(opt_state) -> PyTree:
+def get_masks(opt_state: optax.OptState) -> PyTree:
   """The current (bool) mask tree of an optimizer state built by any sparse_jax method.
 
   ``sparse_jax.ste``'s state included (its masks of the dense weights).
@@ -143,6 +145,9 @@ def _named_leaves(tree: PyTree) -> dict[str, Any]:
 def _mismatch(values: PyTree, masks: PyTree) -> str | None:
   """How the leaves of ``values`` differ from those of ``masks``; None if they match."""
   is_none = lambda x: x is None
+  # Any: jaxlib ships no type stub for PyTreeDef (see _paths.flatten_up_to).
+  treedef: Any
+  mask_treedef: Any
   value_leaves, treedef = jax.tree.flatten(values, is_leaf=is_none)
   mask_leaves, mask_treedef = jax.tree.flatten(masks, is_leaf=is_none)
   if treedef == mask_treedef and all(m is None or np.shape(v) == np.shape(m)
@@ -182,7 +187,7 @@ def _masked_like(params: PyTree, values: PyTree, masks: PyTree, caller: str) -> 
   return jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(masked))
 
 
-def sparsify_params(params: PyTree, opt_state) -> PyTree:
+def sparsify_params(params: PyTree, opt_state: optax.OptState) -> PyTree:
   """Applies the optimizer state's masks to freshly initialised params, once.
 
   Takes the params given to ``tx.init`` (a linen dict, an ``nnx.State``, any
@@ -219,7 +224,7 @@ def sparsify_params(params: PyTree, opt_state) -> PyTree:
   return _masked_like(params, params, masks, "sparsify_params")
 
 
-def apply_updates(params: PyTree, updates: PyTree, opt_state) -> PyTree:
+def apply_updates(params: PyTree, updates: PyTree, opt_state: optax.OptState) -> PyTree:
   """``optax.apply_updates`` that stores every masked weight as exactly 0.
 
   ``where(mask, p + u, 0)`` on prunable leaves and ``p + u`` elsewhere, with the

@@ -25,6 +25,7 @@ from jax import lax
 from sparse_jax import _arguments
 from sparse_jax import _distributions
 from sparse_jax import _masks
+from sparse_jax import _paths
 from sparse_jax import _prune
 from sparse_jax import _schedules
 from sparse_jax import _state
@@ -35,7 +36,8 @@ PyTree = Any
 
 
 def magnitude_masks(params: PyTree, prunable: PyTree, sparsity: float, *,
-                    structure=None, scope: str = "global") -> PyTree:
+                    structure: _arguments.StructureArg = None,
+                    scope: str = "global") -> PyTree:
   """Masks of the largest-magnitude weights at ``sparsity``, from scratch (jittable).
 
   ``NM(n, m)``: the ``n`` largest of every group. Otherwise the exact
@@ -49,12 +51,12 @@ def magnitude_masks(params: PyTree, prunable: PyTree, sparsity: float, *,
   """
   params = _masks.unwrap_variables(params)
   leaves, treedef = jax.tree.flatten(params)
-  flags = treedef.flatten_up_to(prunable)
+  flags = _paths.flatten_up_to(treedef, prunable)
   ws = _prune.same_bits([w for w, f in zip(leaves, flags) if f])
   st = _structure.leaf_structure(structure, params, prunable)
   if st.grouped:
     ones = [jnp.ones(w.shape, bool) for w in ws]
-    chosen = _structured_masks.prune_in_groups(st, ws, ones, structure.n)
+    chosen = _structured_masks.prune_in_groups(st, ws, ones, st.structure.n)
   else:
     us = _structured_masks.unit_scores(st, ws)
     ones = [jnp.ones(u.shape, bool) for u in us]
@@ -73,8 +75,9 @@ def magnitude_masks(params: PyTree, prunable: PyTree, sparsity: float, *,
 
 
 def ste(inner: optax.GradientTransformation, *, sparsity: float | None = None,
-        structure=None, update_every: int = 1, decay: float = 0.0,
-        scope: str = "global", include=None, exclude=None,
+        structure: _arguments.StructureArg = None, update_every: int = 1,
+        decay: float = 0.0, scope: str = "global", include: _arguments.Regexes = None,
+        exclude: _arguments.Regexes = None,
         keep_first_dense: bool = False, keep_last_dense: bool = False,
         embeddings: bool = False) -> optax.GradientTransformationExtraArgs:
   """Straight-through sparse training: dense weights, masked forward (SR-STE with decay).
@@ -127,15 +130,16 @@ def ste(inner: optax.GradientTransformation, *, sparsity: float | None = None,
     return _state.StraightThroughState(jnp.zeros((), jnp.int32), masks_of(params),
                                        inner.init(params))
 
-  def update_fn(grads, state, params=None, **extra_args):
+  # The first argument is named as in optax's update protocol (``updates``).
+  def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError("ste needs the params: call tx.update(grads, opt_state, params).")
     params = _masks.unwrap_variables(params)
     if lam:
-      grads = jax.tree.map(
+      updates = jax.tree.map(
           lambda g, p, m: g if m is None else g + (lam * jnp.where(m, 0, p)).astype(g.dtype),
-          grads, params, state.masks)
-    updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
+          updates, params, state.masks)
+    updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
     t = state.count + 1
     recompute = lambda: masks_of(optax.apply_updates(params, updates))
     if update_every == 1:
@@ -147,7 +151,7 @@ def ste(inner: optax.GradientTransformation, *, sparsity: float | None = None,
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def masked_params(params: PyTree, opt_state) -> PyTree:
+def masked_params(params: PyTree, opt_state: optax.OptState) -> PyTree:
   """The params the forward pass of a straight-through model sees.
 
   ``where(mask, p, 0)`` in value (exactly, for finite weights), with the identity

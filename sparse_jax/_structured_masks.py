@@ -20,6 +20,7 @@ from jax import lax
 from sparse_jax import _distributions
 from sparse_jax import _lazy
 from sparse_jax import _masks
+from sparse_jax import _paths
 from sparse_jax import _regrow
 from sparse_jax import _select
 from sparse_jax import _structure
@@ -176,7 +177,7 @@ def random_masks(structure, key, params: PyTree, prunable: PyTree, sparsity: flo
   params = _masks.unwrap_variables(params)
   st = _structure.leaf_structure(structure, params, prunable)
   leaves, treedef = jax.tree.flatten(params)
-  flags = treedef.flatten_up_to(prunable)
+  flags = _paths.flatten_up_to(treedef, prunable)
   it = iter(random_layer_masks(st, key, sparsity, distribution, sampling))
   return jax.tree.unflatten(treedef, [next(it) if f else None for f in flags])
 

@@ -73,6 +73,7 @@ from sparse_jax import _layers
 from sparse_jax import _lazy
 from sparse_jax import _mask_update
 from sparse_jax import _masks
+from sparse_jax import _paths
 from sparse_jax import _state
 from sparse_jax import _structure
 from sparse_jax import _structured_masks
@@ -144,7 +145,8 @@ def initial_masks(params: PyTree, start: Start, key: jax.Array, structure=None,
   else:
     infos = layers.layers()
     densities = _distributions.layer_densities_for(infos, start.sparsity, start.distribution)
-    total = _distributions.active_count(start.sparsity, sum(l.size for l in infos))
+    total: int | None = _distributions.active_count(start.sparsity,
+                                                    sum(l.size for l in infos))
     if isinstance(start.distribution, Mapping):
       total = None
     counts = _distributions.layer_counts(infos, densities, total)
@@ -154,7 +156,7 @@ def initial_masks(params: PyTree, start: Start, key: jax.Array, structure=None,
   treedef = jax.tree.structure(params)
   it = iter(layers.join(chosen))
   return jax.tree.unflatten(treedef, [next(it) if f else None
-                                      for f in treedef.flatten_up_to(prunable)])
+                                      for f in _paths.flatten_up_to(treedef, prunable)])
 
 
 def _layer_structure(structure, layers: _layers.Split):
@@ -350,8 +352,11 @@ def _grad_momentum(w: _Wrapper, grad_momentum, grads, masks):
   """The dense-gradient momentum after this step (``growth="momentum"``), or None."""
   if grad_momentum is None:
     return None
+  regrowth = w.events.regrowth
+  if regrowth is None:  # unreachable: a momentum is only kept for growth="momentum"
+    raise ValueError("A dense-gradient momentum needs a regrowth.")
   prunable_grads = jax.tree.map(lambda g, m: None if m is None else g, grads, masks)
-  momentum = w.events.regrowth.momentum
+  momentum = regrowth.momentum
   return jax.tree.map(lambda v, g: momentum * v + g.astype(v.dtype), grad_momentum,
                       prunable_grads)
 
@@ -371,7 +376,7 @@ def _warm_up(updates: PyTree, regrown: _state.Regrown, t, steps: int, params) ->
       updates, warm)
 
 
-def event_schedule(tx):
+def event_schedule(tx: optax.GradientTransformation) -> Callable[[int], bool]:
   """``t -> bool``: whether update ``t`` (1-based) of ``tx`` is a mask-update event.
 
   ``tx`` is a transformation returned by a sparse_jax factory.
