@@ -56,6 +56,11 @@ def default_data_dir(name: str) -> Optional[str]:
   """
   if not specs.spec(name).locally_built:
     return None
+  return local_data_dir()
+
+
+def local_data_dir() -> str:
+  """Where data sets built on this machine go: `$SPARSE_JAX_DATA_DIR` or `<repo>/.data/tfds`."""
   return os.environ.get(DATA_DIR_ENV_VAR) or str(DEFAULT_LOCAL_DATA_DIR)
 
 
@@ -95,7 +100,7 @@ def prepare_dataset(name: str, data_dir: Optional[str] = None, *,
     # Imported here: TFDS registers the builder when its class is defined.
     from experiments.data.mnist5k import mnist5k_dataset_builder  # pylint: disable=g-import-not-at-top
     builder = mnist5k_dataset_builder.Builder(data_dir=data_dir)
-    with _tfds_quiet():
+    with tfds_quiet():
       if not builder.is_prepared():
         # try_download_gcs=False: TFDS would otherwise ask GCS for a prebuilt
         # copy, which fails slowly (or hangs) without network.
@@ -177,7 +182,7 @@ def prepared_arrays(name: str, data_dir: Optional[str]) -> np.lib.npyio.NpzFile:
 
 
 @contextlib.contextmanager
-def _tfds_quiet():
+def tfds_quiet():
   """TFDS's reports of building a bundled data set, which has nothing to download, left out.
 
   Its banner ("Downloading and preparing dataset Unknown size ...") is printed on

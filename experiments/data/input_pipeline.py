@@ -4,7 +4,8 @@ One entry point per use:
 
 * `train_batches`: endless, deterministic, resumable training batches.
 * `eval_batches`: one pass over an evaluation split, padded to full batches
-  with a `mask` so that every device (and every host) gets full batches.
+  with a `mask` so that every device (and every host) gets full batches
+  (`num_eval_batches` of them).
 * `load_arrays`: a whole preprocessed split as numpy arrays, for data sets
   small enough to live on the accelerator (e.g. `mnist5k`).
 * `dataset_info`: sizes, number of classes and the preprocessed input shape.
@@ -86,6 +87,7 @@ __all__ = [
     'KNOWN_DATASETS',
     'load_arrays',
     'normalize',
+    'num_eval_batches',
     'padded_batches',
     'prepare_dataset',
     'random_pad_crop_flip',
@@ -314,10 +316,8 @@ def _eval_dataset(name: str, batch_size: int, data_dir: Optional[str],
   local_batch = _local_batch_size(batch_size, process_count)
   builder = prepare_dataset(name, data_dir)
   split = split or spec.eval_split
-  total = tfds_reads.num_examples(builder, split)
-  # Shards differ by at most one example; every process yields the number of
-  # batches of the largest shard so that collective ops stay in lockstep.
-  num_batches = math.ceil(math.ceil(total / process_count) / local_batch)
+  num_batches = num_eval_batches(tfds_reads.num_examples(builder, split), batch_size,
+                                 process_count)
   return tfds_reads.eval_dataset(builder, split, spec, local_batch, num_batches,
                                  process_index, process_count)
 
@@ -334,8 +334,16 @@ def _array_eval_batches(name: str, batch_size: int, data_dir: Optional[str],
   bounds = [total * i // process_count for i in range(process_count + 1)]
   shard = {k: v[bounds[process_index]:bounds[process_index + 1]]
            for k, v in arrays.items()}
-  num_batches = math.ceil(math.ceil(total / process_count) / local_batch)
-  return in_memory.padded_batches(shard, local_batch, num_batches)
+  return in_memory.padded_batches(shard, local_batch,
+                                  num_eval_batches(total, batch_size, process_count))
+
+
+def num_eval_batches(num_examples: int, batch_size: int, process_count: int = 1) -> int:
+  """The batches `eval_batches` yields on each process for a split of `num_examples`."""
+  # Shards differ by at most one example; every process yields the number of
+  # batches of the largest shard so that collective ops stay in lockstep.
+  local_batch = _local_batch_size(batch_size, process_count)
+  return math.ceil(math.ceil(num_examples / process_count) / local_batch)
 
 
 def eval_batches(

@@ -16,6 +16,9 @@ one, in this process or any other.
 Images are learnable: each class has its own colour, plus noise (crops and flips keep
 the colour, so the augmented path can learn it too). Labels are balanced.
 
+``smoke_data_dir`` keeps one such set per size under the local data directory, for
+the paper configs' smoke settings (``cifar_vgg19.py:smoke=True``, ...).
+
 Example:
   synthetic.prepare("cifar10", "/tmp/tfds", num_train=256, num_eval=64)
   input_pipeline.dataset_info("cifar10", "/tmp/tfds").num_train_examples  # 256
@@ -23,12 +26,16 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import os
+import sys
 import tarfile
 
 import numpy as np
 
+from experiments.data import builders
 from experiments.data import tf_import
 
 NAMES = ("cifar10", "cifar100", "imagenet2012")
@@ -70,6 +77,32 @@ def prepare(name: str, data_dir: str, *, num_train: int, num_eval: int, seed: in
     builder = _offline_cifar_builder(name, source)(data_dir=data_dir)
   builder.download_and_prepare(download_config=config)
   return builder
+
+
+def smoke_data_dir(name: str, *, num_train: int, num_eval: int) -> str:
+  """A data directory holding a synthetic ``name`` of these sizes, prepared on first use.
+
+  ``<local data dir>/synthetic/<num_train>-<num_eval>`` (experiments/data/builders.py
+  ``local_data_dir``): apart from any real set, so a real ``cifar10`` is never
+  shadowed. Preparing takes ~10 s, TensorFlow's import mostly (said on stderr: it
+  happens while a config loads, before logging is set up); later calls only look
+  for the marker file written after it. Processes preparing at once wait for each
+  other (a file lock).
+  """
+  data_dir = os.path.join(builders.local_data_dir(), "synthetic", f"{num_train}-{num_eval}")
+  marker = os.path.join(data_dir, f"{name}.prepared")
+  if os.path.exists(marker):
+    return data_dir
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, ".lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not os.path.exists(marker):
+      print(f"Preparing a synthetic {name} ({num_train} training, {num_eval} evaluation "
+            f"examples) in {data_dir} (once, ~10 s)...", file=sys.stderr, flush=True)
+      with builders.tfds_quiet(), contextlib.redirect_stderr(io.StringIO()):
+        prepare(name, data_dir, num_train=num_train, num_eval=num_eval)
+      open(marker, "w").close()
+  return data_dir
 
 
 def _colours(num_classes: int, seed: int) -> np.ndarray:

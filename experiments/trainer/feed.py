@@ -9,6 +9,8 @@ example indices cross per dispatch); others stream from ``tf.data``
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -71,7 +73,7 @@ class Feed:
     self.s_per = config.steps_per_dispatch
     self.n_local = jax.local_device_count()
     self.on_device = uses_device_data(config)
-    self._eval = []
+    self._eval, self._num_eval = [], None
     self.validation = None  # the held-out part of the training set, if any
     if self.on_device:
       arrays = input_pipeline.load_arrays(config.dataset, "train", config.data_dir)
@@ -111,28 +113,63 @@ class Feed:
       batches = jax.make_array_from_process_local_data(sharding, batches)
     return batches, num
 
-  def eval_batches(self) -> list:
-    """The test set in batches (kept after the first call when data is on device).
+  def eval_batches(self):
+    """The test set in batches: a list kept after the first call when data is on
+    device, else an ``EvalBatches`` read as it is iterated.
 
     With ``config.validation_fraction`` > 0 the held-out part of the training set
     instead (the trainer's "test" metrics are then validation metrics).
     """
     if self._eval:
       return self._eval
-    n_dev, config = jax.device_count(), self.config
+    if self.on_device:
+      self._eval = list(self._read_eval())
+      return self._eval
+    if self._num_eval is None:  # the set's metadata, read once
+      info = input_pipeline.dataset_info(self.config.dataset, self.config.data_dir)
+      self._num_eval = input_pipeline.num_eval_batches(
+          info.num_eval_examples, self._eval_batch_size(), jax.process_count())
+    return EvalBatches(self._read_eval, self._num_eval)
+
+  def _eval_batch_size(self) -> int:
     # Rounded up to a multiple of the devices; the padding is masked out.
-    batch_size = -(-config.eval_batch_size // n_dev) * n_dev
-    batches = []
-    source = (input_pipeline.padded_batches(self.validation, batch_size)
+    n_dev = jax.device_count()
+    return -(-self.config.eval_batch_size // n_dev) * n_dev
+
+  def _read_eval(self):
+    """Yields the evaluation batches, shaped for the programs."""
+    config = self.config
+    source = (input_pipeline.padded_batches(self.validation, self._eval_batch_size())
               if self.validation is not None else
-              input_pipeline.eval_batches(config.dataset, batch_size=batch_size,
+              input_pipeline.eval_batches(config.dataset, batch_size=self._eval_batch_size(),
                                           data_dir=config.data_dir))
     for b in source:
       if self.mesh is None:
         b = jax.tree.map(lambda x: x.reshape(self.n_local, -1, *x.shape[1:]), b)
       elif jax.process_count() > 1:
         b = jax.make_array_from_process_local_data(NamedSharding(self.mesh, P("data")), b)
-      batches.append(b)
-    if self.on_device:
-      self._eval = batches
-    return batches
+      yield b
+
+
+class EvalBatches:
+  """Evaluation batches read from the input pipeline as they are iterated.
+
+  Streamed, not kept: an evaluation set need not fit in host memory (ImageNet's
+  validation set is ~30 GB as float32), the first batch (whose shapes the eval
+  program is compiled for) is read without the others, and an evaluation shows
+  its progress while it reads. ``len`` is the number of batches.
+  """
+
+  def __init__(self, read, count: int):
+    self._read, self._count = read, count
+
+  def __len__(self) -> int:
+    return self._count
+
+  def __iter__(self):
+    return iter(self._read())
+
+  def __getitem__(self, index: int):
+    if not 0 <= index < self._count:
+      raise IndexError(f"evaluation batch {index} of {self._count}")
+    return next(itertools.islice(self._read(), index, None))

@@ -4,7 +4,9 @@
 over ``"data"``) or ``jax.pmap`` over the local devices. Each program compiles
 once, ahead of time, from the first dispatch's argument shapes: the one needed
 first in the foreground, the others meanwhile in a background thread, each with
-a log line before and after (a first compile is the longest silent phase).
+a log line before and after (a first compile is the longest silent phase). An
+evaluation logs its progress while it lasts (on a CPU a full-size evaluation set
+takes minutes).
 """
 
 from __future__ import annotations
@@ -40,6 +42,36 @@ def compile_logged(fn, args, what: str, verbose: bool = True, seconds=None):
   return compiled
 
 
+# Seconds between an evaluation's progress lines; and the batches from which the
+# first evaluation of a run says how many it has before it starts.
+PROGRESS_EVERY_S = 15.0
+MANY_EVAL_BATCHES = 10
+
+
+class _Progress:
+  """The log lines of a long evaluation: every ``PROGRESS_EVERY_S``, and at its end."""
+
+  def __init__(self, total: int, t_start: float, first: bool):
+    self.total, self.t_start, self.t_last = total, t_start, t_start
+    self.log = logging.getLogger("sparse_jax.train")
+    self.spoke = first and total >= MANY_EVAL_BATCHES
+    if self.spoke:
+      self.log.info("Evaluating on %d batches (progress every %.0f s)...", total,
+                    PROGRESS_EVERY_S)
+
+  def done(self, batches: int):
+    """Logs after ``batches`` batches if ``PROGRESS_EVERY_S`` passed since the last line."""
+    now = time.time()
+    if batches == self.total:
+      if self.spoke:
+        self.log.info("Evaluated %d batches in %.1f s.", self.total, now - self.t_start)
+    elif now - self.t_last >= PROGRESS_EVERY_S:
+      left = (now - self.t_start) / batches * (self.total - batches)
+      self.log.info("Evaluating: batch %d/%d after %.0f s (~%.0f s left)...", batches,
+                    self.total, now - self.t_start, left)
+      self.t_last, self.spoke = now, True
+
+
 class Programs:
   """Builds, compiles and places everything the training loop runs on devices.
 
@@ -56,6 +88,7 @@ class Programs:
                   False: f"the ordinary dispatch ({self.s_per} steps)",
                   True: "the mask-update step", "eval": "the evaluation"}
     self._futures = {}
+    self._evaluated = False  # the first evaluation announces itself (``evaluate``)
     self._compiler = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="compile")
     if mesh is None:
       self._fns = {"eval": jax.pmap(functools.partial(steps.eval_step, axis_name="batch",
@@ -131,14 +164,24 @@ class Programs:
     """``test_loss`` and ``test_accuracy`` of ``state`` on ``feed.eval_batches()``.
 
     ``byte_level``: also ``test_bits_per_byte``, the per-token (byte) loss in bits.
+    An evaluation logs its progress (``Evaluating: batch k/K ...``) every
+    ``PROGRESS_EVERY_S`` while it lasts, and the first one of a run says before it
+    starts how many batches it has when they are many: on a CPU a full-size
+    evaluation set takes minutes. Each batch's metrics are read as they are
+    (a host sync a batch, which the progress count relies on).
     """
     t = time.time()
     totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-    for b in feed.eval_batches():
+    batches = feed.eval_batches()
+    progress = _Progress(len(batches), t, first=not self._evaluated) if self.verbose else None
+    self._evaluated = True
+    for i, b in enumerate(batches):
       self.compile_soon("eval", (state, b))
       out = jax.device_get(self.host(self["eval"](state, b)))
       for k in totals:
         totals[k] += float(out[k])
+      if progress is not None:
+        progress.done(i + 1)
     self.timings["eval_s"] += time.time() - t
     out = {"test_loss": totals["loss"] / totals["count"],
            "test_accuracy": totals["correct"] / totals["count"]}
