@@ -116,10 +116,9 @@ def extend(masks: PyTree, attached: Sequence[Attached], params: PyTree) -> PyTre
   """``masks`` (bool, None on dense leaves) with the attached leaves' unit masks added."""
   if not attached or masks is None:
     return masks
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  names = [_paths.path_to_name(p) for p, _ in flat]
+  treedef = jax.tree.structure(params)
   values = _paths.flatten_up_to(treedef, masks)
-  index = {n: i for i, n in enumerate(names)}
+  index = {n: i for i, n in enumerate(_paths.leaf_names(params))}
   for a in attached:
     values[index[a.leaf]] = _unit_mask(values[index[a.kernel]], a.layer_axes)
   return jax.tree.unflatten(treedef, values)
@@ -127,7 +126,6 @@ def extend(masks: PyTree, attached: Sequence[Attached], params: PyTree) -> PyTre
 
 def restarts(params: PyTree, attached: Sequence[Attached]) -> PyTree:
   """A tree like ``params`` of the values a dead unit's leaves are held at (floats)."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   value = {a.leaf: a.restart for a in attached}
-  return jax.tree.unflatten(treedef, [value.get(_paths.path_to_name(p), 0.0)
-                                      for p, _ in flat])
+  return jax.tree.unflatten(jax.tree.structure(params),
+                            [value.get(n, 0.0) for n in _paths.leaf_names(params)])

@@ -226,9 +226,8 @@ def test_condensed_optimizer_state_is_cut_like_the_params(packed):
   masks = sj.get_masks(opt_state)
   alive0 = _alive(masks, "Conv_0")
   old, new = sj.get_sparse_state(opt_state), sj.get_sparse_state(c.opt_state)
-  assert isinstance(jax.tree.leaves(c.opt_state.masks if hasattr(c.opt_state, "masks")
-                                    else c.opt_state, is_leaf=lambda x: isinstance(
-                                        x, sj.PackedMask))[0], sj.PackedMask) == packed
+  is_packed = lambda x: isinstance(x, sj.PackedMask)
+  assert is_packed(jax.tree.leaves(c.opt_state.masks, is_leaf=is_packed)[0]) == packed
   np.testing.assert_array_equal(new.masks["Conv_0"]["kernel"],
                                 np.asarray(old.masks["Conv_0"]["kernel"])[..., alive0])
   mu_old, mu_new = old.inner_state[0].mu, new.inner_state[0].mu
