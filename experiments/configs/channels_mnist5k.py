@@ -5,7 +5,8 @@ r"""Channel-sparse training on the bundled MNIST subset, masked or condensed (is
 
 Family argument (defaults shown): ``model=mlp`` (784-``width``-``width``-10, ReLU) or
 ``lenet5``; ``width=1024``; ``method=granet`` (or gmp, rigl, set; ``dense`` for the
-reference); ``structure=channels`` (or ``unstructured``: the same method on
+reference; ``chase``: RigL on weights at ``sparsity`` whose lowest-UMM units go, to
+``channel_sparsity=0.75`` of them by epoch 5, condensed: experiments/trainer/chase.py); ``structure=channels`` (or ``unstructured``: the same method on
 weights); ``sparsity=0.75`` (of the hidden units with channels, of the weights
 unstructured); ``condense=0`` (1: remove dead units at the events and train the
 smaller model, experiments/trainer/condensing.py); ``seed=0``.
@@ -20,13 +21,17 @@ global for weights; the classifier stays dense.
 from experiments.configs import default
 
 ARGS = {"model": "mlp", "width": 1024, "method": "granet", "structure": "channels",
-        "sparsity": 0.75, "condense": 0, "seed": 0}
-CHOICES = {"model": ("mlp", "lenet5"), "method": ("dense", "granet", "gmp", "rigl", "set"),
+        "sparsity": 0.75, "condense": 0, "channel_sparsity": 0.75, "seed": 0}
+CHOICES = {"model": ("mlp", "lenet5"),
+           "method": ("dense", "granet", "gmp", "rigl", "set", "chase"),
            "structure": ("channels", "unstructured")}
 
 
 def get_config(arg: str | None = None):
   args = default.parse_args(arg, ARGS, choices=CHOICES)
+  chase = args["method"] == "chase"
+  if chase:  # RigL on weights, its sparsest units removed and the model condensed
+    args.update(method="rigl", structure="unstructured", condense=1)
   channels = args["structure"] == "channels"
   config = default.lenet300_recipe(args["method"], args)
   config.model = args["model"]
@@ -38,6 +43,7 @@ def get_config(arg: str | None = None):
   config.sparsity.structure = args["structure"]
   config.sparsity.scope = "layerwise" if channels else "global"
   config.sparsity.condense = bool(args["condense"])
+  config.sparsity.channel_sparsity = float(args["channel_sparsity"]) if chase else 0.0
   if args["method"] in ("rigl", "set"):
     config.sparsity.regrowth_rate = 0.3
     config.sparsity.distribution = "uniform" if channels else "erk"

@@ -93,6 +93,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.sparsity.condense = False
   config.sparsity.condense_patience = 1
   config.sparsity.condense_min_fraction = 0.1
+  # Chase (rigl/set on weights with condense=True; experiments/trainer/chase.py):
+  # remove this fraction of the hidden units by sparsity.end_epoch, lowest unmasked
+  # mean magnitude first (0: off); a layer keeps int(C (1 - channel_sparsity) *
+  # channel_floor) units at least. The weight budget stays 1 - sparsity.final.
+  config.sparsity.channel_sparsity = 0.0
+  config.sparsity.channel_floor = 0.2
   # Keep the masks after every event (bit-packed, <workdir>/mask_history.npz) and the
   # union of all masks on the device (ITOP); see experiments/trainer/mask_history.py.
   config.record_mask_history = False

@@ -24,9 +24,11 @@ import math
 from typing import Any
 
 
+import jax
 import numpy as np
 
 import sparse_jax
+from experiments.trainer import chase as chase_lib
 from experiments.trainer import condense
 
 log = logging.getLogger("sparse_jax.train")
@@ -41,12 +43,19 @@ def check_config(config) -> None:
   run with this config (before any data is read or model built)."""
   sp = config.sparsity
   if not sp.get("condense", False):
+    if sp.get("channel_sparsity", 0.0):
+      raise ValueError(f"sparsity.channel_sparsity={sp.channel_sparsity} (Chase) needs "
+                       "sparsity.condense=True (the removed units leave the model); or "
+                       "set sparsity.channel_sparsity=0.")
     return
   why = None
-  if sp.get("structure", "unstructured") != "channels":
+  if sp.get("channel_sparsity", 0.0):
+    why = chase_lib.check_config(config)
+  elif sp.get("structure", "unstructured") != "channels":
     why = (f"needs sparsity.structure='channels' (got {sp.get('structure')!r}): only "
-           "whole units can be removed")
-  elif sp.method not in CONDENSED_METHODS:
+           "whole units can be removed (or sparsity.channel_sparsity > 0 with rigl/set "
+           "on weights: Chase)")
+  elif sp.method not in CONDENSED_METHODS and not sp.get("channel_sparsity", 0.0):
     why = (f"needs a method with mask-update events, one of {CONDENSED_METHODS} (got "
            f"{sp.method!r})")
   elif config.model in condense.RESIDUAL_MODELS or config.model not in condense.FAMILIES:
@@ -83,9 +92,11 @@ class Condenser:
   dead_for: dict[str, np.ndarray]
   patience: int = 1
   min_fraction: float = 0.0  # shrink once this fraction of the current units can go
+  chase: chase_lib.Chase | None = None  # Chase's schedule (sparsity.channel_sparsity > 0)
 
   @classmethod
-  def for_run(cls, config, num_classes: int, params, masks) -> "Condenser":
+  def for_run(cls, config, num_classes: int, params, masks,
+              steps_per_epoch: int) -> "Condenser":
     """The condenser of a run from its full-width ``params`` (shapes) and masks."""
     kwargs = dict(config.model_kwargs)
     chain, norms = condense.chain_of(config.model, params, kwargs)
@@ -93,10 +104,16 @@ class Condenser:
     index = {n: np.arange(original[f"{n}/kernel"][-1]) for n in chain[:-1]}
     prunable = tuple(k for k in original
                      if (masks.get(k.split("/")[0]) or {}).get("kernel") is not None)
+    sp = config.sparsity
+    chase = None
+    if sp.get("channel_sparsity", 0.0):
+      active = sum(int(np.asarray(m).sum()) for m in jax.tree.leaves(masks))
+      chase = chase_lib.Chase(float(sp.channel_sparsity), float(sp.get("channel_floor", 0.2)),
+                              max(1, int(round(sp.end_epoch * steps_per_epoch))), active)
     return cls(config.model, kwargs, num_classes, chain, norms, original, prunable, index,
                {n: np.zeros(len(i), np.int64) for n, i in index.items()},
-               int(config.sparsity.get("condense_patience", 1)),
-               float(config.sparsity.get("condense_min_fraction", 0.0)))
+               int(sp.get("condense_patience", 1)),
+               float(sp.get("condense_min_fraction", 0.0)), chase)
 
   def resumed(self, meta) -> "Condenser":
     """This condenser as a checkpoint's ``meta`` left it (itself if not condensed)."""
@@ -118,7 +135,10 @@ class Condenser:
     return any(len(i) < self.original[f"{n}/kernel"][-1] for n, i in self.index.items())
 
   def units(self) -> dict[str, int]:
-    """``Channels(units=...)``: each kernel's original number of units."""
+    """``Channels(units=...)``: each kernel's original number of units (none for
+    Chase, whose optimizer prunes weights unstructured)."""
+    if self.chase is not None:
+      return {}
     return {k: s[-1] for k, s in self.original.items()}
 
   def structure(self) -> sparse_jax.Channels:
@@ -136,11 +156,14 @@ class Condenser:
                        "index": {n: i.tolist() for n, i in self.index.items()},
                        "dead_for": {n: d.tolist() for n, d in self.dead_for.items()}}}
 
-  def at_event(self, state, last: bool = False) -> tuple[Any, bool]:
+  def at_event(self, state, last: bool = False, step: int = 0) -> tuple[Any, bool]:
     """The host ``state`` after an event: dead units' running means zeroed, and the
     units dead for ``patience`` events removed once they are ``min_fraction`` of the
     current units (each shrink recompiles); at the ``last`` event every dead unit,
-    whatever their number. Returns ``(state, shrunk)``."""
+    whatever their number (Chase: the units its schedule removes at ``step``).
+    Returns ``(state, shrunk)``."""
+    if self.chase is not None:
+      return self._chase_event(state, step)
     masks = sparse_jax.get_masks(state.opt_state)
     stats = state.batch_stats
     if self.norms:
@@ -159,6 +182,30 @@ class Condenser:
     if not removable or (removable < self.min_fraction * current and not last):
       return state.replace(batch_stats=stats), False
     return self._shrink(state.replace(batch_stats=stats), remove), True
+
+  def _chase_event(self, state, step: int):
+    """Chase at the event ``step``: the units of lowest UMM its schedule removes
+    (their outputs zeroed, then cut); the budget is refilled by ``refill``."""
+    masks = sparse_jax.get_masks(state.opt_state)
+    hidden = self.chain[:-1]
+    scores = {n: chase_lib.umm(state.params[n]["kernel"], (masks.get(n) or {}).get("kernel"),
+                               math.prod(self.original[f"{n}/kernel"][:-1]))
+              for n in hidden}
+    total = sum(self.original[f"{n}/kernel"][-1] for n in hidden)
+    n_remove = sum(map(len, scores.values())) - self.chase.alive_target(total, step)
+    floors = {n: self.chase.layer_floor(self.original[f"{n}/kernel"][-1]) for n in hidden}
+    remove = chase_lib.choose(scores, floors, n_remove)
+    if not any(r.any() for r in remove.values()):
+      return state, False
+    state = chase_lib.zero_units(state, self.chain, self.norms, remove)
+    return self._shrink(state, remove), True
+
+  def refill(self, state, grads):
+    """Chase: ``state`` regrown to its weight budget (``grads``: the smaller model's)."""
+    state, grown = chase_lib.refill(state, grads, self.chase.budget)
+    log.info("Chase: %d weights regrown in the remaining units (budget %d).", grown,
+             self.chase.budget)
+    return state
 
   def _shrink(self, state, remove):
     """``state`` without the units of ``remove`` (those dead long enough)."""

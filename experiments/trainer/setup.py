@@ -165,7 +165,8 @@ def _restore(config, info, spe: int, mesh, mngr, state, masks0):
   """
   condenser = None
   if config.sparsity.get("condense", False):
-    condenser = condensing.Condenser.for_run(config, info.num_classes, state.params, masks0)
+    condenser = condensing.Condenser.for_run(config, info.num_classes, state.params, masks0,
+                                             spe)
   state, meta = checkpoints.restore(mngr, lambda meta: state if not condensing.shrunk(meta)
                                     else fresh_state(config, info, spe, mesh,
                                                      condenser.resumed(meta)))
@@ -206,17 +207,22 @@ def fresh_state(config, info, spe: int, mesh, condenser):
       config.get("param_sharding", "replicated"), info.input_dtype)
 
 
+def fixed_batch(run: Run) -> dict:
+  """The first ``batch_size`` training examples (a fixed batch for measures)."""
+  config = run.config
+  if run.feed.validation is not None:  # a batch of the examples trained on
+    return {k: v[:config.batch_size] for k, v in run.feed.train_arrays.items()}
+  return input_pipeline.load_arrays(config.dataset, f"train[:{config.batch_size}]",
+                                    config.data_dir)
+
+
 def setup_gradient_flow(run: Run):
   """Gradient-flow measures on a fixed batch, off the hot path (docs/algorithms.md §8).
 
   One extra dispatch and host sync every ``gradient_flow_every_steps``, plus step 0.
   """
   config = run.config
-  if run.feed.validation is not None:  # a batch of the examples trained on
-    batch = {k: v[:config.batch_size] for k, v in run.feed.train_arrays.items()}
-  else:
-    batch = input_pipeline.load_arrays(config.dataset, f"train[:{config.batch_size}]",
-                                       config.data_dir)
+  batch = fixed_batch(run)
   fn = jax.jit(lambda s, b: steps_lib.gradient_flow_step(
       s, b, model=run.model, config=config, num_classes=run.info.num_classes))
   run.gradient_flow = lambda state: steps_lib.gradient_flow_record(

@@ -35,6 +35,7 @@ import ml_collections
 import optax
 
 import sparse_jax
+from experiments.trainer import chase as chase_lib
 from experiments.trainer import checkpoints
 from experiments.trainer import compilation_cache
 from experiments.trainer import config_checks
@@ -227,10 +228,14 @@ def _condense(run: setup_lib.Run, step: int):
   """Zeroes the dead units' running means; removes the units dead long enough and
   rebuilds the programs for the smaller model (experiments/trainer/condensing.py)."""
   state, shrunk = run.condenser.at_event(state_lib.to_host(run.programs.host(run.state)),
-                                         last=step == run.sorted_events[-1])
+                                         last=step == run.sorted_events[-1], step=step)
   if shrunk:
     run.model, tx = setup_lib.model_and_tx(run.config, run.info, run.steps_per_epoch,
                                            run.condenser, state.params)
+    if run.condenser.chase is not None:  # the removed units' weights regrow elsewhere
+      state = run.condenser.refill(state, chase_lib.batch_grads(
+          run.model, state, setup_lib.fixed_batch(run), run.info.num_classes,
+          run.config.label_smoothing))
     mesh = run.programs.mesh
     run.programs.shutdown()
     run.programs = setup_lib.programs_for(run.config, mesh, state, run.model, tx, run.info,
