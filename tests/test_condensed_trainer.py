@@ -19,6 +19,7 @@ def _config(**kw):
   config.sparsity.structure = "channels"
   config.sparsity.final = 0.75
   config.sparsity.condense = True
+  config.sparsity.condense_wait_steps = 0  # shrink at every event that can
   for k, v in kw.items():
     setattr(config.sparsity, k, v)
   return config
@@ -45,6 +46,18 @@ def test_condensed_run_shrinks_and_reports_in_original_units(tmp_path):
   assert summary["inference_flops_vs_dense"] < masked["inference_flops_vs_dense"]
 
 
+def test_a_shrink_waits_for_the_pruning_schedules_last_event_when_it_is_near(
+    tmp_path, caplog):
+  # Events at 10, 20, 30, t_f = 31, condense_wait_steps=15: at 10 the schedule's end
+  # is 21 steps away (shrinks); at 20, 11 (waits); at 30 the next event is past t_f
+  # (shrinks): 2 shrinks instead of 3.
+  caplog.set_level("INFO", logger="sparse_jax.train")
+  summary = train.train_and_evaluate(_config(condense_wait_steps=15), str(tmp_path))
+  shrinks = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Condensed:")]
+  assert len(shrinks) == 2, shrinks
+  assert summary["condensed_widths"] == [75, 25, 10]
+
+
 def test_resume_after_a_shrink_equals_the_uninterrupted_run(tmp_path):
   whole = train.train_and_evaluate(_config(), str(tmp_path / "whole"))
   config = _config()
@@ -64,6 +77,7 @@ def test_resume_after_a_shrink_equals_the_uninterrupted_run(tmp_path):
     (dict(structure="unstructured"), "structure='channels'"),
     (dict(method="static"), "mask-update events"),
     (dict(condense_patience=0), "condense_patience >= 1"),
+    (dict(condense_wait_steps=-1), "condense_wait_steps >= 0"),
 ])
 def test_condense_refuses_what_it_cannot_do_before_any_data(change, match, monkeypatch):
   config = _config(**change)

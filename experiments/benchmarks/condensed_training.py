@@ -25,6 +25,10 @@ its own widths) at batch 1 and 128, warm, interleaved.
 
   python -m experiments.benchmarks.condensed_training --rounds=3 \
       --out=experiments/benchmarks/condensed_training.json
+
+``--model=lenet5`` runs LeNet-5 (convs 6-16, dense 120-84) instead of the MLP
+(``--width`` unused), e.g. ``--model=lenet5 --sparsities=0.75
+--out=experiments/benchmarks/condensed_training_lenet5.json``.
 """
 
 import argparse
@@ -39,6 +43,7 @@ import time
 import jax
 
 from experiments.benchmarks import _harness
+from experiments.trainer import condense
 from experiments.trainer import exports
 from experiments.trainer import inference
 
@@ -46,10 +51,11 @@ CONFIG = "experiments/configs/channels_mnist5k.py"
 SPARSITIES = (0.5, 0.75, 0.9)
 
 
-def variants(sparsities, width: int) -> dict[str, str]:
+def variants(sparsities, width: int, model: str = "mlp") -> dict[str, str]:
   """``{name: the config's family argument}``."""
-  base = f"width={width},method=granet"
-  out = {"dense": f"width={width},method=dense"}
+  size = f"model={model},width={width}"
+  base = f"{size},method=granet"
+  out = {"dense": f"{size},method=dense"}
   for s in sparsities:
     out[f"masked_{s}"] = f"{base},sparsity={s}"
     out[f"condensed_{s}"] = f"{base},sparsity={s},condense=1"
@@ -79,15 +85,23 @@ def run(arg: str, workdir: str, cache: str) -> dict:
           "widths": summary.get("condensed_widths")}
 
 
-def latencies(workdirs: dict[str, str], rounds: int) -> dict:
+def latencies(workdirs: dict[str, str], rounds: int, model: str = "mlp") -> dict:
   """Median forward µs of each variant's final model at batch 1 and 128."""
   table = {}
   for name, workdir in workdirs.items():
     e = exports.load_exported(os.path.join(workdir, "export.npz"))
     params = jax.device_put(exports.exported_tree(e, "params"))
+    forward = jax.jit(inference.mlp_forward)
+    shape = (784,)
+    if model != "mlp":  # the family at the exported widths
+      widths = [int(params[n]["kernel"].shape[-1]) for n in condense.chain_of(
+          model, params, {})[0]]
+      net = condense.model_at(model, widths[-1], widths)
+      forward = jax.jit(lambda p, x, net=net: net.apply({"params": p}, x, train=False))
+      shape = (28, 28, 1)
     for batch in (1, 128):
-      x = jax.random.normal(jax.random.PRNGKey(batch), (batch, 784))
-      table[(name, batch)] = (jax.jit(inference.mlp_forward), (params, x))
+      x = jax.random.normal(jax.random.PRNGKey(batch), (batch, *shape))
+      table[(name, batch)] = (forward, (params, x))
   med = _harness.median_latencies(table, rounds)
   return {f"{n}@{b}": 1e6 * v for (n, b), v in med.items()}
 
@@ -96,10 +110,11 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--width", type=int, default=2048)
+  parser.add_argument("--model", default="mlp", choices=("mlp", "lenet5"))
   parser.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)))
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
-  table = variants([float(s) for s in args.sparsities.split(",")], args.width)
+  table = variants([float(s) for s in args.sparsities.split(",")], args.width, args.model)
   samples = {(n, k): [] for n in table for k in ("cold", "warm")}
   load = [os.getloadavg()[0]]
   root = tempfile.mkdtemp(prefix="condensed_training_")
@@ -113,7 +128,7 @@ def main():
         last[name] = workdir
         print(f"round {r} {name} {kind}: {samples[(name, kind)][-1]}", flush=True)
   load.append(os.getloadavg()[0])
-  out = {"config": CONFIG, "width": args.width, "rounds": args.rounds,
+  out = {"config": CONFIG, "model": args.model, "width": args.width, "rounds": args.rounds,
          "load_before_after": load, "medians": {}, "vs_dense": {}}
   for (name, kind), runs in samples.items():
     out["medians"][f"{name}/{kind}"] = {
@@ -133,7 +148,7 @@ def main():
       out["condensed_vs_masked"][f"{name}/{kind}"] = {
           "time_to_result_speedup": masked["time_to_result_s"] / me["time_to_result_s"],
           "accuracy_points": 100 * (me["accuracy"] - masked["accuracy"])}
-  out["latency_us"] = latencies(last, rounds=15)
+  out["latency_us"] = latencies(last, rounds=15, model=args.model)
   print(json.dumps(out, indent=1))
   if args.out:
     with open(args.out, "w") as f:

@@ -69,6 +69,9 @@ def check_config(config) -> None:
   elif not (isinstance(sp.get("condense_patience", 1), int)
             and sp.get("condense_patience", 1) >= 1):
     why = f"needs sparsity.condense_patience >= 1 (got {sp.get('condense_patience')!r})"
+  elif not (isinstance(sp.get("condense_wait_steps", 0), int)
+            and sp.get("condense_wait_steps", 0) >= 0):
+    why = f"needs sparsity.condense_wait_steps >= 0 (got {sp.get('condense_wait_steps')!r})"
   elif not 0.0 <= sp.get("condense_min_fraction", 0.0) < 1.0:
     why = ("needs sparsity.condense_min_fraction in [0, 1) (got "
            f"{sp.get('condense_min_fraction')!r})")
@@ -92,6 +95,10 @@ class Condenser:
   dead_for: dict[str, np.ndarray]
   patience: int = 1
   min_fraction: float = 0.0  # shrink once this fraction of the current units can go
+  # During the pruning schedule (to step prune_end), a shrink waits for its last
+  # event when that is fewer than wait_steps away (its recompiles would repeat soon).
+  wait_steps: int = 0
+  prune_end: int | None = None
   chase: chase_lib.Chase | None = None  # Chase's schedule (sparsity.channel_sparsity > 0)
 
   @classmethod
@@ -113,7 +120,10 @@ class Condenser:
     return cls(config.model, kwargs, num_classes, chain, norms, original, prunable, index,
                {n: np.zeros(len(i), np.int64) for n, i in index.items()},
                int(sp.get("condense_patience", 1)),
-               float(sp.get("condense_min_fraction", 0.0)), chase)
+               float(sp.get("condense_min_fraction", 0.0)),
+               int(sp.get("condense_wait_steps", 0)),
+               (int(round(sp.end_epoch * steps_per_epoch)) if sp.method in ("granet", "gmp")
+                else None), chase)
 
   def resumed(self, meta) -> "Condenser":
     """This condenser as a checkpoint's ``meta`` left it (itself if not condensed)."""
@@ -156,11 +166,15 @@ class Condenser:
                        "index": {n: i.tolist() for n, i in self.index.items()},
                        "dead_for": {n: d.tolist() for n, d in self.dead_for.items()}}}
 
-  def at_event(self, state, last: bool = False, step: int = 0) -> tuple[Any, bool]:
+  def at_event(self, state, last: bool = False, step: int = 0,
+               until_next: int | None = None) -> tuple[Any, bool]:
     """The host ``state`` after an event: dead units' running means zeroed, and the
     units dead for ``patience`` events removed once they are ``min_fraction`` of the
-    current units (each shrink recompiles); at the ``last`` event every dead unit,
-    whatever their number (Chase: the units its schedule removes at ``step``).
+    current units, unless the pruning schedule's last event comes within
+    ``wait_steps`` (the next event, ``until_next`` steps ahead, still prunes: each
+    shrink recompiles, and that one would shrink again); at the ``last`` event every
+    dead unit, whatever their number (Chase: the units its schedule removes at
+    ``step``, at every event).
     Returns ``(state, shrunk)``."""
     if self.chase is not None:
       return self._chase_event(state, step)
@@ -179,7 +193,9 @@ class Condenser:
       remove[n] = (self.dead_for[n] >= self.patience) | (last & ~alive)
     removable = sum(int(r.sum()) for r in remove.values())
     current = sum(len(i) for i in self.index.values())
-    if not removable or (removable < self.min_fraction * current and not last):
+    soon = (self.prune_end is not None and until_next is not None
+            and step + until_next <= self.prune_end < step + self.wait_steps)
+    if not removable or (not last and (removable < self.min_fraction * current or soon)):
       return state.replace(batch_stats=stats), False
     return self._shrink(state.replace(batch_stats=stats), remove), True
 

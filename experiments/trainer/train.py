@@ -227,8 +227,10 @@ def _event_record(run: setup_lib.Run, step: int, metrics) -> dict:
 def _condense(run: setup_lib.Run, step: int):
   """Zeroes the dead units' running means; removes the units dead long enough and
   rebuilds the programs for the smaller model (experiments/trainer/condensing.py)."""
+  later = run.sorted_events[bisect.bisect_right(run.sorted_events, step):]
   state, shrunk = run.condenser.at_event(state_lib.to_host(run.programs.host(run.state)),
-                                         last=step == run.sorted_events[-1], step=step)
+                                         last=not later, step=step,
+                                         until_next=later[0] - step if later else None)
   if shrunk:
     run.model, tx = setup_lib.model_and_tx(run.config, run.info, run.steps_per_epoch,
                                            run.condenser, state.params)
