@@ -66,15 +66,16 @@ def runs(workdir, width, sparsity, seeds, rows=tuple(ROWS)):
   return out
 
 
-def load(workdir, width, sparsity, seeds) -> dict[str, list[dict]]:
-  """``{row: results}``: each run's summary fields, else its committed record."""
+def load(workdir, width, sparsity, seeds, rerun=()) -> dict[str, list[dict]]:
+  """``{row: results}``: each run's summary fields, else its committed record
+  (the records of the ``rerun`` rows rewritten from their runs)."""
   def results(row):
     for seed in seeds:
       name = f"{row}_w{width}_s{sparsity}_seed{seed}"
       yield _grid.read_run(os.path.join(workdir, name, "summary.json"),
                            os.path.join(RECORDS, f"{name}.json"),
                            lambda s: {k: s.get(k) for k in KEYS},
-                           label={"row": row, "seed": seed})
+                           label={"row": row, "seed": seed}, rewrite=row in rerun)
   return _grid.collect((row, results(row)) for row in ROWS)
 
 
@@ -139,7 +140,8 @@ def main():
   if not args.report_only:
     _grid.run_grid(runs(args.workdir, args.width, args.sparsity, args.seeds,
                         args.rows.split(",")))
-  rows = load(args.workdir, args.width, args.sparsity, args.seeds)
+  rows = load(args.workdir, args.width, args.sparsity, args.seeds,
+              () if args.report_only else args.rows.split(","))
   total = sum(r["wall_time_s"] for results in rows.values() for r in results)
   png = os.path.splitext(args.out)[0] + ".png"
   plot(rows, png, args.width, args.sparsity)
