@@ -4,6 +4,8 @@ choice with floors, the budget refill, and a condensed RigL run that follows the
 References are worked out by hand in the comments.
 """
 
+import json
+
 import numpy as np
 import pytest
 
@@ -99,21 +101,42 @@ def _config(**kw):
     (dict(structure="channels"), "structure='unstructured'"),
     (dict(channel_sparsity=1.0), "channel_sparsity must be in"),
     (dict(condense=False), r"channel_sparsity=0.5 \(Chase\) needs sparsity.condense=True"),
+    (dict(regrowth_warmup=5), "regrowth_warmup=0"),
+    (dict(condense_patience=0), "condense_patience >= 1"),
 ])
 def test_chase_refuses_bad_settings_before_any_data(change, match, monkeypatch):
-  config = _config(**change)
+  _refused_before_data(_config(**change), match, monkeypatch)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("model", "resnet20", "chain models only"),
+    ("param_sharding", "fsdp", "replicated params only"),
+    ("record_mask_history", True, "mask history"),
+])
+def test_chase_keeps_the_condense_checks(field, value, match, monkeypatch):
+  config = _config()
+  setattr(config, field, value)
+  _refused_before_data(config, match, monkeypatch)
+
+
+def _refused_before_data(config, match, monkeypatch):
   monkeypatch.setattr(train.input_pipeline, "load_arrays",
                       lambda *a, **k: pytest.fail("data read before the check"))
   with pytest.raises(ValueError, match=match):
     config_checks.validate(config)
 
 
-def test_chase_run_keeps_its_budget_and_follows_the_schedule(tmp_path):
+def test_chase_run_keeps_its_budget_and_follows_the_schedule(tmp_path, caplog):
+  caplog.set_level("INFO", logger="sparse_jax.train")
   summary = train.train_and_evaluate(_config(), str(tmp_path / "whole"))
-  # Events at 10, 20, 30 (RigL's end: 75% of 40 steps), t_f = 31 (end_epoch 1): of
-  # the 400 hidden units, s_30 = 0.5 (1 - (1/31)^3) = 0.49998 keeps ceil(200.007) = 201.
+  # Events at 10, 20, 30 (RigL's end: 75% of 40 steps), t_f = 31 (end_epoch 1), 400
+  # hidden units: s_10 = 0.5 (1 - (21/31)^3) = 0.34457 keeps ceil(262.17) = 263;
+  # s_20 = 0.5 (1 - (11/31)^3) = 0.47766 keeps ceil(208.94) = 209; 30 is the last
+  # event at or before t_f (the run's last), so it goes to S_c: 200.
+  cuts = [r.args[1] for r in caplog.records if r.getMessage().startswith("Condensed:")]
+  assert [sum(w[:2]) for w in cuts] == [263, 209, 200]
   widths = summary["condensed_widths"]
-  assert sum(widths[:2]) == 201 and widths[2] == 10
+  assert sum(widths[:2]) == 200 and widths[2] == 10
   assert widths[0] >= 30 and widths[1] >= 10  # floors: int(300 * 0.5 * 0.2), int(100 * .1)
   small = read_export(tmp_path / "whole")
   # The budget: ERK's exact 10% of the 784x300 + 300x100 prunable weights, regrown
@@ -122,6 +145,10 @@ def test_chase_run_keeps_its_budget_and_follows_the_schedule(tmp_path):
   assert active == round(0.1 * 265_200)
   assert summary["mask_sparsity"] == pytest.approx(1 - active / 265_200)
   assert summary["final_test_accuracy"] > 0.5
+  # RigL's event at 20, in the model cut and refilled at 10, keeps the budget too.
+  records = [json.loads(l) for l in open(tmp_path / "whole" / "metrics.jsonl")]
+  event = next(r for r in records if r.get("mask_update") and r["step"] == 20)
+  assert event["sparsity"] == pytest.approx(1 - round(0.1 * 265_200) / 265_200)
   # A resume between the removals equals the uninterrupted run.
   config = _config()
   config.halt_after_step = 25
@@ -134,3 +161,10 @@ def test_chase_run_keeps_its_budget_and_follows_the_schedule(tmp_path):
   assert again.keys() == small.keys()
   for k in small:
     np.testing.assert_array_equal(small[k], again[k], err_msg=k)
+
+
+def test_chase_leaves_an_unmasked_hidden_layer_whole(tmp_path):
+  # keep_first_dense: Dense_0 has no mask, so only Dense_1's 100 units are ranked and
+  # cut; the last event (30) goes to S_c = 0.5: 50 of them.
+  summary = train.train_and_evaluate(_config(keep_first_dense=True), str(tmp_path))
+  assert summary["condensed_widths"] == [300, 50, 10]

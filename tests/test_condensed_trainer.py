@@ -49,13 +49,28 @@ def test_condensed_run_shrinks_and_reports_in_original_units(tmp_path):
 def test_a_shrink_waits_for_the_pruning_schedules_last_event_when_it_is_near(
     tmp_path, caplog):
   # Events at 10, 20, 30, t_f = 31, condense_wait_steps=15: at 10 the schedule's end
-  # is 21 steps away (shrinks); at 20, 11 (waits); at 30 the next event is past t_f
-  # (shrinks): 2 shrinks instead of 3.
+  # is 21 steps away (shrinks); at 20, 11 (waits); 30 is the last event (shrinks):
+  # 2 shrinks instead of 3.
   caplog.set_level("INFO", logger="sparse_jax.train")
   summary = train.train_and_evaluate(_config(condense_wait_steps=15), str(tmp_path))
   shrinks = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Condensed:")]
   assert len(shrinks) == 2, shrinks
   assert summary["condensed_widths"] == [75, 25, 10]
+
+
+def test_granet_shrinks_at_the_schedules_last_event_not_at_the_runs(tmp_path, caplog):
+  # GraNet's events go on after t_f = 31 (10, ..., 50 in 60 steps): with the default
+  # wait (200) 10 and 20 wait; 30 shrinks, since the next event (40) no longer prunes.
+  caplog.set_level("INFO", logger="sparse_jax.train")
+  config = _config(method="granet", condense_wait_steps=200)
+  config.num_train_steps = 60
+  train.train_and_evaluate(config, str(tmp_path))
+  lines = [r.getMessage() for r in caplog.records]
+  shrinks = [i for i, m in enumerate(lines) if m.startswith("Condensed:")]
+  assert shrinks, lines
+  step_30 = next(i for i, m in enumerate(lines) if "step 30/60" in m)
+  step_40 = next(i for i, m in enumerate(lines) if "step 40/60" in m)
+  assert step_30 < shrinks[0] < step_40
 
 
 def test_resume_after_a_shrink_equals_the_uninterrupted_run(tmp_path):

@@ -5,7 +5,7 @@ r"""Channel-sparse training on the bundled MNIST subset, masked or condensed (is
 
 Family argument (defaults shown): ``model=mlp`` (784-``width``-``width``-10, ReLU) or
 ``lenet5``; ``width=1024``; ``method=granet`` (or gmp, rigl, set; ``dense`` for the
-reference; ``chase``: RigL on weights at ``sparsity`` whose lowest-UMM units go, to
+reference; ``chase``: RigL on weights at ``sparsity`` whose lowest-UMM units go,
 ``channel_sparsity=0.75`` of them by epoch 5, condensed: experiments/trainer/chase.py); ``structure=channels`` (or ``unstructured``: the same method on
 weights); ``sparsity=0.75`` (of the hidden units with channels, of the weights
 unstructured); ``condense=0`` (1: remove dead units at the events and train the
@@ -30,6 +30,10 @@ CHOICES = {"model": ("mlp", "lenet5"),
 def get_config(arg: str | None = None):
   args = default.parse_args(arg, ARGS, choices=CHOICES)
   chase = args["method"] == "chase"
+  if not chase and args["channel_sparsity"] != ARGS["channel_sparsity"]:
+    raise ValueError(f"channels_mnist5k.py: channel_sparsity={args['channel_sparsity']} "
+                     "is Chase's (the fraction of units it removes): use it with "
+                     "method=chase, or drop it.")
   if chase:  # RigL on weights, its sparsest units removed and the model condensed
     args.update(method="rigl", structure="unstructured", condense=1)
   channels = args["structure"] == "channels"

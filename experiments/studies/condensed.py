@@ -135,6 +135,9 @@ def main():
   parser.add_argument("--rows", default=",".join(ROWS),
                       help="the rows to run (the others are read from their records)")
   args = _grid.parse_lists(parser.parse_args())
+  unknown = set(args.rows.split(",")) - set(ROWS)
+  if unknown:
+    parser.error(f"--rows: unknown {sorted(unknown)}; the rows are {','.join(ROWS)}")
   _grid.setup()
   t0 = time.time()
   if not args.report_only:

@@ -9,13 +9,15 @@ on weights with ``sparsity.channel_sparsity = S_c > 0`` (docs/algorithms.md §6)
 * **score**: a unit's UMM (unmasked mean magnitude), ``sum |w[..., c]|`` over its
   active weights divided by its fan-in in the original model (an inactive weight
   counts 0, so a unit that is sparse *and* small scores low);
-* **schedule**: at each event up to ``t_f`` (``sparsity.end_epoch``) the hidden
-  layers keep ``ceil(N0 (1 - s_t))`` of their ``N0`` original units, ``s_t = S_c (1 -
-  (1 - t / t_f)^3)``, the lowest UMM across all hidden layers removed first; a layer
+* **schedule**: at each event up to ``t_f`` (``sparsity.end_epoch``) the masked
+  hidden layers keep ``ceil(N0 (1 - s_t))`` of their ``N0`` original units, ``s_t =
+  S_c (1 - (1 - t / t_f)^3)``, the lowest UMM across those layers removed first
+  (ties: layer order, then unit index); the last event at or before ``t_f`` (or the
+  run's last event, if the method's events stop earlier) goes to ``S_c``; a layer
   keeps at least ``max(1, int(C_l (1 - S_c) beta))`` units (``beta`` =
   ``sparsity.channel_floor``, the authors' 0.2);
-* **budget**: the run keeps ``(1 - sparsity)`` of the original model's prunable
-  weights: a removed unit's active weights (its column and its row in the next
+* **budget**: the run keeps ``(1 - sparsity)`` of the original model's masked
+  weights (a dense classifier does not count): a removed unit's active weights (its column and its row in the next
   kernel) are regrown at once in the smaller model, the inactive positions of largest
   |gradient| on one fixed training batch across all prunable leaves, at value 0 (as
   RigL's regrowth), so the surviving units grow denser.
@@ -29,12 +31,15 @@ weight-update events (theirs halfway between two); the budget is refilled at the
 removal from one batch's gradient (theirs at the next update); the DST between
 removals is this library's RigL/SET (layer-wise drop and regrowth with an ERK start:
 their ImageNet script's defaults; their CIFAR scripts rank globally and add MEST's
-soft memory bound, not reproduced).
+soft memory bound, not reproduced); every masked hidden layer of the chain is a
+candidate, dense layers and the last conv included (theirs: convs only, not VGG's
+last); ties go by layer and index (theirs: a random proportional subsample).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import jax
@@ -43,6 +48,7 @@ import numpy as np
 import sparse_jax
 from experiments.trainer import steps as steps_lib
 
+log = logging.getLogger("sparse_jax.train")
 CHASE_METHODS = ("rigl", "set")
 
 
@@ -75,6 +81,9 @@ def check_config(config) -> str | None:
   if sp.method not in CHASE_METHODS:
     return (f"sparsity.channel_sparsity (Chase) needs an unstructured constant-budget "
             f"DST, one of {CHASE_METHODS} (got {sp.method!r})")
+  if sp.get("regrowth_warmup", 0):
+    return ("sparsity.channel_sparsity (Chase) regrows the removed units' weights at "
+            "a cut without a learning-rate warm-up: set sparsity.regrowth_warmup=0")
   if sp.get("structure", "unstructured") != "unstructured":
     return ("sparsity.channel_sparsity (Chase) prunes weights unstructured and removes "
             f"units by UMM: set sparsity.structure='unstructured' (got {sp.structure!r})")
@@ -167,6 +176,11 @@ def refill(state, grads, budget: int):
                            for n in names])
   picked = np.argsort(-scores, kind="stable")[:deficit]
   picked = picked[scores[picked] >= 0]
+  if picked.size < deficit:
+    log.warning("Chase: the smaller model holds %d weights, fewer than its budget %d: "
+                "every weight is active and the run is less sparse than "
+                "sparsity.final (raise sparsity.final or lower channel_sparsity).",
+                sum(m.size for m in flat_m.values()), budget)
   grown = np.zeros(scores.size, bool)
   grown[picked] = True
   offsets = np.cumsum([0] + [flat_m[n].size for n in names])

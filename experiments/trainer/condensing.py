@@ -48,35 +48,45 @@ def check_config(config) -> None:
                        "sparsity.condense=True (the removed units leave the model); or "
                        "set sparsity.channel_sparsity=0.")
     return
-  why = None
-  if sp.get("channel_sparsity", 0.0):
-    why = chase_lib.check_config(config)
-  elif sp.get("structure", "unstructured") != "channels":
-    why = (f"needs sparsity.structure='channels' (got {sp.get('structure')!r}): only "
-           "whole units can be removed (or sparsity.channel_sparsity > 0 with rigl/set "
-           "on weights: Chase)")
-  elif sp.method not in CONDENSED_METHODS and not sp.get("channel_sparsity", 0.0):
-    why = (f"needs a method with mask-update events, one of {CONDENSED_METHODS} (got "
-           f"{sp.method!r})")
-  elif config.model in condense.RESIDUAL_MODELS or config.model not in condense.FAMILIES:
-    why = (f"cannot condense model {config.model!r}: chain models only "
-           f"({', '.join(sorted(condense.FAMILIES))}); a residual block's skip needs the "
-           "same units on both of its ends")
-  elif config.get("param_sharding", "replicated") != "replicated" or config.get("mesh_shape"):
-    why = "runs with replicated params only (unset param_sharding/mesh_shape)"
-  elif config.get("record_mask_history") or config.get("gradient_flow_every_steps"):
-    why = "does not record mask history or gradient flow (their arrays change shape)"
-  elif not (isinstance(sp.get("condense_patience", 1), int)
-            and sp.get("condense_patience", 1) >= 1):
-    why = f"needs sparsity.condense_patience >= 1 (got {sp.get('condense_patience')!r})"
-  elif not (isinstance(sp.get("condense_wait_steps", 0), int)
-            and sp.get("condense_wait_steps", 0) >= 0):
-    why = f"needs sparsity.condense_wait_steps >= 0 (got {sp.get('condense_wait_steps')!r})"
-  elif not 0.0 <= sp.get("condense_min_fraction", 0.0) < 1.0:
-    why = ("needs sparsity.condense_min_fraction in [0, 1) (got "
-           f"{sp.get('condense_min_fraction')!r})")
+  why = _method_problem(config) or _run_problem(config)
   if why:
     raise ValueError(f"sparsity.condense=True {why}; or set sparsity.condense=False.")
+
+
+def _method_problem(config) -> str | None:
+  """Why the method and structure cannot condense (Chase's own rules if it is one)."""
+  sp = config.sparsity
+  if sp.get("channel_sparsity", 0.0):
+    return chase_lib.check_config(config)
+  if sp.get("structure", "unstructured") != "channels":
+    return (f"needs sparsity.structure='channels' (got {sp.get('structure')!r}): only "
+            "whole units can be removed (or sparsity.channel_sparsity > 0 with rigl/set "
+            "on weights: Chase)")
+  if sp.method not in CONDENSED_METHODS:
+    return (f"needs a method with mask-update events, one of {CONDENSED_METHODS} (got "
+            f"{sp.method!r})")
+  return None
+
+
+def _run_problem(config) -> str | None:
+  """Why the model, parallelism, recordings or condense fields cannot condense."""
+  sp = config.sparsity
+  if config.model in condense.RESIDUAL_MODELS or config.model not in condense.FAMILIES:
+    return (f"cannot condense model {config.model!r}: chain models only "
+            f"({', '.join(sorted(condense.FAMILIES))}); a residual block's skip needs the "
+            "same units on both of its ends")
+  if config.get("param_sharding", "replicated") != "replicated" or config.get("mesh_shape"):
+    return "runs with replicated params only (unset param_sharding/mesh_shape)"
+  if config.get("record_mask_history") or config.get("gradient_flow_every_steps"):
+    return "does not record mask history or gradient flow (their arrays change shape)"
+  for field, low in (("condense_patience", 1), ("condense_wait_steps", 0)):
+    value = sp.get(field, low)
+    if not (isinstance(value, int) and value >= low):
+      return f"needs sparsity.{field} >= {low} (got {value!r})"
+  if not 0.0 <= sp.get("condense_min_fraction", 0.0) < 1.0:
+    return ("needs sparsity.condense_min_fraction in [0, 1) (got "
+            f"{sp.get('condense_min_fraction')!r})")
+  return None
 
 
 @dataclasses.dataclass
@@ -168,16 +178,17 @@ class Condenser:
 
   def at_event(self, state, last: bool = False, step: int = 0,
                until_next: int | None = None) -> tuple[Any, bool]:
-    """The host ``state`` after an event: dead units' running means zeroed, and the
-    units dead for ``patience`` events removed once they are ``min_fraction`` of the
-    current units, unless the pruning schedule's last event comes within
-    ``wait_steps`` (the next event, ``until_next`` steps ahead, still prunes: each
-    shrink recompiles, and that one would shrink again); at the ``last`` event every
-    dead unit, whatever their number (Chase: the units its schedule removes at
-    ``step``, at every event).
-    Returns ``(state, shrunk)``."""
+    """The host ``state`` after the event ``step`` (``until_next``: steps to the next
+    event, None at the ``last``). Returns ``(state, shrunk)``; each shrink recompiles.
+
+    Dead units: their running means are zeroed; those dead for ``patience`` events
+    are removed once they are ``min_fraction`` of the current units, unless the
+    pruning schedule's last event comes within ``wait_steps`` and the next event
+    still prunes (that one would shrink again); at the last event every dead unit.
+    Chase: the units its schedule removes now (``_chase_event``).
+    """
     if self.chase is not None:
-      return self._chase_event(state, step)
+      return self._chase_event(state, step, until_next)
     masks = sparse_jax.get_masks(state.opt_state)
     stats = state.batch_stats
     if self.norms:
@@ -199,11 +210,14 @@ class Condenser:
       return state.replace(batch_stats=stats), False
     return self._shrink(state.replace(batch_stats=stats), remove), True
 
-  def _chase_event(self, state, step: int):
+  def _chase_event(self, state, step: int, until_next: int | None):
     """Chase at the event ``step``: the units of lowest UMM its schedule removes
-    (their outputs zeroed, then cut); the budget is refilled by ``refill``."""
+    (their outputs zeroed, then cut); the budget is refilled by ``refill``. The last
+    event at or before t_f (the next is later, or none) removes down to S_c."""
     masks = sparse_jax.get_masks(state.opt_state)
-    hidden = self.chain[:-1]
+    hidden = [n for n in self.chain[:-1] if f"{n}/kernel" in self.prunable]
+    if until_next is None or step + until_next > self.chase.end_step:
+      step = max(step, self.chase.end_step)
     scores = {n: chase_lib.umm(state.params[n]["kernel"], (masks.get(n) or {}).get("kernel"),
                                math.prod(self.original[f"{n}/kernel"][:-1]))
               for n in hidden}

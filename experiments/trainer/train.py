@@ -225,8 +225,9 @@ def _event_record(run: setup_lib.Run, step: int, metrics) -> dict:
 
 
 def _condense(run: setup_lib.Run, step: int):
-  """Zeroes the dead units' running means; removes the units dead long enough and
-  rebuilds the programs for the smaller model (experiments/trainer/condensing.py)."""
+  """Zeroes the dead units' running means; removes the units dead long enough (Chase:
+  the units its schedule cuts, then regrows their weights elsewhere) and rebuilds
+  the programs for the smaller model (experiments/trainer/condensing.py, chase.py)."""
   later = run.sorted_events[bisect.bisect_right(run.sorted_events, step):]
   state, shrunk = run.condenser.at_event(state_lib.to_host(run.programs.host(run.state)),
                                          last=not later, step=step,
