@@ -14,11 +14,19 @@ keeps the order of non-negative floats; key 0 marks a position that is not a
 candidate. Ties at the threshold go to the lower flat index (the index within the
 concatenation of a group's leaves in flattening order). Keys may be ``Lazy``
 (``_lazy``): the histograms then compute them chunk by chunk.
+
+Scatter-add histograms suit XLA:CPU; on GPUs and TPUs, where scatters with
+colliding indices are slow, the same numbers (bit for bit) come from ``_bisect``'s
+bisection, which only compares and sums. ``selection_method`` picks one when a
+selection is traced: ``SPARSE_JAX_SELECTION=radix`` or ``bisection`` forces one,
+unset (or ``auto``) it is radix when ``jax.default_backend()`` is ``"cpu"``, else
+bisection. A program already compiled keeps the method it was traced with.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -27,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from sparse_jax import _bisect
 from sparse_jax import _lazy
 
 NOT_CANDIDATE = 0
@@ -130,25 +139,6 @@ def _histograms(leaves, groups, num_groups, digits_fns):
                     for h, c in zip(hist, copies)])
 
 
-def _in_every_pass(leaves, p, numbers):
-  """The leaves, and ``numbers``, to be computed afresh in each pass of a loop on ``p``.
-
-  XLA hoists loop-invariant work out of a while loop: every leaf's keys (and
-  ranks) would be materialised before the passes, all leaves at once (8 bytes
-  per weight). Sources and numbers (``leaf_numbers``; a zero offsets the
-  indices) that come out of a barrier with ``p`` are not invariant.
-  """
-  flat, tree = jax.tree.flatten([lk.sources for lk in leaves])
-  # Each array once: the layers of a stacked leaf (``_lazy.Slice``) share theirs.
-  unique = {id(x): x for x in flat}
-  barred, zero, numbers, _ = lax.optimization_barrier(
-      (list(unique.values()), jnp.uint32(0), numbers, p))
-  after = dict(zip(unique, barred))
-  sources = jax.tree.unflatten(tree, [after[id(x)] for x in flat])
-  return [_lazy.Lazy(lambda index, *s, fn=lk.fn: fn(index + zero, *s), tuple(src))
-          for lk, src in zip(leaves, sources)], zero, numbers
-
-
 _BLOCK = 1 << (RADIX_BITS // 2)  # _BINS = _BLOCK**2
 
 
@@ -223,13 +213,13 @@ def _radix_passes(leaves, groups, num_groups, k, passes: int) -> _Radix:
   when every group takes all its ties. Separate loops keep the index arithmetic
   out of the key passes (one loop for all four cost ~40% more run time at 30M).
   """
-  offsets = _offsets(leaves, groups, num_groups)
+  offsets = _bisect.group_offsets(leaves, groups, num_groups)
   shifts, key_masks, index_masks = (jnp.asarray(a) for a in (_SHIFTS, _KEY_MASKS,
                                                              _INDEX_MASKS))
 
   def body(s: _Radix, ties: bool) -> _Radix:
     shift, key_mask, index_mask = shifts[s.p], key_masks[s.p], index_masks[s.p]
-    leaves_now, zero, (gs, rs) = _in_every_pass(
+    leaves_now, zero, (gs, rs) = _bisect.in_every_pass(
         leaves, s.p,
         (_lazy.leaf_numbers(groups), _lazy.leaf_numbers(offsets, jnp.uint32)))
 
@@ -262,6 +252,35 @@ def _radix_passes(leaves, groups, num_groups, k, passes: int) -> _Radix:
                         functools.partial(body, ties=True), s)
 
 
+METHODS = ("radix", "bisection")
+
+
+def selection_method() -> str:
+  """``"radix"`` or ``"bisection"``: ``SPARSE_JAX_SELECTION``, else by backend.
+
+  ``auto`` (or unset): radix (scatter histograms) on CPU, bisection (comparisons
+  and sums, ``_bisect``) on GPU and TPU. Read when a selection is traced.
+  """
+  method = os.environ.get("SPARSE_JAX_SELECTION", "").strip().lower() or "auto"
+  if method == "auto":
+    return "radix" if jax.default_backend() == "cpu" else "bisection"
+  if method not in METHODS:
+    raise ValueError(f"SPARSE_JAX_SELECTION must be auto, radix or bisection, got {method!r}.")
+  return method
+
+
+def _passes(leaves, groups, num_groups, k, passes: int):
+  """``(thresh, cut, need, ties)`` of ``_radix_passes``, by ``selection_method``'s method."""
+  if selection_method() == "radix":
+    s = _radix_passes(leaves, groups, num_groups, k, passes)
+    return s.thresh, s.cut, s.need, s.ties
+  thresh, need, ties = _bisect.threshold(leaves, groups, num_groups, k)
+  cut = jnp.zeros_like(thresh)
+  if passes == 4:
+    cut = _bisect.tie_cut(leaves, groups, num_groups, thresh, need, ties)
+  return thresh, cut, need, ties
+
+
 def kth_largest_key(keys: Sequence, k: jax.Array, groups: Sequence[int]):
   """Per group, the largest ``t`` with ``#(keys >= t) >= k``, and counts around it.
 
@@ -280,9 +299,10 @@ def kth_largest_key(keys: Sequence, k: jax.Array, groups: Sequence[int]):
   groups = tuple(groups)
   num_groups = max(groups) + 1
   k = jnp.asarray(k, jnp.int32).reshape((num_groups,))
-  s = _radix_passes([_lazy.lazy(x) for x in keys], groups, num_groups, k, passes=2)
-  count_gt = k - s.need
-  return s.thresh, count_gt + s.ties, count_gt
+  thresh, _, need, ties = _passes([_lazy.lazy(x) for x in keys], groups, num_groups, k,
+                                  passes=2)
+  count_gt = k - need
+  return thresh, count_gt + ties, count_gt
 
 
 class Selection(NamedTuple):
@@ -310,15 +330,6 @@ class Selection(NamedTuple):
     return cls(top, top, jnp.zeros((num_groups,), bool))
 
 
-def _offsets(leaves, groups, num_groups):
-  """Per leaf, ``2**32 - 1 -`` its offset within its group (leaves concatenated)."""
-  out, seen = [], [0] * num_groups
-  for lk, g in zip(leaves, groups):
-    out.append(np.uint32(2**32 - 1 - seen[g]))
-    seen[g] += lk.size
-  return out
-
-
 def top_k_selection(keys: Sequence, k: jax.Array, groups: Sequence[int]) -> Selection:
   """The ``Selection`` of exactly ``k[g]`` positions with the largest keys per group.
 
@@ -328,8 +339,9 @@ def top_k_selection(keys: Sequence, k: jax.Array, groups: Sequence[int]) -> Sele
   groups = tuple(groups)
   num_groups = max(groups) + 1
   k = jnp.asarray(k, jnp.int32).reshape((num_groups,))
-  s = _radix_passes([_lazy.lazy(x) for x in keys], groups, num_groups, k, passes=4)
-  return Selection(s.thresh, s.cut, s.need > 0)
+  thresh, cut, need, _ = _passes([_lazy.lazy(x) for x in keys], groups, num_groups, k,
+                                 passes=4)
+  return Selection(thresh, cut, need > 0)
 
 
 def selected_masks(keys: Sequence, groups: Sequence[int],
@@ -339,7 +351,7 @@ def selected_masks(keys: Sequence, groups: Sequence[int],
   leaves = [_lazy.lazy(x) for x in keys]
   out = []
   gs = _lazy.leaf_numbers(groups)
-  rs = _lazy.leaf_numbers(_offsets(leaves, groups, max(groups) + 1), jnp.uint32)
+  rs = _lazy.leaf_numbers(_bisect.group_offsets(leaves, groups, max(groups) + 1), jnp.uint32)
   for lk, g, r in zip(leaves, gs, rs):
     def pick(index, x, g=g, r=r):
       t = _lazy.entry(sel.thresh, g)

@@ -1,20 +1,23 @@
 r"""Device check: the accelerator road measured on one GPU or TPU chip, in under 8 minutes.
 
-Prints the device, then for a byte-level GPT language model (``lm_bytes_scan.py``'s
-recipe: scanned blocks, remat, bfloat16 compute, AdamW; here 31.9M weights, windows
-of 256 bytes, batch 64), ResNet-50 (ImageNet shapes, 224x224, 1000 classes) and
-VGG-19 (CIFAR shapes, 32x32, 10 classes), each on synthetic data with its config's
-recipe (``imagenet_resnet50.py``, ``cifar_vgg19.py``): steps/s of the trainer's train
-step for dense, GraNet and RigL, ordinary steps (compiled without the mask-update
-branch) and event steps (with it, each call a mask update inside the pruning window),
-their ratios to dense and each event's to its ordinary step (the mask update's cost),
-each program's XLA peak memory (arguments + outputs + temporaries - donated) and
-compile seconds (the event programs' too); tokens/s for the language model. Then one
-short run of the real recipe (``cifar_vgg19.py``, the whole trainer: tf.data,
-evaluation, checkpoints, export) on a synthetic CIFAR-10 prepared by TFDS's builder
-(experiments/data/synthetic.py). Everything goes to ``--out`` as JSON (the language
-model's rows under ``lm_rows``), written after each part so a cut-off run keeps what
-it measured; a part not started within ``--budget_s`` is skipped.
+Prints the device, then times the exact selection's methods (issue 31 item 4: radix
+select on scatter histograms, bisection by comparisons and sums, ``selection_rows``;
+``--selection_only``: this part alone, on a CPU too), then for a byte-level GPT
+language model (``lm_bytes_scan.py``'s recipe: scanned blocks, remat, bfloat16
+compute, AdamW; 31.9M weights, windows of 256 bytes, batch 64), ResNet-50 (ImageNet
+shapes, 224x224, 1000 classes) and VGG-19 (CIFAR shapes, 32x32, 10 classes), each on
+synthetic data with its config's recipe (``imagenet_resnet50.py``,
+``cifar_vgg19.py``): steps/s of the trainer's train step for dense, GraNet and RigL,
+ordinary steps (compiled without the mask-update branch) and event steps (with it,
+each call a mask update inside the pruning window), their ratios to dense and each
+event's to its ordinary step (the mask update's cost), each program's XLA peak memory
+(arguments + outputs + temporaries - donated) and compile seconds (the event programs'
+too); tokens/s for the language model. Then one short run of the real recipe
+(``cifar_vgg19.py``, the whole trainer: tf.data, evaluation, checkpoints, export) on a
+synthetic CIFAR-10 prepared by TFDS's builder (experiments/data/synthetic.py).
+Everything goes to ``--out`` as JSON (the language model's rows under ``lm_rows``),
+written after each part so a cut-off run keeps what it measured; a part not started
+within ``--budget_s`` is skipped.
 
   python -m experiments.benchmarks.device_check --out=device_check.json
 
@@ -38,6 +41,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+import sparse_jax
 from experiments.data import input_pipeline
 from experiments.trainer import methods as methods_lib
 from experiments.trainer import state as state_lib
@@ -92,6 +96,13 @@ LM_SMOKE = {
                           dict(width=32, depth=2, num_heads=2, mlp_dim=64), "int32"),
 }
 VARIANTS = ("dense", "granet/ordinary", "granet/event", "rigl/ordinary", "rigl/event")
+# The exact selection's two methods (issue 31 item 4) as SPARSE_JAX_SELECTION and
+# SPARSE_JAX_BISECTION_BITS name them, and the chunk size (None: the default; 2**30:
+# every leaf in one piece, no chunk loop); the first is the others' reference.
+SELECTION_PATHS = {"radix": ("radix", "4", None), "bisection1": ("bisection", "1", None),
+                   "bisection4": ("bisection", "4", None), "bisection8": ("bisection", "8", None),
+                   "bisection4_whole": ("bisection", "4", 2**30)}
+SELECTION_SIZES, SELECTION_SMOKE = {"1M": 1_000_000, "30M": 30_000_000}, {"20k": 20_000}
 
 
 def _config(module, method: str, batch: int, model_kwargs: dict):
@@ -226,6 +237,76 @@ def memory_only(args, result: dict, write):
     write()
 
 
+def _prune_inputs(n: int, dtype):
+  """Kernels of a 784-w-w-w-10 MLP of about ``n`` weights in ``dtype``, half active."""
+  sizes = (784, *[int((-794 + (794**2 + 8 * n) ** 0.5) / 4)] * 3, 10)  # 784w + 2w² + 10w = n
+  keys = jax.random.split(jax.random.PRNGKey(0), 2 * (len(sizes) - 1))
+  params = [jax.random.normal(keys[2 * i], (a, b), jnp.float32).astype(dtype)
+            for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))]
+  masks = [jax.random.bernoulli(keys[2 * i + 1], 0.5, p.shape) for i, p in enumerate(params)]
+  return params, masks
+
+
+def selection_rows(sizes: dict, paths: list, rounds: int, reps: int) -> list[dict]:
+  """A global magnitude prune (50% active -> 10%: one exact top-k over all kernels) per
+  entry of ``paths`` (``SELECTION_PATHS``), on float32 and bfloat16 weights (bfloat16:
+  many ties, the tie passes run), at each size: median seconds over interleaved rounds,
+  compile seconds, and whether its masks equal the first path's.
+  """
+  rows, saved, chunk = [], dict(os.environ), sparse_jax.get_chunk_elements()
+  for size, n in sizes.items():
+    for dtype in ("float32", "bfloat16"):
+      params, masks = _prune_inputs(n, jnp.dtype(dtype))
+      total, programs, compile_s = sum(p.size for p in params), {}, {}
+      for path in paths:
+        method, bits, path_chunk = SELECTION_PATHS[path]
+        os.environ["SPARSE_JAX_SELECTION"], os.environ["SPARSE_JAX_BISECTION_BITS"] = method, bits
+        sparse_jax.set_chunk_elements(path_chunk or chunk)
+        prune = jax.jit(lambda p, m: sparse_jax.global_magnitude_prune(p, m, total // 10))
+        t = time.perf_counter()
+        programs[path] = prune.lower(params, masks).compile()  # traced with this path
+        compile_s[path] = time.perf_counter() - t
+      outs = jax.block_until_ready({path: fn(params, masks) for path, fn in programs.items()})
+      # One timed call each; a path slower than 2 s keeps that sample only.
+      first = {p: _harness.time_call(fn, params, masks) for p, fn in programs.items()}
+      timed = {p: (fn, (params, masks)) for p, fn in programs.items() if first[p] < 2}
+      times = _harness.interleaved_samples(
+          timed, rounds, {p: reps if first[p] < 0.05 else 1 for p in timed})
+      for path in programs:
+        ts = times.get(path, [first[path]])
+        rows.append({"size": size, "weights": total, "dtype": dtype, "path": path,
+                     "s": statistics.median(ts), "samples_s": ts, "compile_s": compile_s[path],
+                     "masks_equal": all(bool(jnp.array_equal(a, b))
+                                        for a, b in zip(outs[path], outs[paths[0]]))})
+      del params, masks, outs, programs
+  os.environ.clear()
+  os.environ.update(saved)
+  sparse_jax.set_chunk_elements(chunk)
+  return rows
+
+
+def print_selection(rows: list[dict]):
+  print("\nselection (global magnitude prune, 50% -> 10% active)\n"
+        f"{'size':5s} {'dtype':9s} {'path':16s} {'ms':>9s} {'x first':>8s} "
+        f"{'compile s':>9s} masks equal", flush=True)
+  first = {}
+  for r in rows:
+    base = first.setdefault((r["size"], r["dtype"]), r["s"])
+    print(f"{r['size']:5s} {r['dtype']:9s} {r['path']:16s} {1e3 * r['s']:9.2f} "
+          f"{r['s'] / base:8.2f} {r['compile_s']:9.1f} {r['masks_equal']}", flush=True)
+
+
+def selection_part(args, result: dict, write):
+  """``selection_rows`` at ``--selection_sizes`` (tiny with ``--smoke``), printed and written."""
+  sizes = SELECTION_SMOKE if args.smoke else {
+      s: SELECTION_SIZES[s] for s in args.selection_sizes.split(",") if s}
+  reps = 1 if jax.default_backend() == "cpu" else 5
+  result["selection_rows"] = selection_rows(sizes, args.selection_paths.split(","),
+                                            2 if args.smoke else args.rounds, reps)
+  print_selection(result["selection_rows"])
+  write()
+
+
 def print_rows(name: str, batch: int, seconds: float, rows: list[dict]):
   """``bench_model``'s rows as a table; ``seconds``: the part's wall time."""
   print(f"\n{name}, batch {batch} ({seconds:.0f} s)\n"
@@ -274,7 +355,7 @@ def real_recipe_run(smoke: bool) -> dict:
           "workdir": os.path.join(root, "workdir")}
 
 
-def main():
+def parse_args():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch", type=int, default=128, help="64-256 on a GPU or TPU")
   parser.add_argument("--models", default=",".join(BENCHMARKS))
@@ -290,10 +371,19 @@ def main():
   parser.add_argument("--memory_only", action="store_true",
                       help="only XLA's peak memory of each LM program (compiled, not run; "
                            "on a CPU too), e.g. --lm_models=lm_bytes_32m,lm_bytes_126m")
+  parser.add_argument("--selection_sizes", default="1M,30M",
+                      help="sizes of the selection part ('' for none), measured first")
+  parser.add_argument("--selection_paths", default=",".join(SELECTION_PATHS))
+  parser.add_argument("--selection_only", action="store_true",
+                      help="only the selection part (radix vs bisection; on a CPU too)")
   parser.add_argument("--smoke", action="store_true",
                       help="run on any backend with tiny models (tests the script)")
   parser.add_argument("--out", default=None, help="write the results as JSON here")
-  args = parser.parse_args()
+  return parser.parse_args()
+
+
+def main():
+  args = parse_args()
   backend = jax.default_backend()
   device = jax.devices()[0]
   result = {"backend": backend, "device": str(device),
@@ -306,8 +396,8 @@ def main():
       with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 
-  if args.memory_only:
-    memory_only(args, result, write)
+  if args.memory_only or args.selection_only:
+    (memory_only if args.memory_only else selection_part)(args, result, write)
     return
   if backend == "cpu" and not args.smoke:
     result["skipped"] = "no GPU or TPU: jax.default_backend() is 'cpu'"
@@ -330,7 +420,9 @@ def main():
     write()
     return True
 
-  # The language models first (issue 30), their rows apart ("lm_rows": tokens/s too).
+  if args.selection_sizes and not over_budget("selection"):
+    selection_part(args, result, write)
+  # Then the language models (issue 30), their rows apart ("lm_rows": tokens/s too).
   parts = [(name, lm_benches[name], lm_batch, "lm_rows")
            for name in args.lm_models.split(",") if name]
   parts += [(name, benches[name], batch, "rows") for name in args.models.split(",") if name]
