@@ -115,13 +115,13 @@ def _search(leaves, groups, num_groups, values, k, start, nbits, run=True) -> _S
     shift = (nbits - bits * (s.p + 1)).astype(jnp.uint32)
     cands = s.v[:, None] | (js[None, :] << shift)  # [G, width], increasing
     leaves_now, zero, (gs, rs) = in_every_pass(leaves, s.p, numbers)
-    counts = [jnp.zeros((width,), jnp.int32) for _ in range(num_groups)]
+    per_group = [jnp.zeros((width,), jnp.int32) for _ in range(num_groups)]
     for lk, group, g, r in zip(leaves_now, groups, gs, rs):
       row = lax.dynamic_index_in_dim(cands, g, keepdims=False)
-      counts[group] = counts[group] + _lazy.map_reduce_lazy(
+      per_group[group] = per_group[group] + _lazy.map_reduce_lazy(
           lambda index, keys, g=g, r=r, row=row: _count_at_least(
               values(keys, index, g, r, zero), row), lk)
-    counts = jnp.stack(counts)  # non-increasing along the thresholds
+    counts = jnp.stack(per_group)  # non-increasing along the thresholds
     d = jnp.sum(counts >= k[:, None], axis=1, dtype=jnp.int32)
     take = lambda i: jnp.take_along_axis(counts, jnp.clip(i, 0, width - 1)[:, None], 1)[:, 0]
     return _Search(s.p + 1, s.v | (d.astype(jnp.uint32) << shift),
