@@ -120,7 +120,7 @@ def choose(scores: dict[str, np.ndarray], floors: dict[str, int],
   return remove
 
 
-def zero_units(state, chain: list[str], norms: dict, remove: dict[str, np.ndarray]):
+def zero_units(state, norms: dict, remove: dict[str, np.ndarray]):
   """``state`` with the ``remove``d units' outputs exactly 0: their kernel columns
   (weights and masks), biases, next norm's bias and running mean zeroed (host)."""
   params = jax.tree.map(np.array, state.params)
@@ -155,8 +155,7 @@ def with_masks(opt_state, masks):
       return s
     packed = any(isinstance(x, sparse_jax.PackedMask) for x in jax.tree.leaves(
         s.masks, is_leaf=lambda x: isinstance(x, sparse_jax.PackedMask)))
-    new = jax.tree.map(lambda m, old: m, masks, sparse_jax.unpack_masks(s.masks))
-    return s._replace(masks=sparse_jax.pack_masks(new) if packed else new)
+    return s._replace(masks=sparse_jax.pack_masks(masks) if packed else masks)
   return jax.tree.map(swap, opt_state, is_leaf=lambda x: isinstance(x, sparse_jax.SparseState))
 
 

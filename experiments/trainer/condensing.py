@@ -227,7 +227,7 @@ class Condenser:
     remove = chase_lib.choose(scores, floors, n_remove)
     if not any(r.any() for r in remove.values()):
       return state, False
-    state = chase_lib.zero_units(state, self.chain, self.norms, remove)
+    state = chase_lib.zero_units(state, self.norms, remove)
     return self._shrink(state, remove), True
 
   def refill(self, state, grads):
