@@ -4,10 +4,9 @@ Every factory returns an ``optax.GradientTransformationExtraArgs`` wrapping any
 inner optax transformation. At each update the wrapper
 
 1. masks the gradients and runs the inner transformation on them;
-2. at a mask-update event (a ``lax.cond`` on the step) prunes and regrows from
-   the updated weights and the dense gradient it was given (``_mask_update``;
-   docs/algorithms.md §5 order: update -> mask -> prune -> mask -> drop -> grow
-   -> mask);
+2. at a mask-update event prunes and regrows from the updated weights and the
+   dense gradient it was given (``_mask_update``; docs/algorithms.md §5 order:
+   update -> mask -> prune -> mask -> drop -> grow -> mask);
 3. emits ``where(keep, u, -p)`` so that ``optax.apply_updates`` leaves the params
    exactly masked (finite params; see "Non-finite values" below), and zeroes the
    inner state outside ``keep``.
@@ -19,10 +18,16 @@ restart at exactly 0 with zeroed optimizer state).
 Whether a step is an event depends only on the step count, so a training loop can
 decide it on the host and pass it as a static extra argument:
 ``tx.update(grads, state, params, mask_update=False)`` compiles the step without
-the event branch (as fast as static sparse training: the ``lax.cond`` costs
-materialised updates and copied masks on every step), ``mask_update=True`` always
-runs the mask update (which still follows the schedule, so it is correct at any
-step), and ``None`` (the default) decides in the graph. ``False`` at an event step
+the event (static sparse training's program), ``mask_update=True`` always runs the
+mask update (which still follows the schedule, so it is correct at any step), and
+``None`` (the default) decides in the graph. For inner optimizers that allow it
+(``_inner_kind``: elementwise, a zero state at zero gradients, a state without the
+params: SGD, momentum, Adam(W), RMSProp, Lion, ...) a ``while_loop`` of one
+iteration at events and none otherwise runs step 2 first (from this step's updates
+recomputed from the old state) and zeroes the old state outside ``keep``, then step 1
+masks the gradients by ``keep`` (``_in_graph_event``): the same bits as ``True``, at
+about the cost of ``False`` on ordinary steps. For the others a ``lax.cond`` after
+step 1 decides (1.3-1.5x a dense step at 30M parameters). ``False`` at an event step
 would skip that event (counted in ``SparseState.skipped_events``): use it only on
 steps known not to be events, e.g. ``mask_update=(step + 1) % update_every == 0``
 for a 0-based loop ``step``.
@@ -69,6 +74,7 @@ from jax import lax
 
 from sparse_jax import _attached
 from sparse_jax import _distributions
+from sparse_jax import _inner_kind
 from sparse_jax import _layers
 from sparse_jax import _lazy
 from sparse_jax import _mask_update
@@ -241,7 +247,7 @@ def _mask_update_flag(mask_update) -> bool | None:
         f"mask_update must be a Python bool known when tracing (or None), got "
         f"{type(mask_update).__name__}. Compute it on the host, e.g. "
         "mask_update=(step + 1) % update_every == 0, and jit one step for each value "
-        "(static_argnames); None decides inside the graph with a lax.cond.")
+        "(static_argnames); None decides inside the graph.")
   if mask_update is None:
     mask_update = MASK_UPDATE.get()
   if mask_update is not None:
@@ -270,60 +276,47 @@ def _update(w: _Wrapper, updates, state: _state.SparseState, params, mask_update
   # the whole mask, materialised on every step). Packed masks unpack split along
   # their last axis only (under explicit axes): placed like the params again.
   masks = _placed_like(_masks.unpack_masks(stored), params)
-  masked_grads = jax.tree.map(
-      lambda g, m: g if m is None else jnp.where(m, g, jnp.zeros_like(g)), grads,
-      _attached.extend(masks, w.attached, params))
-  inner_updates, inner_state = w.inner.update(masked_grads, state.inner_state, params,
-                                              **extra_args)
   t = state.count + 1
   grad_momentum = _grad_momentum(w, state.grad_momentum, grads, masks)
   dynamic = _is_dynamic(w)
-  if dynamic:
-    is_event = _mask_update.is_event(w.events, t)
-  regrown = state.regrown
+  is_event = _mask_update.is_event(w.events, t) if dynamic else jnp.asarray(False)
+  inner_state, regrown, update_masks = state.inner_state, state.regrown, masks
+  # Decided in the graph, the mask update comes first where the inner optimizer
+  # allows (_inner_kind); the inner update then runs with the new keep mask.
+  early = dynamic and mask_update is None and _inner_kind.elementwise(
+      w.inner, grads, inner_state, params, _attached.extend(masks, w.attached, params),
+      extra_args)
+  if early:
+    new_stored, kept, rng, union, regrown, inner_state = _in_graph_event(
+        w, grads, state, params, stored, union, t, grad_momentum, is_event, extra_args)
+    update_masks = _placed_like(_masks.unpack_masks(kept), params)
+  inner_updates, inner_state = w.inner.update(
+      _masked_grads(w, grads, update_masks, params), inner_state, params, **extra_args)
   if not dynamic or mask_update is False:
     # No mask update in this step (static, or the caller knows it is not an event):
     # the masks pass through. A wrong False is counted in skipped_events (a host
     # callback here, even in an untaken cond, cost ~40% of a LeNet step).
     new_stored, kept, rng = stored, stored, state.rng
-  else:
-
-    def event():
-      # Takes this step's updates as an operand. Recomputing them here from the old
-      # state (an earlier design) kept the old state alive across the cond, so XLA
-      # copied the momentum and the masked gradients on every step.
-      rng, event_rng = jax.random.split(state.rng)
-      events = w.events._replace(layer_axes=w.start.layer_axes.with_detected(w.detected))
-      new_masks, keep = _mask_update.update_masks(events, params, inner_updates, grads,
-                                                  masks, event_rng, t, grad_momentum)
-      # Stored as the old masks are (packed bits are otherwise split on one axis).
-      new_stored = _placed_like(w.store(new_masks), stored)
-      # On packed masks the or of the bytes is the or of the bits.
-      new_union = None if union is None else jax.tree.map(
-          lambda u, m: u | m, union, new_stored)
-      new_regrown = None if regrown is None else _state.Regrown(_placed_like(w.store(
-          jax.tree.map(lambda n, k: n & ~k, new_masks, keep)), stored), t)
-      return new_stored, _placed_like(w.store(keep), stored), rng, new_union, new_regrown
-
-    if mask_update:
-      # The caller says this step may be an event: no cond. Every stage still checks
-      # the schedule, so a non-event leaves the masks (and rng) as they are.
-      new_stored, kept, rng, union, grown = event()
-      rng = jnp.where(is_event, rng, state.rng)
-      if regrown is not None:
-        regrown = jax.tree.map(lambda a, b: jnp.where(is_event, a, b), grown, regrown)
-    else:
-      # Ordinary steps hand the stored masks through a lax.cond. Its outputs are
-      # copies, and its operands (the updates) must be materialised: 1.3-1.6x a dense
-      # step at 30M parameters, against 1.06-1.13x with mask_update=False
-      # (experiments/benchmarks/README.md).
-      new_stored, kept, rng, union, regrown = lax.cond(
-          is_event, event, lambda: (stored, stored, state.rng, union, regrown))
-
+  elif mask_update:
+    # The caller says this step may be an event: no control flow. Every stage still
+    # checks the schedule, so a non-event leaves the masks (and rng) as they are.
+    new_stored, kept, rng, union, grown = _event(
+        w, params, inner_updates, grads, masks, stored, union, regrown, state.rng, t,
+        grad_momentum)
+    rng = jnp.where(is_event, rng, state.rng)
+    if regrown is not None:
+      regrown = jax.tree.map(lambda a, b: jnp.where(is_event, a, b), grown, regrown)
+  elif not early:
+    # A lax.cond after the update: its operands (the updates) are materialised and
+    # its outputs copied on every step (1.3-1.5x a dense step at 30M parameters).
+    new_stored, kept, rng, union, regrown = lax.cond(
+        is_event, functools.partial(_event, w, params, inner_updates, grads, masks, stored,
+                                    union, regrown, state.rng, t, grad_momentum),
+        lambda: (stored, stored, state.rng, union, regrown))
   kept = _attached.extend(_placed_like(_masks.unpack_masks(kept), params), w.attached,
                           params)
   out = _kept_updates(w, inner_updates, params, kept, regrown, t)
-  if dynamic and mask_update is not False:
+  if dynamic and mask_update is not False and not early:
     # With masked gradients the inner state stays zero at inactive positions, so
     # only events (pruned and newly grown positions) need it zeroed.
     zero_off_keep = lambda: _state.mask_inner_state(w.inner, inner_state, kept)
@@ -335,6 +328,61 @@ def _update(w: _Wrapper, updates, state: _state.SparseState, params, mask_update
   return out, _state.SparseState(count=t, masks=new_stored, rng=rng,
                                  inner_state=inner_state, grad_momentum=grad_momentum,
                                  union=union, skipped_events=skipped, regrown=regrown)
+
+
+def _masked_grads(w: _Wrapper, grads, masks, params):
+  """The gradients zeroed outside the masks (and dead units' attached leaves)."""
+  return jax.tree.map(
+      lambda g, m: g if m is None else jnp.where(m, g, jnp.zeros_like(g)), grads,
+      _attached.extend(masks, w.attached, params))
+
+
+def _event(w: _Wrapper, params, inner_updates, grads, masks, stored, union, regrown, rng,
+           t, grad_momentum):
+  """The mask update: (new stored masks, stored keep, rng, union, regrown)."""
+  rng, event_rng = jax.random.split(rng)
+  events = w.events._replace(layer_axes=w.start.layer_axes.with_detected(w.detected))
+  new_masks, keep = _mask_update.update_masks(events, params, inner_updates, grads,
+                                              masks, event_rng, t, grad_momentum)
+  # Stored as the old masks are (packed bits are otherwise split on one axis).
+  new_stored = _placed_like(w.store(new_masks), stored)
+  # On packed masks the or of the bytes is the or of the bits.
+  new_union = None if union is None else jax.tree.map(
+      lambda u, m: u | m, union, new_stored)
+  new_regrown = None if regrown is None else _state.Regrown(_placed_like(w.store(
+      jax.tree.map(lambda n, k: n & ~k, new_masks, keep)), stored), t)
+  return new_stored, _placed_like(w.store(keep), stored), rng, new_union, new_regrown
+
+
+def _in_graph_event(w: _Wrapper, grads, state, params, stored, union, t, grad_momentum,
+                    is_event, extra_args):
+  """The mask update decided in the graph: (stored masks, keep, rng, union, regrown,
+  inner state), in a ``while_loop`` of one iteration at events and none otherwise.
+
+  The event recomputes this step's updates from the old state and zeroes that state
+  outside ``keep``; the caller then runs the inner update on the gradients masked by
+  ``keep``. For optimizers whose state update is elementwise and keeps a zero state
+  at zero gradients (SGD, momentum, Adam(W), RMSProp, ...) that is bit for bit the
+  update, masks and state of ``mask_update=True``, which zeroes the state after the
+  update instead. Nothing model-sized is an operand of the control flow that did not
+  exist anyway, and nothing passes through it: a ``lax.cond`` needed this step's
+  updates materialised and copied the masks and the state on every ordinary step
+  (1.3-1.5x a dense step at 30M parameters; this: experiments/benchmarks/README.md).
+  """
+
+  def event(c):
+    _, stored_, _, rng, union_, regrown_, inner_state = c
+    masks = _placed_like(_masks.unpack_masks(stored_), params)
+    inner_updates, _ = w.inner.update(_masked_grads(w, grads, masks, params),
+                                      inner_state, params, **extra_args)
+    new = _event(w, params, inner_updates, grads, masks, stored_, union_, regrown_, rng,
+                 t, grad_momentum)
+    keep = _attached.extend(_placed_like(_masks.unpack_masks(new[1]), params), w.attached,
+                            params)
+    return (jnp.zeros((), bool), *new, _state.mask_inner_state(w.inner, inner_state, keep))
+
+  return lax.while_loop(lambda c: c[0], event, (is_event, stored, stored, state.rng, union,
+                                                 state.regrown, state.inner_state))[1:]
 
 
 def _kept_updates(w: _Wrapper, inner_updates, params, kept, regrown, t):
