@@ -161,6 +161,44 @@ def layerwise_count_table(counts, ms, sizes=None) -> np.ndarray:
                     np.int32)
 
 
+# Layer-wise selections of models with at least this many prunable weights run in
+# parts of about 1/_PARTS of the weights each, one selection (its own loops) after
+# another. One selection over every layer at once histograms all of them in the same
+# loop body, whose per-layer scatter indices, updates and histograms are then all
+# live together: ~2.5x the parameter bytes at the event's peak on the scanned
+# 32M language model (experiments/benchmarks/README.md, Memory). Each layer is its
+# own group, so the parts select exactly what the whole selection does.
+_SPLIT_FROM = 1 << 22
+_PARTS = 8
+
+
+def _layer_parts(ms) -> list[np.ndarray]:
+  """Consecutive runs of layers of about 1/_PARTS of the weights each (one run for
+  small models): a run is closed before a layer that would take it past that."""
+  sizes = [int(m.size) for m in ms]
+  total = sum(sizes)
+  if total < _SPLIT_FROM:
+    return [np.arange(len(sizes))]
+  target, parts, run, n = total / _PARTS, [], [], 0
+  for i, size in enumerate(sizes):
+    if run and n + size > target:
+      parts.append(np.asarray(run))
+      run, n = [], 0
+    run.append(i)
+    n += size
+  return parts + [np.asarray(run)]
+
+
+def _in_parts(parts, plan_fn, *per_layer) -> _select.Selection:
+  """``plan_fn`` of each part of the layers (lists, or [L] arrays), joined in order."""
+  if len(parts) == 1:
+    return plan_fn(*per_layer)
+  def pick(x, p):
+    return [x[i] for i in p] if isinstance(x, list) else x[p]
+  sels = [plan_fn(*[pick(x, p) for x in per_layer]) for p in parts]
+  return _select.Selection(*[jnp.concatenate(f) for f in zip(*sels)])
+
+
 def _pruned_sizes(structure, st, ms) -> list[int]:
   """The sizes the schedule counts: each layer's, or its original units for a model
   condensed during training (``Channels.units``: the targets stay those of the
@@ -199,7 +237,8 @@ def _prune_stage(pruning: Pruning, structure, st, ws, ms, t) -> list:
   # Layer-wise: each event's exact total, split over the layers in proportion to
   # their sizes by largest remainder.
   per_layer = jnp.asarray(layerwise_count_table(counts, ms, sizes))[jnp.clip(k, 0, kf)]
-  sel = lax.cond(prune_now, lambda: _prune.layerwise_prune_plan(ws, ms, per_layer),
+  sel = lax.cond(prune_now, lambda: _in_parts(_layer_parts(ms), _prune.layerwise_prune_plan,
+                                              ws, ms, per_layer),
                  lambda: _select.Selection.all_positive(num_layers))
   return [m.compute() for m in _prune.apply_layerwise_plan(ws, ms, sel)]
 
@@ -233,7 +272,8 @@ def _growth(regrowth: Regrowth, st, rng, m_pruned, ranked, masks, layers):
     no_growth = _regrow.RandomPlan(jnp.zeros((num_layers, 2), jnp.uint32),
                                    _select.Selection.nothing(num_layers))
   else:
-    grow_plan = functools.partial(_regrow.score_grow_plan, scores)
+    grow_plan = lambda ms, num, active: _in_parts(
+        _layer_parts(ms), _regrow.score_grow_plan, scores, ms, num, active)
     apply_grow = functools.partial(_regrow.apply_score_grow, scores)
     no_growth = _select.Selection.nothing(num_layers)
   if st.grouped:
@@ -262,7 +302,8 @@ def _regrowth_stage(regrowth: Regrowth, st, ws, m_pruned, t, rng, ranked, masks,
   def plans():
     active = jnp.stack([_lazy.count_true(m) for m in m_pruned])
     n = jnp.ceil(rate * active.astype(jnp.float32)).astype(jnp.int32)
-    drop = _prune.layerwise_prune_plan(ws, m_pruned, active - n, active)
+    drop = _in_parts(_layer_parts(m_pruned), _prune.layerwise_prune_plan, ws, m_pruned,
+                     active - n, active)
     dropped = [m.compute() for m in _prune.apply_layerwise_plan(ws, m_pruned, drop)]
     # The drop keeps exactly this many (clipped to keep >= 1), so no recount; grow
     # exactly as many as were dropped.
