@@ -76,12 +76,23 @@ _COPIES = 4
 _COPIES_FROM = 1 << 18
 
 
-def _chunk_ones(shape) -> jax.Array:
+def _flat_indices() -> bool:
+  """Whether histograms scatter from 1-d chunks (``_lazy._flat_chunks``): on one device.
+
+  With several devices a leaf may be sharded, and the indices keep its shape: a
+  reshape to 1-d would gather it onto every device.
+  """
+  return jax.device_count() == 1
+
+
+def _chunk_ones(shape, flat: bool) -> jax.Array:
   """The scatter's all-ones updates for one chunk of a leaf of ``shape``, built once.
 
   Behind a barrier, so XLA does not rebuild (materialise) them in every iteration
-  of the chunk loop, as it does with a broadcast constant.
+  of the chunk loop, as it does with a broadcast constant. ``flat``: for 1-d chunks.
   """
+  if flat:
+    return lax.optimization_barrier(jnp.ones((_lazy.flat_chunk_size(shape),), jnp.int32))
   plan = _lazy.chunk_plan(shape)
   if plan is not None:
     axis, c = plan
@@ -102,7 +113,8 @@ def _add_to_histogram(hist, lk: _lazy.Lazy, digits_fn) -> jax.Array:
   another.
   """
   copies = hist.shape[0] // _BINS
-  ones = _chunk_ones(lk.shape)
+  flat = _flat_indices()
+  ones = _chunk_ones(lk.shape, flat)
 
   def scatter(hist, index, keys):
     digits, valid = digits_fn(keys, index)
@@ -123,7 +135,7 @@ def _add_to_histogram(hist, lk: _lazy.Lazy, digits_fn) -> jax.Array:
     return hist.at[idx].add(jax.sharding.reshard(ones, sharding), mode="drop",
                             out_sharding=_lazy.replicated_like(idx))
 
-  return _lazy.fold_lazy(scatter, hist, lk)
+  return _lazy.fold_lazy(scatter, hist, lk, flat)
 
 
 def _histograms(leaves, groups, num_groups, digits_fns):

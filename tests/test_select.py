@@ -233,13 +233,17 @@ CHUNKED_CASES = [
 ]
 
 
+@pytest.mark.parametrize("flat", [True, False], ids=["flat_chunks", "strided_chunks"])
 @pytest.mark.parametrize("copies_from", [2**18, 1], ids=["one_copy", "interleaved_copies"])
 @pytest.mark.parametrize("shapes,groups,bound", CHUNKED_CASES)
-def test_chunked_top_k_matches_brute_force(monkeypatch, shapes, groups, bound, copies_from):
+def test_chunked_top_k_matches_brute_force(monkeypatch, shapes, groups, bound, copies_from,
+                                           flat):
   # copies_from=1: every group's histogram in _COPIES interleaved copies (as groups
   # of >= 2**18 elements are), summed at the end: the counts must not change.
+  # flat: 1-d contiguous chunks (one device) or strided n-d ones (several devices).
   monkeypatch.setattr(_lazy, "CHUNK_ELEMENTS", bound)
   monkeypatch.setattr(_select, "_COPIES_FROM", copies_from)
+  monkeypatch.setattr(_select, "_flat_indices", lambda: flat)
   assert all(_lazy.chunk_plan(s) is not None for s in shapes if np.prod(s) > bound)
   rng = np.random.default_rng(1)
   keys = [rng.integers(0, 4, size=s).astype(np.uint32) for s in shapes]  # many ties
@@ -252,6 +256,22 @@ def test_chunked_top_k_matches_brute_force(monkeypatch, shapes, groups, bound, c
     got = top_k([jnp.asarray(x) for x in keys], jnp.asarray(k))
     for g_leaf, w_leaf in zip(got, brute_force_top_k(keys, k, groups)):
       np.testing.assert_array_equal(np.asarray(g_leaf), w_leaf)
+
+
+def test_flat_chunks_are_contiguous_pieces_of_the_flattened_leaf(monkeypatch):
+  # (6, 10) at 20 elements a chunk: chunk_plan splits the rows by 3, so 3 pieces of
+  # 20 flat positions each; a Slice of a stacked array is cut the same way.
+  monkeypatch.setattr(_lazy, "CHUNK_ELEMENTS", 20)
+  stacked = np.arange(120, dtype=np.float32).reshape(2, 6, 10) * 0.5
+  x = jnp.asarray(stacked[1] + 1000.0)
+  sources = [x, _lazy.Slice(jnp.asarray(stacked), (1,))]
+  c, chunk = _lazy._flat_chunks(sources)
+  assert (c, _lazy.flat_chunk_size((6, 10))) == (3, 20)
+  for i in range(3):
+    index, a, b = chunk(jnp.int32(i))
+    np.testing.assert_array_equal(np.asarray(index), np.arange(20 * i, 20 * i + 20))
+    np.testing.assert_array_equal(np.asarray(a), stacked[1].reshape(-1)[20 * i:20 * i + 20] + 1000)
+    np.testing.assert_array_equal(np.asarray(b), stacked[1].reshape(-1)[20 * i:20 * i + 20])
 
 
 def test_lazy_keys_are_computed_from_their_sources(monkeypatch):
