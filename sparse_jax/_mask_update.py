@@ -179,7 +179,9 @@ def _layer_parts(ms) -> list[np.ndarray]:
   total = sum(sizes)
   if total < _SPLIT_FROM:
     return [np.arange(len(sizes))]
-  target, parts, run, n = total / _PARTS, [], [], 0
+  target, n = total / _PARTS, 0
+  parts: list[np.ndarray] = []
+  run: list[int] = []
   for i, size in enumerate(sizes):
     if run and n + size > target:
       parts.append(np.asarray(run))

@@ -6,8 +6,9 @@ with ``@jax.jit`` (the in-graph mask-update decision) or with
 ``nnx.Optimizer.update`` in an ``@nnx.jit`` step, or ``scheduled_jit(tx,
 jit=nnx.jit)``. Each against the same step with the plain (dense) optimizer, on
 LeNet-300-100 and an MLP of about 30M parameters, batch 128, ordinary steps
-(no mask update falls in the timed steps). Rounds interleave every variant;
-medians are reported.
+(no mask update falls in the timed steps). ``*_donated``: the same ``jax.jit`` /
+``nnx.jit`` step with its state donated (``donate_argnums``), against a donated dense
+step. Rounds interleave every variant; medians are reported.
 
   python -m experiments.benchmarks.readme_path --rounds=15 --out=readme_path.json
 
@@ -70,10 +71,11 @@ def linen_variant(sizes, kind):
   model = MLP(sizes, nnx.Rngs(0))
   params = {f"Dense_{i}": {"kernel": l.kernel.value, "bias": l.bias.value}
             for i, l in enumerate(model.layers)}
-  tx = _harness.inner_optimizer() if kind == "dense" else sparse_tx()
+  tx = _harness.inner_optimizer() if kind.startswith("dense") else sparse_tx()
   state = train_state.TrainState.create(apply_fn=linen_apply, params=params, tx=tx)
+  donate = {"donate_argnums": 0} if kind.endswith("_donated") else {}
   step = (sparse_jax.scheduled_jit(tx)(linen_step) if kind == "scheduled_jit"
-          else jax.jit(linen_step))
+          else jax.jit(linen_step, **donate))
   box = [state]
 
   def call(x, y):
@@ -84,10 +86,11 @@ def linen_variant(sizes, kind):
 
 def nnx_variant(sizes, kind):
   model = MLP(sizes, nnx.Rngs(0))
-  tx = _harness.inner_optimizer() if kind == "dense" else sparse_tx()
+  tx = _harness.inner_optimizer() if kind.startswith("dense") else sparse_tx()
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  donate = {"donate_argnums": (0, 1)} if kind.endswith("_donated") else {}
   step = (sparse_jax.scheduled_jit(tx, jit=nnx.jit)(nnx_step) if kind == "scheduled_jit"
-          else nnx.jit(nnx_step))
+          else nnx.jit(nnx_step, **donate))
 
   def call(x, y):
     step(model, optimizer, x, y)
@@ -101,14 +104,20 @@ def bench_model(name, sizes, rounds, batch):
   y = jax.random.randint(jax.random.PRNGKey(2), (batch,), 0, sizes[-1])
   variants = {f"{api}/{kind}": make(sizes, kind)
               for api, make in (("linen", linen_variant), ("nnx", nnx_variant))
-              for kind in ("dense", "jit", "scheduled_jit")}
+              for kind in ("dense", "jit", "scheduled_jit", "dense_donated", "jit_donated")}
   table = {k: (call, (x, y)) for k, call in variants.items()}
   for call in variants.values():
     jax.block_until_ready(call(x, y))  # compile, warm up
   times = _harness.interleaved_samples(table, rounds, reps)
   med = {k: statistics.median(v) for k, v in times.items()}
   return [{"model": name, "variant": k, "median_ms": 1e3 * v,
-           "ratio_to_dense": v / med[k.split("/")[0] + "/dense"]} for k, v in med.items()]
+           "ratio_to_dense": v / med[_reference(k)]} for k, v in med.items()]
+
+
+def _reference(variant):
+  """The dense variant a variant is compared with (donated with donated)."""
+  api, kind = variant.split("/")
+  return f"{api}/dense_donated" if kind.endswith("_donated") else f"{api}/dense"
 
 
 def main():
