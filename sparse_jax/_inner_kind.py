@@ -22,13 +22,10 @@ compiled); when it says no, the wrapper decides with a ``lax.cond`` after the up
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import numpy as np
 import optax
-
-PyTree = Any
 
 # Position by position: out[i] depends on in[i] only.
 _ELEMENTWISE = frozenset((

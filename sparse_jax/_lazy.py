@@ -320,9 +320,8 @@ def _flat_chunks(sources: Sequence):
   """
   sources = [x if isinstance(x, Slice) else jnp.asarray(x) for x in sources]
   shape = tuple(sources[0].shape)
-  plan = chunk_plan(shape)
-  c = 1 if plan is None else plan[1]
-  n = math.prod(shape) // c
+  n = flat_chunk_size(shape)
+  c = math.prod(shape) // n
   ats = [x.at if isinstance(x, Slice) else () for x in sources]
   views = [x.array.reshape(x.array.shape[:len(x.at)] + (c, n)) if isinstance(x, Slice)
            else x.reshape(c, n) for x in sources]

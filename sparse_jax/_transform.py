@@ -361,11 +361,11 @@ def _in_graph_event(w: _Wrapper, grads, state, params, stored, union, t, grad_mo
 
   The event recomputes this step's updates from the old state and zeroes that state
   outside ``keep``; the caller then runs the inner update on the gradients masked by
-  ``keep``. For optimizers whose state update is elementwise and keeps a zero state
-  at zero gradients (SGD, momentum, Adam(W), RMSProp, ...) that is bit for bit the
-  update, masks and state of ``mask_update=True``, which zeroes the state after the
-  update instead. Nothing model-sized is an operand of the control flow that did not
-  exist anyway, and nothing passes through it: a ``lax.cond`` needed this step's
+  ``keep``. For the optimizers ``_inner_kind.elementwise`` accepts (SGD, momentum,
+  Adam(W), RMSProp, ...) that is bit for bit the update, masks and state of
+  ``mask_update=True``, which zeroes the state after the update instead. Nothing
+  model-sized is an operand of the control flow that did not exist anyway, and with
+  donated buffers nothing is copied into it: a ``lax.cond`` needed this step's
   updates materialised and copied the masks and the state on every ordinary step
   (1.3-1.5x a dense step at 30M parameters; this: experiments/benchmarks/README.md).
   """
