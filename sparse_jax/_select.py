@@ -85,22 +85,23 @@ def _flat_indices() -> bool:
   return jax.device_count() == 1
 
 
-def _chunk_ones(shape, flat: bool) -> jax.Array:
-  """The scatter's all-ones updates for one chunk of a leaf of ``shape``, built once.
+def _chunk_ones_shape(shape, flat: bool) -> tuple[int, ...]:
+  """The shape of the scatter's all-ones updates for one chunk of a leaf of ``shape``.
 
-  Behind a barrier, so XLA does not rebuild (materialise) them in every iteration
-  of the chunk loop, as it does with a broadcast constant. ``flat``: for 1-d chunks.
+  The updates are built once per shape, behind a barrier, so XLA does not rebuild
+  (materialise) them in every iteration of the chunk loop, as it does with a
+  broadcast constant. ``flat``: for 1-d chunks.
   """
   if flat:
-    return lax.optimization_barrier(jnp.ones((_lazy.flat_chunk_size(shape),), jnp.int32))
+    return (_lazy.flat_chunk_size(shape),)
   plan = _lazy.chunk_plan(shape)
   if plan is not None:
     axis, c = plan
     shape = tuple(shape[:axis]) + (shape[axis] // c,) + tuple(shape[axis + 1:])
-  return lax.optimization_barrier(jnp.ones(shape, jnp.int32))
+  return tuple(shape)
 
 
-def _add_to_histogram(hist, lk: _lazy.Lazy, digits_fn) -> jax.Array:
+def _add_to_histogram(hist, lk: _lazy.Lazy, digits_fn, ones) -> jax.Array:
   """``hist`` (int32 [copies * 2**16]) plus the counts of ``digits_fn(keys, index)``.
 
   ``digits_fn`` returns ``(digits, valid)``; ``valid`` (bool or None) drops the
@@ -114,7 +115,6 @@ def _add_to_histogram(hist, lk: _lazy.Lazy, digits_fn) -> jax.Array:
   """
   copies = hist.shape[0] // _BINS
   flat = _flat_indices()
-  ones = _chunk_ones(lk.shape, flat)
 
   def scatter(hist, index, keys):
     digits, valid = digits_fn(keys, index)
@@ -139,16 +139,36 @@ def _add_to_histogram(hist, lk: _lazy.Lazy, digits_fn) -> jax.Array:
 
 
 def _histograms(leaves, groups, num_groups, digits_fns):
-  """Per-group histograms (int32 [G, 2**16]) of the digits of each group's leaves."""
+  """Per-group histograms (int32 [G, 2**16]) of the digits of each group's leaves.
+
+  The leaves scatter one after another: each leaf's sources pass a barrier with
+  the histograms scattered so far, so its scatter indices (4 bytes a weight of an
+  unchunked leaf) are computed only after the previous leaf's scatter, and one
+  leaf's are live at a time. A group's copies are summed when its last leaf is
+  done, and leaves of one (chunk) shape share their all-ones updates. Before, XLA
+  held every layer's indices and its own all-ones updates together (~240 MiB on
+  the scanned 32M language model's event; experiments/benchmarks/README.md, Memory).
+  """
   sizes = [0] * num_groups
-  for lk, g in zip(leaves, groups):
+  last = {}
+  for i, (lk, g) in enumerate(zip(leaves, groups)):
     sizes[g] += lk.size
+    last[g] = i
   copies = [_COPIES if n >= _COPIES_FROM else 1 for n in sizes]
-  hist = [jnp.zeros((c * _BINS,), jnp.int32) for c in copies]
-  for lk, g, fn in zip(leaves, groups, digits_fns):
-    hist[g] = _add_to_histogram(hist[g], lk, fn)
-  return jnp.stack([h.reshape(c, _BINS).sum(0, dtype=jnp.int32)
-                    for h, c in zip(hist, copies)])
+  flat = _flat_indices()
+  hist: list = [None] * num_groups
+  ones: dict = {}
+  for i, (lk, g, fn) in enumerate(zip(leaves, groups, digits_fns)):
+    if hist[g] is None:
+      hist[g] = jnp.zeros((copies[g] * _BINS,), jnp.int32)
+    hist, sources = lax.optimization_barrier((hist, lk.sources))
+    key = _chunk_ones_shape(lk.shape, flat)
+    if key not in ones:
+      ones[key] = lax.optimization_barrier(jnp.ones(key, jnp.int32))
+    hist[g] = _add_to_histogram(hist[g], _lazy.Lazy(lk.fn, sources), fn, ones[key])
+    if last[g] == i:
+      hist[g] = hist[g].reshape(copies[g], _BINS).sum(0, dtype=jnp.int32)
+  return jnp.stack([jnp.zeros((_BINS,), jnp.int32) if h is None else h for h in hist])
 
 
 _BLOCK = 1 << (RADIX_BITS // 2)  # _BINS = _BLOCK**2
