@@ -28,6 +28,10 @@ INNERS = {
     # Weight decay added to the gradient before the momentum: the state reads the params.
     "coupled_weight_decay": (lambda: optax.chain(
         optax.add_decayed_weights(5e-4, _decay_mask), optax.sgd(0.1, momentum=0.9)), False),
+    # The README's decoupled SGD recipe: decay added after the momentum.
+    "decoupled_weight_decay": (lambda: optax.chain(
+        optax.trace(decay=0.9), optax.add_decayed_weights(5e-4, _decay_mask),
+        optax.scale(-0.1)), True),
     "global_norm_clip": (
         lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2)), False),
     "adafactor": (lambda: optax.adafactor(1e-2), False),  # factored moments: reductions

@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: timing, the MLPs and their train steps, XLA peaks.
+"""What the benchmark scripts share: timing, the MLPs and their train steps, XLA peaks,
+and the trainer's train step of a config's model (``Bench``, ``build_variants``).
 
 The scripts import this module, never each other. Timing is the trainer's
 (``experiments/trainer/inference.py``: ``time_call``, ``interleaved_samples``,
@@ -6,13 +7,26 @@ The scripts import this module, never each other. Timing is the trainer's
 timing a variant measure alike.
 """
 
+import functools
+import time
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import sparse_jax
+from experiments.configs import lm_bytes_scan
+from experiments.data import input_pipeline
 from experiments.trainer import inference
+from experiments.trainer import methods as methods_lib
+from experiments.trainer import programs
+from experiments.trainer import sharding
+from experiments.trainer import state as state_lib
+from experiments.trainer import steps as steps_lib
 
 # The timing, re-exported so that the scripts have one place to take it from.
 time_call = inference.time_call
@@ -119,3 +133,114 @@ def xla_peak_bytes(memory_analysis):
     return None
   return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
           - m.alias_size_in_bytes)
+
+
+# The trainer's train step of a config's model on synthetic data (device_check.py,
+# lm_memory.py).
+
+
+class Bench(NamedTuple):
+  """One model of a benchmark, trained on synthetic data with its config's recipe."""
+  config: Any  # the config module (experiments/configs)
+  input_shape: tuple[int, ...]
+  classes: int  # the labels; the vocabulary of a language model
+  n_train: int  # training examples: sets steps per epoch, so the sparse schedules
+  model_kwargs: dict  # "model" replaces config.model, the rest update model_kwargs
+  input_dtype: str = "float32"  # "int32": token windows, the next token at every position
+
+
+# The language model's config: a byte-level GPT with scanned, rematerialised blocks,
+# bfloat16 compute, AdamW (tests/test_export_accelerators.py lowers its programs for
+# TPU and CUDA).
+LM_CONFIG = lm_bytes_scan
+# The language model (issue 30): LM_CONFIG's byte-level GPT at 31.9M weights (10 blocks
+# of width 512, MLP 2048) and 126M weights (10 blocks of width 1024, MLP 4096) on
+# windows of 256 bytes. The training set size only sets the schedules: 1000 steps an
+# epoch at batch 64, so the first event (ΔT) lies inside GraNet's pruning window.
+LM_BENCHMARKS = {
+    "lm_bytes_32m": Bench(LM_CONFIG, (256,), 256, 64_000,
+                          dict(width=512, depth=10, num_heads=8, mlp_dim=2048), "int32"),
+    "lm_bytes_126m": Bench(LM_CONFIG, (256,), 256, 64_000,
+                           dict(width=1024, depth=10, num_heads=16, mlp_dim=4096), "int32"),
+}
+VARIANTS = ("dense", "granet/ordinary", "granet/event", "rigl/ordinary", "rigl/event")
+
+
+def _config(module, method: str, batch: int, model_kwargs: dict, mesh: str):
+  config = module.get_config(f"method={method}" + ("" if mesh == "none" else f",mesh={mesh}"))
+  config.batch_size = batch
+  model_kwargs = dict(model_kwargs)
+  config.model = model_kwargs.pop("model", config.model)
+  config.model_kwargs.update(model_kwargs)
+  return config
+
+
+def build_method(bench: Bench, method: str, batch: int, mesh: str = "none"):
+  """The trainer's train step of ``method`` as ``fn(mask_update)``, its state and a batch.
+
+  ``mesh``: ``"none"`` (one device), or the config's ``mesh`` argument (``"4x2"``): the
+  state built FSDP- and tensor-parallel-split as the trainer builds it
+  (``state_shardings``), the batch split over ``"data"``, and the step compiled for
+  those shardings (a partitioned program: XLA's figures are then per device).
+  """
+  config = _config(bench.config, method, batch, bench.model_kwargs, mesh)
+  info = input_pipeline.DatasetInfo(num_train_examples=bench.n_train, num_eval_examples=0,
+                                    num_classes=bench.classes, input_shape=bench.input_shape,
+                                    eval_split="test", input_dtype=bench.input_dtype)
+  model = state_lib.create_model(config, bench.classes)
+  tx_fn = methods_lib.create_tx_fn(config, model, info, bench.n_train // batch)
+  mesh_ = None if mesh == "none" else sharding.data_mesh(config)
+  state = state_lib.create_sharded_train_state(
+      config, model, tx_fn, bench.input_shape, jax.random.PRNGKey(0), mesh_,
+      config.get("param_sharding", "replicated"), input_dtype=bench.input_dtype)
+  shardings = {}
+  if mesh_ is not None:  # the trainer's (programs.py): the state's own, the batch split
+    state_sh = state_lib.state_shardings(state, mesh_, config.param_sharding,
+                                         config.sparsity.get("layer_axes"))
+    shardings = dict(in_shardings=(state_sh, NamedSharding(mesh_, P("data"))),
+                     out_shardings=(state_sh, NamedSharding(mesh_, P())))
+  def step(mask_update):
+    fn = functools.partial(steps_lib.train_step, model=model, tx=tx_fn(None), config=config,
+                           num_classes=bench.classes, mask_update=mask_update)
+    if mesh_ is not None:  # the model's batch constraints, as the trainer traces them
+      fn = programs.with_logical_rules(fn, mesh_)
+    return jax.jit(fn, donate_argnums=0, **shardings)
+  keys = jax.random.split(jax.random.PRNGKey(1))
+  shape = (batch, *bench.input_shape)
+  if bench.input_dtype == "int32":  # token ids, and the next token at every position
+    data = {"image": jax.random.randint(keys[0], shape, 0, bench.classes),
+            "label": jax.random.randint(keys[1], shape, 0, bench.classes)}
+  else:
+    data = {"image": jax.random.normal(keys[0], shape, jnp.float32),
+            "label": jax.random.randint(keys[1], (batch,), 0, bench.classes)}
+  if mesh_ is not None:
+    data = jax.device_put(data, NamedSharding(mesh_, P("data")))
+  return step, state, data, config
+
+
+def build_variants(bench: Bench, batch: int, mesh: str = "none") -> dict:
+  """``variant -> (jitted step, state, batch, count)`` of every entry of ``VARIANTS``.
+
+  ``count`` is the sparse wrapper's step count set before each event call (so each is
+  the first mask update, inside the pruning window), or None. A method's ordinary and
+  event steps start from copies of one initial state. ``mesh``: as ``build_method``.
+  """
+  built = {}
+  for method in ("dense", "granet", "rigl"):
+    step, state, data, config = build_method(bench, method, batch, mesh)
+    if method == "dense":
+      built["dense"] = (step(None), state, data, None)
+      continue
+    built[f"{method}/ordinary"] = (step(False), state, data, None)
+    built[f"{method}/event"] = (step(True), jax.tree.map(jnp.copy, state), data,
+                                config.sparsity.update_every - 1)
+  return built
+
+
+def compile_variant(step, state, data) -> dict:
+  """The compiled program, its compile seconds (lowering included) and XLA peak bytes."""
+  t = time.perf_counter()
+  compiled = step.lower(state, data).compile()
+  seconds = time.perf_counter() - t
+  return {"compiled": compiled, "compile_s": seconds,
+          "xla_peak_bytes": xla_peak_bytes(compiled.memory_analysis())}

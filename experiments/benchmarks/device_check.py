@@ -24,53 +24,34 @@ within ``--budget_s`` is skipped.
 On a machine without a GPU or TPU it prints why it skips and exits 0. ``--smoke`` runs
 every part anyway, on tiny models and shapes (a test of the script on CPU; its numbers
 mean nothing). The persistent compilation cache is left off so compile times are real.
+XLA's peaks of the language model's programs alone, compiled and not run (one device or
+a mesh, on a CPU too): ``experiments/benchmarks/lm_memory.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import functools
 import json
 import os
 import statistics
 import tempfile
 import time
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 import sparse_jax
-from experiments.data import input_pipeline
-from experiments.trainer import methods as methods_lib
-from experiments.trainer import state as state_lib
-from experiments.trainer import steps as steps_lib
 from experiments.benchmarks import _harness
 from experiments.configs import cifar_vgg19
 from experiments.configs import imagenet_resnet50
-from experiments.configs import lm_bytes_scan
 
-# The language model's config: a byte-level GPT with scanned, rematerialised blocks,
-# bfloat16 compute, AdamW (tests/test_export_accelerators.py lowers its programs for
-# TPU and CUDA).
-LM_CONFIG = lm_bytes_scan
-
-
-class Bench(NamedTuple):
-  """One model of the check, trained on synthetic data with its config's recipe."""
-  config: Any  # the config module (experiments/configs)
-  input_shape: tuple[int, ...]
-  classes: int  # the labels; the vocabulary of a language model
-  n_train: int  # training examples: sets steps per epoch, so the sparse schedules
-  model_kwargs: dict  # "model" replaces config.model, the rest update model_kwargs
-  input_dtype: str = "float32"  # "int32": token windows, the next token at every position
-
-
+Bench = _harness.Bench  # a model of the check, on synthetic data with its config's recipe
 BENCHMARKS = {
     "resnet50_imagenet": Bench(imagenet_resnet50, (224, 224, 3), 1000, 1_281_167, {}),
     "vgg19_cifar10": Bench(cifar_vgg19, (32, 32, 3), 10, 50_000, {}),
 }
+# The language models: _harness.LM_BENCHMARKS (lm_memory.py compiles them too).
 # --smoke: the same code on models a 2-core CPU runs in seconds.
 SMOKE = {
     "resnet50_imagenet": Bench(imagenet_resnet50, (16, 16, 3), 1000, 1_281_167,
@@ -78,24 +59,10 @@ SMOKE = {
     "vgg19_cifar10": Bench(cifar_vgg19, (16, 16, 3), 10, 50_000,
                            {"model": "small_cnn", "width": 4}),
 }
-# The language model (issue 30): LM_CONFIG's byte-level GPT at 31.9M weights (10 blocks
-# of width 512, MLP 2048) on windows of 256 bytes. The training set size only sets the
-# schedules: 1000 steps an epoch at batch 64, so the first event (ΔT) lies inside
-# GraNet's pruning window.
-LM_BENCHMARKS = {
-    "lm_bytes_32m": Bench(LM_CONFIG, (256,), 256, 64_000,
-                          dict(width=512, depth=10, num_heads=8, mlp_dim=2048), "int32"),
-}
-# --memory_only at two sizes (XLA's peak of each compiled program; runs on a CPU too):
-# the 32M model and 126M weights (10 blocks of width 1024, MLP 4096).
-LM_BENCHMARKS["lm_bytes_126m"] = Bench(LM_CONFIG, (256,), 256, 64_000,
-                                       dict(width=1024, depth=10, num_heads=16, mlp_dim=4096),
-                                       "int32")
 LM_SMOKE = {
-    "lm_bytes_32m": Bench(LM_CONFIG, (16,), 256, 64_000,
+    "lm_bytes_32m": Bench(_harness.LM_CONFIG, (16,), 256, 64_000,
                           dict(width=32, depth=2, num_heads=2, mlp_dim=64), "int32"),
 }
-VARIANTS = ("dense", "granet/ordinary", "granet/event", "rigl/ordinary", "rigl/event")
 # The exact selection's two methods (issue 31 item 4) as SPARSE_JAX_SELECTION and
 # SPARSE_JAX_BISECTION_BITS name them, and the chunk size (None: the default; 2**30:
 # every leaf in one piece, no chunk loop); the first is the others' reference.
@@ -103,68 +70,6 @@ SELECTION_PATHS = {"radix": ("radix", "4", None), "bisection1": ("bisection", "1
                    "bisection4": ("bisection", "4", None), "bisection8": ("bisection", "8", None),
                    "bisection4_whole": ("bisection", "4", 2**30)}
 SELECTION_SIZES, SELECTION_SMOKE = {"1M": 1_000_000, "30M": 30_000_000}, {"20k": 20_000}
-
-
-def _config(module, method: str, batch: int, model_kwargs: dict):
-  config = module.get_config(f"method={method}")
-  config.batch_size = batch
-  model_kwargs = dict(model_kwargs)
-  config.model = model_kwargs.pop("model", config.model)
-  config.model_kwargs.update(model_kwargs)
-  return config
-
-
-def build_method(bench: Bench, method: str, batch: int):
-  """The trainer's train step of ``method`` as ``fn(mask_update)``, its state and a batch."""
-  config = _config(bench.config, method, batch, bench.model_kwargs)
-  info = input_pipeline.DatasetInfo(num_train_examples=bench.n_train, num_eval_examples=0,
-                                    num_classes=bench.classes, input_shape=bench.input_shape,
-                                    eval_split="test", input_dtype=bench.input_dtype)
-  model = state_lib.create_model(config, bench.classes)
-  tx_fn = methods_lib.create_tx_fn(config, model, info, bench.n_train // batch)
-  state = state_lib.create_sharded_train_state(config, model, tx_fn, bench.input_shape,
-                                               jax.random.PRNGKey(0),
-                                               input_dtype=bench.input_dtype)
-  step = lambda mask_update: jax.jit(functools.partial(
-      steps_lib.train_step, model=model, tx=tx_fn(None), config=config,
-      num_classes=bench.classes, mask_update=mask_update), donate_argnums=0)
-  keys = jax.random.split(jax.random.PRNGKey(1))
-  shape = (batch, *bench.input_shape)
-  if bench.input_dtype == "int32":  # token ids, and the next token at every position
-    data = {"image": jax.random.randint(keys[0], shape, 0, bench.classes),
-            "label": jax.random.randint(keys[1], shape, 0, bench.classes)}
-  else:
-    data = {"image": jax.random.normal(keys[0], shape, jnp.float32),
-            "label": jax.random.randint(keys[1], (batch,), 0, bench.classes)}
-  return step, state, data, config
-
-
-def build_variants(bench, batch: int) -> dict:
-  """``variant -> (jitted step, state, batch, count)`` of every entry of ``VARIANTS``.
-
-  ``count`` is the sparse wrapper's step count set before each event call (so each is
-  the first mask update, inside the pruning window), or None. A method's ordinary and
-  event steps start from copies of one initial state.
-  """
-  built = {}
-  for method in ("dense", "granet", "rigl"):
-    step, state, data, config = build_method(bench, method, batch)
-    if method == "dense":
-      built["dense"] = (step(None), state, data, None)
-      continue
-    built[f"{method}/ordinary"] = (step(False), state, data, None)
-    built[f"{method}/event"] = (step(True), jax.tree.map(jnp.copy, state), data,
-                                config.sparsity.update_every - 1)
-  return built
-
-
-def compile_variant(step, state, data) -> dict:
-  """The compiled program, its compile seconds (lowering included) and XLA peak bytes."""
-  t = time.perf_counter()
-  compiled = step.lower(state, data).compile()
-  seconds = time.perf_counter() - t
-  return {"compiled": compiled, "compile_s": seconds,
-          "xla_peak_bytes": _harness.xla_peak_bytes(compiled.memory_analysis())}
 
 
 def time_variants(built: dict, programs: dict, rounds: int, reps: int) -> dict:
@@ -187,20 +92,21 @@ def time_variants(built: dict, programs: dict, rounds: int, reps: int) -> dict:
 
 
 def bench_model(name: str, bench: Bench, batch: int, rounds: int, reps: int) -> list[dict]:
-  """A row per entry of ``VARIANTS``: steps/s, XLA peak and compile seconds.
+  """A row per entry of ``_harness.VARIANTS``: steps/s, XLA peak and compile seconds.
 
   Each also against dense; an event row's ``time_vs_ordinary`` (None on the others) is
   the mask update's cost. A language model's rows also give tokens/s.
   """
-  built = build_variants(bench, batch)
+  built = _harness.build_variants(bench, batch)
   # Compiled side by side, as the trainer compiles its programs (each program's compile
   # seconds are then its wall time alongside the others).
   with concurrent.futures.ThreadPoolExecutor(len(built)) as pool:
-    futures = {v: pool.submit(compile_variant, b[0], b[1], b[2]) for v, b in built.items()}
+    futures = {v: pool.submit(_harness.compile_variant, b[0], b[1], b[2])
+               for v, b in built.items()}
     programs = {v: f.result() for v, f in futures.items()}
   seconds = time_variants(built, programs, rounds, reps)
   dense, rows = programs["dense"], []
-  for v in VARIANTS:
+  for v in _harness.VARIANTS:
     p = programs[v]
     rows.append({
         "model": name, "batch": batch, "variant": v, "steps_per_s": 1 / seconds[v],
@@ -214,27 +120,6 @@ def bench_model(name: str, bench: Bench, batch: int, rounds: int, reps: int) -> 
     if bench.input_dtype == "int32":
       rows[-1]["tokens_per_s"] = batch * bench.input_shape[0] / seconds[v]
   return rows
-
-
-def memory_rows(name: str, bench: Bench, batch: int) -> list[dict]:
-  """A row per entry of ``VARIANTS``: XLA peak bytes and the ratio to dense, no timing."""
-  built = build_variants(bench, batch)
-  peaks = {v: compile_variant(*b[:3])["xla_peak_bytes"] for v, b in built.items()}
-  return [{"model": name, "batch": batch, "variant": v, "xla_peak_bytes": peaks[v],
-           "peak_vs_dense": peaks[v] / peaks["dense"]} for v in VARIANTS]
-
-
-def memory_only(args, result: dict, write):
-  """``--memory_only``: ``memory_rows`` of each ``--lm_models``, printed and written."""
-  result["lm_memory_rows"] = []
-  for name in args.lm_models.split(","):
-    rows = memory_rows(name, LM_BENCHMARKS[name], args.lm_batch)
-    result["lm_memory_rows"] += rows
-    for r in rows:
-      print(f"{name} batch {args.lm_batch} {r['variant']:16s} peak "
-            f"{r['xla_peak_bytes'] / 2**20:8.1f} MiB  {r['peak_vs_dense']:.3f}x dense",
-            flush=True)
-    write()
 
 
 def _prune_inputs(n: int, dtype):
@@ -368,9 +253,6 @@ def parse_args():
   parser.add_argument("--budget_s", type=float, default=300.0,
                       help="parts not started by then are skipped (and said so); the "
                            "default leaves the last part 3 minutes of the 8")
-  parser.add_argument("--memory_only", action="store_true",
-                      help="only XLA's peak memory of each LM program (compiled, not run; "
-                           "on a CPU too), e.g. --lm_models=lm_bytes_32m,lm_bytes_126m")
   parser.add_argument("--selection_sizes", default="1M,30M",
                       help="sizes of the selection part ('' for none), measured first")
   parser.add_argument("--selection_paths", default=",".join(SELECTION_PATHS))
@@ -396,15 +278,15 @@ def main():
       with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 
-  if args.memory_only or args.selection_only:
-    (memory_only if args.memory_only else selection_part)(args, result, write)
+  if args.selection_only:
+    selection_part(args, result, write)
     return
   if backend == "cpu" and not args.smoke:
     result["skipped"] = "no GPU or TPU: jax.default_backend() is 'cpu'"
     print(f"Device check skipped: {result['skipped']} (--smoke runs it on CPU anyway).")
     write()
     return
-  benches, lm_benches = (SMOKE, LM_SMOKE) if args.smoke else (BENCHMARKS, LM_BENCHMARKS)
+  benches, lm_benches = (SMOKE, LM_SMOKE) if args.smoke else (BENCHMARKS, _harness.LM_BENCHMARKS)
   batch, rounds, reps = (8, 2, 2) if args.smoke else (args.batch, args.rounds, args.reps)
   lm_batch = 8 if args.smoke else args.lm_batch
   print(f"Device: {device} ({result['device_kind']}, backend {backend}, "
