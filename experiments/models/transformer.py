@@ -24,6 +24,13 @@ The position embedding has one row per position of the input the model is
 initialised with (as Flax's ViT example does), so the context length is the
 data set's.
 
+Activations [B, L, width] and the logits carry logical axis names
+(``nn.with_logical_constraint``: ``"batch"``, ``"length"``, ``"embed"``,
+``"vocab"``), at the embedding, every block's input (the scan carry) and the
+logits. They are no-ops unless logical axis rules are set: on a device mesh the
+trainer maps ``"batch"`` to ``"data"`` (experiments/trainer/programs.py), so each
+device computes its share of the batch, whatever the params' FSDP split.
+
 Example:
   model = get_model('gpt', num_classes=256)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 64), jnp.int32), train=False)
@@ -39,6 +46,13 @@ import jax.numpy as jnp
 
 # GPT-2's init: N(0, 0.02) for kernels and embeddings, zero biases.
 _normal = nn.initializers.normal(0.02)
+# The logical axes of a token activation [B, L, width] (``nn.with_logical_constraint``).
+TOKENS = ("batch", "length", "embed")
+
+
+def _constrain(x, axes=TOKENS):
+  """``x`` constrained to its logical ``axes`` (a no-op without logical axis rules)."""
+  return nn.with_logical_constraint(x, axes)
 
 
 class Block(nn.Module):
@@ -63,6 +77,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
+    x = _constrain(x)
     width = x.shape[-1]
     mask = nn.make_causal_mask(x[..., 0]) if self.causal else None
     h = nn.LayerNorm(dtype=self.dtype, name='ln1')(x)
@@ -188,7 +203,8 @@ class GPT(_Transformer):
     x = nn.Embed(self.num_classes, self.width, embedding_init=_normal, dtype=self.dtype,
                  name='token_embed')(tokens)  # int [B, L] -> [B, L, width]
     x = x + self.param('pos_embedding', _normal, x.shape[1:]).astype(x.dtype)
-    x = self._blocks(x, train, mlp_ratio=4, causal=True, kernel_init=_normal)
-    x = nn.LayerNorm(dtype=self.dtype, name='ln_final')(x)
+    x = self._blocks(_constrain(x), train, mlp_ratio=4, causal=True, kernel_init=_normal)
+    x = nn.LayerNorm(dtype=self.dtype, name='ln_final')(_constrain(x))
     x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=_normal, name='head')(x)
-    return jnp.asarray(x, jnp.float32)  # [B, L, num_classes]
+    # [B, L, num_classes]
+    return _constrain(jnp.asarray(x, jnp.float32), ("batch", "length", "vocab"))

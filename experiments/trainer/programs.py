@@ -17,6 +17,7 @@ import logging
 import math
 import time
 
+import flax.linen as nn
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -40,6 +41,31 @@ def compile_logged(fn, args, what: str, verbose: bool = True, seconds=None):
   if verbose:
     log.info("Compiled %s in %.1f s.", what, time.time() - t)
   return compiled
+
+
+# Logical axis names of the models' activations (``nn.with_logical_constraint``,
+# experiments/models/transformer.py) -> mesh axes: the batch split over "data".
+LOGICAL_AXIS_RULES = (("batch", "data"),)
+
+
+def with_logical_rules(fn, mesh):
+  """``fn`` traced under ``mesh`` (abstract) and ``LOGICAL_AXIS_RULES``.
+
+  A model's logical constraints then split each activation's batch over "data"
+  (elsewhere, on one device, under pmap or at init, they are no-ops). Without them
+  XLA may take the sharding of an FSDP-split weight instead (the embedding's) and
+  gather the batch: each device would compute the whole of it. Entered when the
+  program is traced, so a compile in a background thread has them too. The
+  function keeps ``fn``'s name and signature (the program's name in JAX's logs, its
+  arguments' names in the lowered program).
+  """
+  @functools.wraps(fn)
+  def traced(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), \
+        nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+      return fn(*args)
+  traced.__name__ = traced.__qualname__ = getattr(fn, "__name__", None) or fn.func.__name__
+  return traced
 
 
 # Seconds between an evaluation's progress lines; and the batches from which the
@@ -103,9 +129,9 @@ class Programs:
         state_lib.state_shardings(state, mesh, param_sharding,
                                   config.sparsity.get("layer_axes")))
     self.data_sharding = (repl,) * 3 if on_device else NamedSharding(mesh, P(None, "data"))
-    self._fns = {"eval": jax.jit(functools.partial(steps.eval_step, **eval_kwargs),
-                                 in_shardings=(self.state_sharding,
-                                               NamedSharding(mesh, P("data"))),
+    evaluate = with_logical_rules(functools.partial(steps.eval_step, **eval_kwargs), mesh)
+    self._fns = {"eval": jax.jit(evaluate, in_shardings=(self.state_sharding,
+                                                         NamedSharding(mesh, P("data"))),
                                  out_shardings=repl)}
 
   def place(self, state):
@@ -129,9 +155,10 @@ class Programs:
                       axis_name="batch", donate_argnums=0)
     repl = NamedSharding(self.mesh, P())
     return jax.jit(
-        functools.partial(steps.dispatch_steps, mask_update=mask_update,
-                          batch_sharding=NamedSharding(self.mesh, P("data")),
-                          **self.step_kwargs),
+        with_logical_rules(functools.partial(
+            steps.dispatch_steps, mask_update=mask_update,
+            batch_sharding=NamedSharding(self.mesh, P("data")), **self.step_kwargs),
+            self.mesh),
         in_shardings=(self.state_sharding, self.data_sharding, repl),
         out_shardings=(self.state_sharding, repl), donate_argnums=0)
 
