@@ -37,3 +37,15 @@ def env(devices: int, rendezvous_timeout_s: int = RENDEZVOUS_TIMEOUT_S, **extra)
              XLA_FLAGS=xla_flags(devices, rendezvous_timeout_s))
   out.update(extra)
   return out
+
+
+def run_json(script: str, devices: int = 8, timeout: float = 600):
+  """Runs ``python -c script`` with ``devices`` simulated devices; its last stdout line,
+  parsed as JSON (the script prints its findings there). Fails with its stderr."""
+  import json
+  import subprocess
+  import sys
+  proc = subprocess.run([sys.executable, "-c", script], env=env(devices), cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])

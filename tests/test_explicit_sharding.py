@@ -6,17 +6,12 @@ keys) used to stop the first update with a ``ShardingTypeError`` (issue 34, item
 The checks run in a subprocess, like tests/test_sharded.py; it prints one JSON line.
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 from tests import multidevice
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent(r"""
     import json
@@ -144,10 +139,7 @@ CASES = ["granet/explicit/plain", "granet/explicit/set_mesh", "granet/auto/plain
 
 @pytest.fixture(scope="module")
 def findings():
-  out = subprocess.run([sys.executable, "-c", SCRIPT], env=multidevice.env(8), cwd=REPO,
-                       capture_output=True, text=True, timeout=900)
-  assert out.returncode == 0, out.stderr[-4000:]
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  return multidevice.run_json(SCRIPT, timeout=900)
 
 
 @pytest.mark.multidevice

@@ -18,17 +18,12 @@ dims [B, L] (token ids, labels, activations, logits, one-hots), and the residual
 stream [B/4, L, width] and the logits [B/4, L, 256] are there: a device's share.
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 from tests import multidevice
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH, EVAL_BATCH, LENGTH, WIDTH, VOCAB, DATA = 16, 48, 64, 32, 256, 4
 
 SCRIPT = textwrap.dedent(r"""
@@ -94,10 +89,7 @@ SCRIPT = textwrap.dedent(r"""
 
 @pytest.fixture(scope="module")
 def compiled_shapes():
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], env=multidevice.env(8), cwd=REPO,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return multidevice.run_json(SCRIPT, timeout=600)
 
 
 @pytest.mark.multidevice

@@ -6,10 +6,6 @@ jits afresh under the method it names. Ties go to the lower flat index in the
 concatenation of a group's leaves (flattening order).
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -23,7 +19,6 @@ from sparse_jax import _lazy
 from sparse_jax import _select
 from tests import multidevice
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (method, bits per bisection round); radix first (the reference), it ignores the bits.
 PATHS = [("radix", 4), ("bisection", 1), ("bisection", 4), ("bisection", 8)]
 
@@ -259,10 +254,7 @@ SHARDED = textwrap.dedent(r"""
 
 @pytest.mark.multidevice
 def test_sharded_bisection_sums_shards_and_gathers_nothing():
-  proc = subprocess.run([sys.executable, "-c", SHARDED], env=multidevice.env(8), cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  out = multidevice.run_json(SHARDED, timeout=300)
   want = brute_force([np.asarray(x) for x in out["reference_keys"]], [1500], (0, 0))
   for mode in ("explicit", "auto"):
     r = out[mode]
