@@ -101,7 +101,7 @@ def _chunk_ones_shape(shape, flat: bool) -> tuple[int, ...]:
   return tuple(shape)
 
 
-def _add_to_histogram(hist, lk: _lazy.Lazy, digits_fn, ones) -> jax.Array:
+def _add_to_histogram(hist, lk: _lazy.Lazy, digits_fn, ones, flat: bool) -> jax.Array:
   """``hist`` (int32 [copies * 2**16]) plus the counts of ``digits_fn(keys, index)``.
 
   ``digits_fn`` returns ``(digits, valid)``; ``valid`` (bool or None) drops the
@@ -114,7 +114,6 @@ def _add_to_histogram(hist, lk: _lazy.Lazy, digits_fn, ones) -> jax.Array:
   another.
   """
   copies = hist.shape[0] // _BINS
-  flat = _flat_indices()
 
   def scatter(hist, index, keys):
     digits, valid = digits_fn(keys, index)
@@ -165,7 +164,7 @@ def _histograms(leaves, groups, num_groups, digits_fns):
     key = _chunk_ones_shape(lk.shape, flat)
     if key not in ones:
       ones[key] = lax.optimization_barrier(jnp.ones(key, jnp.int32))
-    hist[g] = _add_to_histogram(hist[g], _lazy.Lazy(lk.fn, sources), fn, ones[key])
+    hist[g] = _add_to_histogram(hist[g], _lazy.Lazy(lk.fn, sources), fn, ones[key], flat)
     if last[g] == i:
       hist[g] = hist[g].reshape(copies[g], _BINS).sum(0, dtype=jnp.int32)
   return jnp.stack([jnp.zeros((_BINS,), jnp.int32) if h is None else h for h in hist])

@@ -26,10 +26,11 @@ data set's.
 
 Activations [B, L, width] and the logits carry logical axis names
 (``nn.with_logical_constraint``: ``"batch"``, ``"length"``, ``"embed"``,
-``"vocab"``), at the embedding, every block's input (the scan carry) and the
-logits. They are no-ops unless logical axis rules are set: on a device mesh the
-trainer maps ``"batch"`` to ``"data"`` (experiments/trainer/programs.py), so each
-device computes its share of the batch, whatever the params' FSDP split.
+``"vocab"``), at every block's input (the embedding's output, the scan carry),
+the last block's output and the logits. They are no-ops unless logical axis
+rules are set: on a device mesh the trainer maps ``"batch"`` to ``"data"``
+(experiments/trainer/programs.py), so each device computes its share of the
+batch, whatever the params' FSDP split.
 
 Example:
   model = get_model('gpt', num_classes=256)
@@ -203,7 +204,7 @@ class GPT(_Transformer):
     x = nn.Embed(self.num_classes, self.width, embedding_init=_normal, dtype=self.dtype,
                  name='token_embed')(tokens)  # int [B, L] -> [B, L, width]
     x = x + self.param('pos_embedding', _normal, x.shape[1:]).astype(x.dtype)
-    x = self._blocks(_constrain(x), train, mlp_ratio=4, causal=True, kernel_init=_normal)
+    x = self._blocks(x, train, mlp_ratio=4, causal=True, kernel_init=_normal)
     x = nn.LayerNorm(dtype=self.dtype, name='ln_final')(_constrain(x))
     x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=_normal, name='head')(x)
     # [B, L, num_classes]
