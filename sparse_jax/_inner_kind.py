@@ -1,9 +1,9 @@
-"""Whether an inner optimizer lets the in-graph mask update run before it.
+"""Whether an inner optimizer lets the mask update run before it.
 
-Decided in the graph, a step runs the mask update first and then the inner update on
-the gradients masked by ``keep``, with the state already zeroed outside ``keep``
-(``_transform._in_graph_event``). That is the update of ``mask_update=True`` (the
-inner update on the old mask's gradients, then the state zeroed outside ``keep``)
+Where it may, a step runs the mask update first and then the inner update on the
+gradients masked by ``keep``, with the state already zeroed outside ``keep``
+(``_transform._early_event``). That is the late order's update (the inner update on
+the old mask's gradients, the mask update, then the state zeroed outside ``keep``)
 bit for bit when, at each masked position, the inner update
 
 * computes the new state and the update elementwise: no reduction, matrix product or

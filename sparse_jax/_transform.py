@@ -22,12 +22,13 @@ the event (static sparse training's program), ``mask_update=True`` always runs t
 mask update (which still follows the schedule, so it is correct at any step), and
 ``None`` (the default) decides in the graph. For inner optimizers that allow it
 (``_inner_kind``: elementwise, a zero state at zero gradients, a state without the
-params: SGD, momentum, Adam(W), RMSProp, Lion, ...) a ``while_loop`` of one
-iteration at events and none otherwise runs step 2 first (from this step's updates
-recomputed from the old state) and zeroes the old state outside ``keep``, then step 1
-masks the gradients by ``keep`` (``_in_graph_event``): the same bits as ``True``, at
-about the cost of ``False`` on ordinary steps. For the others a ``lax.cond`` after
-step 1 decides (1.3-1.5x a dense step at 30M parameters). ``False`` at an event step
+params: SGD, momentum, Adam(W), RMSProp, Lion, ...) step 2 runs first (from this
+step's updates recomputed from the old state) and zeroes the old state outside
+``keep``, then step 1 masks the gradients by ``keep`` (``_early_event``): the same
+bits, one parameter-sized buffer less at the event, in a ``while_loop`` of one
+iteration at events and none otherwise (under ``None``, at about the cost of
+``False`` on ordinary steps; ``True`` is then the same program). For the others a ``lax.cond`` after step 1 decides
+(1.3-1.5x a dense step at 30M parameters). ``False`` at an event step
 would skip that event (counted in ``SparseState.skipped_events``): use it only on
 steps known not to be events, e.g. ``mask_update=(step + 1) % update_every == 0``
 for a 0-based loop ``step``.
@@ -281,13 +282,13 @@ def _update(w: _Wrapper, updates, state: _state.SparseState, params, mask_update
   dynamic = _is_dynamic(w)
   is_event = _mask_update.is_event(w.events, t) if dynamic else jnp.asarray(False)
   inner_state, regrown, update_masks = state.inner_state, state.regrown, masks
-  # Decided in the graph, the mask update comes first where the inner optimizer
-  # allows (_inner_kind); the inner update then runs with the new keep mask.
-  early = dynamic and mask_update is None and _inner_kind.elementwise(
+  # The mask update comes first where the inner optimizer allows (_inner_kind); the
+  # inner update then runs with the new keep mask.
+  early = dynamic and mask_update is not False and _inner_kind.elementwise(
       w.inner, grads, inner_state, params, _attached.extend(masks, w.attached, params),
       extra_args)
   if early:
-    new_stored, kept, rng, union, regrown, inner_state = _in_graph_event(
+    new_stored, kept, rng, union, regrown, inner_state = _early_event(
         w, grads, state, params, stored, union, t, grad_momentum, is_event, extra_args)
     update_masks = _placed_like(_masks.unpack_masks(kept), params)
   inner_updates, inner_state = w.inner.update(
@@ -297,7 +298,7 @@ def _update(w: _Wrapper, updates, state: _state.SparseState, params, mask_update
     # the masks pass through. A wrong False is counted in skipped_events (a host
     # callback here, even in an untaken cond, cost ~40% of a LeNet step).
     new_stored, kept, rng = stored, stored, state.rng
-  elif mask_update:
+  elif mask_update and not early:
     # The caller says this step may be an event: no control flow. Every stage still
     # checks the schedule, so a non-event leaves the masks (and rng) as they are.
     new_stored, kept, rng, union, grown = _event(
@@ -354,20 +355,29 @@ def _event(w: _Wrapper, params, inner_updates, grads, masks, stored, union, regr
   return new_stored, _placed_like(w.store(keep), stored), rng, new_union, new_regrown
 
 
-def _in_graph_event(w: _Wrapper, grads, state, params, stored, union, t, grad_momentum,
-                    is_event, extra_args):
-  """The mask update decided in the graph: (stored masks, keep, rng, union, regrown,
-  inner state), in a ``while_loop`` of one iteration at events and none otherwise.
+def _early_event(w: _Wrapper, grads, state, params, stored, union, t, grad_momentum,
+                 is_event, extra_args):
+  """The mask update before the inner update: (stored masks, keep, rng, union, regrown,
+  inner state).
 
   The event recomputes this step's updates from the old state and zeroes that state
   outside ``keep``; the caller then runs the inner update on the gradients masked by
   ``keep``. For the optimizers ``_inner_kind.elementwise`` accepts (SGD, momentum,
-  Adam(W), RMSProp, ...) that is bit for bit the update, masks and state of
-  ``mask_update=True``, which zeroes the state after the update instead. Nothing
-  model-sized is an operand of the control flow that did not exist anyway, and with
-  donated buffers nothing is copied into it: a ``lax.cond`` needed this step's
-  updates materialised and copied the masks and the state on every ordinary step
-  (1.3-1.5x a dense step at 30M parameters; this: experiments/benchmarks/README.md).
+  Adam(W), RMSProp, ...) that is bit for bit the update, masks and state of the late
+  order (the update, then the mask update, then the state zeroed after it), which the
+  other optimizers take. Its event holds one parameter-sized buffer less: the
+  recomputed updates feed only ``w + u``, and the step's own update is written in
+  place at the end (the scanned 32M LM's event: 1.33x -> 1.16x a dense step's XLA peak,
+  experiments/benchmarks/README.md).
+
+  It runs in a ``while_loop`` of one iteration at events and none otherwise, under
+  ``mask_update=None`` and ``True`` alike (one program: the same bits whoever decides;
+  a wrong ``True`` skips the selection). Nothing model-sized is an operand of the loop
+  that did not exist anyway, and with donated buffers nothing is copied into it: a
+  ``lax.cond`` needed this step's updates materialised and copied the masks and the
+  state on every ordinary step (1.3-1.5x a dense step at 30M parameters). Without the
+  loop's boundary XLA fuses the step's final update differently (one-ulp differences
+  in the optimizer state).
   """
 
   def event(c):
