@@ -102,6 +102,16 @@ def test_condense_refuses_what_it_cannot_do_before_any_data(change, match, monke
     config_checks.validate(config)
 
 
+def test_condense_refuses_a_learned_activation_before_any_data(monkeypatch):
+  """PReLU's slope is a param per layer: not foldable (it failed at the first cut)."""
+  config = _config()
+  config.model_kwargs.activation = "prelu"
+  monkeypatch.setattr(train.input_pipeline, "load_arrays",
+                      lambda *a, **k: pytest.fail("data read before the check"))
+  with pytest.raises(ValueError, match="model_kwargs.activation='prelu'.*condense=False"):
+    config_checks.validate(config)
+
+
 def test_condense_refuses_a_residual_model():
   config = _config()
   config.model = "resnet20"

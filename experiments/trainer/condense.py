@@ -95,8 +95,9 @@ FAMILIES = {
 def _activation(name: str, kwargs):
   act = kwargs.get("activation", "relu") if name in ("mlp", "lenet300_100") else "relu"
   if act == "prelu":
-    raise ValueError("condense_model: an MLP with 'prelu' has a learned slope per layer; "
-                     "only stateless activations can be folded.")
+    raise ValueError("model_kwargs.activation='prelu' has a learned slope per layer, "
+                     "which a removed unit's output cannot be folded through; use a "
+                     "stateless activation (e.g. 'leaky_relu')")
   return functools.partial(mlp.activate, act)  # stateless: callable outside a module
 
 

@@ -75,6 +75,10 @@ def _run_problem(config) -> str | None:
     return (f"cannot condense model {config.model!r}: chain models only "
             f"({', '.join(sorted(condense.FAMILIES))}); a residual block's skip needs the "
             "same units on both of its ends")
+  try:  # the activation between the chain's layers must be stateless
+    condense.activation_of(config.model, config.get("model_kwargs", {}))
+  except ValueError as e:
+    return f"cannot condense model {config.model!r}: {e}"
   if config.get("param_sharding", "replicated") != "replicated" or config.get("mesh_shape"):
     return "runs with replicated params only (unset param_sharding/mesh_shape)"
   if config.get("record_mask_history") or config.get("gradient_flow_every_steps"):
