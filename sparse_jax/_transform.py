@@ -363,21 +363,17 @@ def _early_event(w: _Wrapper, grads, state, params, stored, union, t, grad_momen
   The event recomputes this step's updates from the old state and zeroes that state
   outside ``keep``; the caller then runs the inner update on the gradients masked by
   ``keep``. For the optimizers ``_inner_kind.elementwise`` accepts (SGD, momentum,
-  Adam(W), RMSProp, ...) that is bit for bit the update, masks and state of the late
-  order (the update, then the mask update, then the state zeroed after it), which the
-  other optimizers take. Its event holds one parameter-sized buffer less: the
-  recomputed updates feed only ``w + u``, and the step's own update is written in
-  place at the end (the scanned 32M LM's event: 1.33x -> 1.16x a dense step's XLA peak,
-  experiments/benchmarks/README.md).
+  Adam(W), RMSProp, ...) that is bit for bit the late order's update, masks and state
+  (update, mask update, state zeroed), which the others take. Its event holds one
+  parameter-sized buffer less: the recomputed updates feed only ``w + u`` (the scanned
+  32M LM's event: 1.33x -> 1.16x a dense step's XLA peak).
 
-  It runs in a ``while_loop`` of one iteration at events and none otherwise, under
-  ``mask_update=None`` and ``True`` alike (one program: the same bits whoever decides;
-  a wrong ``True`` skips the selection). Nothing model-sized is an operand of the loop
-  that did not exist anyway, and with donated buffers nothing is copied into it: a
-  ``lax.cond`` needed this step's updates materialised and copied the masks and the
-  state on every ordinary step (1.3-1.5x a dense step at 30M parameters). Without the
-  loop's boundary XLA fuses the step's final update differently (one-ulp differences
-  in the optimizer state).
+  A ``while_loop`` of one iteration at events and none otherwise, under ``None`` and
+  ``True`` alike (one program: the same bits whoever decides; without the loop XLA
+  fused the final update differently, one-ulp differences in the state). Nothing
+  model-sized enters it that did not exist anyway, and donated buffers are not copied
+  into it: a ``lax.cond`` needed this step's updates materialised and copied the masks
+  and the state on every ordinary step (1.3-1.5x a dense step at 30M parameters).
   """
 
   def event(c):
