@@ -27,8 +27,9 @@ step's updates recomputed from the old state) and zeroes the old state outside
 ``keep``, then step 1 masks the gradients by ``keep`` (``_early_event``): the same
 bits, one parameter-sized buffer less at the event, in a ``while_loop`` of one
 iteration at events and none otherwise (under ``None``, at about the cost of
-``False`` on ordinary steps; ``True`` is then the same program). For the others a ``lax.cond`` after step 1 decides
-(1.3-1.5x a dense step at 30M parameters). ``False`` at an event step
+``False`` on ordinary steps; ``True`` is then the same program). For the others
+``None`` decides by a ``lax.cond`` after step 1 (1.3-1.5x a dense step at 30M
+parameters), and ``True`` runs step 2 after step 1 without control flow. ``False`` at an event step
 would skip that event (counted in ``SparseState.skipped_events``): use it only on
 steps known not to be events, e.g. ``mask_update=(step + 1) % update_every == 0``
 for a 0-based loop ``step``.
@@ -371,9 +372,9 @@ def _early_event(w: _Wrapper, grads, state, params, stored, union, t, grad_momen
   A ``while_loop`` of one iteration at events and none otherwise, under ``None`` and
   ``True`` alike (one program: the same bits whoever decides; without the loop XLA
   fused the final update differently, one-ulp differences in the state). Nothing
-  model-sized enters it that did not exist anyway, and donated buffers are not copied
-  into it: a ``lax.cond`` needed this step's updates materialised and copied the masks
-  and the state on every ordinary step (1.3-1.5x a dense step at 30M parameters).
+  model-sized enters it that did not exist anyway, and a donated state is not copied
+  into it (the masks are: ``keep`` starts as their copy); a ``lax.cond`` needed this
+  step's updates materialised and copied the state on every ordinary step (1.3-1.5x).
   """
 
   def event(c):
