@@ -364,26 +364,6 @@ def _unpack_leaf(packed: PackedMask) -> jax.Array:
   return bits.reshape((-1,) + cols)[:rows].astype(bool).reshape(packed.shape)
 
 
-def pack_last_axis(mask: jax.Array) -> jax.Array:
-  """A bool mask as uint8 ``[..., n // 8]`` (bit ``j`` of byte ``i``: element ``8 i + j``
-  of the last axis), or itself where ``n`` is no multiple of 8. Only the last axis is
-  split, so leading axes keep their sharding (a sharded last axis does when ``n // 8``
-  divides over its devices)."""
-  if not mask.ndim or mask.shape[-1] % 8:
-    return mask
-  *lead, n = mask.shape
-  m = mask.reshape(*lead, n // 8, 8).astype(jnp.uint8)
-  return jnp.sum(m << jnp.arange(8, dtype=jnp.uint8), axis=-1, dtype=jnp.uint8)
-
-
-def unpack_last_axis(bits: jax.Array) -> jax.Array:
-  """The bool mask that ``pack_last_axis`` gave ``bits`` for."""
-  if bits.dtype == jnp.bool_:
-    return bits
-  b = (bits[..., None] >> jnp.arange(8, dtype=jnp.uint8)) & 1
-  return b.reshape(*bits.shape[:-1], 8 * bits.shape[-1]).astype(bool)
-
-
 def _is_packed(x) -> bool:
   return isinstance(x, PackedMask)
 

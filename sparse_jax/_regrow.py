@@ -131,18 +131,3 @@ def regrow_random(key: jax.Array, masks: PyTree, num_grow: ArrayLike) -> PyTree:
   _, _, rebuild = _prune.split_prunable(masks, masks)
   plan = random_grow_plan(key, ms, num_grow)
   return rebuild([m.compute() for m in apply_random_grow(ms, plan)])
-
-
-def warm_up(updates, grown, at, t, steps: int):
-  """``updates`` with those of the weights ``grown`` (bool masks) at the event ``at``
-  scaled by j / steps.
-
-  ``j = t - at`` updates after the event (at the event itself they are 0: grown
-  weights restart at 0). Adam's first steps on a weight with empty moments are
-  ~(1 - b1) / sqrt(1 - b2) = 3.2 learning rates whatever the gradient's size; scaling
-  them in over ``steps`` updates keeps an event from kicking the loss.
-  """
-  factor = jnp.clip((t - at).astype(jnp.float32) / steps, 0.0, 1.0)
-  return jax.tree.map(
-      lambda u, m: u if m is None else jnp.where(m, u * factor.astype(u.dtype), u),
-      updates, grown)

@@ -82,7 +82,6 @@ from sparse_jax import _lazy
 from sparse_jax import _mask_update
 from sparse_jax import _masks
 from sparse_jax import _paths
-from sparse_jax import _regrow
 from sparse_jax import _state
 from sparse_jax import _structure
 from sparse_jax import _structured_masks
@@ -374,8 +373,8 @@ def _early_event(w: _Wrapper, grads, state, params, stored, union, t, grad_momen
   ``True`` alike (one program: the same bits whoever decides; without the loop XLA
   fused the final update differently, one-ulp differences in the state). Nothing
   model-sized enters it that did not exist anyway, and a donated state is not copied
-  into it; a ``lax.cond`` needed this step's updates materialised and copied the state
-  on every ordinary step (1.3-1.5x).
+  into it (the masks are: ``keep`` starts as their copy); a ``lax.cond`` needed this
+  step's updates materialised and copied the state on every ordinary step (1.3-1.5x).
   """
 
   def event(c):
@@ -383,23 +382,14 @@ def _early_event(w: _Wrapper, grads, state, params, stored, union, t, grad_momen
     masks = _placed_like(_masks.unpack_masks(stored_), params)
     inner_updates, _ = w.inner.update(_masked_grads(w, grads, masks, params),
                                       inner_state, params, **extra_args)
-    new_stored, kept, *rest = _event(w, params, inner_updates, grads, masks, stored_,
-                                     union_, regrown_, rng, t, grad_momentum)
-    new_masks, keep = (_placed_like(_masks.unpack_masks(x), params) for x in (new_stored, kept))
-    grown = jax.tree.map(lambda n, k: _masks.pack_last_axis(n & ~k), new_masks, keep)
-    return (jnp.zeros((), bool), new_stored, grown, *rest, _state.mask_inner_state(
-        w.inner, inner_state, _attached.extend(keep, w.attached, params)))
+    new = _event(w, params, inner_updates, grads, masks, stored_, union_, regrown_, rng,
+                 t, grad_momentum)
+    keep = _attached.extend(_placed_like(_masks.unpack_masks(new[1]), params), w.attached,
+                            params)
+    return (jnp.zeros((), bool), *new, _state.mask_inner_state(w.inner, inner_state, keep))
 
-  # The loop carries the grown positions (keep = new masks & ~grown), packed where it
-  # can: carrying keep, which starts as the masks, copied every mask on every step.
-  masks = _placed_like(_masks.unpack_masks(stored), params)
-  none_grown = jax.tree.map(lambda m: _masks.pack_last_axis(jnp.zeros_like(m)), masks)
-  new_stored, grown, *rest = lax.while_loop(lambda c: c[0], event, (
-      is_event, stored, none_grown, state.rng, union, state.regrown, state.inner_state))[1:]
-  keep = jax.tree.map(
-      lambda n, g: n & ~_placed_like(_masks.unpack_last_axis(g), n),
-      _placed_like(_masks.unpack_masks(new_stored), params), grown)
-  return (new_stored, keep, *rest)
+  return lax.while_loop(lambda c: c[0], event, (is_event, stored, stored, state.rng, union,
+                                                 state.regrown, state.inner_state))[1:]
 
 
 def _kept_updates(w: _Wrapper, inner_updates, params, kept, regrown, t):
@@ -409,8 +399,7 @@ def _kept_updates(w: _Wrapper, inner_updates, params, kept, regrown, t):
       lambda u, p, k, r: u if k is None else jnp.where(k, u, r - p if r else -p).astype(
           u.dtype), inner_updates, params, kept, _attached.restarts(params, w.attached))
   if regrown is not None:
-    out = _regrow.warm_up(out, _placed_like(_masks.unpack_masks(regrown.masks), params),
-                          regrown.at, t, _warmup(w))
+    out = _warm_up(out, regrown, t, _warmup(w), params)
   return out
 
 
@@ -425,6 +414,21 @@ def _grad_momentum(w: _Wrapper, grad_momentum, grads, masks):
   momentum = regrowth.momentum
   return jax.tree.map(lambda v, g: momentum * v + g.astype(v.dtype), grad_momentum,
                       prunable_grads)
+
+
+def _warm_up(updates: PyTree, regrown: _state.Regrown, t, steps: int, params) -> PyTree:
+  """``updates`` with those of the weights grown at the last event scaled by j / steps.
+
+  ``j = t - regrown.at`` updates after the event (at the event itself they are 0:
+  grown weights restart at 0). Adam's first steps on a weight with empty moments
+  are ~(1 - b1) / sqrt(1 - b2) = 3.2 learning rates whatever the gradient's size;
+  scaling them in over ``steps`` updates keeps an event from kicking the loss.
+  """
+  factor = jnp.clip((t - regrown.at).astype(jnp.float32) / steps, 0.0, 1.0)
+  warm = _placed_like(_masks.unpack_masks(regrown.masks), params)
+  return jax.tree.map(
+      lambda u, m: u if m is None else jnp.where(m, u * factor.astype(u.dtype), u),
+      updates, warm)
 
 
 def event_schedule(tx: optax.GradientTransformation) -> Callable[[int], bool]:

@@ -9,7 +9,6 @@ import orbax.checkpoint as ocp
 import pytest
 
 import sparse_jax as sj
-from sparse_jax import _masks
 from experiments.trainer import sharding
 
 # ---------------------------------------------------------------------------
@@ -262,17 +261,3 @@ def test_fsdp_shardings_of_a_packed_state():
   assert shardings.masks["l1"]["kernel"].shape == (16, 24)
   state = jax.jit(tx.init, out_shardings=shardings)(params)
   jax.tree.map(np.testing.assert_array_equal, state, tx.init(params))
-
-
-@pytest.mark.parametrize("shape", [(3, 16), (2, 5, 8), (4, 64), (7,), (4, 12), ()])
-def test_pack_last_axis_is_numpys_little_endian_packbits(shape):
-  """The event loop's 1-bit carry of grown positions: packed along the last axis as
-  ``np.packbits(..., axis=-1, bitorder="little")``, round trip exact; a leaf whose last
-  axis is no multiple of 8 stays a bool array."""
-  m = np.random.default_rng(0).random(shape) < 0.3
-  bits = _masks.pack_last_axis(jnp.asarray(m))
-  if shape and shape[-1] % 8 == 0:
-    np.testing.assert_array_equal(np.asarray(bits), np.packbits(m, axis=-1, bitorder="little"))
-  else:
-    assert bits.dtype == jnp.bool_
-  np.testing.assert_array_equal(np.asarray(_masks.unpack_last_axis(bits)), m)
