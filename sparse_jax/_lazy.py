@@ -307,10 +307,11 @@ def _chunks(sources: Sequence):
   return c, chunk
 
 
-def _flat_chunks(sources: Sequence):
+def flat_chunks(sources: Sequence, n: int | None = None):
   """``_chunks`` in 1-d pieces: chunk ``i`` of ``c`` is flat positions ``[i n, (i+1) n)``.
 
-  The same number and size of chunks as ``chunk_plan``'s, but contiguous and 1-d,
+  By default the same number and size of chunks as ``chunk_plan``'s (else pieces of
+  ``n``, a divisor of the size), but contiguous and 1-d,
   so a consumer that wants a 1-d array (XLA:CPU canonicalises a scatter's indices
   to ``[n, 1]``) gets one without a reshape in the fusion computing it. Such a
   reshape makes XLA:CPU loop over the 1-d output and recover each position's
@@ -320,7 +321,7 @@ def _flat_chunks(sources: Sequence):
   """
   sources = [x if isinstance(x, Slice) else jnp.asarray(x) for x in sources]
   shape = tuple(sources[0].shape)
-  n = flat_chunk_size(shape)
+  n = flat_chunk_size(shape) if n is None else n
   c = math.prod(shape) // n
   ats = [x.at if isinstance(x, Slice) else () for x in sources]
   views = [x.array.reshape(x.array.shape[:len(x.at)] + (c, n)) if isinstance(x, Slice)
@@ -335,7 +336,7 @@ def _flat_chunks(sources: Sequence):
 
 
 def flat_chunk_size(shape: Sequence[int]) -> int:
-  """Elements of each of ``_flat_chunks``'s pieces of a leaf of ``shape``."""
+  """Elements of each of ``flat_chunks``'s pieces of a leaf of ``shape``."""
   plan = chunk_plan(shape)
   return math.prod(shape) // (1 if plan is None else plan[1])
 
@@ -365,9 +366,9 @@ def fold_lazy(f, init, x: Lazy, flat: bool = False):
 
   For an accumulator that each chunk updates in place (a histogram it scatters
   into), where ``map_reduce_lazy`` would add a whole new one per chunk. ``flat``:
-  1-d contiguous chunks (``_flat_chunks``; unsharded leaves only).
+  1-d contiguous chunks (``flat_chunks``; unsharded leaves only).
   """
-  c, chunk = (_flat_chunks if flat else _chunks)(x.sources)
+  c, chunk = (flat_chunks if flat else _chunks)(x.sources)
 
   def step(i, acc):
     index, *parts = chunk(i)

@@ -37,6 +37,7 @@ from jax import lax
 
 from sparse_jax import _bisect
 from sparse_jax import _lazy
+from sparse_jax import _ties
 
 NOT_CANDIDATE = 0
 # Keys of finite and NaN scores are at most bitcast(NaN)+1 <= 2**31; FORCED is
@@ -77,7 +78,7 @@ _COPIES_FROM = 1 << 18
 
 
 def _flat_indices() -> bool:
-  """Whether histograms scatter from 1-d chunks (``_lazy._flat_chunks``): on one device.
+  """Whether histograms scatter from 1-d chunks (``_lazy.flat_chunks``): on one device.
 
   With several devices a leaf may be sharded, and the indices keep its shape: a
   reshape to 1-d would gather it onto every device.
@@ -301,14 +302,23 @@ def selection_method() -> str:
 
 
 def _passes(leaves, groups, num_groups, k, passes: int):
-  """``(thresh, cut, need, ties)`` of ``_radix_passes``, by ``selection_method``'s method."""
-  if selection_method() == "radix":
-    s = _radix_passes(leaves, groups, num_groups, k, passes)
-    return s.thresh, s.cut, s.need, s.ties
-  thresh, need, ties = _bisect.threshold(leaves, groups, num_groups, k)
-  cut = jnp.zeros_like(thresh)
-  if passes == 4:
-    cut = _bisect.tie_cut(leaves, groups, num_groups, thresh, need, ties)
+  """``(thresh, cut, need, ties)`` of ``_radix_passes``, by ``selection_method``'s method.
+
+  Where ``_ties.applies`` (one device; large groups for radix) the tie split
+  (``passes=4``) is ``_ties``': the ties packed to bits in one pass over the keys.
+  """
+  method = selection_method()
+  packed = passes == 4 and _ties.applies(leaves, groups, method)
+  if method == "radix":
+    s = _radix_passes(leaves, groups, num_groups, k, 2 if packed else passes)
+    thresh, cut, need, ties = s.thresh, s.cut, s.need, s.ties
+  else:
+    thresh, need, ties = _bisect.threshold(leaves, groups, num_groups, k)
+    cut = jnp.zeros_like(thresh)
+    if passes == 4 and not packed:
+      cut = _bisect.tie_cut(leaves, groups, num_groups, thresh, need, ties)
+  if packed:
+    cut = _ties.tie_cut(leaves, groups, num_groups, thresh, need, ties)
   return thresh, cut, need, ties
 
 
@@ -364,8 +374,9 @@ class Selection(NamedTuple):
 def top_k_selection(keys: Sequence, k: jax.Array, groups: Sequence[int]) -> Selection:
   """The ``Selection`` of exactly ``k[g]`` positions with the largest keys per group.
 
-  Two histogram passes find the threshold key; two more, only when the ties at
-  the threshold must be split, find the cut in the flat index.
+  Two histogram passes find the threshold key; only when the ties at the
+  threshold must be split, two more find the cut in the flat index (or, on one
+  device for large groups, one pass packing the ties to bits: ``_ties``).
   """
   groups = tuple(groups)
   num_groups = max(groups) + 1

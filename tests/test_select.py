@@ -265,7 +265,7 @@ def test_flat_chunks_are_contiguous_pieces_of_the_flattened_leaf(monkeypatch):
   stacked = np.arange(120, dtype=np.float32).reshape(2, 6, 10) * 0.5
   x = jnp.asarray(stacked[1] + 1000.0)
   sources = [x, _lazy.Slice(jnp.asarray(stacked), (1,))]
-  c, chunk = _lazy._flat_chunks(sources)
+  c, chunk = _lazy.flat_chunks(sources)
   assert (c, _lazy.flat_chunk_size((6, 10))) == (3, 20)
   for i in range(3):
     index, a, b = chunk(jnp.int32(i))
