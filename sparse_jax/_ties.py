@@ -25,6 +25,7 @@ method splits the ties itself.
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -51,17 +52,33 @@ def _layout(shape) -> tuple[int, int]:
   return math.prod(shape) // n, n
 
 
+SPLITS = ("auto", "packed", "passes")
+
+
+def tie_split() -> str:
+  """``SPARSE_JAX_TIE_SPLIT``: ``auto`` (unset), ``packed`` or ``passes``.
+
+  ``packed`` splits every selection's ties here (on one device), ``passes`` leaves
+  them to the selection method's own passes; read when a selection is traced.
+  """
+  split = os.environ.get("SPARSE_JAX_TIE_SPLIT", "").strip().lower() or "auto"
+  if split not in SPLITS:
+    raise ValueError(f"SPARSE_JAX_TIE_SPLIT must be auto, packed or passes, got {split!r}.")
+  return split
+
+
 def applies(leaves, groups, method: str) -> bool:
   """Whether ``tie_cut`` splits the ties of this selection (``method``: its method).
 
-  On one device, for bisection (whose own split takes ``log2(n)`` rounds) and for
-  radix selections with a group of at least ``RADIX_FROM`` elements. Smaller radix
-  selections keep their two index passes: they cost little there, and the packing's
-  per-leaf kernels would add compile time.
+  On one device, unless ``tie_split()`` says otherwise: for bisection (whose own
+  split takes ``log2(n)`` rounds) and for radix selections with a group of at least
+  ``RADIX_FROM`` elements. Smaller radix selections keep their two index passes:
+  they cost little there, and these kernels would add compile time.
   """
-  if jax.device_count() != 1:
+  split = tie_split()
+  if jax.device_count() != 1 or split == "passes":
     return False
-  if method != "radix":
+  if split == "packed" or method != "radix":
     return True
   sizes = np.bincount(np.asarray(groups), weights=[lk.size for lk in leaves])
   return sizes.max() >= RADIX_FROM

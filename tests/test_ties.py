@@ -2,8 +2,8 @@
 a brute-force stable sort.
 
 Blocks are made tiny (a few elements) so that leaves span many blocks, chunks and
-groups; the index passes (``_ties.applies`` patched to False) are the reference,
-bit for bit, for both selection methods.
+groups; the selection methods' own index passes (``SPARSE_JAX_TIE_SPLIT=passes``)
+are the reference, bit for bit, for both methods.
 """
 
 import jax
@@ -26,7 +26,7 @@ GROUPINGS = [(0, 0, 0, 0), (1, 0, 1, 0), (0, 1, 2, 3)]
 def tiny_blocks(monkeypatch):
   def set_blocks(block_words, chunk=None):
     monkeypatch.setattr(_ties, "BLOCK_WORDS", block_words)
-    monkeypatch.setattr(_ties, "RADIX_FROM", 1)
+    monkeypatch.setenv("SPARSE_JAX_TIE_SPLIT", "packed")
     if chunk:
       monkeypatch.setattr(_lazy, "CHUNK_ELEMENTS", chunk)
   return set_blocks
@@ -37,7 +37,7 @@ def _selections(keys, ks, groups, blocks, monkeypatch):
   (``blocks``) or the index passes; one program, traced under the chosen path."""
   with monkeypatch.context() as m:
     if not blocks:
-      m.setattr(_ties, "applies", lambda *a: False)
+      m.setenv("SPARSE_JAX_TIE_SPLIT", "passes")
     f = jax.jit(lambda k: (_select.top_k_masks(keys, k, groups),
                            tuple(_select.top_k_selection(keys, k, groups))))
     return [f(k) for k in ks]
@@ -117,12 +117,19 @@ def test_stacked_slices_chunked(monkeypatch, tiny_blocks):
       np.testing.assert_array_equal(np.asarray(a), b)
 
 
-def test_where_blocks_apply(monkeypatch):
+def test_where_the_packed_split_applies(monkeypatch):
   small = [_lazy.lazy(jnp.zeros((300, 100), jnp.uint32))]
   assert not _ties.applies(small, (0,), "radix")  # below RADIX_FROM: index passes
   assert _ties.applies(small, (0,), "bisection")
   big = [_lazy.lazy(jnp.zeros((2048, 1024), jnp.uint32))] * 2  # 2**22 together
   assert _ties.applies(big, (0, 0), "radix") and not _ties.applies(big, (0, 1), "radix")
+  monkeypatch.setenv("SPARSE_JAX_TIE_SPLIT", "packed")
+  assert _ties.applies(small, (0,), "radix")
+  monkeypatch.setenv("SPARSE_JAX_TIE_SPLIT", "passes")
+  assert not _ties.applies(big, (0, 0), "radix") and not _ties.applies(small, (0,), "bisection")
+  monkeypatch.setenv("SPARSE_JAX_TIE_SPLIT", "bits")
+  with pytest.raises(ValueError, match="SPARSE_JAX_TIE_SPLIT must be auto, packed or passes"):
+    _ties.applies(small, (0,), "radix")
 
 
 def _rounded_mlp(seed):
@@ -145,7 +152,7 @@ def test_mask_updates_equal_with_the_index_passes(monkeypatch, tiny_blocks, meth
   def masks_over_updates(blocks):
     with monkeypatch.context() as m:
       if not blocks:
-        m.setattr(_ties, "applies", lambda *a: False)
+        m.setenv("SPARSE_JAX_TIE_SPLIT", "passes")
       tx, params = make(), _rounded_mlp(0)
       state, update, out = tx.init(params), jax.jit(tx.update), []
       for t in range(5):

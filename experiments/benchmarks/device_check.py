@@ -64,11 +64,16 @@ LM_SMOKE = {
                           dict(width=32, depth=2, num_heads=2, mlp_dim=64), "int32"),
 }
 # The exact selection's two methods (issue 31 item 4) as SPARSE_JAX_SELECTION and
-# SPARSE_JAX_BISECTION_BITS name them, and the chunk size (None: the default; 2**30:
-# every leaf in one piece, no chunk loop); the first is the others' reference.
-SELECTION_PATHS = {"radix": ("radix", "4", None), "bisection1": ("bisection", "1", None),
-                   "bisection4": ("bisection", "4", None), "bisection8": ("bisection", "8", None),
-                   "bisection4_whole": ("bisection", "4", 2**30)}
+# SPARSE_JAX_BISECTION_BITS name them, the chunk size (None: the default; 2**30:
+# every leaf in one piece, no chunk loop) and SPARSE_JAX_TIE_SPLIT (the ties split
+# from packed bits, or by the method's own index passes); the first is the others'
+# reference.
+SELECTION_PATHS = {"radix": ("radix", "4", None, "auto"),
+                   "bisection1": ("bisection", "1", None, "auto"),
+                   "bisection1_index_passes": ("bisection", "1", None, "passes"),
+                   "bisection4": ("bisection", "4", None, "auto"),
+                   "bisection8": ("bisection", "8", None, "auto"),
+                   "bisection4_whole": ("bisection", "4", 2**30, "auto")}
 SELECTION_SIZES, SELECTION_SMOKE = {"1M": 1_000_000, "30M": 30_000_000}, {"20k": 20_000}
 
 
@@ -144,8 +149,9 @@ def selection_rows(sizes: dict, paths: list, rounds: int, reps: int) -> list[dic
       params, masks = _prune_inputs(n, jnp.dtype(dtype))
       total, programs, compile_s = sum(p.size for p in params), {}, {}
       for path in paths:
-        method, bits, path_chunk = SELECTION_PATHS[path]
+        method, bits, path_chunk, ties = SELECTION_PATHS[path]
         os.environ["SPARSE_JAX_SELECTION"], os.environ["SPARSE_JAX_BISECTION_BITS"] = method, bits
+        os.environ["SPARSE_JAX_TIE_SPLIT"] = ties
         sparse_jax.set_chunk_elements(path_chunk or chunk)
         prune = jax.jit(lambda p, m: sparse_jax.global_magnitude_prune(p, m, total // 10))
         t = time.perf_counter()
@@ -172,12 +178,12 @@ def selection_rows(sizes: dict, paths: list, rounds: int, reps: int) -> list[dic
 
 def print_selection(rows: list[dict]):
   print("\nselection (global magnitude prune, 50% -> 10% active)\n"
-        f"{'size':5s} {'dtype':9s} {'path':16s} {'ms':>9s} {'x first':>8s} "
+        f"{'size':5s} {'dtype':9s} {'path':23s} {'ms':>9s} {'x first':>8s} "
         f"{'compile s':>9s} masks equal", flush=True)
   first = {}
   for r in rows:
     base = first.setdefault((r["size"], r["dtype"]), r["s"])
-    print(f"{r['size']:5s} {r['dtype']:9s} {r['path']:16s} {1e3 * r['s']:9.2f} "
+    print(f"{r['size']:5s} {r['dtype']:9s} {r['path']:23s} {1e3 * r['s']:9.2f} "
           f"{r['s'] / base:8.2f} {r['compile_s']:9.1f} {r['masks_equal']}", flush=True)
 
 
