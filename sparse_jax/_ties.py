@@ -88,8 +88,7 @@ def _tie_words(lk: _lazy.Lazy, thresh: jax.Array) -> jax.Array:
   """uint32 [c * ceil(n / 32)]: ``key == thresh``, 32 positions a word, chunk by chunk.
 
   Bit ``k`` of word ``w`` of chunk ``i`` is flat position ``i n + 32 w + k`` (the
-  chunk's last word padded with zeros). One reduction per chunk: a kernel of its
-  own, 1/32 of the keys' size.
+  chunk's last word padded with zeros): 1/32 of the keys' size.
   """
   c, chunk = _lazy.flat_chunks(lk.sources)
   n = lk.size // c
@@ -98,10 +97,11 @@ def _tie_words(lk: _lazy.Lazy, thresh: jax.Array) -> jax.Array:
   def words(i):
     index, *parts = chunk(i)
     ties = jnp.pad(lk.fn(index, *parts) == thresh, (0, WORD * per_chunk - n))
-    # Packed by a product with the powers of two, 16 bits at a time (float32 holds
-    # them exactly): the keys stay an elementwise kernel. A sum over the 32 bits
-    # made XLA:CPU unroll the keys' computation 32 times in one kernel, slow to
-    # compile (ResNet-50's event: ~+4 s).
+    # Packed by a product with the powers of two, 16 bits at a time: the keys stay
+    # an elementwise kernel. A sum over the 32 bits made XLA:CPU unroll the keys'
+    # computation 32 times in one kernel, slow to compile (ResNet-50's event: ~+4 s).
+    # Exact at any matmul precision: 0, 1 and 2**0..2**15 are exact in bfloat16 and
+    # TF32, and the sums (< 2**16) in the float32 accumulator.
     halves = jnp.where(ties, np.float32(1), np.float32(0)).reshape(2 * per_chunk, WORD // 2)
     half = (halves @ jnp.asarray(2.0 ** np.arange(WORD // 2), jnp.float32)).astype(jnp.uint32)
     half = half.reshape(per_chunk, 2)
