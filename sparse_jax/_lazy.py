@@ -307,11 +307,10 @@ def _chunks(sources: Sequence):
   return c, chunk
 
 
-def flat_chunks(sources: Sequence, n: int | None = None):
+def flat_chunks(sources: Sequence):
   """``_chunks`` in 1-d pieces: chunk ``i`` of ``c`` is flat positions ``[i n, (i+1) n)``.
 
-  By default the same number and size of chunks as ``chunk_plan``'s (else pieces of
-  ``n``, a divisor of the size), but contiguous and 1-d,
+  The same number and size of chunks as ``chunk_plan``'s, but contiguous and 1-d,
   so a consumer that wants a 1-d array (XLA:CPU canonicalises a scatter's indices
   to ``[n, 1]``) gets one without a reshape in the fusion computing it. Such a
   reshape makes XLA:CPU loop over the 1-d output and recover each position's
@@ -321,7 +320,7 @@ def flat_chunks(sources: Sequence, n: int | None = None):
   """
   sources = [x if isinstance(x, Slice) else jnp.asarray(x) for x in sources]
   shape = tuple(sources[0].shape)
-  n = flat_chunk_size(shape) if n is None else n
+  n = flat_chunk_size(shape)
   c = math.prod(shape) // n
   ats = [x.at if isinstance(x, Slice) else () for x in sources]
   views = [x.array.reshape(x.array.shape[:len(x.at)] + (c, n)) if isinstance(x, Slice)

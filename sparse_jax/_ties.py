@@ -90,13 +90,11 @@ def _tie_words(lk: _lazy.Lazy, thresh: jax.Array) -> jax.Array:
   Bit ``k`` of word ``w`` of chunk ``i`` is flat position ``i n + 32 w + k`` (the
   chunk's last word padded with zeros): 1/32 of the keys' size.
   """
-  c, chunk = _lazy.flat_chunks(lk.sources)
-  n = lk.size // c
+  c, n = _layout(lk.shape)
   per_chunk = -(-n // WORD)
 
-  def words(i):
-    index, *parts = chunk(i)
-    ties = jnp.pad(lk.fn(index, *parts) == thresh, (0, WORD * per_chunk - n))
+  def pack(words, index, keys):
+    ties = jnp.pad(keys == thresh, (0, WORD * per_chunk - n))
     # Packed by a product with the powers of two, 16 bits at a time: the keys stay
     # an elementwise kernel. A sum over the 32 bits made XLA:CPU unroll the keys'
     # computation 32 times in one kernel, slow to compile (ResNet-50's event: ~+4 s).
@@ -105,13 +103,11 @@ def _tie_words(lk: _lazy.Lazy, thresh: jax.Array) -> jax.Array:
     halves = jnp.where(ties, np.float32(1), np.float32(0)).reshape(2 * per_chunk, WORD // 2)
     half = (halves @ jnp.asarray(2.0 ** np.arange(WORD // 2), jnp.float32)).astype(jnp.uint32)
     half = half.reshape(per_chunk, 2)
-    return half[:, 0] | (half[:, 1] << 16)
+    chunk = (index[0] // jnp.uint32(n)).astype(jnp.int32)  # index: the chunk's positions
+    return lax.dynamic_update_index_in_dim(words, half[:, 0] | (half[:, 1] << 16), chunk, 0)
 
-  if c == 1:
-    return words(jnp.int32(0))
-  out = lax.fori_loop(0, c, lambda i, acc: acc.at[i].set(words(i)),
-                      jnp.zeros((c, per_chunk), jnp.uint32))
-  return out.reshape(-1)
+  words = jnp.zeros((c, per_chunk), jnp.uint32)
+  return _lazy.fold_lazy(pack, words, lk, flat=True).reshape(-1)
 
 
 def _first_reaching(count_below, length: int, rank):

@@ -1,9 +1,9 @@
-"""The tie split by block counts (``_ties``) against the selection's index passes and
-a brute-force stable sort.
+"""The tie split from packed bits (``_ties``) against the selection methods' own index
+passes and a brute-force stable sort.
 
-Blocks are made tiny (a few elements) so that leaves span many blocks, chunks and
-groups; the selection methods' own index passes (``SPARSE_JAX_TIE_SPLIT=passes``)
-are the reference, bit for bit, for both methods.
+Blocks are made tiny (1-3 words of 32 positions) so that leaves span many blocks,
+chunks and groups; the index passes (``SPARSE_JAX_TIE_SPLIT=passes``) are the
+reference, bit for bit, for both selection methods.
 """
 
 import jax
