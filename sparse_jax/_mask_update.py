@@ -131,10 +131,9 @@ def update_masks(config: MaskUpdateConfig, params: PyTree, updates: PyTree, grad
                                   layers.layer_shapes())
   ws, ms = layers.split(ws, arrays=st.structure is not None), layers.split(ms)
   ws, ms = _structured_masks.unit_scores(st, ws), _structured_masks.unit_masks(st, ms)
-  # The pruned and the dropped masks are materialised (bool): left lazy, every
-  # later pass and mask re-emitted their selections' chains, and the event
-  # compiled ~15% slower (LeNet-300-100); XLA's peak of the 30M MLP's event step
-  # stayed 650 MB.
+  # The pruned and the dropped masks are materialised (bool, or bit-packed in
+  # large models: _packs): left lazy, every later pass and mask re-emitted their
+  # selections' chains, and the event compiled ~15% slower (LeNet-300-100).
   m_pruned = ms
   if config.pruning is not None:
     m_pruned = _prune_stage(config.pruning, config.structure, st, ws, ms, t)
@@ -201,6 +200,22 @@ def _in_parts(parts, plan_fn, *per_layer) -> _select.Selection:
   return _select.Selection(*[jnp.concatenate(f) for f in zip(*sels)])
 
 
+# Models with at least this many prunable weights keep the event's pruned and dropped
+# masks bit-packed (_packs); smaller ones keep bool arrays (fewer kernels to compile).
+_PACK_FROM = 1 << 22
+
+
+def _packs(ms) -> bool:
+  """Whether the event keeps its pruned and dropped masks ``ms`` bit-packed
+  (``_lazy.materialise``): models of at least ``_PACK_FROM`` weights, where they are
+  at the event's peak, unless under explicit mesh axes (where JAX types each
+  reshape's sharding: bool arrays there)."""
+  if sum(int(m.size) for m in ms) < _PACK_FROM:
+    return False
+  arrays = jax.tree.leaves([_lazy.lazy(m).sources for m in ms])
+  return all(_lazy.explicit_sharding(a) is None for a in arrays)
+
+
 def _pruned_sizes(structure, st, ms) -> list[int]:
   """The sizes the schedule counts: each layer's, or its original units for a model
   condensed during training (``Channels.units``: the targets stay those of the
@@ -235,14 +250,14 @@ def _prune_stage(pruning: Pruning, structure, st, ws, ms, t) -> list:
   if pruning.scope == "global":
     plan = lax.cond(prune_now, lambda: _prune.global_prune_plan(ws, ms, target),
                     lambda: _prune.keep_all_global_plan(num_layers))
-    return [m.compute() for m in _prune.apply_global_plan(ws, ms, plan)]
+    return _lazy.materialise(_prune.apply_global_plan(ws, ms, plan), _packs(ms))
   # Layer-wise: each event's exact total, split over the layers in proportion to
   # their sizes by largest remainder.
   per_layer = jnp.asarray(layerwise_count_table(counts, ms, sizes))[jnp.clip(k, 0, kf)]
   sel = lax.cond(prune_now, lambda: _in_parts(_layer_parts(ms), _prune.layerwise_prune_plan,
                                               ws, ms, per_layer),
                  lambda: _select.Selection.all_positive(num_layers))
-  return [m.compute() for m in _prune.apply_layerwise_plan(ws, ms, sel)]
+  return _lazy.materialise(_prune.apply_layerwise_plan(ws, ms, sel), _packs(ms))
 
 
 def _growth_scores(regrowth: Regrowth, st, ranked, masks, layers: _layers.Split):
@@ -301,17 +316,34 @@ def _regrowth_stage(regrowth: Regrowth, st, ws, m_pruned, t, rng, ranked, masks,
   grow_plan, apply_grow, no_growth = _growth(regrowth, st, rng, m_pruned, ranked, masks,
                                              layers)
 
+  packed = _packs(m_pruned)
+
   def plans():
-    active = jnp.stack([_lazy.count_true(m) for m in m_pruned])
+    active = _lazy.count_each(m_pruned)
     n = jnp.ceil(rate * active.astype(jnp.float32)).astype(jnp.int32)
     drop = _in_parts(_layer_parts(m_pruned), _prune.layerwise_prune_plan, ws, m_pruned,
                      active - n, active)
-    dropped = [m.compute() for m in _prune.apply_layerwise_plan(ws, m_pruned, drop)]
+    dropped = _lazy.materialise(_prune.apply_layerwise_plan(ws, m_pruned, drop), packed)
     # The drop keeps exactly this many (clipped to keep >= 1), so no recount; grow
     # exactly as many as were dropped.
     kept = _prune.layerwise_keep_counts(active - n, active)
-    return drop, grow_plan(dropped, active - kept, kept)
+    return (_sources_of(dropped) if packed else drop), grow_plan(dropped, active - kept,
+                                                                 kept)
 
-  drop, grow = lax.cond(regrow_now, plans, lambda: (
-      _select.Selection.all_positive(num_layers), no_growth))
+  def no_plans():
+    if packed:
+      return _sources_of(_lazy.materialise(m_pruned, True)), no_growth
+    return _select.Selection.all_positive(num_layers), no_growth
+
+  # Packed, the cond returns the dropped masks themselves (1 bit a weight): the final
+  # masks then need no w + u (481 MiB at the scanned 126M LM), which dies after the
+  # drop. Otherwise it returns the drop's plan, and the final masks recompute it.
+  drop, grow = lax.cond(regrow_now, plans, no_plans)
+  if packed:
+    return apply_grow([_lazy.lazy(x) for x in drop], grow)
   return apply_grow(_prune.apply_layerwise_plan(ws, m_pruned, drop), grow)
+
+
+def _sources_of(masks: list) -> list:
+  """``_lazy.materialise``'s results as arrays or ``Packed`` (a cond's outputs)."""
+  return [m.sources[0] if isinstance(m, _lazy.Lazy) else m for m in masks]

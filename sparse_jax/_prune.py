@@ -93,7 +93,7 @@ def _larger(a, b):
 
 def layer_active_counts(masks: PyTree) -> jax.Array:
   """Active weights per prunable layer (int32 [L], flattening order)."""
-  return jnp.stack([_lazy.count_true(m) for m in jax.tree.leaves(masks)])
+  return _lazy.count_each(jax.tree.leaves(masks))
 
 
 class GlobalPlan(NamedTuple):
@@ -116,12 +116,12 @@ def global_prune_plan(ws, ms, num_active) -> GlobalPlan:
     top, first = _lazy.map_reduce_lazy(_top_and_first, _magnitude_keys(w, m), _larger)
     firsts.append(jnp.where(top > 0, first, _NONE))  # an empty layer forces nothing
   first = jnp.stack(firsts)
-  counts = [_lazy.count_true(m) for m in ms]
-  active = sum(counts)
+  counts = _lazy.count_each(ms)
+  active = jnp.sum(counts)
   # At least one weight per non-empty layer: with num_active below the number of
   # layers the forced weights alone exceed it, and a plain minimum would let the
   # selector drop some of them (emptying layers).
-  nonempty = sum((c > 0).astype(jnp.int32) for c in counts)
+  nonempty = jnp.sum(counts > 0, dtype=jnp.int32)
   k = jnp.clip(jnp.asarray(num_active, jnp.int32), nonempty, active)
   sel = _select.top_k_selection(_forced_keys(ws, ms, first), k[None], (0,) * len(ws))
   return GlobalPlan(first, sel)
@@ -186,7 +186,7 @@ def layerwise_prune_plan(ws, ms, num_active, active=None) -> _select.Selection:
   ``active``: the masks' per-layer counts if already known (saves a pass).
   """
   if active is None:
-    active = jnp.stack([_lazy.count_true(m) for m in ms])
+    active = _lazy.count_each(ms)
   k = layerwise_keep_counts(num_active, active)
   keys = [_magnitude_keys(w, m) for w, m in zip(ws, ms)]
   return _select.top_k_selection(keys, k, tuple(range(len(ws))))
@@ -216,7 +216,7 @@ def layerwise_magnitude_prune(params: PyTree, masks: PyTree,
 
 def drop_plan(ws, ms, num_drop) -> _select.Selection:
   """Plan of ``drop_smallest`` over leaf lists (masks: arrays or Lazy)."""
-  active = jnp.stack([_lazy.count_true(m) for m in ms])
+  active = _lazy.count_each(ms)
   return layerwise_prune_plan(ws, ms, active - jnp.asarray(num_drop, jnp.int32))
 
 

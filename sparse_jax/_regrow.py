@@ -30,7 +30,7 @@ def growth_keys(ss, ms):
 
 def _grow_plan(keys, ms, num_grow, active=None) -> _select.Selection:
   if active is None:
-    active = jnp.stack([_lazy.count_true(m) for m in ms])
+    active = _lazy.count_each(ms)
   inactive = jnp.asarray([m.size for m in ms], jnp.int32) - active
   n = jnp.clip(jnp.asarray(num_grow, jnp.int32), 0, inactive)
   return _select.top_k_selection(keys, n, tuple(range(len(ms))))

@@ -102,7 +102,8 @@ def _chunk_ones_shape(shape, flat: bool) -> tuple[int, ...]:
   return tuple(shape)
 
 
-def _add_to_histogram(hist, lk: _lazy.Lazy, digits_fn, ones, flat: bool) -> jax.Array:
+def _add_to_histogram(hist, lk: _lazy.Lazy, digits_fn, ones, flat: bool,
+                      after=None) -> jax.Array:
   """``hist`` (int32 [copies * 2**16]) plus the counts of ``digits_fn(keys, index)``.
 
   ``digits_fn`` returns ``(digits, valid)``; ``valid`` (bool or None) drops the
@@ -112,9 +113,12 @@ def _add_to_histogram(hist, lk: _lazy.Lazy, digits_fn, ones, flat: bool) -> jax.
   answer per pass, where a counting pass settles one (bisection) and costs about
   half as much on CPU (measured: 115 ms per 2**16-bin histogram vs ~45 ms per
   count of 16.7M keys). The leaves of a group scatter into one buffer, one after
-  another.
+  another. ``after``: a histogram this one's scatter indices wait for (see
+  ``_histograms``).
   """
   copies = hist.shape[0] // _BINS
+  # 0, but XLA cannot know it (counts are >= 0): the indices depend on ``after``.
+  zero = None if after is None else jnp.minimum(after[0], 0).astype(jnp.uint32)
 
   def scatter(hist, index, keys):
     digits, valid = digits_fn(keys, index)
@@ -123,6 +127,8 @@ def _add_to_histogram(hist, lk: _lazy.Lazy, digits_fn, ones, flat: bool) -> jax.
       idx = idx + (index % copies) * jnp.uint32(_BINS)
     if valid is not None:
       idx = jnp.where(valid, idx, np.uint32(copies * _BINS))
+    if zero is not None:
+      idx = idx + zero
     # Indices keep the leaf's shape: reshape(-1) of an array sharded on a later
     # axis would all-gather it, while an n-d scatter-add into a replicated
     # histogram is partitioned into per-shard histograms and one all-reduce.
@@ -142,9 +148,12 @@ def _histograms(leaves, groups, num_groups, digits_fns):
   """Per-group histograms (int32 [G, 2**16]) of the digits of each group's leaves.
 
   The leaves scatter one after another: each leaf's sources pass a barrier with
-  the histograms scattered so far, so its scatter indices (4 bytes a weight of an
-  unchunked leaf) are computed only after the previous leaf's scatter, and one
-  leaf's are live at a time. A group's copies are summed when its last leaf is
+  the histograms scattered so far, and its scatter indices depend on the previous
+  leaf's histogram (plus a 0 XLA cannot see through), so they are computed only
+  after the previous leaf's scatter and one leaf's (4 bytes a weight of an
+  unchunked leaf) are live at a time. Inside the selections' loops the barrier
+  alone did not order them: the scanned 126M language model's global prune held
+  its 40 attention layers' indices at once (160 MiB). A group's copies are summed when its last leaf is
   done, and leaves of one (chunk) shape share their all-ones updates. Before, XLA
   held every layer's indices and its own all-ones updates together (~240 MiB on
   the scanned 32M language model's event; experiments/benchmarks/README.md, Memory).
@@ -158,6 +167,7 @@ def _histograms(leaves, groups, num_groups, digits_fns):
   flat = _flat_indices()
   hist: list = [None] * num_groups
   ones: dict = {}
+  previous = None
   for i, (lk, g, fn) in enumerate(zip(leaves, groups, digits_fns)):
     if hist[g] is None:
       hist[g] = jnp.zeros((copies[g] * _BINS,), jnp.int32)
@@ -165,7 +175,9 @@ def _histograms(leaves, groups, num_groups, digits_fns):
     key = _chunk_ones_shape(lk.shape, flat)
     if key not in ones:
       ones[key] = lax.optimization_barrier(jnp.ones(key, jnp.int32))
-    hist[g] = _add_to_histogram(hist[g], _lazy.Lazy(lk.fn, sources), fn, ones[key], flat)
+    hist[g] = _add_to_histogram(hist[g], _lazy.Lazy(lk.fn, sources), fn, ones[key], flat,
+                                previous)
+    previous = hist[g]
     if last[g] == i:
       hist[g] = hist[g].reshape(copies[g], _BINS).sum(0, dtype=jnp.int32)
   return jnp.stack([jnp.zeros((_BINS,), jnp.int32) if h is None else h for h in hist])

@@ -157,9 +157,17 @@ def _split(leaves, groups, gs, num_groups, thresh, need):
   c, n = np.array([_layout(leaves[i].shape) for i in order]).T
   per_chunk = -(-n // WORD)
   nblocks = -(-(c * per_chunk) // BLOCK_WORDS)  # each leaf padded to whole blocks
-  words = jnp.concatenate([
-      jnp.pad(_tie_words(leaves[i], _lazy.entry(thresh, gs[i])), (0, int(pad)))
-      for i, pad in zip(order, nblocks * BLOCK_WORDS - c * per_chunk)])
+  parts: list = []
+  for i, pad in zip(order, nblocks * BLOCK_WORDS - c * per_chunk):
+    t = _lazy.entry(thresh, gs[i])
+    if parts:
+      # + 0 that depends on the previous leaf's words: one leaf's staging (4 bytes a
+      # position of an unchunked leaf) live at a time; computed independently, XLA
+      # staged the 126M language model's 40 attention layers at once (160 MiB).
+      t = t + jnp.minimum(lax.population_count(parts[-1][0]).astype(jnp.int32),
+                          0).astype(jnp.uint32)
+    parts.append(jnp.pad(_tie_words(leaves[i], t), (0, int(pad))))
+  words = jnp.concatenate(parts)
   blocks = words.reshape(-1, BLOCK_WORDS)
   counts = jnp.sum(lax.population_count(blocks).astype(jnp.int32), axis=1, dtype=jnp.int32)
   group_blocks = np.bincount(leaf_group, weights=nblocks, minlength=num_groups).astype(int)
