@@ -8,7 +8,8 @@ MLP 64, batch 16, 6 steps, a mask update every 2 steps), float32 compute so that
 numbers can be compared exactly (bfloat16 reorders sums differently per mesh: on
 this model ~20 of ~4,900 active weights then differ from the one-device run).
 
-* (a) GraNet and RigL masks on the 4x2 mesh equal the one-device run's, bit for bit;
+* (a) GraNet and RigL masks on the 4x2 mesh equal the one-device run's, bit for bit
+  (the event's intermediate masks bit-packed, as in large models: ``_PACK_FROM``);
 * (b) the compiled mask-update step (the trainer's own program) adds no collective
   whose result is a whole masked weight (its full shape, or flattened) to those of
   the ordinary step, while a ``jnp.sort`` of a flattened kernel, compiled on the
@@ -47,7 +48,10 @@ COMMON = textwrap.dedent(r"""
     from experiments.configs import lm_bytes_scan
     from experiments.trainer import checkpoints, programs as programs_lib, state as state_lib
     from experiments.trainer import train
+    from sparse_jax import _mask_update
 
+    # The event's pruned and dropped masks bit-packed, as in models of >= 2**22 weights.
+    _mask_update._PACK_FROM = 1
     OUT = sys.argv[1]
     KEEP = ("blocks/attn/query/kernel", "blocks/attn/out/kernel", "blocks/mlp_in/kernel",
             "head/kernel")
