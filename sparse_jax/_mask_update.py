@@ -207,10 +207,12 @@ _PACK_FROM = 1 << 22
 
 def _packs(ms) -> bool:
   """Whether the event keeps its pruned and dropped masks ``ms`` bit-packed
-  (``_lazy.materialise``): models of at least ``_PACK_FROM`` weights, where they are
-  at the event's peak, unless under explicit mesh axes (where JAX types each
-  reshape's sharding: bool arrays there)."""
-  if sum(int(m.size) for m in ms) < _PACK_FROM:
+  (``_lazy.materialise``): models of at least ``_PACK_FROM`` weights, most of them
+  in layers it can pack (``_lazy.packs``), where these masks are at the event's
+  peak; not under explicit mesh axes (where JAX types each reshape's sharding)."""
+  sizes = [int(m.size) for m in ms]
+  aligned = sum(n for n, m in zip(sizes, ms) if _lazy.packs(m.shape))
+  if sum(sizes) < _PACK_FROM or 2 * aligned < sum(sizes):
     return False
   arrays = jax.tree.leaves([_lazy.lazy(m).sources for m in ms])
   return all(_lazy.explicit_sharding(a) is None for a in arrays)
