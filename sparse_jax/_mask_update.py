@@ -201,8 +201,11 @@ def _in_parts(parts, plan_fn, *per_layer) -> _select.Selection:
 
 
 # Models with at least this many prunable weights keep the event's pruned and dropped
-# masks bit-packed (_packs); smaller ones keep bool arrays (fewer kernels to compile).
-_PACK_FROM = 1 << 22
+# masks bit-packed (_packs): there three bool masks of the model are >= 96 MiB, at
+# the event's peak next to the gradient and w + u (the scanned 126M LM: 1.232x ->
+# 1.115x dense). Smaller models keep bool arrays: the packed reads cost compile time
+# (ResNet-50's event: 29 -> 41 s) and saved nothing at the 32M LM's peak.
+_PACK_FROM = 1 << 25
 
 
 def _packs(ms) -> bool:

@@ -133,7 +133,7 @@ def test_masks_equal_with_bool_intermediates(monkeypatch, method):
 def test_packs_only_large_models_of_whole_words(monkeypatch):
   small = [jnp.zeros((64, 64), bool)]
   assert not _mask_update._packs(small)
-  monkeypatch.setattr(_mask_update, "_PACK_FROM", 64 * 64)
+  monkeypatch.setattr(_mask_update, "_PACK_FROM", 64 * 64)  # (default 2**25)
   assert _mask_update._packs(small)
   # Most weights in layers whose last axis is no multiple of 32: bool masks.
   assert not _mask_update._packs([jnp.zeros((64, 64), bool), jnp.zeros((100, 50), bool)])
