@@ -402,29 +402,29 @@ def entry(vec: jax.Array, i: jax.Array) -> jax.Array:
 
 
 def materialise(masks: Sequence, packed: bool) -> list:
-  """Bool masks (arrays or ``Lazy``) computed once: bool arrays, or ``Lazy`` reads of
-  ``Packed`` words (1 bit a weight) when ``packed``.
+  """Bool masks (arrays, ``Lazy`` or ``Packed``) computed once: bool arrays, or
+  ``Packed`` words (1 bit a weight) when ``packed``; a ``Packed`` mask is kept.
 
   Packed, each mask is computed into a bool array and packed only after the
   previous one's words exist (a barrier), so one layer's bool array is live at a
   time; the mask update's pruned and dropped masks take 1/8 of the bytes they
   would as bool arrays (~210 MiB less at the scanned 126M language model's event).
   Only masks whose last axis is a multiple of 32 are packed (``packs``); the others
-  stay bool.
+  stay bool. Either way the results are arrays and pytrees (a cond may return them).
   """
   if not packed:
     return [lazy(m).compute() for m in masks]
   out: list = []
   words: tuple = ()
   for m in masks:
-    m = lazy(m)
-    if not packs(m.shape):
-      out.append(m.compute())
+    if isinstance(m, _sources.Packed) or not packs(m.shape):
+      out.append(m if isinstance(m, _sources.Packed) else lazy(m).compute())
       continue
+    m = lazy(m)
     words, sources = lax.optimization_barrier((words, m.sources))
     p = _sources.pack(Lazy(m.fn, sources).compute())
     words = (*words, p.words)
-    out.append(lazy(p))
+    out.append(p)
   return out
 
 

@@ -332,12 +332,11 @@ def _regrowth_stage(regrowth: Regrowth, st, ws, m_pruned, t, rng, ranked, masks,
     # The drop keeps exactly this many (clipped to keep >= 1), so no recount; grow
     # exactly as many as were dropped.
     kept = _prune.layerwise_keep_counts(active - n, active)
-    return (_sources_of(dropped) if packed else drop), grow_plan(dropped, active - kept,
-                                                                 kept)
+    return (dropped if packed else drop), grow_plan(dropped, active - kept, kept)
 
   def no_plans():
-    if packed:
-      return _sources_of(_lazy.materialise(m_pruned, True)), no_growth
+    if packed:  # the prune stage's Packed masks are returned as they are
+      return _lazy.materialise(m_pruned, True), no_growth
     return _select.Selection.all_positive(num_layers), no_growth
 
   # Packed, the cond returns the dropped masks themselves (1 bit a weight): the final
@@ -345,10 +344,6 @@ def _regrowth_stage(regrowth: Regrowth, st, ws, m_pruned, t, rng, ranked, masks,
   # drop. Otherwise it returns the drop's plan, and the final masks recompute it.
   drop, grow = lax.cond(regrow_now, plans, no_plans)
   if packed:
-    return apply_grow([_lazy.lazy(x) for x in drop], grow)
+    return apply_grow(drop, grow)
   return apply_grow(_prune.apply_layerwise_plan(ws, m_pruned, drop), grow)
 
-
-def _sources_of(masks: list) -> list:
-  """``_lazy.materialise``'s results as arrays or ``Packed`` (a cond's outputs)."""
-  return [m.sources[0] if isinstance(m, _lazy.Lazy) else m for m in masks]

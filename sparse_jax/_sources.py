@@ -58,6 +58,10 @@ class Packed:
   words: jax.Array  # uint32 shape[:-1] + (ceil(shape[-1] / 32),)
   shape: tuple[int, ...]
 
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
   def read(self) -> jax.Array:
     return _unpack(self.words, self.shape[-1])
 
