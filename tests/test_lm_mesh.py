@@ -50,7 +50,7 @@ COMMON = textwrap.dedent(r"""
     from experiments.trainer import train
     from sparse_jax import _mask_update
 
-    # The event's pruned and dropped masks bit-packed, as in models of >= 2**22 weights.
+    # The event's pruned and dropped masks bit-packed, as in models of >= 2**25 weights.
     _mask_update._PACK_FROM = 1
     OUT = sys.argv[1]
     KEEP = ("blocks/attn/query/kernel", "blocks/attn/out/kernel", "blocks/mlp_in/kernel",
