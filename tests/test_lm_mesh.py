@@ -9,7 +9,9 @@ numbers can be compared exactly (bfloat16 reorders sums differently per mesh: on
 this model ~20 of ~4,900 active weights then differ from the one-device run).
 
 * (a) GraNet and RigL masks on the 4x2 mesh equal the one-device run's, bit for bit
-  (the event's intermediate masks bit-packed, as in large models: ``_PACK_FROM``);
+  (the event's intermediate masks bit-packed, as in large models: ``_PACK_FROM``; the
+  one-device run stores its masks packed, the config's default there, the mesh runs
+  as bool arrays);
 * (b) the compiled mask-update step (the trainer's own program) adds no collective
   whose result is a whole masked weight (its full shape, or flattened) to those of
   the ordinary step, while a ``jnp.sort`` of a flattened kernel, compiled on the
@@ -371,5 +373,9 @@ def test_mesh_config_errors():
 def test_the_default_mesh_is_one_data_axis():
   config = lm_bytes_scan.get_config()
   assert config.get("mesh_shape") is None
+  # Packed masks on one device (the one-device runs above store them so and match
+  # the 4x2 runs' bool masks); bool on a mesh, where row packing gathers.
+  assert config.sparsity.packed_masks
+  assert not lm_bytes_scan.get_config("mesh=4x2").sparsity.packed_masks
   mesh = sharding.data_mesh(config)
   assert mesh.axis_names == ("data",) and mesh.shape["data"] == jax.device_count()
