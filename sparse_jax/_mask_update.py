@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from sparse_jax import _counts
 from sparse_jax import _distributions
 from sparse_jax import _layers
 from sparse_jax import _lazy
@@ -324,7 +325,7 @@ def _regrowth_stage(regrowth: Regrowth, st, ws, m_pruned, t, rng, ranked, masks,
   packed = _packs(m_pruned)
 
   def plans():
-    active = _lazy.count_each(m_pruned)
+    active = _counts.count_each(m_pruned)
     n = jnp.ceil(rate * active.astype(jnp.float32)).astype(jnp.int32)
     drop = _in_parts(_layer_parts(m_pruned), _prune.layerwise_prune_plan, ws, m_pruned,
                      active - n, active)

@@ -23,6 +23,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
+from sparse_jax import _counts
 from sparse_jax import _lazy
 from sparse_jax import _masks
 from sparse_jax import _paths
@@ -93,7 +94,7 @@ def _larger(a, b):
 
 def layer_active_counts(masks: PyTree) -> jax.Array:
   """Active weights per prunable layer (int32 [L], flattening order)."""
-  return _lazy.count_each(jax.tree.leaves(masks))
+  return _counts.count_each(jax.tree.leaves(masks))
 
 
 class GlobalPlan(NamedTuple):
@@ -116,7 +117,7 @@ def global_prune_plan(ws, ms, num_active) -> GlobalPlan:
     top, first = _lazy.map_reduce_lazy(_top_and_first, _magnitude_keys(w, m), _larger)
     firsts.append(jnp.where(top > 0, first, _NONE))  # an empty layer forces nothing
   first = jnp.stack(firsts)
-  counts = _lazy.count_each(ms)
+  counts = _counts.count_each(ms)
   active = jnp.sum(counts)
   # At least one weight per non-empty layer: with num_active below the number of
   # layers the forced weights alone exceed it, and a plain minimum would let the
@@ -186,7 +187,7 @@ def layerwise_prune_plan(ws, ms, num_active, active=None) -> _select.Selection:
   ``active``: the masks' per-layer counts if already known (saves a pass).
   """
   if active is None:
-    active = _lazy.count_each(ms)
+    active = _counts.count_each(ms)
   k = layerwise_keep_counts(num_active, active)
   keys = [_magnitude_keys(w, m) for w, m in zip(ws, ms)]
   return _select.top_k_selection(keys, k, tuple(range(len(ws))))
@@ -216,7 +217,7 @@ def layerwise_magnitude_prune(params: PyTree, masks: PyTree,
 
 def drop_plan(ws, ms, num_drop) -> _select.Selection:
   """Plan of ``drop_smallest`` over leaf lists (masks: arrays or Lazy)."""
-  active = _lazy.count_each(ms)
+  active = _counts.count_each(ms)
   return layerwise_prune_plan(ws, ms, active - jnp.asarray(num_drop, jnp.int32))
 
 

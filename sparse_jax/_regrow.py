@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from sparse_jax import _counts
 from sparse_jax import _lazy
 from sparse_jax import _masks
 from sparse_jax import _prune
@@ -30,7 +31,7 @@ def growth_keys(ss, ms):
 
 def _grow_plan(keys, ms, num_grow, active=None) -> _select.Selection:
   if active is None:
-    active = _lazy.count_each(ms)
+    active = _counts.count_each(ms)
   inactive = jnp.asarray([m.size for m in ms], jnp.int32) - active
   n = jnp.clip(jnp.asarray(num_grow, jnp.int32), 0, inactive)
   return _select.top_k_selection(keys, n, tuple(range(len(ms))))

@@ -2,7 +2,7 @@
 
 Large models keep the pruned and dropped masks as ``_sources.Packed`` words (1 bit a
 weight, ``_mask_update._packs``) and count masks in ``uint8`` runs
-(``_lazy.sum_bools``). References: numpy on the bool arrays, and the same training
+(``_counts.sum_bools``). References: numpy on the bool arrays, and the same training
 run with bool intermediates (masks equal at every step).
 """
 
@@ -14,6 +14,7 @@ import pytest
 
 import sparse_jax
 from tests import mask_runs
+from sparse_jax import _counts
 from sparse_jax import _lazy
 from sparse_jax import _mask_update
 from sparse_jax import _sources
@@ -53,9 +54,9 @@ def test_pack_reads_back_whole_strided_and_flat(monkeypatch, shape):
                                    (2, 3, 510)])
 def test_counts_equal_numpy(shape):
   m = _mask(shape, seed=len(shape))
-  assert int(_lazy.sum_bools(jnp.asarray(m))) == int(m.sum())
+  assert int(_counts.sum_bools(jnp.asarray(m))) == int(m.sum())
   full = np.ones(shape, bool)  # runs of up to 255 Trues: no uint8 overflow
-  assert int(_lazy.sum_bools(jnp.asarray(full))) == full.size
+  assert int(_counts.sum_bools(jnp.asarray(full))) == full.size
 
 
 def test_count_each_of_arrays_lazy_and_packed(monkeypatch):
@@ -64,7 +65,7 @@ def test_count_each_of_arrays_lazy_and_packed(monkeypatch):
   sources = [jnp.asarray(ms[0]), _lazy.lazy(_sources.pack(jnp.asarray(ms[1]))),
              _lazy.lazy_map(lambda index, x: ~x, jnp.asarray(~ms[2])),
              _lazy.lazy(_sources.pack(jnp.asarray(ms[3]))), jnp.asarray(ms[4])]
-  got = jax.jit(lambda: _lazy.count_each(sources))()
+  got = jax.jit(lambda: _counts.count_each(sources))()
   np.testing.assert_array_equal(np.asarray(got), [m.sum() for m in ms])
 
 
