@@ -221,6 +221,22 @@ def test_every_checkpoint_unreadable_is_an_error_that_changes_nothing(tmp_path, 
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["20", "40"]
 
 
+def test_a_resume_that_changes_how_masks_are_stored_is_refused(tmp_path, halted_at_40):
+  # The checkpoints hold bool masks; packed ones (PackedMask leaves) could not be
+  # restored from them, so the change is refused, allow_changed or not, before any
+  # compiling, and the workdir stays as it was.
+  workdir = str(tmp_path / "run")
+  shutil.copytree(halted_at_40, workdir)
+  before = _snapshot(workdir)
+  config = small_config()
+  config.sparsity.packed_masks = True
+  config.allow_changed = "sparsity.packed_masks"
+  with pytest.raises(ValueError, match=r"sparsity.packed_masks=False.*resume with "
+                                       r"--config.sparsity.packed_masks=False"):
+    train.train_and_evaluate(config, workdir)
+  assert _snapshot(workdir) == before
+
+
 def _snapshot(workdir):
   out = {}
   for root, _, files in os.walk(workdir):

@@ -49,6 +49,9 @@ RESUMABLE_FIELDS = frozenset({
     "distributed", "coordinator_address", "num_processes", "process_id", "parallelism",
     "param_sharding", "mesh_shape", "if_finished", "nonfinite", "allow_changed"})
 EXTEND_FIELDS = frozenset({"num_epochs", "num_train_steps"})
+# Fields that set how the checkpointed state is stored: its checkpoints could not be
+# restored into a state stored otherwise, so a resume keeps them (allow_changed or not).
+STORAGE_FIELDS = frozenset({"sparsity.packed_masks"})
 
 log = logging.getLogger("sparse_jax.train")
 
@@ -401,6 +404,15 @@ def check_config(workdir: str, config, write: bool, extend: bool = False) -> lis
       "Restore it from a copy; or, if the run in this workdir was started with this very "
       "config, delete it (the run writes it again); or use a new --workdir.")
   allowed = RESUMABLE_FIELDS | (EXTEND_FIELDS if extend else frozenset())
+  stored = [d for d in config_differences(saved, config.to_dict(), allowed)
+            if d[0] in STORAGE_FIELDS]
+  if stored:
+    k, a, b = stored[0]
+    raise ValueError(
+        f"The workdir {workdir} holds checkpoints written with {k}={a!r} ({path}); this "
+        f"run has {k}={b!r}, whose state cannot be restored from them (the same masks "
+        f"and results either way): resume with --config.{k}={a!r}, or use a new "
+        "--workdir.")
   diffs = config_differences(saved, config.to_dict(), allowed | permitted)
   if diffs:
     listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs)
