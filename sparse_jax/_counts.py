@@ -68,4 +68,4 @@ def _after(m: _lazy.Lazy, count: jax.Array) -> _lazy.Lazy:
   at its peak. One device only: on a mesh the count is an all-reduce, and each
   would wait for the previous one instead of being combined with it."""
   after = count >= 0
-  return _lazy.lazy_map(lambda index, x: x & after, m)
+  return _lazy.lazy_map(lambda index, x: jnp.where(after, x, jnp.zeros((), x.dtype)), m)

@@ -69,6 +69,16 @@ def test_count_each_of_arrays_lazy_and_packed(monkeypatch):
   np.testing.assert_array_equal(np.asarray(got), [m.sum() for m in ms])
 
 
+def test_layer_active_counts_of_float_and_int_masks():
+  # The public count takes 0/1 masks of any dtype (the ordering of the counts must
+  # not need bool values).
+  ms = {f"l{i}": {"kernel": _mask(s, seed=i)} for i, s in enumerate(SHAPES)}
+  want = [m["kernel"].sum() for m in ms.values()]
+  for dtype in (bool, np.float32, np.int32):
+    got = sparse_jax.layer_active_counts(jax.tree.map(lambda m: m.astype(dtype), ms))
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
 def test_materialise_packs_and_keeps_values():
   ms = [_mask(s, seed=i) for i, s in enumerate(SHAPES)]
   lazies = [_lazy.lazy_map(lambda index, x: ~x, jnp.asarray(~m)) for m in ms]
