@@ -68,6 +68,7 @@ FLOOR_TESTS := tests/test_bcoo_export.py tests/test_distributions.py \
   tests/test_schedules.py tests/test_select.py tests/test_transform.py \
   tests/test_nnx_state.py tests/test_regrowth_warmup.py tests/test_stacked_layers.py \
   tests/test_channel_condense.py tests/test_inner_kind.py tests/test_ties.py \
+  tests/test_packed_intermediates.py \
   tests/test_structured.py::test_linen_cnn_granet_2_4_and_nnx_channels_rigl
 
 $(FLOORS_VENV)/.installed: Makefile
