@@ -121,9 +121,10 @@ def main():
   for name in args.lm_models.split(","):
     rows = memory_rows(name, _harness.LM_BENCHMARKS[name], args.lm_batch, args.mesh)
     result["lm_memory_rows"] += rows
+    where = " per device" if args.mesh != "none" else ""
     for r in rows:
       print(f"{name} batch {args.lm_batch} mesh {args.mesh} {r['variant']:16s} peak "
-            f"{r['xla_peak_bytes'] / 2**20:8.1f} MiB per device  {r['peak_vs_dense']:.3f}x "
+            f"{r['xla_peak_bytes'] / 2**20:8.1f} MiB{where}  {r['peak_vs_dense']:.3f}x "
             f"dense  collectives {sum(r['collectives'].values())}, split state leaves "
             f"{r['split_state_leaves']}/{r['state_leaves']}", flush=True)
     if args.out:
