@@ -48,7 +48,7 @@ def count_each(masks: Sequence) -> jax.Array:
   next one's: computed independently, XLA:CPU's scheduler converted every layer's
   mask before summing any (4 bytes a weight of every unchunked layer at once:
   ~220 MiB at the scanned 126M language model's event peak). On one device each
-  mask is also read only once the previous count exists (``_after``).
+  mask is also read only once the previous count exists (below).
   """
   counts: list[jax.Array] = []
   for m in masks:
@@ -56,16 +56,10 @@ def count_each(masks: Sequence) -> jax.Array:
     done, sources = lax.optimization_barrier((tuple(counts), m.sources))
     m = _lazy.Lazy(m.fn, sources)
     if done and jax.device_count() == 1:
-      m = _after(m, done[-1])
+      # Read only once the previous count exists (``_lazy.zero_after``): inside a
+      # cond branch the barrier alone did not order the counts, and the scanned 126M
+      # LM's event with packed masks held 60 layers' uint8 copies (60 MiB) at its peak.
+      wait = _lazy.zero_after(done[-1]) == 0
+      m = _lazy.lazy_map(lambda index, x: jnp.where(wait, x, jnp.zeros((), x.dtype)), m)
     counts = [*done, count_true(m)]
   return jnp.stack(counts) if counts else jnp.zeros((0,), jnp.int32)
-
-
-def _after(m: _lazy.Lazy, count: jax.Array) -> _lazy.Lazy:
-  """``m`` read only once ``count`` (>= 0) exists: a value dependency XLA cannot see
-  through. Inside a cond branch the barrier alone did not order the counts: the
-  scanned 126M LM's event with packed masks held 60 layers' uint8 copies (60 MiB)
-  at its peak. One device only: on a mesh the count is an all-reduce, and each
-  would wait for the previous one instead of being combined with it."""
-  after = count >= 0
-  return _lazy.lazy_map(lambda index, x: jnp.where(after, x, jnp.zeros((), x.dtype)), m)

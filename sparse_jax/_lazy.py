@@ -360,6 +360,19 @@ def entry(vec: jax.Array, i: jax.Array) -> jax.Array:
   return lax.dynamic_index_in_dim(vec, i, keepdims=False)
 
 
+def zero_after(x: jax.Array) -> jax.Array:
+  """A 0 (int32 scalar) computed from ``x``'s first element, which must be >= 0.
+
+  Added to, or compared in, a computation it makes that computation wait for ``x``:
+  a value dependency XLA cannot see through, where an optimization barrier did not
+  order work inside loops and cond branches on XLA:CPU. The mask update chains its
+  per-layer counts, histogram scatters and tie stagings with it, so one layer's
+  temporaries are live at a time. On one device only: on a mesh ``x`` is summed over
+  the devices, and each all-reduce would wait for the previous one.
+  """
+  return jnp.minimum(jnp.ravel(x)[0].astype(jnp.int32), 0)
+
+
 def materialise(masks: Sequence, packed: bool) -> list:
   """Bool masks (arrays, ``Lazy`` or ``Packed``) computed once: bool arrays, or
   ``Packed`` words (1 bit a weight) when ``packed``; a ``Packed`` mask is kept.
@@ -376,10 +389,13 @@ def materialise(masks: Sequence, packed: bool) -> list:
   out: list = []
   words: tuple = ()
   for m in masks:
-    if isinstance(m, _sources.Packed) or not packs(m.shape):
-      out.append(m if isinstance(m, _sources.Packed) else lazy(m).compute())
+    if isinstance(m, _sources.Packed):
+      out.append(m)
       continue
     m = lazy(m)
+    if not packs(m.shape):
+      out.append(m.compute())
+      continue
     words, sources = lax.optimization_barrier((words, m.sources))
     p = _sources.pack(Lazy(m.fn, sources).compute())
     words = (*words, p.words)

@@ -122,7 +122,7 @@ def _add_to_histogram(hist, lk: _lazy.Lazy, digits_fn, ones, flat: bool,
   """
   copies = hist.shape[0] // _BINS
   # 0, but XLA cannot know it (counts are >= 0): the indices depend on ``after``.
-  zero = None if after is None else jnp.minimum(after[0], 0).astype(jnp.uint32)
+  zero = None if after is None else _lazy.zero_after(after).astype(jnp.uint32)
 
   def scatter(hist, index, keys):
     digits, valid = digits_fn(keys, index)

@@ -164,8 +164,7 @@ def _split(leaves, groups, gs, num_groups, thresh, need):
       # + 0 that depends on the previous leaf's words: one leaf's staging (4 bytes a
       # position of an unchunked leaf) live at a time; computed independently, XLA
       # staged the 126M language model's 40 attention layers at once (160 MiB).
-      t = t + jnp.minimum(lax.population_count(parts[-1][0]).astype(jnp.int32),
-                          0).astype(jnp.uint32)
+      t = t + _lazy.zero_after(lax.population_count(parts[-1][0])).astype(jnp.uint32)
     parts.append(jnp.pad(_tie_words(leaves[i], t), (0, int(pad))))
   words = jnp.concatenate(parts)
   blocks = words.reshape(-1, BLOCK_WORDS)

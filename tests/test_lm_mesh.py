@@ -80,7 +80,10 @@ COMMON = textwrap.dedent(r"""
       host = state_lib.to_host(leaves)
       tag = os.path.basename(os.path.dirname(os.fspath(mngr.directory)))
       np.savez(os.path.join(OUT, f"{tag}_masks_{step}.npz"), **dict(zip(names, host)))
-      specs = {}
+      # How the run stores its masks: PackedMask leaves, or bool arrays.
+      stored = jax.tree.leaves(state.opt_state,
+                               is_leaf=lambda x: isinstance(x, sparse_jax.PackedMask))
+      specs = {"packed": any(isinstance(x, sparse_jax.PackedMask) for x in stored)}
       tree = {"params": state.params, "opt_state": state.opt_state}
       for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
         name = sparse_jax.path_to_name(path)
@@ -179,6 +182,11 @@ def masks(directory, tag, step):
     return dict(f)
 
 
+def spec_file(directory, tag, step):
+  with open(os.path.join(directory, f"{tag}_specs_{step}.json")) as f:
+    return json.load(f)
+
+
 def assert_same_masks(a, b):
   assert a.keys() == b.keys() and len(a) == 7, sorted(a)
   for name in a:
@@ -195,6 +203,10 @@ def test_masks_on_the_4x2_mesh_equal_one_device(runs, method):
   step = 3 if method == "granet" else 6
   assert_same_masks(masks(out["eight"], f"{method}_4x2", step),
                     masks(out["one"], f"{method}_one", step))
+  # The one-device run stored its masks packed (the config's default there), the
+  # 4x2 run as bool arrays: the masks above are equal across the two storages.
+  assert spec_file(out["one"], f"{method}_one", step)["packed"]
+  assert not spec_file(out["eight"], f"{method}_4x2", step)["packed"]
   # Stacked kernels, pruned to 80% (GraNet by its last event, at step 6).
   assert one["blocks/attn/query/kernel"].shape == (2, 32, 4, 8)
   assert one["blocks/mlp_in/kernel"].shape == (2, 32, 64)
@@ -270,8 +282,7 @@ def test_resume_on_2x4_equals_the_uninterrupted_run(runs):
   # The resumed state lives on the 2x4 mesh: heads and MLP units split 4 ways over
   # "model", the width 2 ways over "data", the layer axis whole; masks and Adam's
   # moments as their parameter.
-  with open(os.path.join(out["eight"], "granet_2x4_specs_6.json")) as f:
-    specs = json.load(f)
+  specs = spec_file(out["eight"], "granet_2x4", 6)
   expected = {"blocks/attn/query/kernel": [None, "data", "model", None],
               "blocks/attn/out/kernel": [None, "model", None, "data"],
               "blocks/mlp_in/kernel": [None, "data", "model"],

@@ -404,8 +404,8 @@ def check_config(workdir: str, config, write: bool, extend: bool = False) -> lis
       "Restore it from a copy; or, if the run in this workdir was started with this very "
       "config, delete it (the run writes it again); or use a new --workdir.")
   allowed = RESUMABLE_FIELDS | (EXTEND_FIELDS if extend else frozenset())
-  stored = [d for d in config_differences(saved, config.to_dict(), allowed)
-            if d[0] in STORAGE_FIELDS]
+  changed = config_differences(saved, config.to_dict(), allowed)
+  stored = [d for d in changed if d[0] in STORAGE_FIELDS]
   if stored:
     k, a, b = stored[0]
     raise ValueError(
@@ -422,7 +422,7 @@ def check_config(workdir: str, config, write: bool, extend: bool = False) -> lis
         f"resuming would mix the two. Differing fields: {listed}. Resume with the "
         "original values, use a new --workdir, or, to resume with these values from its "
         f"last checkpoint (e.g. after a divergence), add --config.allow_changed={names}.")
-  return config_differences(saved, config.to_dict(), allowed)
+  return changed
 
 
 def record_config_changes(workdir: str, config, changes, step: int) -> None:
