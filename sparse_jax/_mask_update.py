@@ -24,6 +24,7 @@ from sparse_jax import _counts
 from sparse_jax import _distributions
 from sparse_jax import _layers
 from sparse_jax import _lazy
+from sparse_jax import _placement
 from sparse_jax import _prune
 from sparse_jax import _regrow
 from sparse_jax import _schedules
@@ -219,7 +220,7 @@ def _packs(ms) -> bool:
   if sum(sizes) < _PACK_FROM or 2 * aligned < sum(sizes):
     return False
   arrays = jax.tree.leaves([_lazy.lazy(m).sources for m in ms])
-  return all(_lazy.explicit_sharding(a) is None for a in arrays)
+  return all(_placement.explicit_sharding(a) is None for a in arrays)
 
 
 def _pruned_sizes(structure, st, ms) -> list[int]:

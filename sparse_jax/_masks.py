@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_jax import _lazy
+from sparse_jax import _placement
 from sparse_jax import _paths
 
 PyTree = Any
@@ -239,7 +239,7 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
     >>> params = sparse_jax.apply_masks(params, sparse_jax.get_masks(opt_state))
   """
   return jax.tree.map(
-      lambda p, m: p if m is None else jnp.where(_lazy.shard_like(m, p), p, jnp.zeros_like(p)),
+      lambda p, m: p if m is None else jnp.where(_placement.shard_like(m, p), p, jnp.zeros_like(p)),
       params, unpack_masks(masks))
 
 
@@ -348,7 +348,7 @@ def _pack_leaf(mask: jax.Array) -> PackedMask:
   shape = tuple(int(n) for n in np.shape(mask))
   rows, cols = _matrix_shape(shape)
   r8 = -(-rows // 8)
-  mask = _lazy.split_last_axis_only(mask)  # rows merge the leading axes
+  mask = _placement.split_last_axis_only(mask)  # rows merge the leading axes
   m = jnp.reshape(mask, (rows,) + cols)
   m = jnp.pad(m, [(0, 8 * r8 - rows)] + [(0, 0)] * len(cols))
   m = m.reshape((r8, 8) + cols).astype(jnp.uint8)

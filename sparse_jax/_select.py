@@ -37,6 +37,7 @@ from jax import lax
 
 from sparse_jax import _bisect
 from sparse_jax import _lazy
+from sparse_jax import _placement
 from sparse_jax import _ties
 
 NOT_CANDIDATE = 0
@@ -98,7 +99,8 @@ def _chunk_ones_shape(shape, flat: bool) -> tuple[int, ...]:
   broadcast constant. ``flat``: for 1-d chunks.
   """
   if flat:
-    return (_lazy.flat_chunk_size(shape),)
+    rows = _lazy.row_chunk_plan(shape)
+    return (_lazy.flat_chunk_size(shape) if rows is None else rows[0] * shape[-1],)
   plan = _lazy.chunk_plan(shape)
   if plan is not None:
     axis, c = plan
@@ -124,8 +126,10 @@ def _add_to_histogram(hist, lk: _lazy.Lazy, digits_fn, ones, flat: bool,
   # 0, but XLA cannot know it (counts are >= 0): the indices depend on ``after``.
   zero = None if after is None else _lazy.zero_after(after).astype(jnp.uint32)
 
-  def scatter(hist, index, keys):
+  def scatter(hist, index, keys, new):
     digits, valid = digits_fn(keys, index)
+    if new is not None:  # positions an earlier chunk of the leaf counted
+      valid = new if valid is None else valid & new
     idx = digits.astype(jnp.uint32)
     if copies > 1:
       idx = idx + (index % copies) * jnp.uint32(_BINS)
@@ -137,15 +141,15 @@ def _add_to_histogram(hist, lk: _lazy.Lazy, digits_fn, ones, flat: bool,
     # axis would all-gather it, while an n-d scatter-add into a replicated
     # histogram is partitioned into per-shard histograms and one all-reduce.
     # Unsigned indices need no wrapping of negative ones.
-    sharding = _lazy.explicit_sharding(idx)
+    sharding = _placement.explicit_sharding(idx)
     if sharding is None:
       return hist.at[idx].add(ones, mode="drop")
     # Under explicit axes JAX wants the updates sharded like the indices and the
     # (replicated) result named; the program is the same per-shard scatter.
     return hist.at[idx].add(jax.sharding.reshard(ones, sharding), mode="drop",
-                            out_sharding=_lazy.replicated_like(idx))
+                            out_sharding=_placement.replicated_like(idx))
 
-  return _lazy.fold_lazy(scatter, hist, lk, flat)
+  return _lazy.fold_lazy(scatter, hist, lk, flat, overlap=True)
 
 
 def _histograms(leaves, groups, num_groups, digits_fns):

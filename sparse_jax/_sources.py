@@ -120,6 +120,20 @@ def strided(x, axis: int, c: int, i) -> jax.Array:
   return _strided_array(read(x), axis, c, i)
 
 
+def rows(x, start, k: int) -> jax.Array:
+  """Rows ``[start, start + k)`` of the source viewed as ``(rows, shape[-1])``, 1-d."""
+  cols = x.shape[-1]
+  if isinstance(x, Packed):
+    words = x.words.reshape(-1, x.words.shape[-1])
+    return _unpack(lax.dynamic_slice_in_dim(words, start, k, 0), cols).reshape(k * cols)
+  if isinstance(x, Slice):
+    lead = x.array.shape[:len(x.at)]
+    flat = x.array.reshape(lead + (-1,))
+    return _index_leading(lax.dynamic_slice_in_dim(flat, start * cols, k * cols, len(lead)),
+                          x.at)
+  return lax.dynamic_slice_in_dim(read(x).reshape(-1), start * cols, k * cols, 0)
+
+
 def _strided_array(x: jax.Array, axis: int, c: int, i) -> jax.Array:
   split = x.shape[:axis] + (x.shape[axis] // c, c) + x.shape[axis + 1:]
   return lax.dynamic_index_in_dim(x.reshape(split), i, axis + 1, keepdims=False)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sparse_jax import _lazy
+from sparse_jax import _placement
 from sparse_jax import _masks
 
 PyTree = Any
@@ -281,5 +281,5 @@ def mask_inner_state(inner: optax.GradientTransformation, inner_state: optax.Opt
   """
   return optax.tree_map_params(
       inner, lambda s, m: s if (m is None or getattr(s, "shape", None) != m.shape)
-      else jnp.where(_lazy.shard_like(m, s), s, jnp.zeros_like(s)),
+      else jnp.where(_placement.shard_like(m, s), s, jnp.zeros_like(s)),
       inner_state, _masks.unpack_masks(masks), transform_non_params=lambda x: x)

@@ -78,7 +78,7 @@ from sparse_jax import _attached
 from sparse_jax import _distributions
 from sparse_jax import _inner_kind
 from sparse_jax import _layers
-from sparse_jax import _lazy
+from sparse_jax import _placement
 from sparse_jax import _mask_update
 from sparse_jax import _masks
 from sparse_jax import _paths
@@ -259,7 +259,7 @@ def _mask_update_flag(mask_update) -> bool | None:
 
 def _placed_like(masks: PyTree, params: PyTree) -> PyTree:
   """Each mask (or packed mask's bits) placed like ``params``' leaf under explicit axes."""
-  return jax.tree.map(lambda p, m: None if m is None else _lazy.shard_like(m, p),
+  return jax.tree.map(lambda p, m: None if m is None else _placement.shard_like(m, p),
                       params, masks)
 
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from sparse_jax import _lazy
 from sparse_jax import _select
+from sparse_jax import _sources
 
 # Fixed leaf shapes so that hypothesis only changes values (traced), never shapes:
 # a handful of compilations in total.
@@ -272,6 +273,80 @@ def test_flat_chunks_are_contiguous_pieces_of_the_flattened_leaf(monkeypatch):
     np.testing.assert_array_equal(np.asarray(index), np.arange(20 * i, 20 * i + 20))
     np.testing.assert_array_equal(np.asarray(a), stacked[1].reshape(-1)[20 * i:20 * i + 20] + 1000)
     np.testing.assert_array_equal(np.asarray(b), stacked[1].reshape(-1)[20 * i:20 * i + 20])
+
+
+def test_row_chunk_plan_by_hand(monkeypatch):
+  # 3679 x 3679 (the 30M scaling MLP): 13 pieces of 1041157 positions (odd). Rows
+  # come in units of 16 (3679 is odd); k <= 2**20 // 3679 = 285, so k = 272 (the
+  # largest multiple of 16), 14 chunks reading 3808 rows <= 3679 * 17 / 16 = 3908.
+  assert _lazy.row_chunk_plan((3679, 3679)) == (272, 14)
+  assert _lazy.row_chunk_plan((784, 3679)) is None  # 7 pieces of 412048 = 16 * 25753
+  assert _lazy.row_chunk_plan((4096, 4096)) is None  # pieces of 2**20
+  assert _lazy.row_chunk_plan((535, 535)) == (272, 2)  # 286225 (odd), 544 rows read
+  assert _lazy.row_chunk_plan((301, 300)) is None  # 90300 < 2**18: stays whole
+  assert _lazy.row_chunk_plan((2**19 + 1,)) is None  # 1-d: no rows
+  # 10 x 9 at 40 a chunk, units of 4 rows: k = 4 is the only size (8 * 9 > 40), 3
+  # chunks reading 12 rows > 10 * 17 / 16: still the fewest rows read.
+  monkeypatch.setattr(_lazy, "VECTOR_QUANTUM", 4)
+  monkeypatch.setattr(_lazy, "ROW_CHUNKS_FROM", 1)
+  monkeypatch.setattr(_lazy, "CHUNK_ELEMENTS", 40)
+  assert _lazy.row_chunk_plan((10, 9)) == (4, 3)
+  assert _lazy.row_chunk_plan((10, 8)) is None  # 5 pieces of 16, a multiple of 4
+
+
+def test_row_chunks_repeat_only_rows_an_earlier_chunk_read(monkeypatch):
+  # (10, 9) in 3 chunks of 4 rows: rows 0-3, 4-7 and 6-9, of which rows 6 and 7
+  # (positions 54-71) are not new. Arrays, Slices and Packed masks read alike.
+  monkeypatch.setattr(_lazy, "VECTOR_QUANTUM", 4)
+  monkeypatch.setattr(_lazy, "ROW_CHUNKS_FROM", 1)
+  monkeypatch.setattr(_lazy, "CHUNK_ELEMENTS", 40)
+  rng = np.random.default_rng(4)
+  stacked = rng.normal(size=(2, 10, 9)).astype(np.float32)
+  mask = rng.random((10, 9)) < 0.5
+  sources = [jnp.asarray(stacked[0]), _lazy.Slice(jnp.asarray(stacked), (1,)),
+             _sources.pack(jnp.asarray(mask))]
+  c, chunk = _lazy.row_chunks(sources, _lazy.row_chunk_plan((10, 9)))
+  assert c == 3
+  for i, first_row in enumerate((0, 4, 6)):
+    index, new, a, b, m = chunk(jnp.int32(i))
+    want = np.arange(first_row * 9, first_row * 9 + 36)
+    np.testing.assert_array_equal(np.asarray(index), want)
+    np.testing.assert_array_equal(np.asarray(new), want >= 36 * i)
+    np.testing.assert_array_equal(np.asarray(a), stacked[0].reshape(-1)[want])
+    np.testing.assert_array_equal(np.asarray(b), stacked[1].reshape(-1)[want])
+    np.testing.assert_array_equal(np.asarray(m), mask.reshape(-1)[want])
+
+
+ROW_CASES = [
+    # (shapes, groups): at 32 elements a chunk and units of 4 rows, (13, 7) is read
+    # in 4 chunks of 4 rows (3 repeated), (9, 5) in 3 (3 repeated), (11,) whole.
+    ([(13, 7), (9, 5), (11,)], (0, 0, 0)),
+    ([(13, 7), (9, 5), (11,)], (0, 1, 2)),
+]
+
+
+@pytest.mark.parametrize("copies_from", [2**18, 1], ids=["one_copy", "interleaved_copies"])
+@pytest.mark.parametrize("shapes,groups", ROW_CASES)
+def test_row_chunked_top_k_matches_brute_force(monkeypatch, shapes, groups, copies_from):
+  monkeypatch.setattr(_lazy, "VECTOR_QUANTUM", 4)
+  monkeypatch.setattr(_lazy, "ROW_CHUNKS_FROM", 1)
+  monkeypatch.setattr(_lazy, "CHUNK_ELEMENTS", 32)
+  monkeypatch.setattr(_select, "_COPIES_FROM", copies_from)
+  monkeypatch.setattr(_select, "_flat_indices", lambda: True)
+  assert _lazy.row_chunk_plan((13, 7)) == (4, 4)
+  assert _lazy.row_chunk_plan((9, 5)) == (4, 3)
+  rng = np.random.default_rng(5)
+  keys = [rng.integers(0, 4, size=s).astype(np.uint32) for s in shapes]  # many ties
+  keys[0][10, 3] = _select.FORCED  # rows the last chunk reads again: counted once
+  keys[1][6, 0] = _select.FORCED
+  top_k = jax.jit(lambda ks, k: _select.top_k_masks(ks, k, groups))
+  sizes = [sum(int(np.prod(shapes[i])) for i in range(len(shapes)) if groups[i] == g)
+           for g in range(max(groups) + 1)]
+  for frac in (0.0, 0.13, 0.5, 0.91, 1.0):
+    k = np.asarray([int(frac * n) for n in sizes], np.int32)
+    got = top_k([jnp.asarray(x) for x in keys], jnp.asarray(k))
+    for g_leaf, w_leaf in zip(got, brute_force_top_k(keys, k, groups)):
+      np.testing.assert_array_equal(np.asarray(g_leaf), w_leaf)
 
 
 def test_lazy_keys_are_computed_from_their_sources(monkeypatch):
