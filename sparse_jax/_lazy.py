@@ -249,9 +249,11 @@ def flat_chunk_size(shape: Sequence[int]) -> int:
 # divide its length, every element checks the bound and LLVM does not vectorise the
 # loop: a scatter's index kernel then costs ~4 ns an element instead of ~1 (30M-weight
 # MLP, 3679 x 3679 leaves: 13 pieces of 1041157). Row chunks hold a multiple of
-# VECTOR_QUANTUM positions, so splits into 2, 4, 8 or 16 tasks are exact.
-VECTOR_QUANTUM = 16
+# VECTOR_QUANTUM positions, so splits into 2, 4, 8, 16 or 32 tasks are exact (and
+# the tie split's words of 32 positions, ``_ties``, need no padding).
+VECTOR_QUANTUM = 32
 ROW_CHUNKS_FROM = 1 << 18  # smaller leaves stay whole (their scalar loops cost little)
+_CHUNK_COST = 1 << 16
 
 
 @functools.lru_cache(maxsize=None)
@@ -266,11 +268,9 @@ def _row_plan(shape: tuple[int, ...], max_elements: int, quantum: int,
   ks = [k for k in range(unit, min(rows, max_elements // cols + 1), unit)]
   if not ks:
     return None
-  # The largest chunks that read at most 1/16 more rows than the leaf has, else the
-  # fewest rows read.
-  read = {k: -(-rows // k) * k for k in ks}
-  near = [k for k in ks if 16 * read[k] <= 17 * rows]
-  k = max(near) if near else min(ks, key=lambda k: (read[k], -k))
+  # Positions read plus a chunk's fixed cost (its loop step and kernels' launches),
+  # counted as _CHUNK_COST positions.
+  k = min(ks, key=lambda k: (-(-rows // k) * (k * cols + _CHUNK_COST), -k))
   return k, -(-rows // k)
 
 
@@ -279,9 +279,9 @@ def row_chunk_plan(shape: Sequence[int]) -> tuple[int, int] | None:
 
   For leaves whose ``flat_chunks`` pieces are not a multiple of ``VECTOR_QUANTUM``
   positions (odd widths): chunk ``i`` holds rows ``[s, s + k)`` with ``s = min(i k,
-  rows - k)``, so the last chunk repeats rows of the one before it (the ``k`` with
-  the fewest rows read in all, then the fewest chunks, ``k * shape[-1] <=
-  CHUNK_ELEMENTS``). ``None`` where the pieces already vectorise or the leaf is small.
+  rows - k)``, so the last chunk repeats rows of the one before it (``k * shape[-1]
+  <= CHUNK_ELEMENTS``, the ``k`` with the fewest positions read counting 2**16 for
+  each chunk's fixed cost). ``None`` where the pieces already vectorise or the leaf is small.
   """
   return _row_plan(tuple(int(n) for n in shape), CHUNK_ELEMENTS, VECTOR_QUANTUM,
                    ROW_CHUNKS_FROM)

@@ -46,10 +46,18 @@ BLOCK_WORDS = 128
 RADIX_FROM = 1 << 22
 
 
-def _layout(shape) -> tuple[int, int]:
-  """``(c, n)``: a leaf's 1-d chunks (``_lazy.flat_chunks``), ``c`` of ``n`` positions."""
-  n = _lazy.flat_chunk_size(shape)
-  return math.prod(shape) // n, n
+def _layout(shape) -> tuple[int, int, np.ndarray]:
+  """``(c, n, starts)``: a leaf's 1-d chunks as the histograms read them, ``c`` of
+  ``n`` positions from flat positions ``starts`` (``_lazy.row_chunk_plan``'s
+  overlapping rows, else ``_lazy.flat_chunks``' pieces)."""
+  plan = _lazy.row_chunk_plan(shape)
+  if plan is None:
+    n = _lazy.flat_chunk_size(shape)
+    c = math.prod(shape) // n
+    return c, n, np.arange(c) * n
+  k, c = plan
+  rows, cols = math.prod(shape[:-1]), shape[-1]
+  return c, k * cols, np.minimum(np.arange(c) * k, rows - k) * cols
 
 
 SPLITS = ("auto", "packed", "passes")
@@ -87,14 +95,19 @@ def applies(leaves, groups, method: str) -> bool:
 def _tie_words(lk: _lazy.Lazy, thresh: jax.Array) -> jax.Array:
   """uint32 [c * ceil(n / 32)]: ``key == thresh``, 32 positions a word, chunk by chunk.
 
-  Bit ``k`` of word ``w`` of chunk ``i`` is flat position ``i n + 32 w + k`` (the
-  chunk's last word padded with zeros): 1/32 of the keys' size.
+  Bit ``k`` of word ``w`` of chunk ``i`` is flat position ``starts[i] + 32 w + k``
+  (``_layout``; the chunk's last word padded with zeros, positions an earlier chunk
+  holds are 0): 1/32 of the keys' size.
   """
-  c, n = _layout(lk.shape)
+  c, n, _ = _layout(lk.shape)
   per_chunk = -(-n // WORD)
 
-  def pack(words, index, keys):
-    ties = jnp.pad(keys == thresh, (0, WORD * per_chunk - n))
+  def pack(acc, index, keys, new):
+    words, chunk = acc
+    ties = keys == thresh
+    ties = ties if new is None else ties & new
+    if WORD * per_chunk != n:
+      ties = jnp.pad(ties, (0, WORD * per_chunk - n))
     # Packed by a product with the powers of two, 16 bits at a time: the keys stay
     # an elementwise kernel. A sum over the 32 bits made XLA:CPU unroll the keys'
     # computation 32 times in one kernel, slow to compile (ResNet-50's event: ~+4 s).
@@ -103,11 +116,11 @@ def _tie_words(lk: _lazy.Lazy, thresh: jax.Array) -> jax.Array:
     halves = jnp.where(ties, np.float32(1), np.float32(0)).reshape(2 * per_chunk, WORD // 2)
     half = (halves @ jnp.asarray(2.0 ** np.arange(WORD // 2), jnp.float32)).astype(jnp.uint32)
     half = half.reshape(per_chunk, 2)
-    chunk = (index[0] // jnp.uint32(n)).astype(jnp.int32)  # index: the chunk's positions
-    return lax.dynamic_update_index_in_dim(words, half[:, 0] | (half[:, 1] << 16), chunk, 0)
+    words = lax.dynamic_update_index_in_dim(words, half[:, 0] | (half[:, 1] << 16), chunk, 0)
+    return words, chunk + 1
 
   words = jnp.zeros((c, per_chunk), jnp.uint32)
-  return _lazy.fold_lazy(pack, words, lk, flat=True).reshape(-1)
+  return _lazy.fold_lazy(pack, (words, jnp.int32(0)), lk, flat=True, overlap=True)[0].reshape(-1)
 
 
 def _first_reaching(count_below, length: int, rank):
@@ -154,8 +167,12 @@ def _split(leaves, groups, gs, num_groups, thresh, need):
   """
   order = sorted(range(len(leaves)), key=lambda i: groups[i])  # stable: leaf order
   leaf_group = np.array([groups[i] for i in order])
-  c, n = np.array([_layout(leaves[i].shape) for i in order]).T
+  layouts = [_layout(leaves[i].shape) for i in order]
+  c, n = np.array([lay[:2] for lay in layouts]).T
   per_chunk = -(-n // WORD)
+  # Where each chunk starts, all leaves' chunks in one table, and each leaf's first.
+  starts = np.concatenate([lay[2] for lay in layouts]).astype(np.int32)
+  first_chunk = (np.cumsum(c) - c).astype(np.int32)
   nblocks = -(-(c * per_chunk) // BLOCK_WORDS)  # each leaf padded to whole blocks
   parts: list = []
   for i, pad in zip(order, nblocks * BLOCK_WORDS - c * per_chunk):
@@ -185,7 +202,8 @@ def _split(leaves, groups, gs, num_groups, thresh, need):
   leaf = jnp.sum(word[:, None] >= first[None, :], axis=1) - 1
   at = word - jnp.asarray(first.astype(np.int32))[leaf]
   per = jnp.asarray(per_chunk.astype(np.int32))[leaf]
-  flat = (at // per) * jnp.asarray(n.astype(np.int32))[leaf] + WORD * (at % per) + bit
+  chunk = jnp.asarray(first_chunk)[leaf] + at // per
+  flat = jnp.asarray(starts)[chunk] + WORD * (at % per) + bit
   offsets = np.array(_bisect.group_offsets(leaves, groups, num_groups), np.uint32)[order]
   return jnp.asarray(offsets)[leaf] - flat.astype(jnp.uint32)  # ~ the in-group index
 

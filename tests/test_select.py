@@ -277,12 +277,15 @@ def test_flat_chunks_are_contiguous_pieces_of_the_flattened_leaf(monkeypatch):
 
 def test_row_chunk_plan_by_hand(monkeypatch):
   # 3679 x 3679 (the 30M scaling MLP): 13 pieces of 1041157 positions (odd). Rows
-  # come in units of 16 (3679 is odd); k <= 2**20 // 3679 = 285, so k = 272 (the
-  # largest multiple of 16), 14 chunks reading 3808 rows <= 3679 * 17 / 16 = 3908.
-  assert _lazy.row_chunk_plan((3679, 3679)) == (272, 14)
-  assert _lazy.row_chunk_plan((784, 3679)) is None  # 7 pieces of 412048 = 16 * 25753
+  # come in units of 32 (3679 is odd), k * 3679 <= 2**20 (k <= 285), and chunk i
+  # costs its positions plus 2**16: ceil(3679 / k) * (3679 k + 65536) is 15.56M at
+  # k = 128, 15.05M at 160, 15.44M at 192, 15.12M at 224, 15.11M at 256.
+  assert _lazy.row_chunk_plan((3679, 3679)) == (160, 23)
+  # 784 x 3679: 7 pieces of 412048 = 16 * 25753, not whole words; 5 chunks of 160
+  # rows (3.27M) beat 4 of 224 (3.56M) and 7 of 128 (3.76M).
+  assert _lazy.row_chunk_plan((784, 3679)) == (160, 5)
   assert _lazy.row_chunk_plan((4096, 4096)) is None  # pieces of 2**20
-  assert _lazy.row_chunk_plan((535, 535)) == (272, 2)  # 286225 (odd), 544 rows read
+  assert _lazy.row_chunk_plan((535, 535)) == (288, 2)  # 286225 (odd): 2 chunks, 576 rows
   assert _lazy.row_chunk_plan((301, 300)) is None  # 90300 < 2**18: stays whole
   assert _lazy.row_chunk_plan((2**19 + 1,)) is None  # 1-d: no rows
   # 10 x 9 at 40 a chunk, units of 4 rows: k = 4 is the only size (8 * 9 > 40), 3

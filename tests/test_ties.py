@@ -80,6 +80,34 @@ def test_block_cut_equals_the_index_passes_and_brute_force(monkeypatch, tiny_blo
         np.testing.assert_array_equal(np.asarray(b), c)
 
 
+ROW_SHAPES = [(13, 7), (9, 5), (11,), (41, 7)]
+
+
+@pytest.mark.parametrize("method,block_words", [("radix", 1), ("radix", 3), ("bisection", 2)])
+def test_block_cut_with_overlapping_row_chunks(monkeypatch, tiny_blocks, method, block_words):
+  # Rows in units of 4 at 32 positions a chunk (_lazy.row_chunk_plan): (13, 7) in 4
+  # chunks of 4 rows, (9, 5) in 3 and (41, 7) in 11, each last chunk reading again
+  # 3 rows of the one before; ties there must count once, and each chunk's words
+  # start at its own first row.
+  monkeypatch.setenv("SPARSE_JAX_SELECTION", method)
+  tiny_blocks(block_words, chunk=32)
+  monkeypatch.setattr(_lazy, "VECTOR_QUANTUM", 4)
+  monkeypatch.setattr(_lazy, "ROW_CHUNKS_FROM", 1)
+  assert [_lazy.row_chunk_plan(s) for s in ROW_SHAPES] == [(4, 4), (4, 3), None, (4, 11)]
+  rng = np.random.default_rng(7)
+  keys = [jnp.asarray(rng.integers(0, 3, size=s).astype(np.uint32)) for s in ROW_SHAPES]
+  for groups in [(0, 0, 0, 0), (0, 1, 0, 1), (0, 1, 2, 3)]:
+    sizes = np.bincount(groups, weights=[np.prod(s) for s in ROW_SHAPES]).astype(int)
+    ks = [jnp.asarray((f * sizes).astype(np.int32)) for f in (0.1, 0.45, 0.8)]
+    got = _selections(keys, ks, groups, True, monkeypatch)
+    want = _selections(keys, ks, groups, False, monkeypatch)
+    for k, (masks, sel), (_, want_sel) in zip(ks, got, want):
+      for a, b in zip(sel, want_sel):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{groups} {k}")
+      for a, c in zip(masks, brute_force(keys, np.asarray(k), groups)):
+        np.testing.assert_array_equal(np.asarray(a), c)
+
+
 def test_hand_worked_cut(monkeypatch, tiny_blocks):
   tiny_blocks(1)
   keys = [jnp.full((2, 2), 5, jnp.uint32), jnp.full((3,), 5, jnp.uint32)]
