@@ -226,6 +226,18 @@ def test_chunk_plan_hand_values():
   assert _lazy.chunk_plan((3, 3, 64, 64), 8192) == (2, 8)
 
 
+def _assert_top_k_fractions_match_brute_force(keys, groups):
+  """top_k_masks of 0%, 13%, 50%, 91% and 100% of each group equal brute force."""
+  top_k = jax.jit(lambda ks, k: _select.top_k_masks(ks, k, groups))
+  sizes = [sum(x.size for x, g_of in zip(keys, groups) if g_of == g)
+           for g in range(max(groups) + 1)]
+  for frac in (0.0, 0.13, 0.5, 0.91, 1.0):
+    k = np.asarray([int(frac * n) for n in sizes], np.int32)
+    got = top_k([jnp.asarray(x) for x in keys], jnp.asarray(k))
+    for g_leaf, w_leaf in zip(got, brute_force_top_k(keys, k, groups)):
+      np.testing.assert_array_equal(np.asarray(g_leaf), w_leaf)
+
+
 CHUNKED_CASES = [
     # (shapes, groups, max elements per chunk)
     ([(12, 5), (7,), (4, 3, 2)], (0, 0, 0), 16),
@@ -249,14 +261,7 @@ def test_chunked_top_k_matches_brute_force(monkeypatch, shapes, groups, bound, c
   rng = np.random.default_rng(1)
   keys = [rng.integers(0, 4, size=s).astype(np.uint32) for s in shapes]  # many ties
   keys[0][0, 0] = _select.FORCED
-  top_k = jax.jit(lambda ks, k: _select.top_k_masks(ks, k, groups))
-  sizes = [sum(int(np.prod(shapes[i])) for i in range(len(shapes)) if groups[i] == g)
-           for g in range(max(groups) + 1)]
-  for frac in (0.0, 0.13, 0.5, 0.91, 1.0):
-    k = np.asarray([int(frac * n) for n in sizes], np.int32)
-    got = top_k([jnp.asarray(x) for x in keys], jnp.asarray(k))
-    for g_leaf, w_leaf in zip(got, brute_force_top_k(keys, k, groups)):
-      np.testing.assert_array_equal(np.asarray(g_leaf), w_leaf)
+  _assert_top_k_fractions_match_brute_force(keys, groups)
 
 
 def test_flat_chunks_are_contiguous_pieces_of_the_flattened_leaf(monkeypatch):
@@ -342,14 +347,7 @@ def test_row_chunked_top_k_matches_brute_force(monkeypatch, shapes, groups, copi
   keys = [rng.integers(0, 4, size=s).astype(np.uint32) for s in shapes]  # many ties
   keys[0][10, 3] = _select.FORCED  # rows the last chunk reads again: counted once
   keys[1][6, 0] = _select.FORCED
-  top_k = jax.jit(lambda ks, k: _select.top_k_masks(ks, k, groups))
-  sizes = [sum(int(np.prod(shapes[i])) for i in range(len(shapes)) if groups[i] == g)
-           for g in range(max(groups) + 1)]
-  for frac in (0.0, 0.13, 0.5, 0.91, 1.0):
-    k = np.asarray([int(frac * n) for n in sizes], np.int32)
-    got = top_k([jnp.asarray(x) for x in keys], jnp.asarray(k))
-    for g_leaf, w_leaf in zip(got, brute_force_top_k(keys, k, groups)):
-      np.testing.assert_array_equal(np.asarray(g_leaf), w_leaf)
+  _assert_top_k_fractions_match_brute_force(keys, groups)
 
 
 def test_lazy_keys_are_computed_from_their_sources(monkeypatch):
