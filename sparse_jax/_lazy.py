@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from sparse_jax import _sources
@@ -213,23 +214,27 @@ def _chunks(sources: Sequence):
 
 
 def flat_chunks(sources: Sequence):
-  """``_chunks`` in 1-d pieces: chunk ``i`` of ``c`` is flat positions ``[i n, (i+1) n)``.
+  """``_chunks`` in 1-d pieces: ``(c, chunk)``, ``chunk(i)`` returning the chunk's flat
+  indices, whether each position is new (``None``: all are) and its pieces.
 
-  The same number and size of chunks as ``chunk_plan``'s, but contiguous and 1-d,
-  so a consumer that wants a 1-d array (XLA:CPU canonicalises a scatter's indices
-  to ``[n, 1]``) gets one without a reshape in the fusion computing it. Such a
-  reshape makes XLA:CPU loop over the 1-d output and recover each position's
-  coordinates by division, unvectorised (~1.7 ns an element instead of ~0.3 when
-  the last axis is not a power of 2). Only for unsharded leaves: a reshape of an
-  array sharded on a later axis would gather it.
+  The same number and size of chunks as ``chunk_plan``'s (flat positions ``[i n,
+  (i+1) n)``), or ``row_chunk_plan``'s overlapping rows where that applies, but
+  contiguous and 1-d, so a consumer that wants a 1-d array (XLA:CPU canonicalises a
+  scatter's indices to ``[n, 1]``) gets one without a reshape in the fusion
+  computing it. Such a reshape makes XLA:CPU loop over the 1-d output and recover
+  each position's coordinates by division, unvectorised (~1.7 ns an element instead
+  of ~0.3 when the last axis is not a power of 2). Only for unsharded leaves: a
+  reshape of an array sharded on a later axis would gather it.
   """
   sources = [_sources.as_source(x) for x in sources]
   shape = tuple(sources[0].shape)
-  n = flat_chunk_size(shape)
-  c = math.prod(shape) // n
+  plan = row_chunk_plan(shape)
+  if plan is not None:
+    return _row_chunks(sources, shape, plan)
+  c, n, _ = flat_layout(shape)
 
   def chunk(i):
-    return (lax.iota(jnp.uint32, n) + i.astype(jnp.uint32) * jnp.uint32(n),
+    return (lax.iota(jnp.uint32, n) + i.astype(jnp.uint32) * jnp.uint32(n), None,
             *[_sources.flat(x, c, i) for x in sources])
 
   return c, chunk
@@ -240,9 +245,23 @@ def _pieces(shape, max_elements=None) -> int:
   return 1 if plan is None else plan[1]
 
 
+def flat_layout(shape: Sequence[int]) -> tuple[int, int, np.ndarray]:
+  """``(c, n, starts)``: ``flat_chunks``' ``c`` chunks of ``n`` positions of a leaf of
+  ``shape``, chunk ``i`` from flat position ``starts[i]``."""
+  shape = tuple(int(d) for d in shape)
+  plan = row_chunk_plan(shape)
+  if plan is None:
+    c = _pieces(shape)
+    n = math.prod(shape) // c
+    return c, n, np.arange(c) * n
+  k, c = plan
+  rows, cols = math.prod(shape[:-1]), shape[-1]
+  return c, k * cols, np.minimum(np.arange(c) * k, rows - k) * cols
+
+
 def flat_chunk_size(shape: Sequence[int]) -> int:
-  """Elements of each of ``flat_chunks``'s pieces of a leaf of ``shape``."""
-  return math.prod(shape) // _pieces(shape)
+  """Elements of each of ``flat_chunks``' chunks of a leaf of ``shape``."""
+  return flat_layout(shape)[1]
 
 
 # XLA:CPU splits a large 1-d loop into parallel tasks; when their count does not
@@ -287,11 +306,9 @@ def row_chunk_plan(shape: Sequence[int]) -> tuple[int, int] | None:
                    ROW_CHUNKS_FROM)
 
 
-def row_chunks(sources: Sequence, plan: tuple[int, int]):
-  """``(c, chunk)`` of ``row_chunk_plan``: ``chunk(i)`` returns the chunk's flat
-  indices, whether each position is new (not in an earlier chunk), and its pieces."""
-  sources = [_sources.as_source(x) for x in sources]
-  shape = tuple(sources[0].shape)
+def _row_chunks(sources: Sequence, shape: tuple[int, ...], plan: tuple[int, int]):
+  """``flat_chunks`` of ``row_chunk_plan``'s rows: a position is new where no earlier
+  chunk read it."""
   k, c = plan
   rows, cols = math.prod(shape[:-1]), shape[-1]
 
@@ -324,28 +341,20 @@ def map_reduce_chunks(fn, sources: Sequence, combine=_tree_add):
   return lax.fori_loop(1, c, lambda i, acc: combine(acc, fn(*chunk(i))), first)
 
 
-def fold_lazy(f, init, x: Lazy, flat: bool = False, overlap: bool = False):
-  """``f(acc, index, values)`` folded over a ``Lazy``'s chunks, from ``init``.
+def fold_lazy(f, init, x: Lazy, flat: bool = False):
+  """``f(acc, index, values, new)`` folded over a ``Lazy``'s chunks, from ``init``.
 
   For an accumulator that each chunk updates in place (a histogram it scatters
   into), where ``map_reduce_lazy`` would add a whole new one per chunk. ``flat``:
-  1-d contiguous chunks (``flat_chunks``; unsharded leaves only). ``overlap``
-  (with ``flat``): ``row_chunks`` where ``row_chunk_plan`` applies, and ``f`` gets a
-  fourth argument, whether each position is new (``None`` where chunks do not overlap).
+  1-d contiguous chunks (``flat_chunks``; unsharded leaves only). ``new``: whether
+  each position is new, ``None`` unless the chunks overlap (``row_chunk_plan``).
   """
-  plan = row_chunk_plan(x.shape) if flat and overlap else None
-  if plan is not None:
-    c, chunk = row_chunks(x.sources, plan)
-  else:
-    c, chunk = (flat_chunks if flat else _chunks)(x.sources)
+  c, chunk = (flat_chunks if flat else _chunks)(x.sources)
 
   def step(i, acc):
     index, *parts = chunk(i)
-    new = None
-    if plan is not None:
-      new, *parts = parts
-    values = x.fn(index, *parts)
-    return f(acc, index, values, new) if overlap else f(acc, index, values)
+    new = parts.pop(0) if flat else None
+    return f(acc, index, x.fn(index, *parts), new)
 
   if c == 1:
     return step(jnp.int32(0), init)

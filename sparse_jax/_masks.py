@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_jax import _placement
 from sparse_jax import _paths
+from sparse_jax import _placement
 
 PyTree = Any
 

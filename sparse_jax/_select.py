@@ -99,8 +99,7 @@ def _chunk_ones_shape(shape, flat: bool) -> tuple[int, ...]:
   broadcast constant. ``flat``: for 1-d chunks.
   """
   if flat:
-    rows = _lazy.row_chunk_plan(shape)
-    return (_lazy.flat_chunk_size(shape) if rows is None else rows[0] * shape[-1],)
+    return (_lazy.flat_chunk_size(shape),)
   plan = _lazy.chunk_plan(shape)
   if plan is not None:
     axis, c = plan
@@ -149,7 +148,7 @@ def _add_to_histogram(hist, lk: _lazy.Lazy, digits_fn, ones, flat: bool,
     return hist.at[idx].add(jax.sharding.reshard(ones, sharding), mode="drop",
                             out_sharding=_placement.replicated_like(idx))
 
-  return _lazy.fold_lazy(scatter, hist, lk, flat, overlap=True)
+  return _lazy.fold_lazy(scatter, hist, lk, flat)
 
 
 def _histograms(leaves, groups, num_groups, digits_fns):
@@ -161,8 +160,9 @@ def _histograms(leaves, groups, num_groups, digits_fns):
   after the previous leaf's scatter and one leaf's (4 bytes a weight of an
   unchunked leaf) are live at a time. Inside the selections' loops the barrier
   alone did not order them: the scanned 126M language model's global prune held
-  its 40 attention layers' indices at once (160 MiB). A group's copies are summed when its last leaf is
-  done, and leaves of one (chunk) shape share their all-ones updates. Before, XLA
+  its 40 attention layers' indices at once (160 MiB). A group's copies are summed
+  when its last leaf is done, and leaves of one (chunk) shape share their all-ones
+  updates. Before, XLA
   held every layer's indices and its own all-ones updates together (~240 MiB on
   the scanned 32M language model's event; experiments/benchmarks/README.md, Memory).
   """

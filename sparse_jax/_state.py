@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sparse_jax import _placement
 from sparse_jax import _masks
+from sparse_jax import _placement
 
 PyTree = Any
 

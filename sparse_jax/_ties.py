@@ -25,7 +25,6 @@ method splits the ties itself.
 
 from __future__ import annotations
 
-import math
 import os
 
 import jax
@@ -45,20 +44,6 @@ BLOCK_WORDS = 128
 # -> 0.90-0.96 s before the row chunks); below it they cost little, and these kernels
 # would add compile time (LeNet-300-100's event: 2.1 -> 3.0 s).
 RADIX_FROM = 1 << 22
-
-
-def _layout(shape) -> tuple[int, int, np.ndarray]:
-  """``(c, n, starts)``: a leaf's 1-d chunks as the histograms read them, ``c`` of
-  ``n`` positions from flat positions ``starts`` (``_lazy.row_chunk_plan``'s
-  overlapping rows, else ``_lazy.flat_chunks``' pieces)."""
-  plan = _lazy.row_chunk_plan(shape)
-  if plan is None:
-    n = _lazy.flat_chunk_size(shape)
-    c = math.prod(shape) // n
-    return c, n, np.arange(c) * n
-  k, c = plan
-  rows, cols = math.prod(shape[:-1]), shape[-1]
-  return c, k * cols, np.minimum(np.arange(c) * k, rows - k) * cols
 
 
 SPLITS = ("auto", "packed", "passes")
@@ -97,10 +82,10 @@ def _tie_words(lk: _lazy.Lazy, thresh: jax.Array) -> jax.Array:
   """uint32 [c * ceil(n / 32)]: ``key == thresh``, 32 positions a word, chunk by chunk.
 
   Bit ``k`` of word ``w`` of chunk ``i`` is flat position ``starts[i] + 32 w + k``
-  (``_layout``; the chunk's last word padded with zeros, positions an earlier chunk
-  holds are 0): 1/32 of the keys' size.
+  (``_lazy.flat_layout``; the chunk's last word padded with zeros, positions an
+  earlier chunk holds are 0): 1/32 of the keys' size.
   """
-  c, n, _ = _layout(lk.shape)
+  c, n, _ = _lazy.flat_layout(lk.shape)
   per_chunk = -(-n // WORD)
 
   def pack(acc, index, keys, new):
@@ -121,7 +106,7 @@ def _tie_words(lk: _lazy.Lazy, thresh: jax.Array) -> jax.Array:
     return words, chunk + 1
 
   words = jnp.zeros((c, per_chunk), jnp.uint32)
-  return _lazy.fold_lazy(pack, (words, jnp.int32(0)), lk, flat=True, overlap=True)[0].reshape(-1)
+  return _lazy.fold_lazy(pack, (words, jnp.int32(0)), lk, flat=True)[0].reshape(-1)
 
 
 def _first_reaching(count_below, length: int, rank):
@@ -168,7 +153,7 @@ def _split(leaves, groups, gs, num_groups, thresh, need):
   """
   order = sorted(range(len(leaves)), key=lambda i: groups[i])  # stable: leaf order
   leaf_group = np.array([groups[i] for i in order])
-  layouts = [_layout(leaves[i].shape) for i in order]
+  layouts = [_lazy.flat_layout(leaves[i].shape) for i in order]
   c, n = np.array([lay[:2] for lay in layouts]).T
   per_chunk = -(-n // WORD)
   # Where each chunk starts, all leaves' chunks in one table, and each leaf's first.

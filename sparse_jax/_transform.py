@@ -78,10 +78,10 @@ from sparse_jax import _attached
 from sparse_jax import _distributions
 from sparse_jax import _inner_kind
 from sparse_jax import _layers
-from sparse_jax import _placement
 from sparse_jax import _mask_update
 from sparse_jax import _masks
 from sparse_jax import _paths
+from sparse_jax import _placement
 from sparse_jax import _state
 from sparse_jax import _structure
 from sparse_jax import _structured_masks

@@ -274,7 +274,8 @@ def test_flat_chunks_are_contiguous_pieces_of_the_flattened_leaf(monkeypatch):
   c, chunk = _lazy.flat_chunks(sources)
   assert (c, _lazy.flat_chunk_size((6, 10))) == (3, 20)
   for i in range(3):
-    index, a, b = chunk(jnp.int32(i))
+    index, new, a, b = chunk(jnp.int32(i))
+    assert new is None  # exact pieces (a leaf below ROW_CHUNKS_FROM): every position new
     np.testing.assert_array_equal(np.asarray(index), np.arange(20 * i, 20 * i + 20))
     np.testing.assert_array_equal(np.asarray(a), stacked[1].reshape(-1)[20 * i:20 * i + 20] + 1000)
     np.testing.assert_array_equal(np.asarray(b), stacked[1].reshape(-1)[20 * i:20 * i + 20])
@@ -313,8 +314,10 @@ def test_row_chunks_repeat_only_rows_an_earlier_chunk_read(monkeypatch):
   mask = rng.random((10, 9)) < 0.5
   sources = [jnp.asarray(stacked[0]), _lazy.Slice(jnp.asarray(stacked), (1,)),
              _sources.pack(jnp.asarray(mask))]
-  c, chunk = _lazy.row_chunks(sources, _lazy.row_chunk_plan((10, 9)))
+  c, chunk = _lazy.flat_chunks(sources)
   assert c == 3
+  c, n, starts = _lazy.flat_layout((10, 9))  # what the tie split reads
+  assert (c, n, starts.tolist()) == (3, 36, [0, 36, 54])
   for i, first_row in enumerate((0, 4, 6)):
     index, new, a, b, m = chunk(jnp.int32(i))
     want = np.arange(first_row * 9, first_row * 9 + 36)
