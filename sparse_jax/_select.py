@@ -259,13 +259,15 @@ class _Radix(NamedTuple):
 def _radix_passes(leaves, groups, num_groups, k, passes: int) -> _Radix:
   """The largest ``(thresh, cut)`` per group with ``#((key, ~i) >= it) >= k``.
 
-  Two ``lax.while_loop``s, whose bodies histogram every leaf once: the program
-  holds each leaf's key computation twice instead of once per pass (the mask
-  update's keys are long lazy chains; unrolled passes made its compile time grow
-  with them). The first loop finds the key halves; the second (``passes=4``)
-  splits the ties at ``thresh`` by index and runs no pass, leaving ``cut = 0``,
-  when every group takes all its ties. Separate loops keep the index arithmetic
-  out of the key passes (one loop for all four cost ~40% more run time at 30M).
+  One ``lax.while_loop`` whose body histograms every leaf once: the program holds
+  each leaf's key computation once instead of once per pass (the mask update's
+  keys are long lazy chains; unrolled passes made its compile time grow with
+  them). Passes 0 and 1 find the key halves; with ``passes=4``, passes 2 and 3
+  split the ties at ``thresh`` by index, and do not run, leaving ``cut = 0``, when
+  every group takes all its ties. They share the key passes' body (digits of the
+  key or of the index by pass): a second loop held every leaf's histogram kernels
+  again (event compile -15% on ResNet-50, -11% on LeNet-300-100 with one loop;
+  run time unchanged; experiments/benchmarks/README.md).
   """
   offsets = _bisect.group_offsets(leaves, groups, num_groups)
   shifts, key_masks, index_masks = (jnp.asarray(a) for a in (_SHIFTS, _KEY_MASKS,
@@ -273,6 +275,7 @@ def _radix_passes(leaves, groups, num_groups, k, passes: int) -> _Radix:
 
   def body(s: _Radix, ties: bool) -> _Radix:
     shift, key_mask, index_mask = shifts[s.p], key_masks[s.p], index_masks[s.p]
+    tie_pass = s.p >= 2
     leaves_now, zero, (gs, rs) = _bisect.in_every_pass(
         leaves, s.p,
         (_lazy.leaf_numbers(groups), _lazy.leaf_numbers(offsets, jnp.uint32)))
@@ -283,26 +286,25 @@ def _radix_passes(leaves, groups, num_groups, k, passes: int) -> _Radix:
         if not ties:
           return (keys >> shift) & _LOW, valid
         rank = (r + zero) - index
+        # index_mask is 0 in the key passes: every rank matches there.
         valid &= (rank & index_mask) == (_lazy.entry(s.cut, g) & index_mask)
-        return (rank >> shift) & _LOW, valid
+        return (jnp.where(tie_pass, rank, keys) >> shift) & _LOW, valid
       return fn
 
     hist = _histograms(leaves_now, groups, num_groups,
                        [digits(r, g) for r, g in zip(rs, gs)])
     d, above, at = _select_digit(hist, s.rest)
-    found = d.astype(jnp.uint32) << shift
+    found, none = d.astype(jnp.uint32) << shift, np.uint32(0)
     rest = s.rest - above
-    if ties:
-      return s._replace(p=s.p + 1, cut=s.cut | found, rest=rest)
-    return _Radix(s.p + 1, s.thresh | found, s.cut, rest,
+    return _Radix(s.p + 1, s.thresh | jnp.where(tie_pass, none, found),
+                  s.cut | jnp.where(tie_pass, found, none), rest,
                   jnp.where(s.p == 1, rest, s.need), jnp.where(s.p == 1, at, s.ties))
 
   zeros_u, zeros_i = jnp.zeros((num_groups,), jnp.uint32), jnp.zeros((num_groups,), jnp.int32)
-  s = lax.while_loop(lambda s: s.p < 2, functools.partial(body, ties=False),
-                     _Radix(jnp.int32(0), zeros_u, zeros_u, k, zeros_i, zeros_i))
+  s = _Radix(jnp.int32(0), zeros_u, zeros_u, k, zeros_i, zeros_i)
   if passes == 2:
-    return s
-  return lax.while_loop(lambda s: (s.p < 4) & ~jnp.all(s.need == s.ties),
+    return lax.while_loop(lambda s: s.p < 2, functools.partial(body, ties=False), s)
+  return lax.while_loop(lambda s: (s.p < 2) | ((s.p < 4) & ~jnp.all(s.need == s.ties)),
                         functools.partial(body, ties=True), s)
 
 

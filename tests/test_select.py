@@ -202,6 +202,37 @@ def test_kth_largest_key():
     assert out[1].tolist() == [3] and out[2].tolist() == [0]
 
 
+def _digit_by_hand(hist, k):
+  """The largest digit d with #(digit >= d) >= k (0 if none), and the counts above/at d."""
+  incl = np.cumsum(hist[::-1])[::-1]
+  reaching = np.nonzero(incl >= k)[0]
+  d = int(reaching[-1]) if reaching.size else 0
+  return d, int(incl[d] - hist[d]), int(hist[d])
+
+
+def test_select_digit_matches_suffix_counts_by_hand():
+  """The digit search (int32 dots over blocks of 2**8 bins) against plain suffix sums,
+  on sparse and dense histograms, with k at 0, at a block edge, exact and beyond the total."""
+  rng = np.random.default_rng(3)
+  hists, ks = [], []
+  for density in (1e-4, 0.01, 0.5, 1.0):
+    for _ in range(3):
+      h = rng.integers(0, 40, 2**16) * (rng.random(2**16) < density)
+      total = int(h.sum())
+      hists += [h] * 4
+      ks += [0, total, total + 1, int(rng.integers(1, total + 1)) if total else 1]
+  h = np.zeros(2**16, np.int64)
+  h[[255, 256, 65535]] = [2**30, 5, 7]  # counts near int32's range, edge bins
+  hists += [h] * 3
+  ks += [7, 12, 2**30 + 12]
+  got = jax.jit(_select._select_digit)(jnp.asarray(np.stack(hists), jnp.int32),
+                                       jnp.asarray(ks, jnp.int32))
+  got = np.stack([np.asarray(x) for x in got], axis=1)
+  want = np.array([_digit_by_hand(h, k) for h, k in zip(hists, ks)])
+  np.testing.assert_array_equal(got, want)
+  assert want[-3:].tolist() == [[65535, 0, 7], [256, 7, 5], [255, 12, 2**30]]
+
+
 @pytest.mark.parametrize("n", [0, 1])
 def test_top_k_tiny(n):
   got = _top_k([jnp.array([2], jnp.uint32)], jnp.array([n]), (0,))
