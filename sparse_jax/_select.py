@@ -259,15 +259,13 @@ class _Radix(NamedTuple):
 def _radix_passes(leaves, groups, num_groups, k, passes: int) -> _Radix:
   """The largest ``(thresh, cut)`` per group with ``#((key, ~i) >= it) >= k``.
 
-  One ``lax.while_loop`` whose body histograms every leaf once: the program holds
-  each leaf's key computation once instead of once per pass (the mask update's
-  keys are long lazy chains; unrolled passes made its compile time grow with
-  them). Passes 0 and 1 find the key halves; with ``passes=4``, passes 2 and 3
-  split the ties at ``thresh`` by index, and do not run, leaving ``cut = 0``, when
-  every group takes all its ties. They share the key passes' body (digits of the
-  key or of the index by pass): a second loop held every leaf's histogram kernels
-  again (event compile -15% on ResNet-50, -11% on LeNet-300-100 with one loop;
-  run time unchanged; experiments/benchmarks/README.md).
+  One ``lax.while_loop`` whose body histograms every leaf once (unrolled passes
+  made the compile time grow with the keys' lazy chains). Passes 0 and 1 find the
+  key halves; with ``passes=4``, passes 2 and 3 split the ties at ``thresh`` by
+  index, and do not run, leaving ``cut = 0``, when every group takes all its ties.
+  They share the key passes' body (a second loop held every leaf's histogram
+  kernels again: event compile -15% on ResNet-50, -11% on LeNet-300-100, same run
+  time; experiments/benchmarks/README.md).
   """
   offsets = _bisect.group_offsets(leaves, groups, num_groups)
   shifts, key_masks, index_masks = (jnp.asarray(a) for a in (_SHIFTS, _KEY_MASKS,
@@ -276,6 +274,7 @@ def _radix_passes(leaves, groups, num_groups, k, passes: int) -> _Radix:
   def body(s: _Radix, ties: bool) -> _Radix:
     shift, key_mask, index_mask = shifts[s.p], key_masks[s.p], index_masks[s.p]
     tie_pass = s.p >= 2
+    rank_bits = jnp.where(tie_pass, np.uint32(2**32 - 1), np.uint32(0))
     leaves_now, zero, (gs, rs) = _bisect.in_every_pass(
         leaves, s.p,
         (_lazy.leaf_numbers(groups), _lazy.leaf_numbers(offsets, jnp.uint32)))
@@ -288,7 +287,8 @@ def _radix_passes(leaves, groups, num_groups, k, passes: int) -> _Radix:
         rank = (r + zero) - index
         # index_mask is 0 in the key passes: every rank matches there.
         valid &= (rank & index_mask) == (_lazy.entry(s.cut, g) & index_mask)
-        return (jnp.where(tie_pass, rank, keys) >> shift) & _LOW, valid
+        # Key or index bits by pass; not a select (it refuses differing shardings).
+        return ((keys ^ ((keys ^ rank) & rank_bits)) >> shift) & _LOW, valid
       return fn
 
     hist = _histograms(leaves_now, groups, num_groups,
