@@ -211,7 +211,7 @@ def _digit_by_hand(hist, k):
 
 
 def test_select_digit_matches_suffix_counts_by_hand():
-  """The digit search (int32 dots over blocks of 2**8 bins) against plain suffix sums,
+  """The digit search (two steps over blocks of 2**8 bins) against plain suffix sums,
   on sparse and dense histograms, with k at 0, at a block edge, exact and beyond the total."""
   rng = np.random.default_rng(3)
   hists, ks = [], []
