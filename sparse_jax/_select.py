@@ -162,9 +162,9 @@ def _histograms(leaves, groups, num_groups, digits_fns):
   alone did not order them: the scanned 126M language model's global prune held
   its 40 attention layers' indices at once (160 MiB). A group's copies are summed
   when its last leaf is done, and leaves of one (chunk) shape share their all-ones
-  updates. Before, XLA
-  held every layer's indices and its own all-ones updates together (~240 MiB on
-  the scanned 32M language model's event; experiments/benchmarks/README.md, Memory).
+  updates. Before, XLA held every layer's indices and its own all-ones updates
+  together (~240 MiB on the scanned 32M language model's event;
+  experiments/benchmarks/README.md, Memory).
   """
   sizes = [0] * num_groups
   last = {}
@@ -273,8 +273,8 @@ def _radix_passes(leaves, groups, num_groups, k, passes: int) -> _Radix:
 
   def body(s: _Radix, ties: bool) -> _Radix:
     shift, key_mask, index_mask = shifts[s.p], key_masks[s.p], index_masks[s.p]
-    tie_pass = s.p >= 2
-    rank_bits = jnp.where(tie_pass, np.uint32(2**32 - 1), np.uint32(0))
+    # All ones in a tie pass (p >= 2): the pass's digits and bits found are the index's.
+    rank_bits = jnp.where(s.p >= 2, np.uint32(2**32 - 1), np.uint32(0))
     leaves_now, zero, (gs, rs) = _bisect.in_every_pass(
         leaves, s.p,
         (_lazy.leaf_numbers(groups), _lazy.leaf_numbers(offsets, jnp.uint32)))
@@ -294,10 +294,9 @@ def _radix_passes(leaves, groups, num_groups, k, passes: int) -> _Radix:
     hist = _histograms(leaves_now, groups, num_groups,
                        [digits(r, g) for r, g in zip(rs, gs)])
     d, above, at = _select_digit(hist, s.rest)
-    found, none = d.astype(jnp.uint32) << shift, np.uint32(0)
+    found = d.astype(jnp.uint32) << shift
     rest = s.rest - above
-    return _Radix(s.p + 1, s.thresh | jnp.where(tie_pass, none, found),
-                  s.cut | jnp.where(tie_pass, found, none), rest,
+    return _Radix(s.p + 1, s.thresh | (found & ~rank_bits), s.cut | (found & rank_bits), rest,
                   jnp.where(s.p == 1, rest, s.need), jnp.where(s.p == 1, at, s.ties))
 
   zeros_u, zeros_i = jnp.zeros((num_groups,), jnp.uint32), jnp.zeros((num_groups,), jnp.int32)
