@@ -77,6 +77,7 @@ from sparse_jax._structure import Block
 from sparse_jax._structure import Channels
 from sparse_jax._structure import NM
 from sparse_jax._scheduled_jit import ScheduledStep
+from sparse_jax._scheduled_jit import event_compiler_options
 from sparse_jax._scheduled_jit import scheduled_jit
 from sparse_jax._state import SparseState
 from sparse_jax._transform import event_schedule
@@ -124,6 +125,7 @@ METHODS = {
 # which would replace the builtin (``sparse_jax.set`` stays available).
 __all__ = [
     "ScheduledStep",
+    "event_compiler_options",
     "event_schedule",
     "scheduled_jit",
     "active_count",

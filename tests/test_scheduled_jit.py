@@ -9,6 +9,7 @@ from flax import nnx
 from flax.training import train_state
 
 import sparse_jax
+from sparse_jax import _scheduled_jit
 from sparse_jax import _transform
 
 
@@ -104,6 +105,39 @@ def test_programs_and_count():
   assert traced == [False, True]
   assert scheduled.count == 9 == int(state.step)
   assert _transform.MASK_UPDATE.get() is None
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_event_program_alone_takes_the_event_compiler_options(monkeypatch, ahead):
+  """The event program compiles with ``event_compiler_options`` (LLVM level 1 on a
+  CPU), ahead in the background or by the jit at the first event; the ordinary
+  program does not. An option XLA does not know shows where they go: the ordinary
+  steps run, the event step fails naming it (the results with the real options are
+  those of plain jit: ``test_same_bits_as_the_in_graph_decision``)."""
+  assert sparse_jax.event_compiler_options() == {"xla_backend_optimization_level": 1}
+  monkeypatch.setattr(_scheduled_jit, "event_compiler_options",
+                      lambda: {"xla_no_such_option": 1})
+  tx = METHODS["granet"]()
+  state = train_state.TrainState.create(apply_fn=apply_mlp, params=make_params(), tx=tx)
+  # Ahead: jax.jit compiles the event program in the background after the first
+  # call; a static argument turns that off (the jit compiles it at the first event).
+  kwargs = {} if ahead else {"static_argnames": "unused"}
+  step = sparse_jax.scheduled_jit(tx, **kwargs)(lambda s, x, y, unused=0: _step(s, x, y))
+  batches = _batches(4)
+  for x, y in batches[:3]:  # updates 1-3: ordinary
+    state = step(state, x, y)
+  with pytest.raises(Exception, match="xla_no_such_option"):
+    step(state, *batches[3])  # update 4: the event
+
+
+def test_users_compiler_options_reach_both_programs():
+  tx = METHODS["granet"]()
+  step = sparse_jax.scheduled_jit(tx, compiler_options={"xla_no_such_option": 1})(_step)
+  state = train_state.TrainState.create(apply_fn=apply_mlp, params=make_params(), tx=tx)
+  # The event program's options are merged into the user's, not put in their place.
+  for program in (step.ordinary, step.event):
+    with pytest.raises(Exception, match="xla_no_such_option"):
+      program(state, *_batches(1)[0])
 
 
 def test_resume_count_picks_the_right_program():

@@ -16,6 +16,7 @@ import pytest
 
 import sparse_jax
 from experiments.trainer import methods
+from experiments.trainer import programs as programs_lib
 from experiments import models
 from experiments.trainer import state as state_lib
 from experiments.trainer import steps as steps_lib
@@ -421,7 +422,14 @@ def _lowered_programs(fn):
   return names
 
 
-def test_a_run_compiles_each_program_once(tmp_path):
+def test_a_run_compiles_each_program_once(tmp_path, monkeypatch):
+  # The mask-update step alone compiles with sparse_jax.event_compiler_options.
+  options, compile_logged = {}, programs_lib.compile_logged
+
+  def spy(fn, args, what, *rest):
+    options[what] = rest[-1]
+    return compile_logged(fn, args, what, *rest)
+  monkeypatch.setattr(programs_lib, "compile_logged", spy)
   # 40 steps at 10 per dispatch, stopping at events (10, 20, 30), logs (10), epochs (31)
   # and checkpoints (20): dispatches of 9, 1, 10 and 8 steps. Every length runs in one
   # ordinary program; the events in one mask-update program.
@@ -432,6 +440,8 @@ def test_a_run_compiles_each_program_once(tmp_path):
   assert counts.pop("jit(init)") == 1, names
   # The rest are tiny, once each: the PRNG key and sparse_jax.model_flops' forward pass.
   assert all(c == 1 for c in counts.values()) and len(counts) <= 5, names
+  assert options == {"the mask-update step": {"xla_backend_optimization_level": 1},
+                     "the ordinary dispatch (10 steps)": None, "the evaluation": None}
 
 
 CACHE_RUN_SCRIPT = textwrap.dedent("""

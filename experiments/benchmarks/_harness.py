@@ -101,8 +101,15 @@ def make_methods(total_steps=1000, every=100, **options):
   }
 
 
+def event_options(mask_update):
+  """The compiler options of a step with ``mask_update``: an event step's
+  (``sparse_jax.event_compiler_options``, as the trainer compiles it), else None."""
+  return sparse_jax.event_compiler_options() if mask_update is True else None
+
+
 def make_step(tx, donate=False, mask_update=None):
-  """The jitted train step; ``mask_update`` is the wrapper's static extra argument."""
+  """The jitted train step; ``mask_update`` is the wrapper's static extra argument
+  (event steps compile with the event's compiler options, as the trainer's)."""
   extra = {} if mask_update is None else {"mask_update": mask_update}
 
   def step(params, opt_state, x, y):
@@ -111,7 +118,8 @@ def make_step(tx, donate=False, mask_update=None):
     return optax.apply_updates(params, updates), opt_state
   # Donated, as a training loop runs it: without donation every call allocates
   # (and page-faults) fresh output buffers, which swamps the comparison at 30M.
-  return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+  return jax.jit(step, donate_argnums=(0, 1) if donate else (),
+                 compiler_options=event_options(mask_update))
 
 
 def with_count(opt_state, count):
@@ -204,7 +212,8 @@ def build_method(bench: Bench, method: str, batch: int, mesh: str = "none"):
                            num_classes=bench.classes, mask_update=mask_update)
     if mesh_ is not None:  # the model's batch constraints, as the trainer traces them
       fn = programs.with_logical_rules(fn, mesh_)
-    return jax.jit(fn, donate_argnums=0, **shardings)
+    return jax.jit(fn, donate_argnums=0, compiler_options=event_options(mask_update),
+                   **shardings)
   keys = jax.random.split(jax.random.PRNGKey(1))
   shape = (batch, *bench.input_shape)
   if bench.input_dtype == "int32":  # token ids, and the next token at every position

@@ -4,7 +4,10 @@ For LeNet-300-100, the ~30M MLP of ``step_overhead`` (``_harness.MODELS``) and
 ResNet-50 (ImageNet, parameter shapes only, from ``jax.eval_shape``), this lowers
 and compiles ``tx.update(grads, state, params, mask_update=...)`` for a plain
 dense optax update and for GraNet / RigL with ``mask_update`` True, None and
-False, and reports seconds and the size of the lowered StableHLO text.
+False, and reports seconds and the size of the lowered StableHLO text. Event
+programs (``mask_update=True``) compile with ``sparse_jax.event_compiler_options()``
+as ``scheduled_jit`` and the trainer compile them (LLVM level 1 on a CPU); the
+variant ``granet/True:default`` compiles the same program with XLA's defaults.
 
   python -m experiments.benchmarks.event_compile --models=lenet300_100,mlp_30m,resnet50
 
@@ -47,7 +50,7 @@ def methods():
   }
 
 
-def measure(tx, params, mask_update):
+def measure(tx, params, mask_update, options=None):
   """(lowering s, compile s, compile CPU s, HLO chars, fusions) of one update program.
 
   Fusions: the compiled HLO's fusion instructions, about the number of kernels
@@ -63,7 +66,7 @@ def measure(tx, params, mask_update):
   lowered = fn.lower(params, state, params)
   lowering = time.perf_counter() - start
   start, cpu = time.perf_counter(), time.process_time()
-  compiled = lowered.compile()
+  compiled = lowered.compile(options)
   return (lowering, time.perf_counter() - start, time.process_time() - cpu,
           len(lowered.as_text()), compiled.as_text().count(" fusion("))
 
@@ -88,8 +91,8 @@ def add_ratios(rows):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--models", default="lenet300_100,mlp_30m,resnet50")
-  parser.add_argument("--variants", default="dense,granet/True,granet/None,granet/False,"
-                      "rigl/True")
+  parser.add_argument("--variants", default="dense,granet/True,granet/True:default,"
+                      "granet/None,granet/False,rigl/True")
   parser.add_argument("--out", default=None, help="write the rows as JSON here")
   args = parser.parse_args()
   txs = methods()
@@ -100,8 +103,11 @@ def main():
     params = param_shapes(name)
     for variant in args.variants.split(","):
       method, _, flag = variant.partition("/")
+      flag, _, defaults = flag.partition(":")
       mask_update = {"True": True, "False": False, "None": None, "": "dense"}[flag]
-      lowering, compiling, cpu, chars, fusions = measure(txs[method], params, mask_update)
+      options = sparse_jax.event_compiler_options() if flag == "True" and not defaults else None
+      lowering, compiling, cpu, chars, fusions = measure(txs[method], params, mask_update,
+                                                         options)
       rows.append({"model": name, "variant": variant, "lowering_s": lowering,
                    "compile_s": compiling, "compile_cpu_s": cpu, "hlo_chars": chars,
                    "fusions": fusions})
