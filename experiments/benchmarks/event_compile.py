@@ -11,6 +11,10 @@ variant ``granet/True:default`` compiles the same program with XLA's defaults.
 
   python -m experiments.benchmarks.event_compile --models=lenet300_100,mlp_30m,resnet50
 
+``--rounds=N`` compiles every variant N times, in interleaved rounds (the order
+reversed every other round), and reports medians: one compile of each varies by
+~15% on a 2-core VM, and a process's later compiles run slower than its first.
+
 Targets: issue 12, an event program compiles within 3x the dense update; issue 31,
 within 5x on LeNet-300-100 and ResNet-50 (printed per model, and in the JSON rows as
 ``compile_over_dense`` and ``total_over_dense``).
@@ -18,6 +22,7 @@ within 5x on LeNet-300-100 and ResNet-50 (printed per model, and in the JSON row
 
 import argparse
 import json
+import statistics
 import time
 
 import jax
@@ -88,36 +93,55 @@ def add_ratios(rows):
       for r in rows if r is not dense), flush=True)
 
 
+def measure_variant(tx, params, variant):
+  """(lowering s, compile s, compile CPU s, HLO chars, fusions) of ``variant``."""
+  _, _, flag = variant.partition("/")
+  flag, _, defaults = flag.partition(":")
+  mask_update = {"True": True, "False": False, "None": None, "": "dense"}[flag]
+  options = sparse_jax.event_compiler_options() if flag == "True" and not defaults else None
+  return measure(tx, params, mask_update, options)
+
+
+def model_rows(name, variants, txs, rounds):
+  """A row per variant of model ``name``: medians over ``rounds`` interleaved rounds
+  (the order reversed every other round: later compiles in a process run slower)."""
+  params = param_shapes(name)
+  samples = {v: [] for v in variants}
+  for r in range(rounds):
+    for variant in (variants if r % 2 == 0 else variants[::-1]):
+      samples[variant].append(measure_variant(txs[variant.partition("/")[0]], params,
+                                              variant))
+  rows = []
+  for variant, runs in samples.items():
+    lowering, compiling, cpu = (statistics.median(x) for x in list(zip(*runs))[:3])
+    rows.append({"model": name, "variant": variant, "lowering_s": lowering,
+                 "compile_s": compiling, "compile_cpu_s": cpu, "hlo_chars": runs[0][3],
+                 "fusions": runs[0][4], "compile_s_rounds": [x[1] for x in runs]})
+    print(f"{name:14s} {variant:20s} {lowering:8.2f} {compiling:9.2f} {cpu:6.2f} "
+          f"{runs[0][3]:10d} {runs[0][4]:8d}", flush=True)
+  return rows
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--models", default="lenet300_100,mlp_30m,resnet50")
   parser.add_argument("--variants", default="dense,granet/True,granet/True:default,"
                       "granet/None,granet/False,rigl/True")
+  parser.add_argument("--rounds", type=int, default=1,
+                      help="interleaved rounds per model (medians reported)")
   parser.add_argument("--out", default=None, help="write the rows as JSON here")
   args = parser.parse_args()
   txs = methods()
   rows = []
-  print(f"{'model':14s} {'variant':14s} {'lower s':>8s} {'compile s':>9s} {'cpu s':>6s} "
+  print(f"{'model':14s} {'variant':20s} {'lower s':>8s} {'compile s':>9s} {'cpu s':>6s} "
         f"{'HLO chars':>10s} {'fusions':>8s}")
   for name in args.models.split(","):
-    params = param_shapes(name)
-    for variant in args.variants.split(","):
-      method, _, flag = variant.partition("/")
-      flag, _, defaults = flag.partition(":")
-      mask_update = {"True": True, "False": False, "None": None, "": "dense"}[flag]
-      options = sparse_jax.event_compiler_options() if flag == "True" and not defaults else None
-      lowering, compiling, cpu, chars, fusions = measure(txs[method], params, mask_update,
-                                                         options)
-      rows.append({"model": name, "variant": variant, "lowering_s": lowering,
-                   "compile_s": compiling, "compile_cpu_s": cpu, "hlo_chars": chars,
-                   "fusions": fusions})
-      print(f"{name:14s} {variant:14s} {lowering:8.2f} {compiling:9.2f} {cpu:6.2f} "
-            f"{chars:10d} {fusions:8d}", flush=True)
+    rows += model_rows(name, args.variants.split(","), txs, args.rounds)
     add_ratios([r for r in rows if r["model"] == name])
   if args.out:
     with open(args.out, "w") as f:
-      json.dump({"backend": jax.default_backend(), "jax": jax.__version__, "rows": rows},
-                f, indent=1)
+      json.dump({"backend": jax.default_backend(), "jax": jax.__version__,
+                 "rounds": args.rounds, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
