@@ -28,7 +28,7 @@ compiles in a background thread from the first ordinary call's shapes and
 shardings, while ordinary steps run, so the first event does not stall training
 for a compile; other ``jit`` functions compile it at the first event, with a log
 line. On a CPU the event program compiles at XLA's LLVM optimisation level 1
-(``event_compiler_options``: ~15% less compile time, the same results).
+(``event_compiler_options``: up to 15% less compile time, the same results).
 """
 
 from __future__ import annotations
@@ -103,8 +103,8 @@ def event_compiler_options() -> dict[str, Any]:
   """XLA compiler options for a program that runs the mask update (an event step).
 
   On a CPU: LLVM optimisation level 1, which compiles the GraNet event program of
-  LeNet-300-100 and of a 30M-weight MLP ~15% faster than the default level
-  (ResNet-50: within the machine's noise; experiments/benchmarks/README.md), with
+  LeNet-300-100 ~15% faster than the default level and a 30M-weight MLP's ~7%
+  (ResNet-50's no faster; experiments/benchmarks/README.md), with
   the same results bit for bit and the same run time: its kernels are scatters and
   reductions that the default level's extra LLVM passes do not speed up. Elsewhere
   none (unmeasured there).
