@@ -104,10 +104,10 @@ def event_compiler_options() -> dict[str, Any]:
 
   On a CPU: LLVM optimisation level 1, which compiles the GraNet event program of
   LeNet-300-100 ~15% faster than the default level and a 30M-weight MLP's ~7%
-  (ResNet-50's no faster; experiments/benchmarks/README.md), with
-  the same results bit for bit and the same run time: its kernels are scatters and
-  reductions that the default level's extra LLVM passes do not speed up. Elsewhere
-  none (unmeasured there).
+  (ResNet-50's no faster; experiments/benchmarks/README.md), with the same results
+  bit for bit and the same run time: its kernels are scatters and reductions that
+  the default level's extra LLVM passes do not speed up. Elsewhere none (unmeasured).
+
   ``scheduled_jit`` and the trainer compile their event programs with these; pass
   them to ``jax.jit(..., compiler_options=...)`` or ``lowered.compile(...)`` to
   compile an event program of your own the same way.
@@ -272,7 +272,8 @@ def scheduled_jit(tx: optax.GradientTransformation, *, count: int = 0,
     jit: ``jax.jit`` (default), ``jax.pmap`` (with ``axis_name=...``) or
       ``flax.nnx.jit`` for NNX steps.
     **jit_kwargs: passed to ``jit`` (``donate_argnums``, ``static_argnames``,
-      ``axis_name``, ...).
+      ``axis_name``, ...); the event program's ``compiler_options`` are
+      ``event_compiler_options()`` updated with any given here.
 
   Returns:
     A decorator giving a ``ScheduledStep``.

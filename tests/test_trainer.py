@@ -440,7 +440,7 @@ def test_a_run_compiles_each_program_once(tmp_path, monkeypatch):
   assert counts.pop("jit(init)") == 1, names
   # The rest are tiny, once each: the PRNG key and sparse_jax.model_flops' forward pass.
   assert all(c == 1 for c in counts.values()) and len(counts) <= 5, names
-  assert options == {"the mask-update step": {"xla_backend_optimization_level": 1},
+  assert options == {"the mask-update step": sparse_jax.event_compiler_options(),
                      "the ordinary dispatch (10 steps)": None, "the evaluation": None}
 
 
