@@ -143,13 +143,15 @@ class ScheduledStep:
     self._is_event = _transform.event_schedule(tx)
     self.count = int(count)
     self.ordinary = jit(_traced_with(fn, False), **jit_kwargs)
-    # The event program's compiler options: jax.jit takes them (and then compiles
-    # with them also when it compiles the program itself: first event, new shapes),
-    # pmap takes them at the ahead compile, nnx.jit not at all.
-    event_kwargs, self._ahead_options = jit_kwargs, event_compiler_options()
+    # The event program's compiler options: in the jit for jax.jit (so also when it
+    # compiles the program itself: first event, new shapes; the user's win), at the
+    # ahead compile for pmap (it takes none); nnx.jit takes none at all.
+    options, event_kwargs = event_compiler_options(), jit_kwargs
     if jit is jax.jit:
-      options = {**self._ahead_options, **(jit_kwargs.get("compiler_options") or {})}
-      event_kwargs, self._ahead_options = {**jit_kwargs, "compiler_options": options}, {}
+      event_kwargs = {**jit_kwargs, "compiler_options": {
+          **options, **(jit_kwargs.get("compiler_options") or {})}}
+      options = {}
+    self._ahead_options = options
     self.event = jit(_traced_with(fn, True), **event_kwargs)
     # Compiled ahead only where the arguments are plain pytrees of arrays and the
     # compiled program takes the same call (NNX objects are mutated by the step

@@ -131,6 +131,23 @@ def test_event_program_alone_takes_the_event_compiler_options(monkeypatch, ahead
     step(state, *batches[3])  # update 4: the event
 
 
+def test_pmap_event_program_compiles_ahead_with_the_event_compiler_options(
+    monkeypatch, caplog):
+  """pmap takes no compiler options: they go to the compile ahead. An unknown one
+  makes that compile fail (logged), and the step falls back to plain pmap."""
+  monkeypatch.setattr(_scheduled_jit, "event_compiler_options",
+                      lambda: {"xla_no_such_option": 1})
+  tx = METHODS["granet"]()
+  state = train_state.TrainState.create(apply_fn=apply_mlp, params=make_params(), tx=tx)
+  state = jax.tree.map(lambda a: jnp.asarray(a)[None], state)  # one device's copy
+  step = sparse_jax.scheduled_jit(tx, jit=jax.pmap, axis_name="i")(_step)
+  with caplog.at_level("INFO", logger="sparse_jax"):
+    for x, y in _batches(4):  # update 4: the event
+      state = step(state, x[None], y[None])
+  assert "compiling ahead failed" in caplog.text and "xla_no_such_option" in caplog.text
+  assert int(sparse_jax.get_sparse_state(state.opt_state).skipped_events[0]) == 0
+
+
 def test_users_compiler_options_reach_both_programs():
   tx = METHODS["granet"]()
   step = sparse_jax.scheduled_jit(tx, compiler_options={"xla_no_such_option": 1})(_step)

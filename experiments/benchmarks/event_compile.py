@@ -98,8 +98,8 @@ def measure_variant(tx, params, variant):
   _, _, flag = variant.partition("/")
   flag, _, defaults = flag.partition(":")
   mask_update = {"True": True, "False": False, "None": None, "": "dense"}[flag]
-  options = sparse_jax.event_compiler_options() if flag == "True" and not defaults else None
-  return measure(tx, params, mask_update, options)
+  return measure(tx, params, mask_update, None if defaults else _harness.event_options(
+      mask_update))
 
 
 def model_rows(name, variants, txs, rounds):
